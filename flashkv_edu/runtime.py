@@ -1,0 +1,139 @@
+"""Where code runs: device choice, Triton's interpreter, notebook setup and the canary kernel.
+
+This is the one module that reads the environment. Importing it (which ``import flashkv_edu``
+does first) decides:
+
+* ``DEVICE``: ``cuda`` when a GPU is visible, else ``cpu``.
+* ``INTERPRET``: whether Triton kernels run through Triton's CPU interpreter. Triton reads
+  ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a function, so the variable is set here,
+  before any kernel module is imported. On a machine without CUDA it defaults to ``1``; an
+  explicit ``TRITON_INTERPRET=0`` is respected (the GPU compile check uses that to compile
+  kernels on a CPU-only machine).
+* ``HAS_TRITON``: whether Triton is importable (it ships wheels for Linux only).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+
+import torch
+
+HAS_CUDA: bool = torch.cuda.is_available()
+
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton warns on every compile unless this is set explicitly; FMA fusion is its default.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE: torch.device = torch.device("cuda" if HAS_CUDA else "cpu")
+
+try:  # Triton has wheels for Linux only; the rest of the package works without it.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+    TRITON_VERSION = triton.__version__
+except ImportError:  # pragma: no cover - exercised on platforms without Triton
+    triton = None
+    tl = None
+    HAS_TRITON = False
+    TRITON_VERSION = None
+
+TRITON_MISSING_HINT = (
+    "Triton is not installed. It ships wheels for Linux only; on macOS or Windows run the "
+    "Triton notebooks on Linux (a VM, WSL2, Binder or Colab). Every PyTorch part still works."
+)
+
+
+def require_triton() -> None:
+    """Raise ``RuntimeError`` with an install hint when Triton is unavailable."""
+    if not HAS_TRITON:
+        raise RuntimeError(TRITON_MISSING_HINT)
+
+
+def describe() -> str:
+    """One line saying where kernels run, e.g. ``device=cpu, Triton interpreter on``."""
+    if not HAS_TRITON:
+        mode = "Triton missing (PyTorch paths only)"
+    elif INTERPRET:
+        mode = "Triton interpreter on"
+    else:
+        mode = "Triton compiled for the GPU"
+    return f"device={DEVICE.type}, {mode}"
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _canary_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask)
+        tl.store(y_ptr + offs, 2.0 * x + 1.0, mask=mask)
+
+
+def run_canary() -> bool:
+    """Run a two-line Triton kernel (``y = 2x + 1`` over 37 values, 3 programs) and check it.
+
+    Returns True when Triton is missing (nothing to check) or the result is exact. Raises
+    ``RuntimeError`` with a fix hint when the kernel runs but computes the wrong numbers, the
+    known failure mode of mismatched triton / torch / numpy versions under the interpreter.
+    """
+    if not HAS_TRITON:
+        return True
+    if not INTERPRET and not HAS_CUDA:
+        return True  # compile-only process (GPU compile check): nothing can run here
+    x = torch.arange(37, dtype=torch.float32, device=DEVICE)
+    y = torch.full_like(x, float("nan"))
+    _canary_kernel[(3,)](x, y, x.numel(), BLOCK=16)
+    if not torch.equal(y, 2 * x + 1):
+        raise RuntimeError(
+            "The Triton canary kernel computed wrong numbers (expected y = 2x + 1). Triton's "
+            "interpreter breaks when triton, torch and numpy versions drift apart. Fix: "
+            "reinstall the pinned versions with `python3 run.py test` (or "
+            "`pip install -e .[dev]` in a fresh virtual environment)."
+        )
+    return True
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python's, NumPy's and PyTorch's random generators."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_notebook(seed: int = 0) -> str:
+    """Prepare a notebook: seeds, plotting style, quiet warnings, canary check.
+
+    Prints (and returns) one verdict line about the environment, the same on every CPU run so
+    that nbval can compare it.
+    """
+    seed_everything(seed)
+    torch.set_printoptions(precision=4, sci_mode=False)
+    warnings.filterwarnings("ignore", category=UserWarning, module="triton")
+    try:
+        import matplotlib
+
+        matplotlib.rcParams.update(
+            {
+                "figure.figsize": (8.0, 3.5),
+                "figure.dpi": 80,
+                "axes.grid": False,
+                "axes.titlesize": 11,
+                "font.size": 9,
+            }
+        )
+    except ImportError:  # pragma: no cover
+        pass
+    canary = "canary kernel ok" if HAS_TRITON else TRITON_MISSING_HINT
+    if HAS_TRITON:
+        run_canary()
+    line = f"environment ready: {describe()}; {canary}"
+    print(line)
+    return line

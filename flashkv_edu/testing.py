@@ -1,0 +1,41 @@
+"""Comparison helpers shared by the tests, the exercise checks and the notebooks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b|`` in fp64, treating equal infinities (and NaN pairs) as 0 error."""
+    a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
+    same = (a64 == b64) | (torch.isnan(a64) & torch.isnan(b64))
+    diff = (a64 - b64).abs().masked_fill(same, 0.0)
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def error_bucket(err: float) -> str:
+    """An error rounded up to a power of ten (``'<1e-06'``), stable across runs and machines."""
+    if err == 0:
+        return "0"
+    if not math.isfinite(err):
+        return str(err)
+    return f"<1e{math.ceil(math.log10(err)):+03d}".replace("+", "")
+
+
+def within_fa_tolerance(out: torch.Tensor, out_ref: torch.Tensor, out_lowp: torch.Tensor,
+                        mult: float = 3.0, atol: float = 1e-5) -> bool:
+    """FlashAttention's test rule: ``max|out - out_ref| <= mult * max|out_lowp - out_ref| + atol``.
+
+    ``out_ref`` is the fp32 oracle, ``out_lowp`` the same attention computed in the input's
+    own precision (its natural rounding error). FA uses ``mult = 3``, or 5 with ALiBi.
+    """
+    return max_abs_err(out, out_ref) <= mult * max_abs_err(out_lowp, out_ref) + atol
+
+
+def verdict(name: str, ok: bool, detail: str = "") -> bool:
+    """Print a one-line verdict (``check_x: PASS (detail)``) and return ``ok``."""
+    tail = f" ({detail})" if detail else ""
+    print(f"{name}: {'PASS' if ok else 'FAIL'}{tail}")
+    return ok

@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Set up flashkv_edu in ./.venv and either open JupyterLab or run the whole test suite.
+
+    python3 run.py lab     # set up, then open JupyterLab on notebooks/
+    python3 run.py test    # set up, then run unit tests, property tests and nbval
+
+Needs only Python >= 3.10 and pip. PyTorch is installed first, pinned to 2.13.0 (set
+FLASHKV_TORCH to choose another spec, for example "torch==2.13.0+cpu" with a CPU index).
+Extra arguments after ``test`` go to pytest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / ("python.exe" if os.name == "nt" else "python")
+STAMP = VENV / ".flashkv_setup"
+
+
+def sh(*cmd: str | Path) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
+
+
+def setup() -> None:
+    if sys.version_info < (3, 10):  # noqa: UP036 - run.py may be started by an older Python
+        sys.exit("flashkv_edu needs Python >= 3.10")
+    if not PY.exists():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    torch_spec = os.environ.get("FLASHKV_TORCH", "torch==2.13.0")
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + torch_spec.encode()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    quiet = ["--quiet", "--disable-pip-version-check"]
+    # torch first, so that the package's own "torch>=..." is already satisfied and pip does not
+    # pull a multi-GB CUDA build on a CPU-only machine.
+    sh(PY, "-m", "pip", "install", *quiet, torch_spec)
+    sh(PY, "-m", "pip", "install", *quiet, "-e", ".[dev]")
+    STAMP.write_text(wanted)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("lab", "test"):
+        print(__doc__)
+        return 2
+    setup()
+    if argv[0] == "lab":
+        sh(BIN / "jupyter", "lab", "--notebook-dir", ROOT / "notebooks", *argv[1:])
+    else:
+        sh(PY, "-m", "pytest", *argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except subprocess.CalledProcessError as exc:
+        sys.exit(exc.returncode)
