@@ -108,11 +108,11 @@ def seed_everything(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
-def setup_notebook(seed: int = 0) -> str:
+def setup_notebook(seed: int = 0) -> None:
     """Prepare a notebook: seeds, plotting style, quiet warnings, canary check.
 
-    Prints (and returns) one verdict line about the environment, the same on every CPU run so
-    that nbval can compare it.
+    Prints one verdict line about the environment, the same on every CPU run so that nbval can
+    compare it.
     """
     seed_everything(seed)
     torch.set_printoptions(precision=4, sci_mode=False)
@@ -134,6 +134,4 @@ def setup_notebook(seed: int = 0) -> str:
     canary = "canary kernel ok" if HAS_TRITON else TRITON_MISSING_HINT
     if HAS_TRITON:
         run_canary()
-    line = f"environment ready: {describe()}; {canary}"
-    print(line)
-    return line
+    print(f"environment ready: {describe()}; {canary}")
