@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .cache import append_to_cache
 from .reference import attention_mask, attention_ref
 from .testing import error_bucket, max_abs_err, verdict
 
@@ -59,3 +60,30 @@ def check_gqa_attention(fn) -> bool:
         if e > 1e-4:
             return verdict("check_gqa_attention", False, f"{name}: max error {e:.1e}")
     return verdict("check_gqa_attention", True, f"MHA, GQA, MQA; max error {error_bucket(worst)}")
+
+
+# --- notebook 02 -------------------------------------------------------------------------
+
+def check_append(fn) -> bool:
+    """``fn(k_cache, v_cache, cache_seqlens, k, v)`` must write ``k[b], v[b]`` at rows
+    ``cache_seqlens[b] ...`` of sequence ``b`` in place, touch nothing else, and return the
+    new lengths."""
+    gen = torch.Generator().manual_seed(2)
+    for batch, cap, snew in [(1, 8, 1), (3, 10, 2), (4, 16, 5)]:
+        k_cache = torch.randn(batch, cap, 2, 4, generator=gen)
+        v_cache = torch.randn(batch, cap, 2, 4, generator=gen)
+        lens = torch.randint(0, cap - snew + 1, (batch,), generator=gen).to(torch.int32)
+        k, v = torch.randn(batch, snew, 2, 4, generator=gen), torch.randn(batch, snew, 2, 4, generator=gen)
+        want_k, want_v = k_cache.clone(), v_cache.clone()
+        want_lens = append_to_cache(want_k, want_v, lens.clone(), k, v)
+        got_k, got_v, got_lens_in = k_cache.clone(), v_cache.clone(), lens.clone()
+        got_lens, err = _call(fn, got_k, got_v, got_lens_in, k, v)
+        case = f"batch={batch}, lengths={lens.tolist()}, {snew} new tokens"
+        if err:
+            return verdict("check_append", False, f"{case}: {err}")
+        if not torch.equal(got_k, want_k) or not torch.equal(got_v, want_v):
+            wrong = ((got_k != want_k) | (got_v != want_v)).any(-1).any(-1).nonzero()[0].tolist()
+            return verdict("check_append", False, f"{case}: cache differs at (sequence, row)={tuple(wrong)}")
+        if not isinstance(got_lens, torch.Tensor) or not torch.equal(got_lens.to(torch.int32), want_lens):
+            return verdict("check_append", False, f"{case}: returned lengths {got_lens}, expected {want_lens.tolist()}")
+    return verdict("check_append", True, "3 ragged batches; cache rows and lengths exact")

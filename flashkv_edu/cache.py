@@ -1,0 +1,209 @@
+"""A contiguous KV cache with per-sequence lengths (notebook 02).
+
+Keys and values live in ``(batch, capacity, nheads_k, headdim)`` buffers, FlashAttention's
+``k_cache`` / ``v_cache`` layout. ``cache_seqlens[b]`` (int32) says how many rows of sequence
+``b`` hold tokens, so one batch can hold sequences of different lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .validation import FLOAT_DTYPES, check_same, check_tensor
+
+
+def check_seq_idx(seq_idx, batch: int, device=None) -> torch.Tensor:
+    """Turn ``seq_idx`` (None = every row, an int, a list or a 1-D integer tensor) into distinct,
+    in-range int64 row indices."""
+    if seq_idx is None:
+        return torch.arange(batch, device=device)
+    if isinstance(seq_idx, int) and not isinstance(seq_idx, bool):
+        seq_idx = [seq_idx]
+    idx = torch.as_tensor(seq_idx, device=device)
+    if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise TypeError(f"seq_idx must be an int or a 1-D list/tensor of ints, got {seq_idx!r}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= batch):
+        raise ValueError(f"seq_idx entries must lie in [0, {batch}), got {idx.tolist()}")
+    if idx.unique().numel() != idx.numel():
+        raise ValueError(f"seq_idx must not repeat a sequence, got {idx.tolist()}")
+    return idx.long()
+
+
+def write_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, rows: torch.Tensor, num_new: torch.Tensor | None = None) -> None:
+    """Write new tokens into the caches in place: ``k[i, t]`` goes to
+    ``k_cache[rows[i], start[i] + t]`` for ``t < num_new[i]`` (default: all ``k.shape[1]``).
+
+    ``start`` and ``rows`` are ``(n,)`` integer tensors; the caller has checked that everything
+    fits. No other cache row changes.
+    """
+    n, snew = k.shape[:2]
+    if snew == 0 or n == 0:
+        return
+    t = torch.arange(snew, device=k.device)
+    keep = torch.ones(n, snew, dtype=torch.bool, device=k.device)
+    if num_new is not None:
+        keep = t[None, :] < num_new.to(k.device)[:, None]
+    pos = start.long().to(k.device)[:, None] + t[None, :]          # (n, snew) target rows
+    seq = rows.to(k.device)[:, None].expand(n, snew)
+    k_cache[seq[keep], pos[keep]] = k[keep]
+    v_cache[seq[keep], pos[keep]] = v[keep]
+
+
+def append_to_cache(k_cache, v_cache, cache_seqlens, k, v) -> torch.Tensor:
+    """Write ``k, v`` ``(batch, snew, nheads_k, headdim)`` after each sequence's
+    ``cache_seqlens`` tokens, in place, and return the new lengths (int32 ``(batch,)``).
+    The solution of notebook 02's exercise; :meth:`KVCache.append` adds the checks."""
+    rows = torch.arange(k.shape[0], device=k_cache.device)
+    write_rows(k_cache, v_cache, cache_seqlens, k, v, rows)
+    return (cache_seqlens + k.shape[1]).to(torch.int32)
+
+
+@dataclass
+class CacheMemory:
+    """Bytes reserved by the buffers vs bytes that hold tokens."""
+
+    reserved_bytes: int
+    used_bytes: int
+
+    @property
+    def utilization(self) -> float:
+        return self.used_bytes / self.reserved_bytes if self.reserved_bytes else 0.0
+
+
+class KVCache:
+    """Contiguous key/value cache for ``batch`` sequences of up to ``max_seqlen`` tokens.
+
+    ``growable=True`` doubles the capacity when an append would overflow (counting the copies
+    in ``grow_copies`` and ``grow_bytes_copied``); otherwise overflow raises ``ValueError`` and
+    nothing is written.
+    """
+
+    def __init__(self, batch: int, max_seqlen: int, nheads_k: int, headdim: int, *,
+                 dtype=torch.float32, device=None, growable: bool = False):
+        for name, value in (("batch", batch), ("max_seqlen", max_seqlen), ("nheads_k", nheads_k),
+                            ("headdim", headdim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        shape = (batch, max_seqlen, nheads_k, headdim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=self.k_cache.device)
+        self.growable = growable
+        self.grow_copies = 0
+        self.grow_bytes_copied = 0
+
+    # --- shape ----------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.k_cache.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k_cache.shape[1]
+
+    @property
+    def nheads_k(self) -> int:
+        return self.k_cache.shape[2]
+
+    @property
+    def headdim(self) -> int:
+        return self.k_cache.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k_cache.dtype
+
+    # --- writing --------------------------------------------------------------------------
+    def _check_new(self, name: str, x) -> None:
+        check_tensor(name, x, ndim=4)
+        check_same(("k_cache", name), (self.k_cache, x), "dtype")
+        check_same(("k_cache", name), (self.k_cache, x), "device")
+        if x.shape[2] != self.nheads_k:
+            raise ValueError(f"{name} must have nheads_k={self.nheads_k} heads, got {x.shape[2]}")
+        if x.shape[3] != self.headdim:
+            raise ValueError(f"{name} must have headdim={self.headdim}, got {x.shape[3]}")
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, seq_idx=None, num_new=None) -> None:
+        """Append new tokens ``k, v`` ``(n, snew, nheads_k, headdim)`` to ``n`` sequences.
+
+        ``seq_idx`` picks the sequences (default: all ``batch`` rows in order); ``num_new``
+        ``(n,)`` appends only the first ``num_new[i]`` tokens of row ``i`` (ragged appends).
+        Raises ``ValueError``/``TypeError`` on bad input and leaves the cache unchanged.
+        """
+        self._check_new("k", k)
+        self._check_new("v", v)
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        rows = check_seq_idx(seq_idx, self.batch, self.k_cache.device)
+        if k.shape[0] != rows.numel():
+            raise ValueError(f"k has {k.shape[0]} rows but seq_idx selects {rows.numel()} sequences")
+        if num_new is None:
+            counts = torch.full((rows.numel(),), k.shape[1], dtype=torch.int32, device=rows.device)
+        else:
+            counts = torch.as_tensor(num_new, device=rows.device)
+            if counts.shape != (rows.numel(),) or counts.dtype.is_floating_point:
+                raise ValueError(f"num_new must be {rows.numel()} ints, got {num_new!r}")
+            if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > k.shape[1]):
+                raise ValueError(f"num_new entries must lie in [0, {k.shape[1]}], got {counts.tolist()}")
+        start = self.cache_seqlens[rows]
+        needed = int((start + counts).max()) if rows.numel() else 0
+        if needed > self.capacity:
+            if not self.growable:
+                raise ValueError(
+                    f"cache overflow: appending {counts.tolist()} tokens to sequences {rows.tolist()} "
+                    f"of length {start.tolist()} needs {needed} rows, capacity is {self.capacity}")
+            self._grow(needed)
+        write_rows(self.k_cache, self.v_cache, start, k, v, rows, counts)
+        self.cache_seqlens[rows] = (start + counts).to(torch.int32)
+
+    def _grow(self, needed: int) -> None:
+        capacity = self.capacity
+        while capacity < needed:
+            capacity *= 2
+        for name in ("k_cache", "v_cache"):
+            old = getattr(self, name)
+            new = old.new_zeros((self.batch, capacity, self.nheads_k, self.headdim))
+            new[:, : old.shape[1]] = old
+            self.grow_bytes_copied += old.numel() * old.element_size()
+            setattr(self, name, new)
+        self.grow_copies += 1
+
+    def reset(self, seq_idx=None) -> None:
+        """Forget the tokens of the chosen sequences (default: all) and zero their rows."""
+        rows = check_seq_idx(seq_idx, self.batch, self.k_cache.device)
+        self.cache_seqlens[rows] = 0
+        self.k_cache[rows] = 0
+        self.v_cache[rows] = 0
+
+    # --- reading --------------------------------------------------------------------------
+    def valid(self, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``(length, nheads_k, headdim)`` of sequence ``seq``'s cached keys and values."""
+        row = int(check_seq_idx(seq, self.batch)[0])
+        n = int(self.cache_seqlens[row])
+        return self.k_cache[row, :n], self.v_cache[row, :n]
+
+    def memory(self) -> CacheMemory:
+        """Bytes reserved by both buffers vs bytes holding cached tokens."""
+        per_token = 2 * self.nheads_k * self.headdim * self.k_cache.element_size()
+        return CacheMemory(reserved_bytes=self.batch * self.capacity * per_token,
+                           used_bytes=int(self.cache_seqlens.sum()) * per_token)
+
+
+def kv_bytes_per_token(n_layers: int, nheads_k: int, headdim: int, bytes_per_elem: int = 2) -> int:
+    """KV-cache bytes one token occupies in a whole model: ``2 * layers * nheads_k * headdim * bytes``."""
+    return 2 * n_layers * nheads_k * headdim * bytes_per_elem
+
+
+# Published shapes (layers, query heads, KV heads, head dim) of a few well-known models.
+MODEL_SHAPES = {
+    "Llama-2-7B (MHA)": (32, 32, 32, 128),
+    "Llama-3-8B (GQA)": (32, 32, 8, 128),
+    "Mistral-7B (GQA)": (32, 32, 8, 128),
+    "OPT-13B (MHA)": (40, 40, 40, 128),
+    "Llama-3-70B (GQA)": (80, 64, 8, 128),
+}

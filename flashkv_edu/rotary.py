@@ -1,0 +1,42 @@
+"""Rotary position embeddings (RoPE) with FlashAttention's table layout.
+
+``cos``/``sin`` tables are ``(seqlen, rotary_dim / 2)``. A pair of features ``(x1, x2)`` with
+frequency slot ``m`` at position ``p`` becomes ``(x1 cos - x2 sin, x1 sin + x2 cos)``. Pairs are
+features ``(2m, 2m+1)`` when ``interleaved`` (GPT-J style, FlashAttention's default) and
+``(m, m + rotary_dim/2)`` otherwise (GPT-NeoX / Llama style). Features past ``rotary_dim``
+pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotary_tables(seqlen: int, rotary_dim: int, base: float = 10000.0, *, dtype=torch.float32,
+                  device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of shape ``(seqlen, rotary_dim // 2)`` for angles ``p * base^(-2m/rotary_dim)``."""
+    if rotary_dim <= 0 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
+    inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim)
+    angles = torch.arange(seqlen, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                 *, interleaved: bool = False) -> torch.Tensor:
+    """Rotate ``x`` ``(batch, seqlen, nheads, headdim)`` at integer ``positions``
+    ``(batch, seqlen)``. Computed in fp32 and rounded back to ``x``'s dtype; returns a new tensor."""
+    rot = 2 * cos.shape[1]
+    if rot > x.shape[-1]:
+        raise ValueError(f"rotary_dim {rot} (2 * cos.shape[1]) must be <= headdim {x.shape[-1]}")
+    c = cos[positions].float()[:, :, None, :]  # (batch, seqlen, 1, rot/2)
+    s = sin[positions].float()[:, :, None, :]
+    xf = x.float()
+    head, tail = xf[..., :rot], xf[..., rot:]
+    if interleaved:
+        x1, x2 = head[..., 0::2], head[..., 1::2]
+        rotated = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = head[..., : rot // 2], head[..., rot // 2:]
+        rotated = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((rotated, tail), dim=-1).to(x.dtype)
