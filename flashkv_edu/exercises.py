@@ -87,3 +87,29 @@ def check_append(fn) -> bool:
         if not isinstance(got_lens, torch.Tensor) or not torch.equal(got_lens.to(torch.int32), want_lens):
             return verdict("check_append", False, f"{case}: returned lengths {got_lens}, expected {want_lens.tolist()}")
     return verdict("check_append", True, "3 ragged batches; cache rows and lengths exact")
+
+
+# --- notebook 03 -------------------------------------------------------------------------
+
+def check_window_update(fn) -> bool:
+    """``fn(cached, new, window)`` must return ``(stored, visible)`` like
+    :func:`flashkv_edu.window_cache.window_update`: the last ``window`` tokens, and the last
+    ``window - 1`` cached tokens followed by all new ones (sequence on dim 1)."""
+    from .window_cache import position_chunk, window_update
+
+    cases = [(w, c, n) for w in (1, 3, 4) for c in (0, 2, 4, 7) for n in (1, 3, 4, 9) if c <= w]
+    for w, c, n in cases:
+        cached, new = position_chunk(0, c), position_chunk(c, n)
+        want = window_update(cached, new, w)
+        got, err = _call(fn, cached, new, w)
+        case = f"window={w}, {c} cached, {n} new"
+        if err:
+            return verdict("check_window_update", False, f"{case}: {err}")
+        if not isinstance(got, tuple) or len(got) != 2:
+            return verdict("check_window_update", False, f"{case}: return a pair (stored, visible)")
+        for name, g, e in (("stored", got[0], want[0]), ("visible", got[1], want[1])):
+            if not isinstance(g, torch.Tensor) or g.shape != e.shape or not torch.equal(g, e):
+                shown = g[0, :, 0, 0].long().tolist() if isinstance(g, torch.Tensor) and g.dim() == 4 else g
+                return verdict("check_window_update", False,
+                               f"{case}: {name} holds positions {shown}, expected {e[0, :, 0, 0].long().tolist()}")
+    return verdict("check_window_update", True, f"{len(cases)} cases: chunks below, at and above the window")

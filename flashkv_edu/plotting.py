@@ -60,3 +60,59 @@ def mask_explorer():
         window_right=widgets.IntSlider(value=-1, min=-1, max=12, description="window right"),
         causal=widgets.Checkbox(value=True, description="causal"),
     )
+
+
+def draw_window_trace(trace, window, title: str, ax=None):
+    """Draw a :class:`~flashkv_edu.window_cache.Trace`: one row per update, one column per
+    token position; dark = stored, light = seen but evicted, white = not yet seen."""
+    total = max(trace.seen) if trace.seen else 1
+    grid = torch.zeros(max(len(trace.seen), 1), total)
+    for step, (seen, contents) in enumerate(zip(trace.seen, trace.contents, strict=True)):
+        grid[step, :seen] = 1
+        for pos in contents:
+            if 0 <= pos < total:
+                grid[step, pos] = 2
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 0.45 * grid.shape[0] + 1.2))
+    ax.imshow(grid.numpy(), cmap=ListedColormap(["white", "#d9d9d9", "#2b6cb0"]), vmin=0, vmax=2,
+              aspect="auto", interpolation="nearest")
+    for step, stored in enumerate(trace.stored):
+        ax.text(total - 0.4, step, f" {stored} stored", va="center", fontsize=8)
+    if trace.error:
+        ax.text(0, len(trace.seen) - 0.5 if trace.seen else 0, f"  stopped: {trace.error[:60]}",
+                color="crimson", fontsize=8, va="center")
+    ax.set(title=f"{title} (window W={window})", xlabel="token position", ylabel="update #",
+           yticks=range(grid.shape[0]))
+    ax.set_xlim(-0.5, total + 2.5)
+    return ax
+
+
+def window_stepper():
+    """A widget: pick a cache (historical replica or the fix), the window and the chunk sizes,
+    and watch which positions each update leaves stored."""
+    import ipywidgets as widgets
+
+    from .window_cache import ReplicaPre910, ReplicaV01, ReplicaV020, SlidingWindowCache, run_chunks
+
+    caches = {"fixed SlidingWindowCache": SlidingWindowCache, "replica v0.1 (equality roll)": ReplicaV01,
+              "replica v0.2.0 (roll drops context)": ReplicaV020, "replica v0.3-0.5 (stuck at W+1)": ReplicaPre910}
+
+    def redraw(cache, window, chunks):
+        try:
+            sizes = [int(x) for x in chunks.replace(",", " ").split()]
+        except ValueError:
+            print("chunk sizes must be whole numbers, e.g. 3 2 1 1 6")
+            return
+        if not sizes or min(sizes) < 1:
+            print("give at least one chunk size >= 1")
+            return
+        trace = run_chunks(caches[cache](), sizes, window)
+        draw_window_trace(trace, window, cache)
+        plt.show()
+
+    return widgets.interactive(
+        redraw,
+        cache=widgets.Dropdown(options=list(caches), description="cache"),
+        window=widgets.IntSlider(value=4, min=1, max=8, description="window W"),
+        chunks=widgets.Text(value="3 2 1 1 6 1", description="chunk sizes"),
+    )
