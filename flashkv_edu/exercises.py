@@ -113,3 +113,34 @@ def check_window_update(fn) -> bool:
                 return verdict("check_window_update", False,
                                f"{case}: {name} holds positions {shown}, expected {e[0, :, 0, 0].long().tolist()}")
     return verdict("check_window_update", True, f"{len(cases)} cases: chunks below, at and above the window")
+
+
+# --- notebook 04 -------------------------------------------------------------------------
+
+def check_merge_states(fn) -> bool:
+    """``fn(out_a, lse_a, out_b, lse_b)`` must merge two attention states over disjoint key
+    sets into the state over both, including empty sides (lse = -inf)."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 3, 4, 8, generator=gen) * 3
+    k = torch.randn(2, 10, 2, 8, generator=gen) * 3
+    v = torch.randn(2, 10, 2, 8, generator=gen)
+    worst = 0.0
+    for split in (1, 4, 9):
+        out_a, lse_a = attention_ref(q, k[:, :split], v[:, :split], return_lse=True)
+        out_b, lse_b = attention_ref(q, k[:, split:], v[:, split:], return_lse=True)
+        want_out, want_lse = attention_ref(q, k, v, return_lse=True)
+        got, err = _call(fn, out_a, lse_a, out_b, lse_b)
+        if err:
+            return verdict("check_merge_states", False, f"keys split at {split}: {err}")
+        if not isinstance(got, tuple) or len(got) != 2:
+            return verdict("check_merge_states", False, "return the pair (out, lse)")
+        e = max(max_abs_err(got[0], want_out), max_abs_err(got[1], want_lse))
+        worst = max(worst, e)
+        if e > 1e-4:
+            return verdict("check_merge_states", False, f"keys split at {split}: max error {e:.1e}")
+    out_a, lse_a = attention_ref(q, k, v, return_lse=True)
+    empty_out, empty_lse = torch.zeros_like(out_a), torch.full_like(lse_a, float("-inf"))
+    got, err = _call(fn, out_a, lse_a, empty_out, empty_lse)
+    if err or not isinstance(got, tuple) or not torch.isfinite(got[0]).all() or max_abs_err(got[0], out_a) > 1e-5:
+        return verdict("check_merge_states", False, f"merging with an empty state (lse=-inf): {err or 'wrong output'}")
+    return verdict("check_merge_states", True, f"3 split points and an empty side; max error {error_bucket(worst)}")

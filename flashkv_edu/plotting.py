@@ -116,3 +116,50 @@ def window_stepper():
         window=widgets.IntSlider(value=4, min=1, max=8, description="window W"),
         chunks=widgets.Text(value="3 2 1 1 6 1", description="chunk sizes"),
     )
+
+
+def draw_online_softmax(block_size: int = 8, seqlen_k: int = 32, seed: int = 0):
+    """Stream one query over ``seqlen_k`` keys in blocks of ``block_size`` and plot the logits
+    with block edges, then the running max ``m``, running sum ``l`` and running output after
+    each block (output converges to the exact answer at the last block). Returns
+    ``(fig, history)`` with history the ``(m, l, out)`` floats after each block."""
+    from .online_softmax import blockwise_attention
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 1, 1, 4, generator=gen) * 2
+    k = torch.randn(1, seqlen_k, 1, 4, generator=gen)
+    v = torch.randn(1, seqlen_k, 1, 1, generator=gen)
+    _, _, hist = blockwise_attention(q, k, v, block_size=block_size, return_history=True)
+    logits = (q[0, 0, 0] @ k[0, :, 0].T) * 0.5
+    ms = [float(m[0, 0, 0]) for m, _, _ in hist]
+    ls = [float(l[0, 0, 0]) for _, l, _ in hist]
+    outs = [float(acc[0, 0, 0, 0] / l[0, 0, 0]) for _, l, acc in hist]
+    ends = [min((i + 1) * block_size, seqlen_k) for i in range(len(hist))]
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3))
+    axes[0].bar(range(seqlen_k), logits.numpy(), color="#2b6cb0")
+    for e in ends[:-1]:
+        axes[0].axvline(e - 0.5, color="gray", linestyle=":", linewidth=1)
+    axes[0].set(title=f"logits, blocks of {block_size}", xlabel="key j", ylabel="z_j")
+    axes[1].step(ends, ms, where="post", marker="o")
+    axes[1].axhline(float(logits.max()), color="k", linestyle=":", linewidth=1)
+    axes[1].set(title="running max m", xlabel="keys seen", ylabel="m")
+    axes[2].plot(ends, ls, marker="o")
+    axes[2].set(title="running sum l = sum exp(z - m)", xlabel="keys seen", ylabel="l")
+    axes[3].plot(ends, outs, marker="o", label="running output")
+    exact = float(torch.softmax(logits, 0) @ v[0, :, 0, 0])
+    axes[3].axhline(exact, color="k", linestyle=":", linewidth=1, label="exact")
+    axes[3].set(title="output = acc / l", xlabel="keys seen", ylabel="o (1-d value)")
+    axes[3].legend(fontsize=8)
+    fig.tight_layout()
+    return fig, list(zip(ms, ls, outs, strict=True))
+
+
+def online_softmax_explorer():
+    """A widget: the block size of :func:`draw_online_softmax`."""
+    import ipywidgets as widgets
+
+    def redraw(block_size):
+        draw_online_softmax(block_size)
+        plt.show()
+
+    return widgets.interactive(redraw, block_size=widgets.IntSlider(value=8, min=1, max=32, description="block size"))
