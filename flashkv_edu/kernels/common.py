@@ -1,0 +1,101 @@
+"""Pieces shared by every Triton kernel: the online-softmax tile step and launch helpers.
+
+Rules these kernels follow (Triton's CPU interpreter does not check them, GPUs do):
+``tl.arange`` sizes are powers of two, every ``tl.dot`` tile is at least 16 in each dimension,
+every load and store is masked at the tails. Under the interpreter bf16 arithmetic is wrong
+(bf16 is stored as uint16 there), so kernels upcast tiles to fp32 before ``tl.dot`` when
+``DOT_FP32`` is set: always when interpreting, and for fp32 inputs on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import runtime
+from ..runtime import tl, triton
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEADDIM = 256
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def block_d(headdim: int) -> int:
+    """Padded head-dim tile: a power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, next_pow2(headdim))
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """Whether tiles are upcast to fp32 before ``tl.dot``: under the interpreter (bf16 is
+    wrong there) and for fp32 inputs (exact IEEE products instead of TF32)."""
+    return runtime.INTERPRET or dtype == torch.float32
+
+
+def default_blocks(headdim: int, interpreting: bool | None = None) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` of the forward kernel: 32 x 32 under the interpreter (few, cheap
+    numpy tiles); on a GPU, tiles that keep q, k, v and the accumulator in registers and shared
+    memory without spilling for head dims up to 256 (checked by the GPU compile check)."""
+    interpreting = runtime.INTERPRET if interpreting is None else interpreting
+    if interpreting:
+        return 32, 32
+    if headdim <= 64:
+        return 64, 64
+    if headdim <= 128:
+        return 64, 32
+    return 32, 32
+
+
+def decode_block_n(headdim: int, interpreting: bool | None = None) -> int:
+    """Key-tile width of the decode kernel."""
+    interpreting = runtime.INTERPRET if interpreting is None else interpreting
+    if interpreting:
+        return 32
+    return 64 if headdim <= 64 else 32
+
+
+def default_warps(headdim: int) -> int:
+    """Warps per program on a GPU: 4 up to head dim 64, else 8."""
+    return 4 if headdim <= 64 else 8
+
+
+if runtime.HAS_TRITON:
+
+    @triton.jit
+    def tanh_softcap(s, softcap):
+        """``softcap * tanh(s / softcap)`` from exponentials (libdevice is not available in
+        the interpreter); exact limits +-softcap for huge |s|."""
+        x = s / softcap
+        return softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+
+    @triton.jit
+    def online_softmax_step(q, k, v, m_i, l_i, acc, visible, bias, scale, softcap,
+                            HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr):
+        """One key tile of FlashAttention's loop for a tile of query rows.
+
+        q ``[M, D]``, k and v ``[N, D]``, ``visible`` bool ``[M, N]``, ``bias`` ``[M, N]``
+        (ALiBi, ignored unless HAS_BIAS). Running max ``m_i``, running sum ``l_i`` (``[M]``)
+        and accumulator ``acc`` (``[M, D]``, fp32) are rescaled by ``exp(m_old - m_new)``.
+        """
+        if DOT_FP32:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale
+        if HAS_SOFTCAP:
+            s = tanh_softcap(s, softcap)
+        if HAS_BIAS:
+            s = s + bias
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DOT_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc

@@ -1,0 +1,292 @@
+"""Decode attention over a KV cache in Triton (notebooks 05, 06, 07).
+
+One program per (batch x KV head, split, row tile). It serves **all** query heads that share its
+KV head: the ``seqlen_q * group`` (query token, query head) pairs are packed as the rows of the
+tile (row ``r`` is token ``r // group`` of head ``kv_head * group + r % group``), so each
+key/value tile is read from memory once for the whole group. With a few query tokens (decode)
+there is a single row tile. Keys come from a contiguous cache ``(batch_cache, capacity, nheads_k,
+headdim)`` or, with ``PAGED``, from a pool of pages ``(num_blocks, page_size, nheads_k,
+headdim)`` through ``block_table`` (notebook 06). With ``SPLIT`` each program covers one chunk
+of the keys and writes a partial state (``out`` normalised within the chunk, ``lse``; an empty
+chunk writes 0 and -inf) that the combine step of notebook 07 merges.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import runtime
+from ..runtime import tl, triton
+from ..validation import check_lengths, check_positive, check_same, check_tensor, check_window
+from .common import MAX_HEADDIM, SUPPORTED_DTYPES, block_d, decode_block_n, default_warps, dot_in_fp32, next_pow2
+
+if runtime.HAS_TRITON:
+    from .common import online_softmax_step
+
+    @triton.jit
+    def decode_kernel(
+        Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, SLOPES, TILES,
+        stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh,
+        stride_osplit, stride_ob, stride_os, stride_oh,
+        stride_lsplit, stride_lb, stride_lh,
+        stride_btb, stride_sb,
+        nheads_k, seqlen_q, headdim, page_size, split_size, scale, softcap, window_left, window_right,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PAGED: tl.constexpr, SPLIT: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_FP32: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        b = pid // nheads_k
+        kvh = pid % nheads_k
+        start = 0
+        if HAS_LEFTPAD:
+            start = tl.load(LEFTPAD + b)
+        sk = tl.load(SEQLENS + b) - start                  # valid keys (new ones included)
+        cache_row = b
+        if HAS_BATCH_IDX:
+            cache_row = tl.load(BATCH_IDX + b)
+        # Row r of the tile is query token r // GROUP of query head kvh * GROUP + r % GROUP.
+        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        tok = r // GROUP
+        head = kvh * GROUP + r % GROUP
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = tok < seqlen_q
+        dim_ok = dims < headdim
+        q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        diag = tok + sk - seqlen_q
+        # This split's key range, narrowed to the tiles some row of this tile can see.
+        first_tok = (pid_m * BLOCK_M) // GROUP
+        last_tok = tl.minimum(seqlen_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // GROUP)
+        lo = split * split_size
+        hi = tl.minimum(sk, lo + split_size)
+        if window_right >= 0:
+            hi = tl.minimum(hi, last_tok + sk - seqlen_q + window_right + 1)
+        if window_left >= 0:
+            lo = tl.maximum(lo, (tl.maximum(0, first_tok + sk - seqlen_q - window_left) // BLOCK_N) * BLOCK_N)
+        slope = tl.zeros([BLOCK_M], tl.float32)
+        if HAS_ALIBI:
+            slope = tl.load(SLOPES + b * stride_sb + head, mask=row_ok, other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        tiles = 0
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)         # compacted key index j'
+            col_ok = cols < hi
+            pos = start + cols                              # absolute cache row
+            if PAGED:
+                page = tl.load(BLOCK_TABLE + b * stride_btb + pos // page_size, mask=col_ok, other=0)
+                k_off = page * stride_kb + (pos % page_size) * stride_ks
+                v_off = page * stride_vb + (pos % page_size) * stride_vs
+            else:
+                k_off = cache_row * stride_kb + pos * stride_ks
+                v_off = cache_row * stride_vb + pos * stride_vs
+            kv_mask = col_ok[:, None] & dim_ok[None, :]
+            k = tl.load(K + k_off[:, None] + kvh * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + v_off[:, None] + kvh * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
+            visible = row_ok[:, None] & col_ok[None, :]
+            if window_right >= 0:
+                visible = visible & (cols[None, :] <= diag[:, None] + window_right)
+            if window_left >= 0:
+                visible = visible & (cols[None, :] >= diag[:, None] - window_left)
+            bias = -slope[:, None] * tl.abs(diag[:, None] - cols[None, :]).to(tl.float32)
+            m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, visible, bias, scale, softcap,
+                                                HAS_SOFTCAP, HAS_ALIBI, DOT_FP32)
+            tiles += 1
+        empty = l_i == 0.0
+        out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
+        if SPLIT:
+            lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+        else:
+            lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+        o_ptrs = O + split * stride_osplit + b * stride_ob + tok[:, None] * stride_os + head[:, None] * stride_oh
+        tl.store(o_ptrs + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+        tl.store(LSE + split * stride_lsplit + b * stride_lb + head * stride_lh + tok, lse, mask=row_ok)
+        tl.store(TILES + (split * tl.num_programs(0) + pid) * tl.num_programs(2) + pid_m, tiles)
+
+    @triton.jit
+    def combine_kernel(
+        OACC, LACC, O, LSE,
+        stride_as, stride_ab, stride_aq, stride_ah,
+        stride_ls, stride_lb, stride_lh,
+        stride_ob, stride_oq, stride_oh,
+        stride_fb, stride_fh,
+        num_splits, nheads, seqlen_q, headdim,
+        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Merge ``num_splits`` partial states of one (batch, query token, head) row:
+        ``L = M + log sum_s exp(lse_s - M)``, ``out = sum_s exp(lse_s - L) out_s``; a row whose
+        splits are all empty gets out 0 and LSE +inf."""
+        pid = tl.program_id(0)
+        b = pid // (seqlen_q * nheads)
+        t = (pid // nheads) % seqlen_q
+        h = pid % nheads
+        s = tl.arange(0, BLOCK_S)
+        dims = tl.arange(0, BLOCK_D)
+        s_ok = s < num_splits
+        lse = tl.load(LACC + s * stride_ls + b * stride_lb + h * stride_lh + t, mask=s_ok, other=float("-inf"))
+        top = tl.max(lse, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.exp(lse - top)
+        total = tl.sum(w, 0)
+        parts = tl.load(OACC + s[:, None] * stride_as + b * stride_ab + t * stride_aq + h * stride_ah + dims[None, :],
+                        mask=s_ok[:, None] & (dims[None, :] < headdim), other=0.0)
+        out = tl.sum(w[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
+        final = tl.where(total == 0.0, float("inf"), top + tl.log(tl.where(total == 0.0, 1.0, total)))
+        tl.store(O + b * stride_ob + t * stride_oq + h * stride_oh + dims, out.to(O.dtype.element_ty),
+                 mask=dims < headdim)
+        tl.store(LSE + b * stride_fb + h * stride_fh + t, final)
+
+
+def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, cache_leftpad, cache_batch_idx, block_table,
+                         alibi_slopes):
+    """Validate decode arguments; return ``(capacity, page_size, seqlens, leftpad, batch_idx)``."""
+    check_tensor("q", q, ndim=4, dtypes=SUPPORTED_DTYPES)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=SUPPORTED_DTYPES)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=SUPPORTED_DTYPES)
+    check_same(("q", "k_cache", "v_cache"), (q, k_cache, v_cache), "dtype")
+    check_same(("q", "k_cache", "v_cache"), (q, k_cache, v_cache), "device")
+    b, _, h, d = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    hk = k_cache.shape[2]
+    if k_cache.shape[3] != d:
+        raise ValueError(f"k_cache must have q's headdim {d}, got {k_cache.shape[3]}")
+    if d > MAX_HEADDIM:
+        raise ValueError(f"headdim must be <= {MAX_HEADDIM}, got {d}")
+    if h % hk:
+        raise ValueError(f"nheads_k ({hk}) must divide nheads ({h})")
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx is not supported with block_table (paged KV cache)")
+        check_tensor("block_table", block_table, ndim=2)
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"block_table must be int32, got {block_table.dtype}")
+        if block_table.shape[0] != b:
+            raise ValueError(f"block_table must have {b} rows (one per sequence), got {block_table.shape[0]}")
+        page = k_cache.shape[1]
+        capacity = block_table.shape[1] * page
+        if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= k_cache.shape[0]):
+            raise ValueError(f"block_table entries must lie in [0, {k_cache.shape[0]}) (num_blocks of k_cache)")
+    else:
+        page = 1
+        capacity = k_cache.shape[1]
+    seqlens = check_lengths("cache_seqlens", cache_seqlens, b, high=capacity, device=q.device)
+    leftpad = None
+    if cache_leftpad is not None:
+        leftpad = check_lengths("cache_leftpad", cache_leftpad, b, device=q.device)
+        if bool((leftpad > seqlens).any()):
+            raise ValueError(f"cache_leftpad must be <= cache_seqlens, got {leftpad.tolist()} > {seqlens.tolist()}")
+    batch_idx = None
+    if cache_batch_idx is not None:
+        batch_idx = check_lengths("cache_batch_idx", cache_batch_idx, b, high=k_cache.shape[0] - 1, device=q.device)
+    elif block_table is None and k_cache.shape[0] < b:
+        raise ValueError(f"k_cache has {k_cache.shape[0]} cache rows for a batch of {b}; pass cache_batch_idx")
+    if alibi_slopes is not None:
+        check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,))
+        if tuple(alibi_slopes.shape) not in ((h,), (b, h)):
+            raise ValueError(f"alibi_slopes must have shape ({h},) or ({b}, {h}), got {tuple(alibi_slopes.shape)}")
+    return capacity, page, seqlens, leftpad, batch_idx
+
+
+def split_size_for(capacity: int, num_splits: int, block_n: int) -> int:
+    """Keys per split, as FlashAttention sizes them: ``ceil(ceil(capacity / block_n) / num_splits)``
+    key blocks. It counts the cache **capacity**, so short sequences leave splits empty."""
+    blocks = -(-capacity // block_n)
+    return -(-blocks // num_splits) * block_n
+
+
+def decode_attention_triton(q, k_cache, v_cache, cache_seqlens, *, cache_leftpad=None, cache_batch_idx=None,
+                            block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            alibi_slopes=None, num_splits=1, block_n=None, return_lse=False,
+                            return_tile_counts=False):
+    """Attention of ``q`` ``(batch, seqlen_q, nheads, headdim)`` against a KV cache, through
+    :func:`decode_kernel` (and :func:`combine_kernel` when ``num_splits > 1``).
+
+    Sequence ``b`` sees the keys at absolute cache rows ``[cache_leftpad[b], cache_seqlens[b])``
+    (new keys already appended): in cache row ``cache_batch_idx[b]`` (default ``b``) of a
+    contiguous cache ``(batch_cache, capacity, nheads_k, headdim)``, or, with ``block_table``
+    ``(batch, max_blocks)`` int32, at ``k_cache[block_table[b, p // page], p % page]`` of a paged
+    cache ``(num_blocks, page, nheads_k, headdim)`` (any page size). Masks, softcap, ALiBi and
+    the empty-row rule are :func:`flashkv_edu.attention_ref`'s.
+
+    Returns ``out`` (q's dtype), plus fp32 ``lse`` ``(batch, nheads, seqlen_q)`` with
+    ``return_lse``, plus the int32 ``(num_splits, batch * nheads_k, row tiles)`` count of key
+    tiles each program visited with ``return_tile_counts``.
+    """
+    runtime.require_triton()
+    capacity, page, seqlens, leftpad, batch_idx = _check_decode_inputs(
+        q, k_cache, v_cache, cache_seqlens, cache_leftpad, cache_batch_idx, block_table, alibi_slopes)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= 128:
+        raise ValueError(f"num_splits must be an int in [1, 128], got {num_splits!r}")
+    left, right = check_window(window_size)
+    if causal:
+        right = 0
+    b, sq, h, d = q.shape
+    hk = k_cache.shape[2]
+    group = h // hk
+    scale = d**-0.5 if softmax_scale is None else check_positive("softmax_scale", softmax_scale)
+    softcap = check_positive("softcap", softcap, allow_zero=True)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must be contiguous in the last dimension")
+    bn = block_n or decode_block_n(d)
+    bm = max(16, min(next_pow2(sq * group), 128 if runtime.INTERPRET else 64))
+    row_tiles = triton.cdiv(sq * group, bm)
+    split_size = split_size_for(capacity, num_splits, bn)
+    dev = q.device
+    dummy_i32 = torch.zeros(1, dtype=torch.int32, device=dev)
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, sq, dtype=torch.float32, device=dev)
+    if num_splits == 1:
+        o_buf, l_buf = out, lse
+        o_split, l_split = 0, 0
+    else:
+        o_buf = torch.empty(num_splits, b, sq, h, d, dtype=torch.float32, device=dev)
+        l_buf = torch.empty(num_splits, b, h, sq, dtype=torch.float32, device=dev)
+        o_split, l_split = o_buf.stride(0), l_buf.stride(0)
+    o_view = o_buf if num_splits == 1 else o_buf[0]
+    l_view = l_buf if num_splits == 1 else l_buf[0]
+    tiles = torch.zeros(num_splits, b * hk, row_tiles, dtype=torch.int32, device=dev)
+    slopes = alibi_slopes.contiguous() if alibi_slopes is not None else torch.zeros(1, device=dev)
+    stride_sb = slopes.stride(0) if slopes.dim() == 2 else 0
+    table = block_table if block_table is not None else dummy_i32
+    decode_kernel[(b * hk, num_splits, row_tiles)](
+        q, k_cache, v_cache, o_buf, l_buf, seqlens,
+        leftpad if leftpad is not None else dummy_i32,
+        batch_idx if batch_idx is not None else dummy_i32,
+        table, slopes, tiles,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        o_split, o_view.stride(0), o_view.stride(1), o_view.stride(2),
+        l_split, l_view.stride(0), l_view.stride(1),
+        table.stride(0) if block_table is not None else 0, stride_sb,
+        hk, sq, d, page, split_size, scale, softcap if softcap > 0 else 1.0, left, right,
+        GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d),
+        PAGED=block_table is not None, SPLIT=num_splits > 1, HAS_LEFTPAD=leftpad is not None,
+        HAS_BATCH_IDX=batch_idx is not None, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        DOT_FP32=dot_in_fp32(q.dtype), num_warps=default_warps(d), num_stages=2,
+    )
+    if num_splits > 1:
+        combine_kernel[(b * sq * h,)](
+            o_buf, l_buf, out, lse,
+            o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), o_buf.stride(3),
+            l_buf.stride(0), l_buf.stride(1), l_buf.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1),
+            num_splits, h, sq, d,
+            BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=block_d(d),
+        )
+    result = [out]
+    if return_lse:
+        result.append(lse)
+    if return_tile_counts:
+        result.append(tiles)
+    return result[0] if len(result) == 1 else tuple(result)

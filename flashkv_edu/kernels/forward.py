@@ -1,0 +1,177 @@
+"""A FlashAttention-2 style forward (prefill) kernel in Triton (notebook 05).
+
+One program per (query tile, batch x head). It streams key/value tiles with the online
+softmax of notebook 04 and skips, by its loop bounds, every key tile that the causal or local
+mask hides completely. Semantics are :func:`flashkv_edu.attention_ref`'s: bottom-right masks per
+sequence over the valid keys ``[leftpad_k, seqlens_k)``, GQA/MQA, softcap then ALiBi, output 0
+and LSE +inf for rows that see nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import runtime
+from ..reference import _check_attention_inputs
+from ..runtime import tl, triton
+from ..validation import check_lengths, check_positive, check_window
+from .common import MAX_HEADDIM, SUPPORTED_DTYPES, block_d, default_blocks, default_warps, dot_in_fp32
+
+if runtime.HAS_TRITON:
+    from .common import online_softmax_step
+
+    @triton.jit
+    def attention_fwd_kernel(
+        Q, K, V, O, LSE, SEQLENS_K, LEFTPAD_K, SLOPES, TILES,
+        stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh,
+        stride_ob, stride_os, stride_oh,
+        stride_lb, stride_lh,
+        stride_sb,
+        nheads, seqlen_q, headdim, scale, softcap, window_left, window_right,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_FP32: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // nheads
+        h = pid_bh % nheads
+        kvh = h // GROUP
+        start = tl.load(LEFTPAD_K + b)
+        sk = tl.load(SEQLENS_K + b) - start              # valid keys of this sequence
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < seqlen_q
+        dim_ok = dims < headdim
+        q = tl.load(Q + b * stride_qb + rows[:, None] * stride_qs + h * stride_qh + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        diag = rows + sk - seqlen_q                        # bottom-right alignment
+        # Loop bounds: key tiles entirely outside every row's window are never visited.
+        lo = 0
+        hi = sk
+        if window_right >= 0:
+            hi = tl.minimum(sk, pid_m * BLOCK_M + BLOCK_M - 1 + sk - seqlen_q + window_right + 1)
+        if window_left >= 0:
+            lo = tl.maximum(0, pid_m * BLOCK_M + sk - seqlen_q - window_left)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(SLOPES + b * stride_sb + h)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        tiles = 0
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)       # compacted key index j'
+            col_ok = cols < sk
+            kv_rows = start + cols
+            k = tl.load(K + b * stride_kb + kv_rows[:, None] * stride_ks + kvh * stride_kh + dims[None, :],
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            v = tl.load(V + b * stride_vb + kv_rows[:, None] * stride_vs + kvh * stride_vh + dims[None, :],
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            visible = row_ok[:, None] & col_ok[None, :]
+            if window_right >= 0:
+                visible = visible & (cols[None, :] <= diag[:, None] + window_right)
+            if window_left >= 0:
+                visible = visible & (cols[None, :] >= diag[:, None] - window_left)
+            bias = -slope * tl.abs(diag[:, None] - cols[None, :]).to(tl.float32)
+            m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, visible, bias, scale, softcap,
+                                                HAS_SOFTCAP, HAS_ALIBI, DOT_FP32)
+            tiles += 1
+        empty = l_i == 0.0
+        out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
+        lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+        tl.store(O + b * stride_ob + rows[:, None] * stride_os + h * stride_oh + dims[None, :],
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+        tl.store(LSE + b * stride_lb + h * stride_lh + rows, lse, mask=row_ok)
+        tl.store(TILES + pid_bh * tl.num_programs(0) + pid_m, tiles)
+
+
+def attention_triton(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                     alibi_slopes=None, seqlens_k=None, leftpad_k=None, return_lse=False,
+                     block_m=None, block_n=None, return_tile_counts=False):
+    """Attention through :func:`attention_fwd_kernel`, with :func:`flashkv_edu.attention_ref`'s
+    arguments and semantics. q ``(batch, seqlen_q, nheads, headdim)``, k/v ``(batch, seqlen_k,
+    nheads_k, headdim)``; fp16, bf16 or fp32; head dim up to 256.
+
+    Returns ``out`` (q's dtype), plus ``lse`` (fp32 ``(batch, nheads, seqlen_q)``) with
+    ``return_lse``, plus the int32 ``(batch * nheads, query tiles)`` count of key tiles each
+    program visited with ``return_tile_counts``.
+    """
+    runtime.require_triton()
+    _check_attention_inputs(q, k, v, alibi_slopes)
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q must be fp16, bf16 or fp32 for the Triton kernel, got {q.dtype}")
+    b, sq, h, d = q.shape
+    sk_cap, hk = k.shape[1], k.shape[2]
+    if d > MAX_HEADDIM:
+        raise ValueError(f"headdim must be <= {MAX_HEADDIM}, got {d}")
+    left, right = check_window(window_size)
+    if causal:
+        right = 0
+    scale = d**-0.5 if softmax_scale is None else check_positive("softmax_scale", softmax_scale)
+    softcap = check_positive("softcap", softcap, allow_zero=True)
+    ends = check_lengths("seqlens_k", sk_cap if seqlens_k is None else seqlens_k, b, high=sk_cap, device=q.device)
+    starts = check_lengths("leftpad_k", 0 if leftpad_k is None else leftpad_k, b, device=q.device)
+    if bool((starts > ends).any()):
+        raise ValueError(f"leftpad_k must be <= seqlens_k, got {starts.tolist()} > {ends.tolist()}")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    dflt_m, dflt_n = default_blocks(d)
+    bm, bn = block_m or dflt_m, block_n or dflt_n
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(sq, bm), b * h)
+    tiles = torch.zeros(b * h, grid[0], dtype=torch.int32, device=q.device)
+    slopes = alibi_slopes if alibi_slopes is not None else torch.zeros(1, dtype=torch.float32, device=q.device)
+    stride_sb = 0 if slopes.dim() == 1 else slopes.stride(0)
+    if slopes.dim() == 2:
+        slopes = slopes if slopes.stride(1) == 1 else slopes.contiguous()
+        stride_sb = slopes.stride(0)
+    attention_fwd_kernel[grid](
+        q, k, v, out, lse, ends, starts, slopes, tiles,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        stride_sb,
+        h, sq, d, scale, softcap if softcap > 0 else 1.0, left, right,
+        GROUP=h // hk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d),
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, DOT_FP32=dot_in_fp32(q.dtype),
+        num_warps=default_warps(d), num_stages=2,
+    )
+    result = [out]
+    if return_lse:
+        result.append(lse)
+    if return_tile_counts:
+        result.append(tiles)
+    return result[0] if len(result) == 1 else tuple(result)
+
+
+def tile_schedule(seqlen_q: int, seqlen_k: int, block_m: int, block_n: int, *, causal: bool = False,
+                  window_size=(-1, -1)) -> torch.Tensor:
+    """Which (query tile, key tile) pairs :func:`attention_fwd_kernel` visits, from the same loop
+    bounds: int ``(query tiles, key tiles)`` with 0 = skipped by the loop bounds, 1 = visited
+    and fully visible, 2 = visited and partly masked (ragged tail or mask edge)."""
+    from ..reference import attention_mask
+
+    left, right = check_window(window_size)
+    if causal:
+        right = 0
+    mask = attention_mask(seqlen_q, seqlen_k, window_size=(left, right))
+    n_m, n_n = -(-seqlen_q // block_m), -(-seqlen_k // block_n)
+    grid = torch.zeros(n_m, n_n, dtype=torch.int32)
+    for m in range(n_m):
+        lo, hi = 0, seqlen_k
+        if right >= 0:
+            hi = min(seqlen_k, m * block_m + block_m - 1 + seqlen_k - seqlen_q + right + 1)
+        if left >= 0:
+            lo = max(0, m * block_m + seqlen_k - seqlen_q - left)
+        lo = (lo // block_n) * block_n
+        for start in range(lo, max(lo, hi), block_n):
+            n = start // block_n
+            tile = mask[m * block_m:(m + 1) * block_m, start:start + block_n]
+            full = tile.shape == (block_m, block_n) and bool(tile.all())
+            grid[m, n] = 1 if full else 2
+    return grid

@@ -1,0 +1,175 @@
+"""Compile every Triton kernel of the package for NVIDIA GPUs, without a GPU.
+
+    python -m flashkv_edu.kernels.gpucheck            # compile all, print the resource table
+    python -m flashkv_edu.kernels.gpucheck --json F   # also write the table as JSON
+
+Each kernel is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 80|90,
+32))`` for representative settings (fp16 and bf16, head dims 64 and 128). Registers and spills
+(``STACK``/``LOCAL`` bytes) are read from the cubin with the ``cuobjdump`` that ships with
+Triton; shared memory comes from the compiled kernel's metadata. The GPU-only rules that the
+interpreter does not enforce (``tl.dot`` tiles of at least 16, power-of-two ranges) fail here.
+
+This needs Triton with the interpreter **off**; when started in an interpreting process it
+re-runs itself in a subprocess with ``TRITON_INTERPRET=0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .. import runtime
+
+TARGETS = (80, 90)
+DTYPES = ("fp16", "bf16")
+HEADDIMS = (64, 128)
+TABLE_PATH = Path(__file__).with_name("gpucheck_table.json")
+
+
+@dataclass
+class CompileResult:
+    kernel: str
+    variant: str
+    dtype: str
+    headdim: int
+    target: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    mma: str
+    ok: bool
+    error: str = ""
+
+
+def _variants():
+    """(kernel name, variant, jit function, pointer types, float args, constexprs, num_warps)
+    for every kernel and setting that is compiled. ``T`` in a pointer type is the data dtype."""
+    from .decode import combine_kernel, decode_kernel
+    from .forward import attention_fwd_kernel
+
+    out = []
+    from .common import decode_block_n, default_blocks, default_warps
+
+    for dtype in DTYPES:
+        for d in HEADDIMS:
+            bm, bn = default_blocks(d, interpreting=False)
+            warps = default_warps(d)
+            out.append(("attention_fwd_kernel", "causal+window, GQA 4", attention_fwd_kernel,
+                        {"Q": "T", "K": "T", "V": "T", "O": "T", "LSE": "fp32", "SLOPES": "fp32",
+                         "SEQLENS_K": "i32", "LEFTPAD_K": "i32", "TILES": "i32"}, ("scale", "softcap"),
+                        dict(GROUP=4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, HAS_SOFTCAP=True, HAS_ALIBI=False,
+                             DOT_FP32=False), warps, dtype, d))
+            ptrs = {"Q": "T", "K": "T", "V": "T", "O": "T", "LSE": "fp32", "SEQLENS": "i32", "LEFTPAD": "i32",
+                    "BATCH_IDX": "i32", "BLOCK_TABLE": "i32", "SLOPES": "fp32", "TILES": "i32"}
+            common = dict(GROUP=8, BLOCK_M=16, BLOCK_N=decode_block_n(d, interpreting=False), BLOCK_D=d, HAS_LEFTPAD=True, HAS_SOFTCAP=False,
+                          HAS_ALIBI=False, DOT_FP32=False)
+            out.append(("decode_kernel", "contiguous, GQA 8", decode_kernel, ptrs, ("scale", "softcap"),
+                        dict(common, PAGED=False, SPLIT=False, HAS_BATCH_IDX=True), warps, dtype, d))
+            out.append(("decode_kernel", "paged + split, GQA 8", decode_kernel, dict(ptrs, O="fp32"),
+                        ("scale", "softcap"), dict(common, PAGED=True, SPLIT=True, HAS_BATCH_IDX=False), warps,
+                        dtype, d))
+            out.append(("combine_kernel", "up to 128 splits", combine_kernel,
+                        {"OACC": "fp32", "LACC": "fp32", "O": "T", "LSE": "fp32"}, (),
+                        dict(BLOCK_S=128, BLOCK_D=d), 4, dtype, d))
+    out.append(("_canary_kernel", "fp32", runtime._canary_kernel, {"x_ptr": "fp32", "y_ptr": "fp32"}, (),
+                dict(BLOCK=16), 1, "fp32", 0))
+    return out
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, spill bytes) from ``cuobjdump --dump-resource-usage``."""
+    tool = Path(runtime.triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", text).group(1))
+    stack = int(re.search(r"STACK:(\d+)", text).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", text).group(1))
+    return regs, stack + local
+
+
+def _compile_one(index: int, target: int) -> CompileResult:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name, variant, fn, ptrs, floats, consts, warps, dtype, d = _variants()[index]
+    sig = {}
+    for arg in fn.arg_names:
+        if arg in consts:
+            sig[arg] = "constexpr"
+        elif arg in ptrs:
+            sig[arg] = "*" + (dtype if ptrs[arg] == "T" else ptrs[arg])
+        elif arg in floats:
+            sig[arg] = "fp32"
+        else:
+            sig[arg] = "i32"
+    label = dict(kernel=name, variant=variant, dtype=dtype, headdim=d, target=f"sm_{target}")
+    try:
+        compiled = runtime.triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                          target=GPUTarget("cuda", target, 32),
+                                          options={"num_warps": warps, "num_stages": 2})
+        regs, spills = _resource_usage(compiled.asm["cubin"])
+        ptx = compiled.asm["ptx"]
+        mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none")
+        return CompileResult(**label, registers=regs, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
+                             mma=mma, ok=True)
+    except Exception as exc:  # report every failure in the table
+        return CompileResult(**label, registers=0, spill_bytes=0, shared_bytes=0, mma="", ok=False,
+                             error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+
+
+def compile_all(workers: int = 2) -> list[CompileResult]:
+    """Compile every kernel variant for every target; returns one result per compile."""
+    jobs = [(i, t) for i in range(len(_variants())) for t in TARGETS]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_compile_one, *zip(*jobs, strict=True)))
+
+
+def format_table(rows) -> str:
+    """The results as an aligned text table."""
+    head = f"{'kernel':<22} {'variant':<22} {'dtype':<5} {'d':>4} {'target':<6} {'regs':>5} {'spills':>7} " \
+           f"{'shared':>8} {'mma':<9} ok"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        r = r if isinstance(r, dict) else asdict(r)
+        lines.append(f"{r['kernel']:<22} {r['variant']:<22} {r['dtype']:<5} {r['headdim']:>4} {r['target']:<6} "
+                     f"{r['registers']:>5} {r['spill_bytes']:>7} {r['shared_bytes']:>8} {r['mma']:<9} "
+                     f"{'yes' if r['ok'] else 'NO: ' + r['error']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flashkv_edu.kernels.gpucheck", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="also write the table to this JSON file")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    runtime.require_triton()
+    if runtime.INTERPRET:  # compiling needs real JIT functions: re-run without the interpreter
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        return subprocess.run([sys.executable, "-m", "flashkv_edu.kernels.gpucheck", *(argv or sys.argv[1:])],
+                              env=env).returncode
+    start = time.perf_counter()
+    rows = compile_all(args.workers)
+    print(format_table(rows))
+    failed = [r for r in rows if not r.ok]
+    print(f"\n{len(rows) - len(failed)}/{len(rows)} compiled for sm_80 and sm_90 "
+          f"in {time.perf_counter() - start:.0f} s; spills in {sum(r.spill_bytes > 0 for r in rows)} configs")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
