@@ -70,7 +70,8 @@ def _variants():
                              DOT_FP32=False), warps, dtype, d))
             ptrs = {"Q": "T", "K": "T", "V": "T", "O": "T", "LSE": "fp32", "SEQLENS": "i32", "LEFTPAD": "i32",
                     "BATCH_IDX": "i32", "BLOCK_TABLE": "i32", "SLOPES": "fp32", "TILES": "i32"}
-            common = dict(GROUP=8, BLOCK_M=16, BLOCK_N=decode_block_n(d, interpreting=False), BLOCK_D=d, HAS_LEFTPAD=True, HAS_SOFTCAP=False,
+            common = dict(GROUP=8, BLOCK_M=16, BLOCK_N=decode_block_n(d, interpreting=False), BLOCK_D=d,
+                          HAS_LEFTPAD=True, HAS_SOFTCAP=False,
                           HAS_ALIBI=False, DOT_FP32=False)
             out.append(("decode_kernel", "contiguous, GQA 8", decode_kernel, ptrs, ("scale", "softcap"),
                         dict(common, PAGED=False, SPLIT=False, HAS_BATCH_IDX=True), warps, dtype, d))
