@@ -144,3 +144,26 @@ def check_merge_states(fn) -> bool:
     if err or not isinstance(got, tuple) or not torch.isfinite(got[0]).all() or max_abs_err(got[0], out_a) > 1e-5:
         return verdict("check_merge_states", False, f"merging with an empty state (lse=-inf): {err or 'wrong output'}")
     return verdict("check_merge_states", True, f"3 split points and an empty side; max error {error_bucket(worst)}")
+
+
+# --- notebook 05 -------------------------------------------------------------------------
+
+def check_inner_loop(step) -> bool:
+    """``step`` is a ``@triton.jit`` function with ``online_softmax_step``'s signature; it runs as
+    the inner loop of ``simple_attention_kernel`` on ragged shapes and must match the oracle."""
+    from .kernels.forward import simple_attention
+
+    gen = torch.Generator().manual_seed(5)
+    worst = 0.0
+    for sq, sk, d in [(1, 7, 16), (20, 45, 32), (33, 16, 20)]:
+        q, k, v = (torch.randn(n, d, generator=gen) * 2 for n in (sq, sk, sk))
+        got, err = _call(simple_attention, q, k, v, step)
+        if err:
+            return verdict("check_inner_loop", False, f"seqlen_q={sq}, seqlen_k={sk}: {err}")
+        want = attention_ref(q[None, :, None], k[None, :, None], v[None, :, None])[0, :, 0]
+        e = max_abs_err(got, want)
+        worst = max(worst, e)
+        if e > 1e-4:
+            return verdict("check_inner_loop", False, f"seqlen_q={sq}, seqlen_k={sk}: max error {e:.1e}")
+    return verdict("check_inner_loop", True,
+                   f"3 ragged shapes through the Triton kernel; max error {error_bucket(worst)}")

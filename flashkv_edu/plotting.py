@@ -163,3 +163,49 @@ def online_softmax_explorer():
         plt.show()
 
     return widgets.interactive(redraw, block_size=widgets.IntSlider(value=8, min=1, max=32, description="block size"))
+
+
+def draw_tile_schedule(seqlen_q: int = 256, seqlen_k: int = 256, block_m: int = 32, block_n: int = 32,
+                       causal: bool = True, window: int = 0):
+    """Heatmap of :func:`flashkv_edu.kernels.forward.tile_schedule` for causal attention with an
+    optional sliding window of ``window`` tokens (0 = none): which (query tile, key tile) pairs
+    the forward kernel skips, visits fully visible, or visits partly masked. Returns
+    ``(fig, visited, total)`` tile counts."""
+    from .kernels.forward import tile_schedule
+
+    window_size = (window - 1, 0) if window > 0 else (-1, -1)
+    sched = tile_schedule(seqlen_q, seqlen_k, block_m, block_n, causal=causal, window_size=window_size)
+    visited, total = int((sched > 0).sum()), sched.numel()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    ax.imshow(sched.numpy(), cmap=ListedColormap(["#f2f2f2", "#2b6cb0", "#90cdf4"]), vmin=0, vmax=2,
+              interpolation="nearest")
+    what = ("causal" if causal else "no mask")
+    if window:
+        what += f", window W={window} = window_size=({window - 1}, 0)"
+    ax.set(title=f"Tile schedule: {what}\nvisited {visited} of {total} tiles ({visited / total:.0%})",
+           xlabel=f"key tile ({block_n} keys)", ylabel=f"query tile ({block_m} queries)")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="#2b6cb0", label="visited, all visible"),
+                       Patch(color="#90cdf4", label="visited, partly masked"),
+                       Patch(color="#f2f2f2", label="skipped by loop bounds")],
+              loc="upper right", fontsize=7, framealpha=0.9)
+    fig.tight_layout()
+    return fig, visited, total
+
+
+def tile_schedule_explorer():
+    """A widget over sequence length, tile sizes, causal and window for :func:`draw_tile_schedule`."""
+    import ipywidgets as widgets
+
+    def redraw(seqlen, block, causal, window):
+        draw_tile_schedule(seqlen, seqlen, block, block, causal, window)
+        plt.show()
+
+    return widgets.interactive(
+        redraw,
+        seqlen=widgets.IntSlider(value=256, min=32, max=1024, step=32, description="seqlen"),
+        block=widgets.Dropdown(options=[16, 32, 64, 128], value=32, description="tile size"),
+        causal=widgets.Checkbox(value=True, description="causal"),
+        window=widgets.IntSlider(value=0, min=0, max=512, step=16, description="window W"),
+    )

@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import warnings
 
 import torch
 
 HAS_CUDA: bool = torch.cuda.is_available()
 
+_TRITON_ALREADY_IMPORTED = "triton.language" in sys.modules
 if not HAS_CUDA:
+    if _TRITON_ALREADY_IMPORTED and "TRITON_INTERPRET" not in os.environ:
+        # triton.language decorated its own helpers (tl.zeros, tl.sum, ...) for a GPU; kernels
+        # that use them would fail under the interpreter with a confusing error.
+        raise RuntimeError(
+            "Triton was imported before flashkv_edu on a machine without a GPU, so Triton's "
+            "interpreter could not be switched on in time. Import flashkv_edu first (before "
+            "`import triton`), or start Python with TRITON_INTERPRET=1 in the environment.")
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Triton warns on every compile unless this is set explicitly; FMA fusion is its default.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

@@ -44,6 +44,15 @@ def test_explicit_interpret_off_is_respected():
     assert out.stdout.strip() == "False"
 
 
+def test_importing_triton_first_on_cpu_fails_with_a_hint():
+    if torch.cuda.is_available():
+        pytest.skip("only CPU-only machines need the interpreter")  # pragma: no cover
+    code = "import triton.language; import flashkv_edu"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "Import flashkv_edu first" in run.stderr
+
+
 def test_exercise_checks_accept_solutions_and_reject_mistakes(capsys):
     assert exercises.check_bottom_right_mask(lambda sq, sk: attention_mask(sq, sk, causal=True))
     assert not exercises.check_bottom_right_mask(lambda sq, sk: torch.ones(sq, sk).tril().bool())

@@ -175,3 +175,47 @@ def tile_schedule(seqlen_q: int, seqlen_k: int, block_m: int, block_n: int, *, c
             full = tile.shape == (block_m, block_n) and bool(tile.all())
             grid[m, n] = 1 if full else 2
     return grid
+
+
+if runtime.HAS_TRITON:
+
+    @triton.jit
+    def simple_attention_kernel(Q, K, V, O, seqlen_q, seqlen_k, headdim, scale,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                STEP: tl.constexpr):
+        """The teaching version of :func:`attention_fwd_kernel`: one head, contiguous
+        ``(seqlen, headdim)`` tensors, no mask but the ragged tails. ``STEP`` is the inner-loop
+        function (``online_softmax_step``'s signature), so an exercise can plug in its own."""
+        pid_m = tl.program_id(0)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + rows[:, None] * headdim + dims[None, :],
+                    mask=(rows[:, None] < seqlen_q) & (dims[None, :] < headdim), other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, seqlen_k, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            kv_mask = (cols[:, None] < seqlen_k) & (dims[None, :] < headdim)
+            k = tl.load(K + cols[:, None] * headdim + dims[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + cols[:, None] * headdim + dims[None, :], mask=kv_mask, other=0.0)
+            visible = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+            m_i, l_i, acc = STEP(q, k, v, m_i, l_i, acc, visible, acc, scale, 1.0, False, False, True)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(O + rows[:, None] * headdim + dims[None, :], out,
+                 mask=(rows[:, None] < seqlen_q) & (dims[None, :] < headdim))
+
+
+def simple_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step=None, block_m: int = 16,
+                     block_n: int = 16) -> torch.Tensor:
+    """Single-head fp32 attention ``(seqlen, headdim)`` through :func:`simple_attention_kernel`,
+    with ``step`` (default: the package's ``online_softmax_step``) as the inner loop."""
+    runtime.require_triton()
+    from .common import online_softmax_step
+
+    q, k, v = (x.float().contiguous() for x in (q, k, v))
+    out = torch.empty_like(q)
+    simple_attention_kernel[(triton.cdiv(q.shape[0], block_m),)](
+        q, k, v, out, q.shape[0], k.shape[0], q.shape[1], q.shape[1] ** -0.5,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(q.shape[1]), STEP=step or online_softmax_step)
+    return out

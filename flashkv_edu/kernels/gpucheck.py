@@ -81,6 +81,12 @@ def _variants():
             out.append(("combine_kernel", "up to 128 splits", combine_kernel,
                         {"OACC": "fp32", "LACC": "fp32", "O": "T", "LSE": "fp32"}, (),
                         dict(BLOCK_S=128, BLOCK_D=d), 4, dtype, d))
+    from .common import online_softmax_step
+    from .forward import simple_attention_kernel
+
+    out.append(("simple_attention_kernel", "teaching version", simple_attention_kernel,
+                {"Q": "fp32", "K": "fp32", "V": "fp32", "O": "fp32"}, ("scale",),
+                dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=64, STEP=online_softmax_step), 4, "fp32", 64))
     out.append(("_canary_kernel", "fp32", runtime._canary_kernel, {"x_ptr": "fp32", "y_ptr": "fp32"}, (),
                 dict(BLOCK=16), 1, "fp32", 0))
     return out
@@ -100,7 +106,7 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return regs, stack + local
 
 
-def _compile_one(index: int, target: int) -> CompileResult:
+def _compile(index: int, target: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -115,11 +121,15 @@ def _compile_one(index: int, target: int) -> CompileResult:
             sig[arg] = "fp32"
         else:
             sig[arg] = "i32"
+    return runtime.triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                  target=GPUTarget("cuda", target, 32), options={"num_warps": warps, "num_stages": 2})
+
+
+def _compile_one(index: int, target: int) -> CompileResult:
+    name, variant, _, _, _, _, _, dtype, d = _variants()[index]
     label = dict(kernel=name, variant=variant, dtype=dtype, headdim=d, target=f"sm_{target}")
     try:
-        compiled = runtime.triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                          target=GPUTarget("cuda", target, 32),
-                                          options={"num_warps": warps, "num_stages": 2})
+        compiled = _compile(index, target)
         regs, spills = _resource_usage(compiled.asm["cubin"])
         ptx = compiled.asm["ptx"]
         mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none")
@@ -135,6 +145,26 @@ def compile_all(workers: int = 2) -> list[CompileResult]:
     jobs = [(i, t) for i in range(len(_variants())) for t in TARGETS]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(_compile_one, *zip(*jobs, strict=True)))
+
+
+def excerpt(kernel: str = "attention_fwd_kernel", dtype: str = "fp16", headdim: int = 64, lines: int = 2) -> str:
+    """Compile one kernel for sm_80 and sm_90 and return the first matrix-multiply lines of its
+    PTX and SASS (``mma.sync`` / ``wgmma`` in PTX, ``HMMA`` / ``HGMMA`` in SASS)."""
+    index = next(i for i, v in enumerate(_variants()) if v[0] == kernel and v[7] == dtype and v[8] == headdim)
+    tool = Path(runtime.triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    text = []
+    for target in TARGETS:
+        compiled = _compile(index, target)
+        ptx = [ln.strip() for ln in compiled.asm["ptx"].splitlines() if "mma" in ln and not ln.strip().startswith("//")]
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        sass = [re.sub(r"\s+", " ", re.sub(r"^/\*[0-9a-f]+\*/", "", ln.strip()).split(";")[0]).strip() + " ;"
+                for ln in sass.splitlines() if "MMA" in ln]
+        text.append(f"sm_{target}: {len(ptx)} PTX mma instructions, {len(sass)} SASS MMA instructions")
+        text += [f"  PTX  {ln[:110]}" for ln in ptx[:lines]] + [f"  SASS {ln[:110]}" for ln in sass[:lines]]
+    return "\n".join(text)
 
 
 def format_table(rows) -> str:
@@ -155,12 +185,16 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="also write the table to this JSON file")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--excerpt", metavar="KERNEL", help="print PTX/SASS matrix-multiply lines of one kernel")
     args = parser.parse_args(argv)
     runtime.require_triton()
     if runtime.INTERPRET:  # compiling needs real JIT functions: re-run without the interpreter
         env = dict(os.environ, TRITON_INTERPRET="0")
         return subprocess.run([sys.executable, "-m", "flashkv_edu.kernels.gpucheck", *(argv or sys.argv[1:])],
                               env=env).returncode
+    if args.excerpt:
+        print(excerpt(args.excerpt))
+        return 0
     start = time.perf_counter()
     rows = compile_all(args.workers)
     print(format_table(rows))
