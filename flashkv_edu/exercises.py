@@ -167,3 +167,29 @@ def check_inner_loop(step) -> bool:
             return verdict("check_inner_loop", False, f"seqlen_q={sq}, seqlen_k={sk}: max error {e:.1e}")
     return verdict("check_inner_loop", True,
                    f"3 ragged shapes through the Triton kernel; max error {error_bucket(worst)}")
+
+
+# --- notebook 06 -------------------------------------------------------------------------
+
+def check_slot_mapping(fn) -> bool:
+    """``fn(positions, block_table_row, block_size)`` must return the physical
+    ``(block ids, offsets)`` of each token position, as :func:`flashkv_edu.paged.slot_mapping`."""
+    from .paged import slot_mapping
+
+    gen = torch.Generator().manual_seed(6)
+    for block_size in (1, 3, 16):
+        table = torch.randperm(40, generator=gen)[:8].to(torch.int32)
+        positions = torch.randint(0, 8 * block_size, (12,), generator=gen)
+        want = slot_mapping(positions, table, block_size)
+        got, err = _call(fn, positions, table, block_size)
+        case = f"block_size={block_size}"
+        if err:
+            return verdict("check_slot_mapping", False, f"{case}: {err}")
+        if not isinstance(got, tuple) or len(got) != 2:
+            return verdict("check_slot_mapping", False, "return the pair (block ids, offsets)")
+        for name, g, w in (("block ids", got[0], want[0]), ("offsets", got[1], want[1])):
+            if not isinstance(g, torch.Tensor) or g.shape != w.shape or not torch.equal(g.long(), w):
+                return verdict("check_slot_mapping", False,
+                               f"{case}: {name} for positions {positions.tolist()[:4]}... "
+                               f"should start {w.tolist()[:4]}")
+    return verdict("check_slot_mapping", True, "block sizes 1, 3 and 16 with shuffled block tables")

@@ -1,0 +1,333 @@
+"""Paged KV cache: a block allocator and block tables (notebook 06).
+
+Keys and values live in pools of fixed-size physical blocks shaped like FlashAttention's paged
+cache, ``(num_blocks, block_size, nheads_k, headdim)``. Each sequence owns a **block table**:
+logical block ``i`` (tokens ``i*block_size ... (i+1)*block_size - 1``) lives in physical block
+``block_table[seq, i]``, so token ``p`` sits at ``(block_table[seq, p // block_size],
+p % block_size)``. A sequence wastes at most one partly filled block.
+
+FlashAttention 2 accepts ``block_table`` only when ``block_size`` is a multiple of 256; vLLM's
+default is 16 and FlashAttention 3 accepts any size. Everything here works for any size.
+
+:class:`BlockAllocator` hands out blocks with reference counts (sharing between forks) and a
+prefix cache: a full block is keyed by a hash chaining its parent block's hash with its tokens,
+so a new prompt that starts with the same tokens reuses it. Freed blocks with a hash stay
+findable on an LRU free list until a new allocation evicts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .validation import FLOAT_DTYPES, check_same, check_tensor
+
+
+class OutOfBlocksError(RuntimeError):
+    """No free block is left (nothing was changed)."""
+
+
+def block_hash(parent: bytes | None, tokens) -> bytes:
+    """Prefix-cache key of a full block: a digest of the parent block's key and this block's token ids."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(parent or b"root")
+    h.update(b",".join(str(int(t)).encode() for t in tokens))
+    return h.digest()
+
+
+def slot_mapping(positions: torch.Tensor, block_table_row: torch.Tensor, block_size: int):
+    """Where tokens live: for token positions ``(n,)`` of one sequence, return the physical
+    ``(block ids, offsets)``, each ``(n,)``: ``block_table_row[p // block_size]`` and
+    ``p % block_size``."""
+    positions = positions.long()
+    return block_table_row.long()[positions // block_size], positions % block_size
+
+
+class BlockAllocator:
+    """A pool of ``num_blocks`` physical blocks with reference counts and a prefix cache.
+
+    Free blocks sit on an LRU list (oldest first). ``allocate`` takes the oldest free block and
+    forgets its hash (eviction); ``free`` decrements a block's count and, at zero, appends it
+    to the list, where ``lookup`` can still find it by hash until it is evicted.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int):
+        for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.ref_count = [0] * num_blocks
+        self.free_list: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.hash_of: dict[int, bytes] = {}
+        self.block_of: dict[bytes, int] = {}
+        self.hits = 0
+        self.evictions = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_list)
+
+    def allocate(self, n: int = 1) -> list[int]:
+        """Take ``n`` free blocks (reference count 1 each), evicting cached ones oldest first.
+        Raises :class:`OutOfBlocksError` and changes nothing if fewer than ``n`` are free."""
+        if n > self.num_free:
+            raise OutOfBlocksError(f"need {n} free blocks, only {self.num_free} of {self.num_blocks} are free")
+        blocks = []
+        for _ in range(n):
+            block, _ = self.free_list.popitem(last=False)
+            old = self.hash_of.pop(block, None)
+            if old is not None:
+                del self.block_of[old]
+                self.evictions += 1
+            self.ref_count[block] = 1
+            blocks.append(block)
+        return blocks
+
+    def _check_block(self, block: int) -> None:
+        if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < self.num_blocks:
+            raise ValueError(f"unknown block {block!r}: blocks are 0 .. {self.num_blocks - 1}")
+
+    def incref(self, block: int) -> None:
+        """Share a block that is in use (a fork)."""
+        self._check_block(block)
+        if self.ref_count[block] == 0:
+            raise ValueError(f"block {block} is free; it cannot be shared")
+        self.ref_count[block] += 1
+
+    def free(self, block: int) -> None:
+        """Drop one reference; at zero the block joins the tail of the free list."""
+        self._check_block(block)
+        if self.ref_count[block] == 0:
+            raise ValueError(f"double free of block {block}")
+        self.ref_count[block] -= 1
+        if self.ref_count[block] == 0:
+            self.free_list[block] = None
+
+    def register(self, block: int, key: bytes) -> None:
+        """Record that full ``block`` holds the tokens hashed as ``key`` (first writer wins)."""
+        self._check_block(block)
+        if key not in self.block_of and block not in self.hash_of:
+            self.block_of[key] = block
+            self.hash_of[block] = key
+
+    def lookup(self, key: bytes) -> int | None:
+        """A cached block with this key, now referenced once more (taken off the free list if it
+        was free), or None."""
+        block = self.block_of.get(key)
+        if block is None:
+            return None
+        if self.ref_count[block] == 0:
+            del self.free_list[block]
+        self.ref_count[block] += 1
+        self.hits += 1
+        return block
+
+
+@dataclass
+class _Sequence:
+    blocks: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    length: int = 0
+    hashes: list[bytes] = field(default_factory=list)  # keys of its full blocks, in order
+
+
+class PagedKVCache:
+    """Key/value pools ``(num_blocks, block_size, nheads_k, headdim)`` plus an int32
+    ``block_table (max_batch, max_blocks_per_seq)`` and int32 ``cache_seqlens (max_batch,)``,
+    the arguments FlashAttention's paged ``flash_attn_with_kvcache`` takes.
+
+    Rows of the batch are *slots*: :meth:`add_sequence` opens one (reusing cached prompt blocks),
+    :meth:`append` writes new keys/values through the table (copy-on-write if the last block is
+    shared), :meth:`fork` shares every block with a new slot, :meth:`free` releases a slot.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, nheads_k: int, headdim: int, *, max_batch: int,
+                 max_blocks_per_seq: int, dtype=torch.float32, device=None, prefix_caching: bool = True):
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        shape = (num_blocks, block_size, nheads_k, headdim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_table = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=self.k_cache.device)
+        self.cache_seqlens = torch.zeros(max_batch, dtype=torch.int32, device=self.k_cache.device)
+        self.seqs: dict[int, _Sequence] = {}
+        self.prefix_caching = prefix_caching
+        self.cow_copies = 0
+
+    @property
+    def block_size(self) -> int:
+        return self.allocator.block_size
+
+    @property
+    def max_batch(self) -> int:
+        return self.block_table.shape[0]
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return self.block_table.shape[1]
+
+    def _slot(self, slot: int) -> _Sequence:
+        if slot not in self.seqs:
+            raise ValueError(f"slot {slot!r} holds no sequence (open slots: {sorted(self.seqs)})")
+        return self.seqs[slot]
+
+    def _free_slot(self) -> int:
+        for slot in range(self.max_batch):
+            if slot not in self.seqs:
+                return slot
+        raise ValueError(f"all {self.max_batch} batch slots are in use")
+
+    def _sync_row(self, slot: int) -> None:
+        seq = self.seqs[slot]
+        row = torch.zeros(self.max_blocks_per_seq, dtype=torch.int32)
+        row[: len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+        self.block_table[slot] = row.to(self.block_table.device)
+        self.cache_seqlens[slot] = seq.length
+
+    def add_sequence(self, prompt_tokens=None) -> tuple[int, int]:
+        """Open a slot. With prefix caching, the longest run of full blocks of
+        ``prompt_tokens`` already in the cache is reused. Returns ``(slot, cached_tokens)``:
+        the caller appends keys/values for ``prompt_tokens[cached_tokens:]`` only."""
+        slot = self._free_slot()
+        seq = _Sequence()
+        tokens = [int(t) for t in (prompt_tokens or [])]
+        if self.prefix_caching:
+            bs = self.block_size
+            parent = None
+            for i in range(min(len(tokens) // bs, self.max_blocks_per_seq)):
+                key = block_hash(parent, tokens[i * bs:(i + 1) * bs])
+                block = self.allocator.lookup(key)
+                if block is None:
+                    break
+                seq.blocks.append(block)
+                seq.hashes.append(key)
+                parent = key
+            seq.length = len(seq.blocks) * bs
+            seq.tokens = tokens[: seq.length]
+        self.seqs[slot] = seq
+        self._sync_row(slot)
+        return slot, seq.length
+
+    def _plan(self, seq: _Sequence, n: int) -> tuple[int, bool]:
+        """(new blocks needed, whether the last block must be copied first) to append n tokens."""
+        bs = self.block_size
+        total_blocks = -(-(seq.length + n) // bs)
+        if total_blocks > self.max_blocks_per_seq:
+            raise ValueError(f"sequence would need {total_blocks} blocks, block_table holds {self.max_blocks_per_seq}")
+        partial = seq.length % bs != 0
+        cow = n > 0 and partial and self.allocator.ref_count[seq.blocks[-1]] > 1
+        return total_blocks - len(seq.blocks) + int(cow), cow
+
+    def append(self, slot: int, k: torch.Tensor, v: torch.Tensor, tokens=None) -> None:
+        """Append ``k, v`` ``(n, nheads_k, headdim)`` (``n`` new tokens) to ``slot``.
+
+        Allocates blocks as needed; if the last, partly filled block is shared with a fork it is
+        copied first (copy-on-write), so other sequences never see this write. ``tokens`` (the
+        ``n`` token ids) feed the prefix cache. Raises (changing nothing) on bad input or when
+        the pool has too few free blocks.
+        """
+        seq = self._slot(slot)
+        for name, x in (("k", k), ("v", v)):
+            check_tensor(name, x, ndim=3)
+            check_same(("k_cache", name), (self.k_cache, x), "dtype")
+            if tuple(x.shape[1:]) != tuple(self.k_cache.shape[2:]):
+                raise ValueError(f"{name} must be (n, nheads_k={self.k_cache.shape[2]}, "
+                                 f"headdim={self.k_cache.shape[3]}), got {tuple(x.shape)}")
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        n = k.shape[0]
+        tokens = [int(t) for t in tokens] if tokens is not None else None
+        if tokens is not None and len(tokens) != n:
+            raise ValueError(f"tokens must hold {n} ids, got {len(tokens)}")
+        need, cow = self._plan(seq, n)
+        if need > self.allocator.num_free:
+            raise OutOfBlocksError(f"appending {n} tokens to slot {slot} needs {need} free blocks, "
+                                   f"{self.allocator.num_free} are free")
+        if cow:
+            old = seq.blocks[-1]
+            new = self.allocator.allocate(1)[0]
+            self.k_cache[new] = self.k_cache[old]
+            self.v_cache[new] = self.v_cache[old]
+            self.allocator.free(old)
+            seq.blocks[-1] = new
+            self.cow_copies += 1
+        bs = self.block_size
+        missing = -(-(seq.length + n) // bs) - len(seq.blocks)
+        seq.blocks.extend(self.allocator.allocate(missing) if missing > 0 else [])
+        pos = torch.arange(seq.length, seq.length + n, device=self.k_cache.device)
+        table = torch.tensor(seq.blocks, dtype=torch.int32, device=self.k_cache.device)
+        blocks, offsets = slot_mapping(pos, table, bs)
+        self.k_cache[blocks, offsets] = k
+        self.v_cache[blocks, offsets] = v
+        seq.length += n
+        if tokens is None or seq.tokens is None or len(seq.tokens) != seq.length - n:
+            seq.tokens = None  # token ids unknown: this sequence no longer feeds the prefix cache
+        else:
+            seq.tokens.extend(tokens)
+            while self.prefix_caching and len(seq.hashes) < seq.length // bs:
+                i = len(seq.hashes)
+                key = block_hash(seq.hashes[-1] if seq.hashes else None, seq.tokens[i * bs:(i + 1) * bs])
+                self.allocator.register(seq.blocks[i], key)
+                seq.hashes.append(key)
+        self._sync_row(slot)
+
+    def fork(self, slot: int) -> int:
+        """A new slot sharing every block of ``slot`` (parallel sampling, beam search)."""
+        seq = self._slot(slot)
+        child = self._free_slot()
+        for block in seq.blocks:
+            self.allocator.incref(block)
+        self.seqs[child] = _Sequence(blocks=list(seq.blocks), length=seq.length,
+                                     tokens=None if seq.tokens is None else list(seq.tokens),
+                                     hashes=list(seq.hashes))
+        self._sync_row(child)
+        return child
+
+    def free(self, slot: int) -> None:
+        """Release ``slot``; its blocks go to the free list last block first (the blocks that
+        hash the longest prefixes are the least reusable, so they are evicted first)."""
+        seq = self._slot(slot)
+        for block in reversed(seq.blocks):
+            self.allocator.free(block)
+        del self.seqs[slot]
+        self.block_table[slot] = 0
+        self.cache_seqlens[slot] = 0
+
+    def gather(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequence's keys and values as contiguous ``(length, nheads_k, headdim)`` copies."""
+        seq = self._slot(slot)
+        pos = torch.arange(seq.length, device=self.k_cache.device)
+        table = torch.tensor(seq.blocks, dtype=torch.int32, device=self.k_cache.device)
+        blocks, offsets = slot_mapping(pos, table, self.block_size)
+        return self.k_cache[blocks, offsets], self.v_cache[blocks, offsets]
+
+    def used_tokens(self) -> int:
+        """Token slots holding tokens, counting each shared block once."""
+        in_use = {b for s in self.seqs.values() for b in s.blocks}
+        filled = {}
+        for s in self.seqs.values():
+            for i, b in enumerate(s.blocks):
+                filled[b] = max(filled.get(b, 0), min(self.block_size, s.length - i * self.block_size))
+        return sum(filled[b] for b in in_use)
+
+
+def gather_paged(k_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """Dense view of a paged cache: ``(batch, max_blocks * block_size, nheads_k, headdim)`` with
+    row ``p`` of sequence ``b`` taken from ``k_cache[block_table[b, p // bs], p % bs]``."""
+    b, nblk = block_table.shape
+    dense = k_cache[block_table.long().flatten()]          # (b * nblk, bs, hk, d)
+    return dense.view(b, nblk * k_cache.shape[1], *k_cache.shape[2:])
+
+
+def paged_attention_torch(q, k_cache, v_cache, block_table, cache_seqlens, **kwargs):
+    """Decode attention over a paged cache in PyTorch: gather each sequence's pages into a
+    dense tensor, then :func:`flashkv_edu.attention_ref` with ``seqlens_k=cache_seqlens``."""
+    from .reference import attention_ref
+
+    return attention_ref(q, gather_paged(k_cache, block_table), gather_paged(v_cache, block_table),
+                         seqlens_k=cache_seqlens, **kwargs)
