@@ -209,3 +209,133 @@ def tile_schedule_explorer():
         causal=widgets.Checkbox(value=True, description="causal"),
         window=widgets.IntSlider(value=0, min=0, max=512, step=16, description="window W"),
     )
+
+
+# --- notebook 06: paged KV cache -------------------------------------------------------------
+
+SEQ_COLORS = ["#2b6cb0", "#dd6b20", "#38a169", "#805ad5", "#d53f8c", "#319795", "#b7791f", "#718096"]
+
+
+def paged_snapshot(cache) -> dict:
+    """What :func:`draw_paged_state` needs from a :class:`~flashkv_edu.paged.PagedKVCache`."""
+    return {
+        "block_size": cache.block_size,
+        "num_blocks": cache.allocator.num_blocks,
+        "ref_count": list(cache.allocator.ref_count),
+        "cached": set(cache.allocator.hash_of),
+        "seqs": {slot: (list(s.blocks), s.length) for slot, s in sorted(cache.seqs.items())},
+    }
+
+
+def draw_paged_state(snap: dict, title: str = "", names=None):
+    """Left: each sequence's block table (logical block -> physical block id, fill level).
+    Right: the physical pool, each block coloured by its owner (grey = free, hatched = shared
+    by several sequences, outlined = free but still in the prefix cache)."""
+    from matplotlib.patches import Rectangle
+
+    bs, nb = snap["block_size"], snap["num_blocks"]
+    names = names or {}
+    fig, (ax_t, ax_p) = plt.subplots(1, 2, figsize=(12, 3.2), gridspec_kw={"width_ratios": [1, 1.3]})
+    owner = {}
+    for row, (slot, (blocks, length)) in enumerate(snap["seqs"].items()):
+        color = SEQ_COLORS[slot % len(SEQ_COLORS)]
+        for i, blk in enumerate(blocks):
+            fill = min(bs, length - i * bs) / bs
+            ax_t.add_patch(Rectangle((i, -row - 0.4), fill, 0.8, color=color, alpha=0.85))
+            ax_t.add_patch(Rectangle((i, -row - 0.4), 1, 0.8, fill=False, edgecolor="black", linewidth=0.6))
+            ax_t.text(i + 0.5, -row, str(blk), ha="center", va="center", fontsize=8, color="black")
+            owner.setdefault(blk, []).append(slot)
+    rows = max(1, len(snap["seqs"]))
+    width = max([len(b) for b, _ in snap["seqs"].values()] + [4])
+    ax_t.set_xlim(0, width)
+    ax_t.set_xticks([i + 0.5 for i in range(width)])
+    ax_t.set_xticklabels([str(i) for i in range(width)])
+    ax_t.set_ylim(-rows + 0.4, 0.6)
+    ax_t.set_yticks([-r for r in range(rows)])
+    ax_t.set_yticklabels([names.get(s, f"seq {s}") for s in snap["seqs"]] or [""])
+    ax_t.set(title="block tables: logical block -> physical id", xlabel="logical block")
+    cols = 8
+    for blk in range(nb):
+        x, y = blk % cols, -(blk // cols)
+        users = owner.get(blk, [])
+        if users:
+            color = SEQ_COLORS[users[0] % len(SEQ_COLORS)]
+            ax_p.add_patch(Rectangle((x, y - 0.45), 0.9, 0.9, color=color, alpha=0.85,
+                                     hatch="///" if len(users) > 1 else None))
+        else:
+            ax_p.add_patch(Rectangle((x, y - 0.45), 0.9, 0.9, color="#e2e8f0"))
+            if blk in snap["cached"]:
+                ax_p.add_patch(Rectangle((x, y - 0.45), 0.9, 0.9, fill=False, edgecolor="#2b6cb0", linewidth=1.5))
+        label = f"{blk}" + (f"\nx{snap['ref_count'][blk]}" if snap["ref_count"][blk] > 1 else "")
+        ax_p.text(x + 0.45, y, label, ha="center", va="center", fontsize=7)
+    ax_p.set_xlim(0, cols)
+    ax_p.set_ylim(-((nb - 1) // cols) - 0.6, 0.6)
+    ax_p.set_xticks([])
+    ax_p.set_yticks([])
+    free = sum(1 for r in snap["ref_count"] if r == 0)
+    ax_p.set(title=f"physical pool: {nb - free} used, {free} free (hatched: shared, xN: ref count)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def serving_trace(block_size: int = 4, num_blocks: int = 24):
+    """A scripted serving trace on a small :class:`~flashkv_edu.paged.PagedKVCache`: requests
+    arrive, grow, fork for parallel sampling (copy-on-write), finish, and a new request hits the
+    prefix cache. Returns ``[(description, snapshot)]`` after each event, and the slot names."""
+    from .paged import PagedKVCache
+
+    cache = PagedKVCache(num_blocks, block_size, 1, 2, max_batch=6, max_blocks_per_seq=8)
+    states, names = [], {}
+
+    def kv(n):
+        return torch.zeros(n, 1, 2), torch.zeros(n, 1, 2)
+
+    def event(text):
+        states.append((text, paged_snapshot(cache)))
+
+    prompt_a = list(range(7))
+    a, _ = cache.add_sequence(prompt_a)
+    cache.append(a, *kv(7), tokens=prompt_a)
+    names[a] = "A"
+    event("A arrives: 7-token prompt -> 2 blocks")
+    prompt_b = [9] * 10
+    b, _ = cache.add_sequence(prompt_b)
+    cache.append(b, *kv(10), tokens=prompt_b)
+    names[b] = "B"
+    event("B arrives: 10-token prompt -> 3 blocks")
+    cache.append(a, *kv(1), tokens=[7])
+    event("A decodes 1 token: fills its 2nd block")
+    a2 = cache.fork(a)
+    names[a2] = "A'"
+    event("A forks into A' (parallel sampling): blocks shared, ref count 2")
+    cache.append(a2, *kv(1), tokens=[8])
+    event("A' decodes: needs a new block (its own)")
+    cache.append(a, *kv(1), tokens=[11])
+    event("A decodes: its own new block")
+    for _ in range(3):
+        cache.append(b, *kv(1), tokens=[9])
+    event("B decodes 3 tokens: a 4th block")
+    cache.free(b)
+    del names[b]
+    event("B finishes: blocks return to the free list (still cached)")
+    c, hit = cache.add_sequence(prompt_b + [1, 2])
+    cache.append(c, *kv(12 - hit), tokens=(prompt_b + [1, 2])[hit:])
+    names[c] = "C"
+    event(f"C arrives with B's prompt + 2 tokens: prefix cache hit on {hit} tokens")
+    return states, names
+
+
+def serving_trace_stepper():
+    """A widget stepping through :func:`serving_trace`."""
+    import ipywidgets as widgets
+
+    states, names = serving_trace()
+
+    def redraw(event):
+        text, snap = states[event]
+        draw_paged_state(snap, f"event {event}: {text}", names)
+        plt.show()
+
+    return widgets.interactive(redraw, event=widgets.IntSlider(value=0, min=0, max=len(states) - 1,
+                                                                 description="event"))
