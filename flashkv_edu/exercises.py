@@ -193,3 +193,30 @@ def check_slot_mapping(fn) -> bool:
                                f"{case}: {name} for positions {positions.tolist()[:4]}... "
                                f"should start {w.tolist()[:4]}")
     return verdict("check_slot_mapping", True, "block sizes 1, 3 and 16 with shuffled block tables")
+
+
+# --- notebook 07 -------------------------------------------------------------------------
+
+def check_combine(fn) -> bool:
+    """``fn(out_partial, lse_partial)`` must merge split-KV partial states ``(splits, batch,
+    seqlen_q, nheads, headdim)`` / ``(splits, batch, nheads, seqlen_q)`` into ``(out, lse)``,
+    empty splits (lse -inf) included, as the split kernel's own combine step does."""
+    from .kernels.decode import decode_attention_triton
+
+    gen = torch.Generator().manual_seed(7)
+    kc = torch.randn(2, 70, 1, 16, generator=gen) * 2
+    q = torch.randn(2, 1, 4, 16, generator=gen) * 2
+    lens = torch.tensor([70, 9], dtype=torch.int32)
+    for splits in (2, 5):
+        out, lse, o_part, l_part = decode_attention_triton(q, kc, kc, lens, num_splits=splits, return_lse=True,
+                                                           return_partials=True)
+        got, err = _call(fn, o_part, l_part)
+        case = f"{splits} splits (sequence 2 leaves some empty)"
+        if err:
+            return verdict("check_combine", False, f"{case}: {err}")
+        if not isinstance(got, tuple) or len(got) != 2:
+            return verdict("check_combine", False, "return the pair (out, lse)")
+        e = max(max_abs_err(got[0], out), max_abs_err(got[1], lse))
+        if not e < 1e-5:
+            return verdict("check_combine", False, f"{case}: max error {e:.1e} against the Triton combine kernel")
+    return verdict("check_combine", True, "2 and 5 splits, empty splits included; equal to the Triton combine kernel")

@@ -205,7 +205,7 @@ def split_size_for(capacity: int, num_splits: int, block_n: int) -> int:
 def decode_attention_triton(q, k_cache, v_cache, cache_seqlens, *, cache_leftpad=None, cache_batch_idx=None,
                             block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                             alibi_slopes=None, num_splits=1, block_n=None, return_lse=False,
-                            return_tile_counts=False):
+                            return_tile_counts=False, return_partials=False):
     """Attention of ``q`` ``(batch, seqlen_q, nheads, headdim)`` against a KV cache, through
     :func:`decode_kernel` (and :func:`combine_kernel` when ``num_splits > 1``).
 
@@ -218,7 +218,10 @@ def decode_attention_triton(q, k_cache, v_cache, cache_seqlens, *, cache_leftpad
 
     Returns ``out`` (q's dtype), plus fp32 ``lse`` ``(batch, nheads, seqlen_q)`` with
     ``return_lse``, plus the int32 ``(num_splits, batch * nheads_k, row tiles)`` count of key
-    tiles each program visited with ``return_tile_counts``.
+    tiles each program visited with ``return_tile_counts``, plus the per-split states
+    ``(out_partial (splits, batch, seqlen_q, nheads, headdim), lse_partial (splits, batch,
+    nheads, seqlen_q))`` (fp32; empty splits 0 and -inf) with ``return_partials`` and
+    ``num_splits > 1``.
     """
     runtime.require_triton()
     capacity, page, seqlens, leftpad, batch_idx = _check_decode_inputs(
@@ -275,18 +278,39 @@ def decode_attention_triton(q, k_cache, v_cache, cache_seqlens, *, cache_leftpad
         DOT_FP32=dot_in_fp32(q.dtype), num_warps=default_warps(d), num_stages=2,
     )
     if num_splits > 1:
-        combine_kernel[(b * sq * h,)](
-            o_buf, l_buf, out, lse,
-            o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), o_buf.stride(3),
-            l_buf.stride(0), l_buf.stride(1), l_buf.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1),
-            num_splits, h, sq, d,
-            BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=block_d(d),
-        )
+        out, lse = combine_splits(o_buf, l_buf, q.dtype)
     result = [out]
     if return_lse:
         result.append(lse)
     if return_tile_counts:
         result.append(tiles)
+    if return_partials and num_splits > 1:
+        result += [o_buf, l_buf]
     return result[0] if len(result) == 1 else tuple(result)
+
+
+def combine_splits(out_partial: torch.Tensor, lse_partial: torch.Tensor, out_dtype=torch.float32):
+    """Merge per-split states with :func:`combine_kernel`: ``out_partial`` fp32 ``(splits,
+    batch, seqlen_q, nheads, headdim)``, ``lse_partial`` fp32 ``(splits, batch, nheads,
+    seqlen_q)`` (-inf for empty splits). Returns ``out`` ``(batch, seqlen_q, nheads, headdim)``
+    in ``out_dtype`` and ``lse`` ``(batch, nheads, seqlen_q)``; rows with no key: 0 and +inf."""
+    runtime.require_triton()
+    check_tensor("out_partial", out_partial, ndim=5, dtypes=(torch.float32,))
+    check_tensor("lse_partial", lse_partial, ndim=4, dtypes=(torch.float32,))
+    splits, b, sq, h, d = out_partial.shape
+    if tuple(lse_partial.shape) != (splits, b, h, sq):
+        raise ValueError(f"lse_partial must have shape (splits, batch, nheads, seqlen_q) = {(splits, b, h, sq)}, "
+                         f"got {tuple(lse_partial.shape)}")
+    out_partial = out_partial if out_partial.stride(-1) == 1 else out_partial.contiguous()
+    out = torch.empty(b, sq, h, d, dtype=out_dtype, device=out_partial.device)
+    lse = torch.empty(b, h, sq, dtype=torch.float32, device=out_partial.device)
+    combine_kernel[(b * sq * h,)](
+        out_partial, lse_partial, out, lse,
+        out_partial.stride(0), out_partial.stride(1), out_partial.stride(2), out_partial.stride(3),
+        lse_partial.stride(0), lse_partial.stride(1), lse_partial.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        splits, h, sq, d,
+        BLOCK_S=max(2, next_pow2(splits)), BLOCK_D=block_d(d),
+    )
+    return out, lse

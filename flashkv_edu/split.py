@@ -1,0 +1,132 @@
+"""Split-KV decode (Flash-Decoding): how many splits, and what they buy (notebook 07).
+
+At decode time FlashAttention launches one program per (batch, head, query block). With a
+small batch that is far fewer programs than a GPU has streaming multiprocessors (SMs), so most
+of the GPU idles while each program walks a long cache alone. Splitting the keys into
+``num_splits`` chunks multiplies the programs; each chunk yields an attention state
+``(out, lse)`` and a combine step merges them (notebook 04's ``merge_states``).
+
+This module holds FlashAttention 2's split heuristic, a model of waves of programs over SMs,
+and a roofline estimate of a decode step (time to read the KV cache from memory).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GPU:
+    """The two numbers decode attention cares about."""
+
+    name: str
+    num_sms: int
+    hbm_bytes_per_s: float
+
+
+A100 = GPU("A100-80GB SXM", 108, 2.039e12)
+H100 = GPU("H100 SXM", 132, 3.35e12)
+
+
+def num_splits_heuristic(batch_nheads_mblocks: int, num_sms: int, num_n_blocks: int, max_splits: int = 128) -> int:
+    """FlashAttention 2's ``num_splits_heuristic`` (``csrc/flash_attn/flash_api.cpp``).
+
+    ``batch_nheads_mblocks`` programs already exist; ``num_sms`` is the number of program slots
+    (FlashAttention passes twice the SM count); ``num_n_blocks`` key blocks per sequence.
+
+    1. If the programs already fill 80% of the slots, do not split.
+    2. Otherwise consider ``s = 1 .. min(max_splits, num_sms, num_n_blocks)`` whose chunk size
+       ``ceil(n_blocks / s)`` differs from that of ``s - 1`` (others add programs, not speed).
+    3. Wave efficiency ``eff(s) = w / ceil(w)`` with ``w = batch_nheads_mblocks * s / num_sms``.
+    4. Return the smallest eligible ``s`` within 85% of the best efficiency.
+    """
+    if batch_nheads_mblocks >= 0.8 * num_sms:
+        return 1
+    max_splits = min(max_splits, num_sms, num_n_blocks)
+
+    def eligible(s):
+        return s == 1 or math.ceil(num_n_blocks / s) != math.ceil(num_n_blocks / (s - 1))
+
+    efficiency = {}
+    for s in range(1, max_splits + 1):
+        if eligible(s):
+            waves = batch_nheads_mblocks * s / num_sms
+            efficiency[s] = waves / math.ceil(waves)
+    best = max(efficiency.values(), default=0.0)
+    for s in range(1, max_splits + 1):
+        if s in efficiency and efficiency[s] >= 0.85 * best:
+            return s
+    return 1
+
+
+def block_n_for(headdim: int) -> int:
+    """Key-block width of FlashAttention 2's split-KV kernel: 256 (d <= 64), 128 (d <= 128), else 64."""
+    return 256 if headdim <= 64 else (128 if headdim <= 128 else 64)
+
+
+def choose_num_splits(batch: int, nheads: int, nheads_k: int, seqlen_q: int, capacity: int, headdim: int,
+                      gpu: GPU = H100, alibi: bool = False, local: bool = False) -> int:
+    """What ``num_splits=0`` becomes in FlashAttention 2: the heuristic fed as ``set_params_splitkv``
+    feeds it. For decode (``seqlen_q == 1``) with GQA, no window and no ALiBi, FlashAttention
+    first folds the query heads of a KV group into the query length (``h -> h_k``,
+    ``seqlen_q -> group``). Key blocks count the cache **capacity**."""
+    if seqlen_q == 1 and nheads > nheads_k and not local and not alibi and headdim % 8 == 0:
+        nheads, seqlen_q = nheads_k, nheads // nheads_k
+    programs = batch * nheads * math.ceil(seqlen_q / 64)
+    n_blocks = math.ceil(capacity / block_n_for(headdim))
+    return num_splits_heuristic(programs, 2 * gpu.num_sms, n_blocks, 128)
+
+
+def waves(num_programs: int, num_sms: int, programs_per_sm: int = 1) -> list[int]:
+    """Busy SMs in each wave when ``num_programs`` equal programs run ``programs_per_sm`` at a
+    time on each of ``num_sms`` SMs (the last wave may be partial)."""
+    slots = num_sms * programs_per_sm
+    full, rest = divmod(num_programs, slots)
+    busy = [num_sms] * full
+    if rest:
+        busy.append(math.ceil(rest / programs_per_sm))
+    return busy
+
+
+@dataclass
+class DecodeModel:
+    """Idealised time of one decode attention step with ``num_splits`` splits."""
+
+    programs: int
+    waves: int
+    sm_utilization: float      # busy SM-waves / (waves * SMs)
+    kv_bytes: int
+    roofline_s: float          # KV bytes / HBM bandwidth: the floor for any kernel
+    modelled_s: float          # waves x time for one program to stream its chunk
+
+
+def model_decode(batch: int, nheads_k: int, context: int, headdim: int, num_splits: int, gpu: GPU = H100,
+                 bytes_per_elem: int = 2) -> DecodeModel:
+    """A first-order model: one program per (sequence, KV head, split); each program streams its
+    chunk of K and V at ``bandwidth / num_sms`` (its SM's share); programs run in waves of
+    ``num_sms``. Ignores the combine step and launch overheads."""
+    programs = batch * nheads_k * num_splits
+    busy = waves(programs, gpu.num_sms)
+    kv = 2 * batch * context * nheads_k * headdim * bytes_per_elem
+    per_program = kv / programs
+    per_program_time = per_program / (gpu.hbm_bytes_per_s / gpu.num_sms)
+    return DecodeModel(programs, len(busy), sum(busy) / (len(busy) * gpu.num_sms), kv,
+                       kv / gpu.hbm_bytes_per_s, len(busy) * per_program_time)
+
+
+def roofline_seconds(batch: int, context: int, nheads_k: int, headdim: int, gpu: GPU,
+                     bytes_per_elem: int = 2) -> float:
+    """Lower bound on one layer's decode attention: bytes of K and V read / HBM bandwidth."""
+    return 2 * batch * context * nheads_k * headdim * bytes_per_elem / gpu.hbm_bytes_per_s
+
+
+def combine_splits_torch(out_partial: torch.Tensor, lse_partial: torch.Tensor):
+    """The combine step in PyTorch: ``out_partial (splits, batch, seqlen_q, nheads, headdim)``
+    and ``lse_partial (splits, batch, nheads, seqlen_q)`` merged as in notebook 04
+    (empty splits have LSE -inf). The solution of notebook 07's exercise."""
+    from .online_softmax import merge_many
+
+    return merge_many(out_partial, lse_partial)
