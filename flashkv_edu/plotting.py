@@ -339,3 +339,79 @@ def serving_trace_stepper():
 
     return widgets.interactive(redraw, event=widgets.IntSlider(value=0, min=0, max=len(states) - 1,
                                                                  description="event"))
+
+
+# --- notebook 07: split-KV decode ------------------------------------------------------------
+
+def draw_sm_timeline(batch: int = 1, nheads_k: int = 8, context: int = 32768, num_splits: int = 1,
+                     gpu_name: str = "H100", headdim: int = 128):
+    """SMs over time for one decode attention step under :func:`flashkv_edu.split.model_decode`:
+    each program is a bar on its SM, programs run in waves. Returns ``(fig, model)``."""
+    from .split import A100, H100, model_decode
+
+    gpu = {"H100": H100, "A100": A100}[gpu_name]
+    m = model_decode(batch, nheads_k, context, headdim, num_splits, gpu)
+    per_program = m.modelled_s / m.waves
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    remaining = m.programs
+    for w in range(m.waves):
+        busy = min(gpu.num_sms, remaining)
+        remaining -= busy
+        ax.broken_barh([(w * per_program * 1e6, per_program * 1e6 * 0.97)], (0, busy), color="#2b6cb0")
+        if busy < gpu.num_sms:
+            ax.broken_barh([(w * per_program * 1e6, per_program * 1e6 * 0.97)], (busy, gpu.num_sms - busy),
+                           color="#fed7d7")
+    ax.axvline(m.roofline_s * 1e6, color="black", linestyle="--", linewidth=1)
+    ax.text(m.roofline_s * 1e6, gpu.num_sms * 1.02, " roofline", fontsize=8)
+    ax.set_ylim(0, gpu.num_sms * 1.1)
+    ax.set_xlim(0, max(m.modelled_s, m.roofline_s) * 1e6 * 1.05)
+    ax.set(title=f"{gpu.name}: batch {batch}, {nheads_k} KV heads, {context} tokens, {num_splits} split(s): "
+                 f"{m.programs} programs, {m.waves} wave(s), {m.sm_utilization:.0%} of SMs busy",
+           xlabel="time (us, modelled)", ylabel="SM (blue busy, red idle)")
+    fig.tight_layout()
+    return fig, m
+
+
+def sm_timeline_explorer():
+    """A widget over batch, KV heads, context length, splits and GPU for :func:`draw_sm_timeline`."""
+    import ipywidgets as widgets
+
+    def redraw(batch, nheads_k, context_k, num_splits, gpu):
+        draw_sm_timeline(batch, nheads_k, context_k * 1024, num_splits, gpu)
+        plt.show()
+
+    return widgets.interactive(
+        redraw,
+        batch=widgets.IntSlider(value=1, min=1, max=64, description="batch"),
+        nheads_k=widgets.Dropdown(options=[1, 2, 4, 8, 32], value=8, description="KV heads"),
+        context_k=widgets.IntSlider(value=32, min=1, max=128, description="context (K)"),
+        num_splits=widgets.IntSlider(value=1, min=1, max=128, description="splits"),
+        gpu=widgets.Dropdown(options=["H100", "A100"], value="H100", description="GPU"),
+    )
+
+
+def draw_split_efficiency(batch_nheads_mblocks: int, num_sms: int, num_n_blocks: int, max_splits: int = 128):
+    """FlashAttention 2's wave efficiency ``eff(s)`` for every split count (ineligible ones grey),
+    the 85%-of-best line, and the chosen split count. Returns ``(fig, chosen)``."""
+    import math
+
+    from .split import num_splits_heuristic
+
+    chosen = num_splits_heuristic(batch_nheads_mblocks, num_sms, num_n_blocks, max_splits)
+    top = min(max_splits, num_sms, num_n_blocks)
+    xs, effs, ok = [], [], []
+    for s in range(1, top + 1):
+        w = batch_nheads_mblocks * s / num_sms
+        xs.append(s)
+        effs.append(w / math.ceil(w))
+        ok.append(s == 1 or math.ceil(num_n_blocks / s) != math.ceil(num_n_blocks / (s - 1)))
+    best = max(e for e, o in zip(effs, ok, strict=True) if o)
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.bar(xs, effs, color=["#2b6cb0" if o else "#cbd5e0" for o in ok])
+    ax.axhline(0.85 * best, color="crimson", linestyle="--", linewidth=1, label="85% of the best")
+    ax.bar([chosen], [effs[chosen - 1]], color="#dd6b20", label=f"chosen: {chosen} splits")
+    ax.set(title=f"wave efficiency: {batch_nheads_mblocks} programs, {num_sms} slots, {num_n_blocks} key blocks "
+                 "(grey: same chunk size as s-1)", xlabel="num_splits s", ylabel="eff(s) = w / ceil(w)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig, chosen
