@@ -5,6 +5,7 @@ CPU-only machines before any kernel is defined.
 """
 
 from . import runtime
+from .api import flash_attn_with_kvcache
 from .reference import attention_mask, attention_ref, key_visibility
 from .runtime import DEVICE, HAS_TRITON, INTERPRET, setup_notebook
 
@@ -16,6 +17,7 @@ __all__ = [
     "INTERPRET",
     "attention_mask",
     "attention_ref",
+    "flash_attn_with_kvcache",
     "key_visibility",
     "runtime",
     "setup_notebook",

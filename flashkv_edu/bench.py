@@ -1,6 +1,7 @@
 """Benchmarks that print ratios measured side by side in one run.
 
     python -m flashkv_edu.bench decode    # tokens/s with and without the KV cache
+    python -m flashkv_edu.bench api       # flash_attn_with_kvcache (PyTorch path) vs SDPA; trained model
 
 Timings vary from run to run (and a 2-core laptop is noisy); each number is the best of a few
 repeats, and the ratio compares two numbers taken in the same run.
@@ -70,6 +71,69 @@ def bench_decode(contexts=(128, 256, 512, 1024), steps: int = 8) -> list[dict]:
     return rows
 
 
+def _time_decode_shape(b, L, nheads, nheads_k, headdim, page, repeats):
+    """(SDPA, contiguous, paged) best seconds for one decode shape."""
+    import torch.nn.functional as F
+
+    from .api import flash_attn_with_kvcache
+
+    gen = torch.Generator().manual_seed(L)
+    q = torch.randn(b, 1, nheads, headdim, generator=gen)
+    k_cache = torch.randn(b, L, nheads_k, headdim, generator=gen)
+    v_cache = torch.randn(b, L, nheads_k, headdim, generator=gen)
+    k, v = torch.randn(b, 1, nheads_k, headdim, generator=gen), torch.randn(b, 1, nheads_k, headdim, generator=gen)
+    lens = torch.full((b,), L - 1, dtype=torch.int32)
+    pool_k = k_cache.reshape(-1, page, nheads_k, headdim)
+    pool_v = v_cache.reshape(-1, page, nheads_k, headdim)
+    table = torch.arange(b * L // page, dtype=torch.int32).view(b, L // page)
+    qs, ks, vs = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    t_sdpa = best_time(lambda: F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True), repeats)
+    t_contig = best_time(lambda: flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True,
+                                                         backend="torch"), repeats)
+    t_paged = best_time(lambda: flash_attn_with_kvcache(q, pool_k, pool_v, k, v, cache_seqlens=lens, causal=True,
+                                                        block_table=table, backend="torch"), repeats)
+    return t_sdpa, t_contig, t_paged
+
+
+def bench_api(shapes=((4, 512), (4, 2048), (16, 1024), (1, 8192)), nheads=32, nheads_k=8, headdim=128,
+              page: int = 16, repeats: int = 7) -> list[dict]:
+    """Decode attention (one new token appended, then attention over the cache) through the
+    PyTorch path of ``flash_attn_with_kvcache``, contiguous and paged, against PyTorch's
+    ``scaled_dot_product_attention`` over the same keys (which appends nothing), fp32 on this
+    device. Prints milliseconds and ratios."""
+    rows = []
+    print(f"decode attention, {nheads} query heads, {nheads_k} KV heads, d={headdim}, fp32, best of {repeats}")
+    print(f"{'batch x context':<16} {'SDPA ms':>8} {'contiguous ms':>14} {'ratio':>6} {'paged ms':>9} {'ratio':>6}")
+    for b, L in shapes:
+        t_sdpa, t_contig, t_paged = _time_decode_shape(b, L, nheads, nheads_k, headdim, page, repeats)
+        rows.append(dict(batch=b, context=L, sdpa=t_sdpa, contiguous=t_contig, paged=t_paged))
+        print(f"{f'{b} x {L}':<16} {t_sdpa * 1e3:>8.2f} {t_contig * 1e3:>14.2f} {t_contig / t_sdpa:>5.2f}x "
+              f"{t_paged * 1e3:>9.2f} {t_paged / t_sdpa:>5.2f}x", flush=True)
+    return rows
+
+
+def bench_trained_model(new_tokens: int = 48, prompt_chars: int = 600) -> dict:
+    """Greedy generation of the trained character model: paged KV cache through
+    ``flash_attn_with_kvcache`` (PyTorch path) against recomputing the whole text per token."""
+    from . import charlm
+    from .serving import Request, new_paged_cache, serve
+
+    model, _ = charlm.load()
+    prompt = charlm.encode(charlm.stdlib_text(200_000)[100_000:100_000 + prompt_chars])
+    start = time.perf_counter()
+    req = Request(prompt, new_tokens)
+    serve(model, [req], new_paged_cache(model, num_blocks=64, block_size=16, max_batch=1))
+    t_cached = time.perf_counter() - start
+    start = time.perf_counter()
+    uncached = model.generate([prompt], new_tokens, use_cache=False)[0]
+    t_uncached = time.perf_counter() - start
+    same = uncached == req.output
+    print(f"trained model, {len(prompt)}-char prompt, {new_tokens} new tokens: "
+          f"cached {new_tokens / t_cached:.1f} tok/s, uncached {new_tokens / t_uncached:.1f} tok/s, "
+          f"ratio {t_uncached / t_cached:.1f}x; identical text: {same}")
+    return dict(cached=new_tokens / t_cached, uncached=new_tokens / t_uncached, identical=same)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flashkv_edu.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,9 +141,13 @@ def main(argv=None) -> None:
     dec = sub.add_parser("decode", help="tokens/s with and without the KV cache")
     dec.add_argument("--contexts", type=int, nargs="+", default=[128, 256, 512, 1024])
     dec.add_argument("--steps", type=int, default=8)
+    sub.add_parser("api", help="flash_attn_with_kvcache (PyTorch path) vs SDPA, and the trained model")
     args = parser.parse_args(argv)
     if args.what == "decode":
         bench_decode(args.contexts, args.steps)
+    else:
+        bench_api()
+        bench_trained_model()
 
 
 if __name__ == "__main__":

@@ -220,3 +220,38 @@ def check_combine(fn) -> bool:
         if not e < 1e-5:
             return verdict("check_combine", False, f"{case}: max error {e:.1e} against the Triton combine kernel")
     return verdict("check_combine", True, "2 and 5 splits, empty splits included; equal to the Triton combine kernel")
+
+
+# --- notebook 08 -------------------------------------------------------------------------
+
+def check_decode_step(fn) -> bool:
+    """``fn(q, k, v, k_cache, v_cache, cache_seqlens, block_table)`` must append the new token
+    through ``flash_attn_with_kvcache``, return causal attention over the cache and the
+    advanced lengths, for three steps in a row on a paged cache."""
+    from .paged import gather_paged
+
+    gen = torch.Generator().manual_seed(8)
+    pool_k, pool_v = torch.zeros(12, 4, 2, 16), torch.zeros(12, 4, 2, 16)
+    table = torch.randperm(12, generator=gen)[:8].view(2, 4).to(torch.int32)
+    lens = torch.tensor([3, 9], dtype=torch.int32)
+    seen_k = gather_paged(pool_k, table).clone()
+    for step in range(3):
+        q = torch.randn(2, 1, 4, 16, generator=gen)
+        k, v = torch.randn(2, 1, 2, 16, generator=gen), torch.randn(2, 1, 2, 16, generator=gen)
+        got, err = _call(fn, q, k, v, pool_k, pool_v, lens.clone(), table)
+        if err:
+            return verdict("check_decode_step", False, f"step {step}: {err}")
+        if not isinstance(got, tuple) or len(got) != 2:
+            return verdict("check_decode_step", False, "return (out, new_cache_seqlens)")
+        for b in range(2):
+            seen_k[b, int(lens[b])] = k[b, 0]
+        if not torch.equal(gather_paged(pool_k, table), seen_k):
+            return verdict("check_decode_step", False, f"step {step}: the new keys are not where they belong")
+        want = attention_ref(q, gather_paged(pool_k, table), gather_paged(pool_v, table), causal=True,
+                             seqlens_k=lens + 1)
+        if max_abs_err(got[0], want) > 1e-5:
+            return verdict("check_decode_step", False, f"step {step}: wrong attention output")
+        if not isinstance(got[1], torch.Tensor) or got[1].tolist() != (lens + 1).tolist():
+            return verdict("check_decode_step", False, f"step {step}: lengths should advance to {(lens + 1).tolist()}")
+        lens = got[1].to(torch.int32)
+    return verdict("check_decode_step", True, "3 steps on a paged cache; keys, outputs and lengths right")

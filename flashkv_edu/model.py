@@ -44,7 +44,9 @@ class ModelConfig:
 
 
 class Attention(nn.Module):
-    """GQA self-attention; with a cache it appends the new keys/values, then attends over all."""
+    """GQA self-attention. Projections live here; *how* attention is computed (with or without a
+    cache, rotary applied where) is the job of the context object ``ctx`` (see ``_FullContext``
+    and ``_CacheContext`` below, and :mod:`flashkv_edu.serving` for the paged one)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -55,22 +57,45 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
 
-    def forward(self, x, positions, rope, cache: KVCache | None, rows):
+    def forward(self, x, ctx, layer: int):
         b, s, _ = x.shape
         hd = self.cfg.headdim
         q = self.wq(x).view(b, s, self.cfg.n_heads, hd)
         k = self.wk(x).view(b, s, self.cfg.n_kv_heads, hd)
         v = self.wv(x).view(b, s, self.cfg.n_kv_heads, hd)
-        if rope is not None:
-            q = apply_rotary(q, *rope, positions)
-            k = apply_rotary(k, *rope, positions)
-        if cache is None:
-            out = attention_ref(q, k, v, causal=True)
-        else:
-            cache.append(k, v, seq_idx=rows)
-            out = attention_ref(q, cache.k_cache[rows], cache.v_cache[rows], causal=True,
-                                seqlens_k=cache.cache_seqlens[rows])
-        return self.wo(out.reshape(b, s, -1))
+        return self.wo(ctx.attend(layer, q, k, v).reshape(b, s, -1))
+
+
+class _FullContext:
+    """No cache: the tokens are a whole sequence from position 0. Differentiable (SDPA) when
+    training, the oracle otherwise."""
+
+    def __init__(self, positions, rope, training: bool):
+        self.positions, self.rope, self.training = positions, rope, training
+
+    def attend(self, layer, q, k, v):
+        if self.rope is not None:
+            q, k = apply_rotary(q, *self.rope, self.positions), apply_rotary(k, *self.rope, self.positions)
+        if self.training:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
+            return out.transpose(1, 2)   # top-left causal == bottom-right here: seqlen_q == seqlen_k
+        return attention_ref(q, k, v, causal=True)
+
+
+class _CacheContext:
+    """Contiguous :class:`KVCache` per layer: append the new keys/values, attend over the cache."""
+
+    def __init__(self, cache: list[KVCache], rows, positions, rope):
+        self.cache, self.rows, self.positions, self.rope = cache, rows, positions, rope
+
+    def attend(self, layer, q, k, v):
+        if self.rope is not None:
+            q, k = apply_rotary(q, *self.rope, self.positions), apply_rotary(k, *self.rope, self.positions)
+        c = self.cache[layer]
+        c.append(k, v, seq_idx=self.rows)
+        return attention_ref(q, c.k_cache[self.rows], c.v_cache[self.rows], causal=True,
+                             seqlens_k=c.cache_seqlens[self.rows])
 
 
 class Block(nn.Module):
@@ -82,8 +107,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim, bias=False), nn.SiLU(),
                                  nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim, bias=False))
 
-    def forward(self, x, positions, rope, cache, rows):
-        x = x + self.attn(self.norm1(x), positions, rope, cache, rows)
+    def forward(self, x, ctx, layer: int):
+        x = x + self.attn(self.norm1(x), ctx, layer)
         return x + self.mlp(self.norm2(x))
 
 
@@ -136,15 +161,32 @@ class TinyDecoder(nn.Module):
             if not cache[0].growable and int(start.max()) + s > cache[0].capacity:
                 raise ValueError(f"cache overflow: {int(start.max())} + {s} tokens > capacity {cache[0].capacity}")
             positions = start[:, None] + torch.arange(s, device=tokens.device)[None, :]
+        ctx = (_FullContext(positions, self.rope(), training=False) if cache is None
+               else _CacheContext(cache, rows, positions, self.rope()))
+        return self.run(tokens, positions, ctx)
+
+    def rope(self):
+        """The ``(cos, sin)`` rotary tables, or None with learned positions."""
+        return (self.rope_cos, self.rope_sin) if self.cfg.positions == "rotary" else None
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        """Embed ``tokens`` at ``positions`` (both ``(n, s)``), run the blocks with attention
+        context ``ctx``, return logits ``(n, s, vocab_size)``."""
         if int(positions.max()) >= self.cfg.max_seqlen:
             raise ValueError(f"position {int(positions.max())} exceeds max_seqlen {self.cfg.max_seqlen}")
         x = self.embed(tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.positions == "rotary" else None
         for layer, block in enumerate(self.blocks):
-            x = block(x, positions, rope, None if cache is None else cache[layer], rows)
+            x = block(x, ctx, layer)
         return self.head(self.norm(x))
+
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``tokens`` ``(n, s)`` (differentiable, for training)."""
+        n, s = tokens.shape
+        positions = torch.arange(s - 1, device=tokens.device).expand(n, s - 1)
+        logits = self.run(tokens[:, :-1], positions, _FullContext(positions, self.rope(), training=True))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, *, use_cache: bool = True) -> list[list[int]]:

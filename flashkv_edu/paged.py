@@ -146,18 +146,31 @@ class PagedKVCache:
     """
 
     def __init__(self, num_blocks: int, block_size: int, nheads_k: int, headdim: int, *, max_batch: int,
-                 max_blocks_per_seq: int, dtype=torch.float32, device=None, prefix_caching: bool = True):
+                 max_blocks_per_seq: int, dtype=torch.float32, device=None, prefix_caching: bool = True,
+                 num_layers: int = 1):
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         self.allocator = BlockAllocator(num_blocks, block_size)
-        shape = (num_blocks, block_size, nheads_k, headdim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (num_layers, num_blocks, block_size, nheads_k, headdim)
+        # One pool pair per layer; all layers share the block tables (a token sits at the same
+        # (block, offset) in every layer).
+        self.k_pools = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_pools = torch.zeros(shape, dtype=dtype, device=device)
         self.block_table = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=self.k_cache.device)
         self.cache_seqlens = torch.zeros(max_batch, dtype=torch.int32, device=self.k_cache.device)
         self.seqs: dict[int, _Sequence] = {}
         self.prefix_caching = prefix_caching
         self.cow_copies = 0
+
+    @property
+    def k_cache(self) -> torch.Tensor:
+        """Layer 0's key pool ``(num_blocks, block_size, nheads_k, headdim)``."""
+        return self.k_pools[0]
+
+    @property
+    def v_cache(self) -> torch.Tensor:
+        """Layer 0's value pool."""
+        return self.v_pools[0]
 
     @property
     def block_size(self) -> int:
@@ -191,7 +204,8 @@ class PagedKVCache:
 
     def add_sequence(self, prompt_tokens=None) -> tuple[int, int]:
         """Open a slot. With prefix caching, the longest run of full blocks of
-        ``prompt_tokens`` already in the cache is reused. Returns ``(slot, cached_tokens)``:
+        ``prompt_tokens`` already in the cache is reused (never the whole prompt: its last token
+        is always left to compute). Returns ``(slot, cached_tokens)``:
         the caller appends keys/values for ``prompt_tokens[cached_tokens:]`` only."""
         slot = self._free_slot()
         seq = _Sequence()
@@ -199,7 +213,8 @@ class PagedKVCache:
         if self.prefix_caching:
             bs = self.block_size
             parent = None
-            for i in range(min(len(tokens) // bs, self.max_blocks_per_seq)):
+            # Leave at least one prompt token to compute, so the caller gets its logits.
+            for i in range(min(max(len(tokens) - 1, 0) // bs, self.max_blocks_per_seq)):
                 key = block_hash(parent, tokens[i * bs:(i + 1) * bs])
                 block = self.allocator.lookup(key)
                 if block is None:
@@ -224,14 +239,13 @@ class PagedKVCache:
         return total_blocks - len(seq.blocks) + int(cow), cow
 
     def append(self, slot: int, k: torch.Tensor, v: torch.Tensor, tokens=None) -> None:
-        """Append ``k, v`` ``(n, nheads_k, headdim)`` (``n`` new tokens) to ``slot``.
+        """Append ``k, v`` ``(n, nheads_k, headdim)`` (``n`` new tokens) to ``slot`` (layer 0).
 
         Allocates blocks as needed; if the last, partly filled block is shared with a fork it is
         copied first (copy-on-write), so other sequences never see this write. ``tokens`` (the
         ``n`` token ids) feed the prefix cache. Raises (changing nothing) on bad input or when
         the pool has too few free blocks.
         """
-        seq = self._slot(slot)
         for name, x in (("k", k), ("v", v)):
             check_tensor(name, x, ndim=3)
             check_same(("k_cache", name), (self.k_cache, x), "dtype")
@@ -240,7 +254,19 @@ class PagedKVCache:
                                  f"headdim={self.k_cache.shape[3]}), got {tuple(x.shape)}")
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-        n = k.shape[0]
+        start = self.reserve(slot, k.shape[0], tokens)
+        pos = torch.arange(start, start + k.shape[0], device=self.k_cache.device)
+        blocks, offsets = slot_mapping(pos, self.block_table[slot], self.block_size)
+        self.k_cache[blocks, offsets] = k
+        self.v_cache[blocks, offsets] = v
+
+    def reserve(self, slot: int, n: int, tokens=None) -> int:
+        """Make room for ``n`` more tokens of ``slot`` in every layer and return the position of
+        the first one: allocate blocks, copy a shared last block first (copy-on-write, all
+        layers), update the block table, advance the length. The caller writes the keys and
+        values (``flash_attn_with_kvcache`` does it through ``block_table``). Raises, changing
+        nothing, when the pool has too few free blocks."""
+        seq = self._slot(slot)
         tokens = [int(t) for t in tokens] if tokens is not None else None
         if tokens is not None and len(tokens) != n:
             raise ValueError(f"tokens must hold {n} ids, got {len(tokens)}")
@@ -251,21 +277,17 @@ class PagedKVCache:
         if cow:
             old = seq.blocks[-1]
             new = self.allocator.allocate(1)[0]
-            self.k_cache[new] = self.k_cache[old]
-            self.v_cache[new] = self.v_cache[old]
+            self.k_pools[:, new] = self.k_pools[:, old]
+            self.v_pools[:, new] = self.v_pools[:, old]
             self.allocator.free(old)
             seq.blocks[-1] = new
             self.cow_copies += 1
         bs = self.block_size
         missing = -(-(seq.length + n) // bs) - len(seq.blocks)
         seq.blocks.extend(self.allocator.allocate(missing) if missing > 0 else [])
-        pos = torch.arange(seq.length, seq.length + n, device=self.k_cache.device)
-        table = torch.tensor(seq.blocks, dtype=torch.int32, device=self.k_cache.device)
-        blocks, offsets = slot_mapping(pos, table, bs)
-        self.k_cache[blocks, offsets] = k
-        self.v_cache[blocks, offsets] = v
+        start = seq.length
         seq.length += n
-        if tokens is None or seq.tokens is None or len(seq.tokens) != seq.length - n:
+        if tokens is None or seq.tokens is None or len(seq.tokens) != start:
             seq.tokens = None  # token ids unknown: this sequence no longer feeds the prefix cache
         else:
             seq.tokens.extend(tokens)
@@ -275,6 +297,7 @@ class PagedKVCache:
                 self.allocator.register(seq.blocks[i], key)
                 seq.hashes.append(key)
         self._sync_row(slot)
+        return start
 
     def fork(self, slot: int) -> int:
         """A new slot sharing every block of ``slot`` (parallel sampling, beam search)."""
