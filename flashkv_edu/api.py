@@ -18,7 +18,15 @@ import torch
 
 from . import runtime
 from .rotary import apply_rotary
-from .validation import check_lengths, check_positive, check_same, check_tensor, check_window
+from .validation import (
+    check_alibi_slopes,
+    check_block_table,
+    check_lengths,
+    check_positive,
+    check_same,
+    check_tensor,
+    check_window,
+)
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -75,13 +83,7 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
             raise ValueError("cache_batch_idx cannot be used with block_table (paged KV cache)")
         if cache_leftpad is not None:
             raise ValueError("cache_leftpad cannot be used with block_table (paged KV cache)")
-        check_tensor("block_table", block_table, ndim=2)
-        if block_table.dtype != torch.int32:
-            raise TypeError(f"block_table must be int32, got {block_table.dtype}")
-        if block_table.shape[0] != b:
-            raise ValueError(f"block_table must have {b} rows, got {block_table.shape[0]}")
-        if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= k_cache.shape[0]):
-            raise ValueError(f"block_table entries must lie in [0, {k_cache.shape[0]}) (num_blocks of k_cache)")
+        check_block_table(block_table, b, k_cache.shape[0])
         capacity = block_table.shape[1] * k_cache.shape[1]
     else:
         capacity = k_cache.shape[1]
@@ -135,9 +137,7 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
         check_positive("softmax_scale", softmax_scale)
     check_positive("softcap", softcap, allow_zero=True)
     if alibi_slopes is not None:
-        check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,))
-        if tuple(alibi_slopes.shape) not in ((h,), (b, h)):
-            raise ValueError(f"alibi_slopes must have shape ({h},) or ({b}, {h}), got {tuple(alibi_slopes.shape)}")
+        check_alibi_slopes(alibi_slopes, b, h)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= 128:
         raise ValueError(f"num_splits must be an int in [0, 128] (0 = heuristic), got {num_splits!r}")
     if backend not in BACKENDS:

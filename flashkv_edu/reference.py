@@ -24,6 +24,7 @@ import torch
 
 from .validation import (
     FLOAT_DTYPES,
+    check_alibi_slopes,
     check_lengths,
     check_positive,
     check_same,
@@ -153,9 +154,7 @@ def _check_attention_inputs(q, k, v, alibi_slopes):
     if hk == 0 or h % hk != 0:
         raise ValueError(f"nheads_k ({hk}) must divide nheads ({h}) (MHA, GQA or MQA)")
     if alibi_slopes is not None:
-        check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,))
-        if tuple(alibi_slopes.shape) not in ((h,), (b, h)):
-            raise ValueError(f"alibi_slopes must have shape ({h},) or ({b}, {h}), got {tuple(alibi_slopes.shape)}")
+        check_alibi_slopes(alibi_slopes, b, h)
 
 
 def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),

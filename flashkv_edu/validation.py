@@ -77,3 +77,23 @@ def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be finite and {bound}, got {value}")
     return value
+
+
+def check_block_table(block_table, batch: int, num_blocks: int) -> None:
+    """Check a paged-cache ``block_table``: int32 ``(batch, max_blocks)`` with entries in
+    ``[0, num_blocks)``."""
+    check_tensor("block_table", block_table, ndim=2)
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be int32, got {block_table.dtype}")
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have {batch} rows (one per sequence), got {block_table.shape[0]}")
+    if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= num_blocks):
+        raise ValueError(f"block_table entries must lie in [0, {num_blocks}) (num_blocks of k_cache)")
+
+
+def check_alibi_slopes(alibi_slopes, batch: int, nheads: int) -> None:
+    """Check ALiBi slopes: fp32 ``(nheads,)`` or ``(batch, nheads)``."""
+    check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,))
+    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+        raise ValueError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), "
+                         f"got {tuple(alibi_slopes.shape)}")

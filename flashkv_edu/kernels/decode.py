@@ -17,7 +17,15 @@ import torch
 
 from .. import runtime
 from ..runtime import tl, triton
-from ..validation import check_lengths, check_positive, check_same, check_tensor, check_window
+from ..validation import (
+    check_alibi_slopes,
+    check_block_table,
+    check_lengths,
+    check_positive,
+    check_same,
+    check_tensor,
+    check_window,
+)
 from .common import MAX_HEADDIM, SUPPORTED_DTYPES, block_d, decode_block_n, default_warps, dot_in_fp32, next_pow2
 
 if runtime.HAS_TRITON:
@@ -165,15 +173,9 @@ def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, cache_leftpad, cach
     if block_table is not None:
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx is not supported with block_table (paged KV cache)")
-        check_tensor("block_table", block_table, ndim=2)
-        if block_table.dtype != torch.int32:
-            raise TypeError(f"block_table must be int32, got {block_table.dtype}")
-        if block_table.shape[0] != b:
-            raise ValueError(f"block_table must have {b} rows (one per sequence), got {block_table.shape[0]}")
+        check_block_table(block_table, b, k_cache.shape[0])
         page = k_cache.shape[1]
         capacity = block_table.shape[1] * page
-        if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= k_cache.shape[0]):
-            raise ValueError(f"block_table entries must lie in [0, {k_cache.shape[0]}) (num_blocks of k_cache)")
     else:
         page = 1
         capacity = k_cache.shape[1]
@@ -189,9 +191,7 @@ def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, cache_leftpad, cach
     elif block_table is None and k_cache.shape[0] < b:
         raise ValueError(f"k_cache has {k_cache.shape[0]} cache rows for a batch of {b}; pass cache_batch_idx")
     if alibi_slopes is not None:
-        check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,))
-        if tuple(alibi_slopes.shape) not in ((h,), (b, h)):
-            raise ValueError(f"alibi_slopes must have shape ({h},) or ({b}, {h}), got {tuple(alibi_slopes.shape)}")
+        check_alibi_slopes(alibi_slopes, b, h)
     return capacity, page, seqlens, leftpad, batch_idx
 
 
