@@ -21,6 +21,7 @@ from .rotary import apply_rotary
 from .validation import (
     check_alibi_slopes,
     check_block_table,
+    check_cache_shapes,
     check_lengths,
     check_positive,
     check_same,
@@ -66,16 +67,8 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
     b, sq, h, d = q.shape
     if b == 0:
         raise ValueError("q must have batch size > 0")
-    if d > 256:
-        raise ValueError(f"head dim must be <= 256, got {d}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
+    check_cache_shapes(q, k_cache, v_cache)
     hk = k_cache.shape[2]
-    if k_cache.shape[3] != d:
-        raise ValueError(f"k_cache head dim must equal q's ({d}), got {k_cache.shape[3]}")
-    if hk == 0 or h % hk:
-        raise ValueError(f"nheads_k of k_cache ({hk}) must divide nheads of q ({h})")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache must be contiguous in the last dimension (they are updated in place)")
     if block_table is not None:

@@ -97,3 +97,20 @@ def check_alibi_slopes(alibi_slopes, batch: int, nheads: int) -> None:
     if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
         raise ValueError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), "
                          f"got {tuple(alibi_slopes.shape)}")
+
+
+def check_cache_shapes(q, k_cache, v_cache, max_headdim: int = 256) -> None:
+    """Check a KV cache against ``q (batch, seqlen_q, nheads, headdim)``: ``k_cache`` and
+    ``v_cache`` of one shape, q's head dim (at most ``max_headdim``), ``nheads_k`` dividing
+    ``nheads``."""
+    h, d = q.shape[2], q.shape[3]
+    if d > max_headdim:
+        raise ValueError(f"head dim must be <= {max_headdim}, got {d}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    if k_cache.shape[3] != d:
+        raise ValueError(f"k_cache head dim must equal q's ({d}), got {k_cache.shape[3]}")
+    hk = k_cache.shape[2]
+    if hk == 0 or h % hk:
+        raise ValueError(f"nheads_k of k_cache ({hk}) must divide nheads of q ({h})")

@@ -20,6 +20,7 @@ from ..runtime import tl, triton
 from ..validation import (
     check_alibi_slopes,
     check_block_table,
+    check_cache_shapes,
     check_lengths,
     check_positive,
     check_same,
@@ -160,16 +161,7 @@ def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, cache_leftpad, cach
     check_same(("q", "k_cache", "v_cache"), (q, k_cache, v_cache), "dtype")
     check_same(("q", "k_cache", "v_cache"), (q, k_cache, v_cache), "device")
     b, _, h, d = q.shape
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
-    hk = k_cache.shape[2]
-    if k_cache.shape[3] != d:
-        raise ValueError(f"k_cache must have q's headdim {d}, got {k_cache.shape[3]}")
-    if d > MAX_HEADDIM:
-        raise ValueError(f"headdim must be <= {MAX_HEADDIM}, got {d}")
-    if h % hk:
-        raise ValueError(f"nheads_k ({hk}) must divide nheads ({h})")
+    check_cache_shapes(q, k_cache, v_cache, MAX_HEADDIM)
     if block_table is not None:
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx is not supported with block_table (paged KV cache)")
