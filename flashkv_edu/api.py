@@ -14,130 +14,155 @@ LSE by a per-row constant.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import runtime
+from .reference import attention_core
 from .rotary import apply_rotary
 from .validation import (
+    ArgumentError,
     check_alibi_slopes,
     check_block_table,
+    check_bool,
     check_cache_shapes,
     check_lengths,
-    check_positive,
+    check_num_splits,
     check_same,
+    check_softcap,
     check_tensor,
-    check_window,
+    normalize_window,
+    softmax_scale_for,
 )
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = runtime.BACKENDS
+CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check_int32(name, t, shape):
-    check_tensor(name, t)
-    if t.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+@dataclass(frozen=True)
+class CacheCall:
+    """Everything ``flash_attn_with_kvcache`` needs, checked and normalised before any write."""
+
+    capacity: int                     # keys a sequence can hold (block_table columns x page size)
+    seqlens: torch.Tensor             # int32 (batch,) cached tokens before the append
+    snew: int                         # new tokens appended per sequence
+    batch_rows: torch.Tensor | None   # int32 (batch,) cache row per sequence
+    leftpad: torch.Tensor | None      # int32 (batch,) first valid cache row
+    block_table: torch.Tensor | None  # int32 (batch, max_blocks), contiguous
+    alibi_slopes: torch.Tensor | None
+    rotary_dim: int
+    scale: float
+    softcap: float
+    window: tuple[int, int]           # causal folded in, sides >= capacity made infinite
+    is_causal: bool                   # after normalisation: window == (-1, 0)
+    is_local: bool                    # a window other than plain causal
+    num_splits: int
+    backend: str                      # "triton" or "torch"
 
 
 def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
-              block_table, softmax_scale, window_size, softcap, alibi_slopes, num_splits, backend):
-    """Check every argument before anything is written. Returns the normalised pieces."""
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    check_tensor("q", q, ndim=4, dtypes=dtypes)
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=dtypes)
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=dtypes)
+              block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
+              return_softmax_lse, backend) -> CacheCall:
+    """Check every argument before anything is written; return the normalised call."""
+    check_tensor("q", q, ndim=4, dtypes=CACHE_DTYPES)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=CACHE_DTYPES)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=CACHE_DTYPES)
     tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
     if (k is None) != (v is None):
-        raise ValueError("k and v must be given together (both or neither)")
+        raise ArgumentError("k and v must be given together (both or neither)")
     if k is not None:
         check_tensor("k", k, ndim=4)
         check_tensor("v", v, ndim=4)
         tensors.update(k=k, v=v)
     if (rotary_cos is None) != (rotary_sin is None):
-        raise ValueError("rotary_cos and rotary_sin must be given together")
+        raise ArgumentError("rotary_cos and rotary_sin must be given together")
     if rotary_cos is not None:
         if k is None:
-            raise ValueError("rotary_cos/rotary_sin need new keys k and v (rotary is applied on append)")
+            raise ArgumentError("rotary_cos/rotary_sin need new keys k and v (rotary is applied on append)")
         check_tensor("rotary_cos", rotary_cos, ndim=2)
         check_tensor("rotary_sin", rotary_sin, ndim=2)
         tensors.update(rotary_cos=rotary_cos, rotary_sin=rotary_sin)
     check_same(tuple(tensors), tuple(tensors.values()), "dtype")
     check_same(tuple(tensors), tuple(tensors.values()), "device")
+    check_bool("rotary_interleaved", rotary_interleaved)
+    check_bool("return_softmax_lse", return_softmax_lse)
     b, sq, h, d = q.shape
     if b == 0:
-        raise ValueError("q must have batch size > 0")
+        raise ArgumentError("q must have batch size >= 1, got 0")
+    if sq == 0:
+        raise ArgumentError("q must have seqlen_q >= 1, got 0")
     check_cache_shapes(q, k_cache, v_cache)
     hk = k_cache.shape[2]
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache must be contiguous in the last dimension (they are updated in place)")
+    if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
+        raise ArgumentError(f"k_cache must hold at least one sequence and one row, got {tuple(k_cache.shape)}")
     if block_table is not None:
         if cache_batch_idx is not None:
-            raise ValueError("cache_batch_idx cannot be used with block_table (paged KV cache)")
+            raise ArgumentError("cache_batch_idx cannot be used with block_table (paged KV cache)")
         if cache_leftpad is not None:
-            raise ValueError("cache_leftpad cannot be used with block_table (paged KV cache)")
-        check_block_table(block_table, b, k_cache.shape[0])
+            raise ArgumentError("cache_leftpad cannot be used with block_table (paged KV cache)")
+        block_table = check_block_table(block_table, b, k_cache.shape[0])
         capacity = block_table.shape[1] * k_cache.shape[1]
     else:
         capacity = k_cache.shape[1]
     snew = 0
     if k is not None:
         if k.shape != v.shape:
-            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+            raise ArgumentError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
         if k.shape[0] != b or k.shape[2] != hk or k.shape[3] != d:
-            raise ValueError(f"k must have shape ({b}, seqlen_new, {hk}, {d}), got {tuple(k.shape)}")
+            raise ArgumentError(f"k must have shape ({b}, seqlen_new, {hk}, {d}), got {tuple(k.shape)}")
         if cache_seqlens is None:
-            raise ValueError("cache_seqlens is required when k and v are given (where to append)")
+            raise ArgumentError("cache_seqlens is required when k and v are given (where to append)")
         snew = k.shape[1]
-    if cache_seqlens is None:
-        seqlens = torch.full((b,), capacity, dtype=torch.int32, device=q.device)
-    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        seqlens = check_lengths("cache_seqlens", cache_seqlens, b, high=capacity, device=q.device)
-    else:
-        _check_int32("cache_seqlens", cache_seqlens, (b,))
-        seqlens = check_lengths("cache_seqlens", cache_seqlens, b, high=capacity, device=q.device)
+    seqlens = check_lengths("cache_seqlens", capacity if cache_seqlens is None else cache_seqlens, b, high=capacity,
+                            device=q.device, int32_only=True)
     if snew and int(seqlens.max()) + snew > capacity:
-        raise ValueError(f"cache overflow: cache_seqlens {seqlens.tolist()} + {snew} new tokens exceeds the "
-                         f"cache capacity {capacity}" + (" (block_table)" if block_table is not None else ""))
+        raise ArgumentError(f"cache overflow: cache_seqlens {seqlens.tolist()} + {snew} new tokens exceeds the cache "
+                            f"capacity {capacity}" + (" (block_table)" if block_table is not None else ""))
     batch_rows = None
     if cache_batch_idx is not None:
-        _check_int32("cache_batch_idx", cache_batch_idx, (b,))
-        batch_rows = check_lengths("cache_batch_idx", cache_batch_idx, b, high=k_cache.shape[0] - 1, device=q.device)
+        batch_rows = check_lengths("cache_batch_idx", cache_batch_idx, b, high=k_cache.shape[0] - 1, device=q.device,
+                                   int32_only=True)
         if k is not None and batch_rows.unique().numel() != b:
-            raise ValueError(f"cache_batch_idx must not repeat a cache row when k/v are appended, "
-                             f"got {batch_rows.tolist()}")
+            raise ArgumentError(f"cache_batch_idx must not repeat a cache row when k/v are appended, "
+                                f"got {batch_rows.tolist()}")
     elif block_table is None and k_cache.shape[0] < b:
-        raise ValueError(f"k_cache holds {k_cache.shape[0]} sequences for a batch of {b}; pass cache_batch_idx")
+        raise ArgumentError(f"k_cache holds {k_cache.shape[0]} sequences for a batch of {b}; pass cache_batch_idx")
     leftpad = None
     if cache_leftpad is not None:
-        _check_int32("cache_leftpad", cache_leftpad, (b,))
-        leftpad = check_lengths("cache_leftpad", cache_leftpad, b, device=q.device)
+        leftpad = check_lengths("cache_leftpad", cache_leftpad, b, device=q.device, int32_only=True)
         if bool((leftpad > seqlens).any()):
-            raise ValueError(f"cache_leftpad must be <= cache_seqlens, got {leftpad.tolist()} > {seqlens.tolist()}")
+            raise ArgumentError(f"cache_leftpad must be <= cache_seqlens, got {leftpad.tolist()} > "
+                                f"{seqlens.tolist()}")
+    window = normalize_window(window_size, causal, seqlen_k=capacity)
+    is_causal = window[0] < 0 and window[1] == 0
+    is_local = (window[0] >= 0 or window[1] >= 0) and not is_causal
     rotary_dim = 0
     if rotary_cos is not None:
         if rotary_cos.shape != rotary_sin.shape:
-            raise ValueError("rotary_cos and rotary_sin must have the same shape")
+            raise ArgumentError(f"rotary_cos and rotary_sin must have the same shape, got {tuple(rotary_cos.shape)} "
+                                f"and {tuple(rotary_sin.shape)}")
         rotary_dim = 2 * rotary_cos.shape[1]
-        if rotary_dim > d or rotary_dim % 16:
-            raise ValueError(f"rotary_dim = 2 * rotary_cos.shape[1] = {rotary_dim} must be a multiple of 16 and "
-                             f"<= head dim {d}")
+        if rotary_dim == 0 or rotary_dim > d or rotary_dim % 16:
+            raise ArgumentError(f"rotary_dim = 2 * rotary_cos.shape[1] = {rotary_dim} must be a positive multiple of "
+                                f"16 and <= head dim {d}")
         if rotary_cos.shape[0] < capacity:
-            raise ValueError(f"rotary_cos must have at least {capacity} rows (the cache capacity), "
-                             f"got {rotary_cos.shape[0]}")
-    left, right = check_window(window_size)
-    if softmax_scale is not None:
-        check_positive("softmax_scale", softmax_scale)
-    check_positive("softcap", softcap, allow_zero=True)
+            raise ArgumentError(f"rotary_cos must have at least {capacity} rows (the cache capacity), "
+                                f"got {rotary_cos.shape[0]}")
+        last_query = int(seqlens.max()) + (sq - 1 if (is_causal or is_local) else 0)
+        if last_query >= rotary_cos.shape[0]:
+            raise ArgumentError(f"rotary_cos has {rotary_cos.shape[0]} rows but queries sit at positions up to "
+                                f"{last_query} (cache_seqlens + seqlen_q - 1)")
+    scale = softmax_scale_for(d, softmax_scale)
+    softcap = check_softcap(softcap)
     if alibi_slopes is not None:
-        check_alibi_slopes(alibi_slopes, b, h)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= 128:
-        raise ValueError(f"num_splits must be an int in [0, 128] (0 = heuristic), got {num_splits!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        runtime.require_triton()
-    return capacity, seqlens, snew, batch_rows, leftpad, rotary_dim, (left, right)
+        alibi_slopes = check_alibi_slopes(alibi_slopes, b, h)
+        if alibi_slopes.device != q.device:
+            raise ArgumentError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+    num_splits = check_num_splits(num_splits)
+    backend = runtime.resolve_backend(backend, q.device)
+    return CacheCall(capacity, seqlens, snew, batch_rows, leftpad, block_table, alibi_slopes, rotary_dim, scale,
+                     softcap, window, is_causal, is_local, num_splits, backend)
 
 
 def _append(k_cache, v_cache, k, v, seqlens, batch_rows, block_table):
@@ -157,51 +182,31 @@ def _append(k_cache, v_cache, k, v, seqlens, batch_rows, block_table):
         v_cache.index_put_((rows, pos), v)
 
 
-def _dense_cache(cache, batch_rows, block_table):
-    """Each sequence's cache as a contiguous ``(batch, capacity, nheads_k, headdim)`` tensor."""
+def _dense_cache(cache, batch_rows, block_table, batch: int, used: int):
+    """The first ``used`` rows of each sequence's cache as ``(batch, >= used, nheads_k, headdim)``:
+    a view of a contiguous cache (its first ``batch`` rows, or the rows ``batch_rows``), or
+    the pages of a paged pool that hold those rows (only those are gathered)."""
     if block_table is not None:
-        from .paged import gather_paged
-
-        return gather_paged(cache, block_table)
+        page = cache.shape[1]
+        pages = max(1, -(-used // page))
+        dense = cache[block_table[:, :pages].long()]                       # (batch, pages, page, hk, d)
+        return dense.reshape(batch, pages * page, *cache.shape[2:])
     if batch_rows is not None:
-        return cache[batch_rows.long()]
-    return cache
+        return cache[batch_rows.long(), :used]
+    return cache[:batch, :used]
 
 
-def attention_over_cache_torch(q, k_dense, v_dense, seqlens_end, leftpad, softmax_scale, window, softcap,
-                               alibi_slopes):
-    """The PyTorch path: attention of q ``(b, sq, h, d)`` over dense caches ``(b, S, h_k, d)``
-    with valid keys ``[leftpad, seqlens_end)``. Each KV head's group of query heads is one
-    batched matmul over that head's keys, read in place; computed in fp32 (fp64 stays fp64).
-    Returns ``(out, lse)``."""
-    from .reference import alibi_bias, key_visibility
-
-    b, sq, h, d = q.shape
-    S, hk = k_dense.shape[1], k_dense.shape[2]
-    g = h // hk
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = d**-0.5 if softmax_scale is None else softmax_scale
-    # Rows of one KV head's group are (query head, query token) pairs: one matmul per KV head,
-    # reading that head's keys in place (no copy of the cache).
-    qf = (q.to(ct) * scale).view(b, sq, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * sq, d)
-    kf, vf = k_dense.to(ct), v_dense.to(ct)                                      # (b, S, hk, d)
-    z = torch.stack([torch.bmm(qf[:, j], kf[:, :, j].transpose(1, 2)) for j in range(hk)], 1)
-    z = z.view(b, hk, g, sq, S)
-    if softcap > 0:
-        z = softcap * torch.tanh(z / softcap)
-    if alibi_slopes is not None:
-        bias = alibi_bias(alibi_slopes, sq, S, seqlens_k=seqlens_end, leftpad_k=leftpad, batch=b, dtype=ct)
-        z = z + bias.view(b, hk, g, sq, S)
-    keep = key_visibility(sq, S, window_size=window, seqlens_k=seqlens_end,
-                          leftpad_k=leftpad if leftpad is not None else 0, batch=b, device=q.device)
-    z.masked_fill_(~keep[:, None, None], float("-inf"))
-    lse = torch.logsumexp(z, dim=-1)
-    empty = torch.isneginf(lse)
-    p = torch.exp(z - lse.masked_fill(empty, 0.0)[..., None]).view(b, hk, g * sq, S)
-    out = torch.stack([torch.bmm(p[:, j], vf[:, :, j]) for j in range(hk)], 1).view(b, hk, g, sq, d)
-    out = out.permute(0, 3, 1, 2, 4).reshape(b, sq, h, d).to(q.dtype)
-    lse = lse.masked_fill(empty, float("inf")).reshape(b, h, sq).float()
-    return out, lse
+def attention_over_cache_torch(q, k_cache, v_cache, call: CacheCall, ends: torch.Tensor):
+    """The PyTorch path: :func:`flashkv_edu.reference.attention_core` over each sequence's keys
+    ``[leftpad, ends)``, read in place from a contiguous cache or gathered page by page from a
+    paged pool. Computed in fp32. Returns ``(out, lse)``."""
+    b = q.shape[0]
+    used = int(ends.max())
+    k_dense = _dense_cache(k_cache, call.batch_rows, call.block_table, b, used)
+    v_dense = _dense_cache(v_cache, call.batch_rows, call.block_table, b, used)
+    start = call.leftpad if call.leftpad is not None else torch.zeros_like(ends)
+    return attention_core(q, k_dense, v_dense, scale=call.scale, window=call.window, softcap=call.softcap,
+                          alibi_slopes=call.alibi_slopes, start=start, end=ends, compute_dtype=torch.float32)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -235,56 +240,45 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         num_splits: 0 = FlashAttention 2's heuristic (on the present GPU, or as if on an H100),
             1 = no split, up to 128.
         return_softmax_lse: also return the fp32 natural-log LSE ``(batch, nheads, seqlen_q)``.
-        backend: ``"triton"`` (the kernels), ``"torch"`` (PyTorch), ``"auto"`` (Triton when
-            installed).
+        backend: ``"auto"`` (default): the fastest correct path on q's device, compiled Triton
+            for a CUDA tensor, PyTorch otherwise; ``"triton"``: the kernels (through Triton's
+            interpreter on a CPU, slow but exact, as notebooks 05-07 use them); ``"torch"``.
 
     Returns:
         ``out`` ``(batch, seqlen_q, nheads, headdim)`` in q's dtype, and ``softmax_lse`` with
         ``return_softmax_lse``. A row that sees no key gives 0 and LSE +inf.
 
-    Raises ``ValueError``/``TypeError`` naming the argument, before any cache is touched.
+    Raises :class:`~flashkv_edu.validation.ArgumentError` (a ``ValueError``) or
+    :class:`~flashkv_edu.validation.ArgumentTypeError` (a ``TypeError``), both also
+    ``RuntimeError`` as FlashAttention's errors are, naming the argument, before any cache is
+    touched: a call that fails changes nothing. Index tensors may be non-contiguous views.
     """
-    capacity, seqlens, snew, batch_rows, leftpad, rotary_dim, window = _validate(
-        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
-        block_table, softmax_scale, window_size, softcap, alibi_slopes, num_splits, backend)
+    call = _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                     cache_leftpad, block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved,
+                     alibi_slopes, num_splits, return_softmax_lse, backend)
     b, sq, h, d = q.shape
-    left, right = window
-    if causal:
-        right = 0
-    # FlashAttention's normalisation, which decides where queries are rotated.
-    left = -1 if left >= capacity else left
-    right = -1 if right >= capacity else right
-    is_causal = left < 0 and right == 0
-    is_local = (left >= 0 or right >= 0) and not is_causal
+    # Everything is checked: from here on nothing can fail on the caller's input.
     if k is not None:
-        if rotary_dim:
-            positions = seqlens.long()[:, None] + torch.arange(snew, device=q.device)[None, :]
+        if call.rotary_dim:
+            positions = call.seqlens.long()[:, None] + torch.arange(call.snew, device=q.device)[None, :]
             k = apply_rotary(k, rotary_cos, rotary_sin, positions, interleaved=rotary_interleaved)
-        _append(k_cache, v_cache, k, v, seqlens, batch_rows, block_table)
-    if rotary_dim:
-        offsets = torch.arange(sq, device=q.device)[None, :] if (is_causal or is_local) else 0
-        positions = seqlens.long()[:, None] + offsets
+        _append(k_cache, v_cache, k, v, call.seqlens, call.batch_rows, call.block_table)
+    if call.rotary_dim:
+        offsets = torch.arange(sq, device=q.device)[None, :] if (call.is_causal or call.is_local) else 0
+        positions = call.seqlens.long()[:, None] + offsets
         q = apply_rotary(q, rotary_cos, rotary_sin, positions.expand(b, sq), interleaved=rotary_interleaved)
-    ends = (seqlens + snew).to(torch.int32)
-    use_triton = backend == "triton" or (backend == "auto" and runtime.HAS_TRITON)
-    if use_triton:
+    ends = (call.seqlens + call.snew).to(torch.int32)
+    if call.backend == "triton":
         from .kernels.decode import decode_attention_triton
-        from .split import GPU, H100, choose_num_splits
+        from .split import choose_num_splits, gpu_for
 
-        splits = num_splits
-        if splits == 0:
-            gpu = H100
-            if q.is_cuda:
-                props = torch.cuda.get_device_properties(q.device)
-                gpu = GPU(props.name, props.multi_processor_count, H100.hbm_bytes_per_s)
-            splits = choose_num_splits(b, h, k_cache.shape[2], sq, capacity, d, gpu,
-                                       alibi=alibi_slopes is not None, local=is_local)
+        splits = call.num_splits or choose_num_splits(
+            b, h, k_cache.shape[2], sq, call.capacity, d, gpu_for(q.device), alibi=call.alibi_slopes is not None,
+            local=call.is_local)
         out, lse = decode_attention_triton(
-            q, k_cache, v_cache, ends, cache_leftpad=leftpad, cache_batch_idx=batch_rows, block_table=block_table,
-            softmax_scale=softmax_scale, window_size=(left, right), softcap=softcap, alibi_slopes=alibi_slopes,
-            num_splits=splits, return_lse=True)
+            q, k_cache, v_cache, ends, cache_leftpad=call.leftpad, cache_batch_idx=call.batch_rows,
+            block_table=call.block_table, softmax_scale=call.scale, window_size=call.window, softcap=call.softcap,
+            alibi_slopes=call.alibi_slopes, num_splits=splits, return_lse=True)
     else:
-        out, lse = attention_over_cache_torch(
-            q, _dense_cache(k_cache, batch_rows, block_table), _dense_cache(v_cache, batch_rows, block_table), ends,
-            leftpad, softmax_scale, (left, right), softcap, alibi_slopes)
+        out, lse = attention_over_cache_torch(q, k_cache, v_cache, call, ends)
     return (out, lse) if return_softmax_lse else out

@@ -20,8 +20,17 @@ import math
 
 import torch
 
-from .reference import _check_attention_inputs, alibi_bias, key_visibility, repeat_kv
-from .validation import check_positive, check_tensor
+from .reference import _zero_invalid_rows, alibi_distance_bias, check_attention_inputs, repeat_kv, visible_keys
+from .validation import (
+    ArgumentError,
+    check_bool,
+    check_float_tensor,
+    check_int,
+    check_softcap,
+    key_range,
+    normalize_window,
+    softmax_scale_for,
+)
 
 LOG2_E = math.log2(math.e)
 
@@ -48,8 +57,10 @@ def online_normalizer(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, t
     Returns the final ``(m, l)`` (shape ``x.shape[:-1]``) and the per-block history
     ``[(m, l), ...]`` for plotting. ``log(l) + m`` is the row's log-sum-exp.
     """
-    m = torch.full(x.shape[:-1], float("-inf"), dtype=x.dtype)
-    l = torch.zeros(x.shape[:-1], dtype=x.dtype)
+    check_float_tensor("x", x)
+    block_size = check_int("block_size", block_size, low=1)
+    m = torch.full(x.shape[:-1], float("-inf"), dtype=x.dtype, device=x.device)
+    l = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
     history = []
     for start in range(0, x.shape[-1], block_size):
         block = x[..., start:start + block_size]
@@ -82,18 +93,18 @@ def blockwise_attention(q, k, v, *, block_size: int = 16, softmax_scale=None, ca
     ``(batch, nheads, seqlen_q)``; rows that see no key give 0 and +inf. With
     ``return_history`` also a list with the ``(m, l, out)`` state after each block.
     """
-    _check_attention_inputs(q, k, v, alibi_slopes)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    slopes = check_attention_inputs(q, k, v, alibi_slopes)
+    block_size = check_int("block_size", block_size, low=1)
+    check_bool("return_history", return_history)
     b, sq, h, d = q.shape
     sk = k.shape[1]
-    scale = d**-0.5 if softmax_scale is None else check_positive("softmax_scale", softmax_scale)
-    softcap = check_positive("softcap", softcap, allow_zero=True)
-    keep = key_visibility(sq, sk, causal=causal, window_size=window_size, seqlens_k=seqlens_k,
-                          leftpad_k=leftpad_k, batch=b, device=q.device)[:, None]  # (b, 1, sq, sk)
-    bias = None
-    if alibi_slopes is not None:
-        bias = alibi_bias(alibi_slopes, sq, sk, seqlens_k=seqlens_k, leftpad_k=leftpad_k, batch=b)
+    scale = softmax_scale_for(d, softmax_scale)
+    softcap = check_softcap(softcap)
+    window = normalize_window(window_size, causal)
+    start, end = key_range(seqlens_k, leftpad_k, b, sk, device=q.device)
+    keep = visible_keys(sq, sk, window, start, end)[:, None]                 # (b, 1, sq, sk)
+    bias = None if slopes is None else alibi_distance_bias(slopes, sq, sk, start, end)
+    v = _zero_invalid_rows(v, start, end)                                  # 0 * NaN would leak
     qf = q.float().transpose(1, 2)                                   # (b, h, sq, d)
     kf = repeat_kv(k.float(), h // k.shape[2]).transpose(1, 2)       # (b, h, sk, d)
     vf = repeat_kv(v.float(), h // v.shape[2]).transpose(1, 2)
@@ -101,8 +112,8 @@ def blockwise_attention(q, k, v, *, block_size: int = 16, softmax_scale=None, ca
     l = torch.zeros(b, h, sq, device=q.device)
     acc = torch.zeros(b, h, sq, v.shape[3], device=q.device)
     history = []
-    for start in range(0, sk, block_size):
-        cols = slice(start, min(start + block_size, sk))
+    for first in range(0, sk, block_size):
+        cols = slice(first, min(first + block_size, sk))
         z = qf @ kf[:, :, cols].transpose(-1, -2) * scale            # (b, h, sq, block)
         if softcap > 0:
             z = softcap * torch.tanh(z / softcap)
@@ -128,12 +139,14 @@ def blockwise_attention(q, k, v, *, block_size: int = 16, softmax_scale=None, ca
 # --- merging states ---------------------------------------------------------------------------
 
 def _check_state(name_out, out, name_lse, lse):
-    check_tensor(name_out, out, ndim=4)
-    check_tensor(name_lse, lse, ndim=3)
+    check_float_tensor(name_out, out, ndim=4)
+    check_float_tensor(name_lse, lse, ndim=3)
     b, s, h, _ = out.shape
     if tuple(lse.shape) != (b, h, s):
-        raise ValueError(f"{name_lse} must have shape (batch, nheads, seqlen_q) = {(b, h, s)}, "
-                         f"got {tuple(lse.shape)}")
+        raise ArgumentError(f"{name_lse} must have shape (batch, nheads, seqlen_q) = {(b, h, s)}, "
+                            f"got {tuple(lse.shape)}")
+    if lse.device != out.device:
+        raise ArgumentError(f"{name_out} and {name_lse} must be on one device, got {out.device} and {lse.device}")
 
 
 def merge_states(out_a, lse_a, out_b, lse_b):
@@ -147,19 +160,26 @@ def merge_states(out_a, lse_a, out_b, lse_b):
     _check_state("out_a", out_a, "lse_a", lse_a)
     _check_state("out_b", out_b, "lse_b", lse_b)
     if out_a.shape != out_b.shape:
-        raise ValueError(f"out_a and out_b must have the same shape, got {tuple(out_a.shape)} and {tuple(out_b.shape)}")
-    return merge_many(torch.stack([out_a, out_b]), torch.stack([lse_a, lse_b]))
+        raise ArgumentError(f"out_a and out_b must have the same shape, got {tuple(out_a.shape)} and "
+                            f"{tuple(out_b.shape)}")
+    if out_a.device != out_b.device:
+        raise ArgumentError(f"out_a and out_b must be on one device, got {out_a.device} and {out_b.device}")
+    return merge_many(torch.stack([out_a, out_b.to(out_a.dtype)]), torch.stack([lse_a, lse_b.to(lse_a.dtype)]))
 
 
 def merge_many(outs: torch.Tensor, lses: torch.Tensor):
     """n-way merge of states stacked on dim 0: ``outs (n, batch, seqlen_q, nheads, headdim)``,
-    ``lses (n, batch, nheads, seqlen_q)``. The result does not depend on the order of the n
-    states (up to rounding): ``lse = M + log sum_s exp(lse_s - M)``, ``out = sum_s
+    ``lses (n, batch, nheads, seqlen_q)``, ``n >= 1``. The result does not depend on the order
+    of the n states (up to rounding): ``lse = M + log sum_s exp(lse_s - M)``, ``out = sum_s
     exp(lse_s - lse) out_s`` with ``M`` the largest finite ``lse_s``."""
-    check_tensor("outs", outs, ndim=5)
-    check_tensor("lses", lses, ndim=4)
-    for i in range(outs.shape[0]):
-        _check_state(f"outs[{i}]", outs[i], f"lses[{i}]", lses[i])
+    check_float_tensor("outs", outs, ndim=5)
+    check_float_tensor("lses", lses, ndim=4)
+    if outs.shape[0] == 0:
+        raise ArgumentError("outs must hold at least one state (n >= 1 on dim 0), got 0")
+    if lses.shape[0] != outs.shape[0]:
+        raise ArgumentError(f"outs and lses must stack the same number of states, got {outs.shape[0]} and "
+                            f"{lses.shape[0]}")
+    _check_state("outs[i]", outs[0], "lses[i]", lses[0])
     lse32 = lses.float()
     empty = torch.isinf(lse32)                                        # -inf (no keys) or +inf (FA's final form)
     lse32 = lse32.masked_fill(empty, float("-inf"))

@@ -23,38 +23,29 @@ import math
 import torch
 
 from .validation import (
-    FLOAT_DTYPES,
+    ArgumentError,
     check_alibi_slopes,
-    check_lengths,
-    check_positive,
+    check_bool,
+    check_float_tensor,
+    check_int,
+    check_qkv_shapes,
     check_same,
-    check_tensor,
-    check_window,
+    check_softcap,
+    key_range,
+    normalize_window,
+    softmax_scale_for,
 )
 
 
-def key_visibility(seqlen_q: int, seqlen_k: int, *, causal: bool = False,
-                   window_size=(-1, -1), seqlens_k=None, leftpad_k=None,
-                   batch: int = 1, device=None) -> torch.Tensor:
-    """Which keys each query may see: bool ``(batch, seqlen_q, seqlen_k)``, True = visible.
+def visible_keys(seqlen_q: int, seqlen_k: int, window: tuple[int, int], start: torch.Tensor,
+                 end: torch.Tensor) -> torch.Tensor:
+    """The mask rule itself, on arguments already normalised: bool ``(batch, seqlen_q, seqlen_k)``.
 
-    ``seqlens_k`` / ``leftpad_k`` (int or ``(batch,)`` ints) give each row's valid key columns
-    ``[leftpad_k, seqlens_k)``; by default all ``seqlen_k`` columns are valid.
+    Row ``b`` has valid key columns ``[start[b], end[b])`` (int ``(batch,)``); ``window =
+    (left, right)`` with -1 for infinite (causal already folded into ``right = 0``). Query row
+    ``i`` sits on the diagonal ``i + sk - seqlen_q`` of the compacted keys ``j' = j - start``.
     """
-    left, right = check_window(window_size)
-    if causal:
-        right = 0
-    if seqlens_k is None:
-        seqlens_k = seqlen_k
-    if leftpad_k is None:
-        leftpad_k = 0
-    if isinstance(seqlens_k, torch.Tensor):
-        batch = seqlens_k.shape[0]
-        device = device or seqlens_k.device
-    end = check_lengths("seqlens_k", seqlens_k, batch, high=seqlen_k, device=device)
-    start = check_lengths("leftpad_k", leftpad_k, batch, device=end.device)
-    if bool((start > end).any()):
-        raise ValueError(f"leftpad_k must be <= seqlens_k, got {start.tolist()} > {end.tolist()}")
+    left, right = window
     end = end.long()[:, None, None]
     start = start.long()[:, None, None]
     col = torch.arange(seqlen_k, device=end.device)[None, None, :]
@@ -67,6 +58,25 @@ def key_visibility(seqlen_q: int, seqlen_k: int, *, causal: bool = False,
     if left >= 0:
         keep = keep & (compact >= diag - left)
     return keep
+
+
+def key_visibility(seqlen_q: int, seqlen_k: int, *, causal: bool = False,
+                   window_size=(-1, -1), seqlens_k=None, leftpad_k=None,
+                   batch: int = 1, device=None) -> torch.Tensor:
+    """Which keys each query may see: bool ``(batch, seqlen_q, seqlen_k)``, True = visible.
+
+    ``seqlens_k`` / ``leftpad_k`` (int or ``(batch,)`` ints) give each row's valid key columns
+    ``[leftpad_k, seqlens_k)``; by default all ``seqlen_k`` columns are valid.
+    """
+    seqlen_q = check_int("seqlen_q", seqlen_q, low=0)
+    seqlen_k = check_int("seqlen_k", seqlen_k, low=0)
+    window = normalize_window(window_size, causal)
+    if isinstance(seqlens_k, torch.Tensor):
+        batch = seqlens_k.shape[0] if seqlens_k.dim() == 1 else batch
+        device = device or seqlens_k.device
+    batch = check_int("batch", batch, low=1)
+    start, end = key_range(seqlens_k, leftpad_k, batch, seqlen_k, device=device)
+    return visible_keys(seqlen_q, seqlen_k, window, start, end)
 
 
 def attention_mask(seqlen_q: int, seqlen_k: int, *, causal: bool = False,
@@ -90,8 +100,7 @@ def alibi_slopes_for(nheads: int) -> torch.Tensor:
         start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
         return [start * start**i for i in range(n)]
 
-    if nheads <= 0:
-        raise ValueError(f"nheads must be > 0, got {nheads}")
+    nheads = check_int("nheads", nheads, low=1)
     if math.log2(nheads).is_integer():
         slopes = power_of_two(nheads)
     else:
@@ -100,26 +109,39 @@ def alibi_slopes_for(nheads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
+def alibi_distance_bias(slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, start: torch.Tensor,
+                        end: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """The ALiBi rule on normalised arguments: ``-slope * |i + sk - seqlen_q - j'|`` as
+    ``(batch, nheads, seqlen_q, seqlen_k)`` in ``dtype``; ``slopes`` ``(nheads,)`` or
+    ``(batch, nheads)``, ``start``/``end`` int ``(batch,)``."""
+    batch = end.shape[0]
+    start, end = start.long(), end.long()
+    col = torch.arange(seqlen_k, device=end.device)[None, None, :]
+    row = torch.arange(seqlen_q, device=end.device)[None, :, None]
+    diag = row + (end - start)[:, None, None] - seqlen_q
+    distance = (diag - (col - start[:, None, None])).abs().to(dtype)  # (batch, sq, sk)
+    slopes = slopes.to(device=end.device, dtype=dtype)
+    if slopes.dim() == 1:
+        slopes = slopes[None, :].expand(batch, -1)
+    return -slopes[:, :, None, None] * distance[:, None, :, :]
+
+
 def alibi_bias(alibi_slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, *, seqlens_k=None,
                leftpad_k=None, batch: int = 1, dtype=torch.float32) -> torch.Tensor:
     """ALiBi's additive bias ``-slope * |i + sk - seqlen_q - j'|``, in ``dtype`` (fp32):
     ``(batch, nheads, seqlen_q, seqlen_k)``. ``alibi_slopes`` is ``(nheads,)`` or
     ``(batch, nheads)``."""
-    if isinstance(seqlens_k, torch.Tensor):
+    seqlen_q = check_int("seqlen_q", seqlen_q, low=0)
+    seqlen_k = check_int("seqlen_k", seqlen_k, low=0)
+    if isinstance(seqlens_k, torch.Tensor) and seqlens_k.dim() == 1:
         batch = seqlens_k.shape[0]
-    device = alibi_slopes.device
-    end = check_lengths("seqlens_k", seqlen_k if seqlens_k is None else seqlens_k, batch,
-                        high=seqlen_k, device=device).long()
-    start = check_lengths("leftpad_k", 0 if leftpad_k is None else leftpad_k, batch,
-                          device=device).long()
-    col = torch.arange(seqlen_k, device=device)[None, None, :]
-    row = torch.arange(seqlen_q, device=device)[None, :, None]
-    diag = row + (end - start)[:, None, None] - seqlen_q
-    distance = (diag - (col - start[:, None, None])).abs().to(dtype)  # (batch, sq, sk)
-    slopes = alibi_slopes.to(dtype)
-    if slopes.dim() == 1:
-        slopes = slopes[None, :].expand(batch, -1)
-    return -slopes[:, :, None, None] * distance[:, None, :, :]
+    elif isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.dim() == 2:
+        batch = alibi_slopes.shape[0]
+    batch = check_int("batch", batch, low=1)
+    heads = alibi_slopes.shape[-1] if isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.dim() else 0
+    slopes = check_alibi_slopes(alibi_slopes, batch, heads)
+    start, end = key_range(seqlens_k, leftpad_k, batch, seqlen_k, device=slopes.device)
+    return alibi_distance_bias(slopes, seqlen_q, seqlen_k, start, end, dtype)
 
 
 def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -136,25 +158,79 @@ def gqa_attention(q, k, v, *, mask=None, softmax_scale=None):
                            softmax_scale=softmax_scale)
 
 
-def _check_attention_inputs(q, k, v, alibi_slopes):
-    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES)
+def check_attention_inputs(q, k, v, alibi_slopes=None, *, max_headdim: int | None = None):
+    """The shared checks of ``attention_ref``-style entry points: q ``(batch, seqlen_q, nheads,
+    headdim)``, k and v ``(batch, seqlen_k, nheads_k, headdim)`` floating tensors of one dtype
+    and device, ``nheads_k`` dividing ``nheads``. Returns the contiguous ALiBi slopes (or None)."""
+    check_float_tensor("q", q, ndim=4)
+    check_float_tensor("k", k, ndim=4)
+    check_float_tensor("v", v, ndim=4)
     check_same(("q", "k", "v"), (q, k, v), "dtype")
     check_same(("q", "k", "v"), (q, k, v), "device")
-    b, _, h, d = q.shape
+    b = q.shape[0]
+    if b == 0:
+        raise ArgumentError("q must have batch size >= 1, got 0")
     if k.shape[0] != b or v.shape[0] != b:
-        raise ValueError(f"q, k, v must share the batch size; got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError("k and v must agree in (batch, seqlen_k, nheads_k); "
-                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[3] != d:
-        raise ValueError(f"k must have q's head dim {d}, got {k.shape[3]}")
+        raise ArgumentError(f"q, k, v must share the batch size; got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    check_qkv_shapes(q, k, v, max_headdim=max_headdim)
+    if alibi_slopes is None:
+        return None
+    return check_alibi_slopes(alibi_slopes, b, q.shape[2])
+
+
+def _zero_invalid_rows(v: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """``v`` ``(batch, seqlen_k, nheads_k, headdim)`` with the rows outside each sequence's
+    ``[start, end)`` set to 0 (a new tensor only when some row is invalid). Masked keys get
+    probability 0, but 0 * NaN is NaN: rows that hold no token (a cache made with
+    ``torch.empty``) must never reach the output."""
+    cols = torch.arange(v.shape[1], device=v.device)[None, :]
+    valid = (cols >= start.long()[:, None]) & (cols < end.long()[:, None])
+    if bool(valid.all()):
+        return v
+    return torch.where(valid[:, :, None, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
+
+
+def attention_core(q, k, v, *, scale: float, window: tuple[int, int], softcap: float, alibi_slopes,
+                   start: torch.Tensor, end: torch.Tensor, compute_dtype=torch.float32):
+    """The one PyTorch attention computation, on arguments already checked and normalised.
+
+    q ``(batch, seqlen_q, nheads, headdim)``; k, v ``(batch, seqlen_k, nheads_k, headdim)`` (any
+    strides); row ``b`` reads only keys ``[start[b], end[b])``; ``window`` is ``(left, right)``
+    with causal folded in. Logits ``scale * q.k``, then ``softcap * tanh(z / softcap)`` when
+    ``softcap > 0``, then ALiBi ``-slope * |diag - j'|``, then the mask.
+
+    Each KV head's group of query heads is one batched matmul over that head's keys, read in
+    place. Only the columns ``[min start, max end)`` are touched. Returns ``out`` (q's dtype)
+    and ``lse`` ``(batch, nheads, seqlen_q)`` in ``compute_dtype``; a row that sees no key gives
+    out 0 and lse +inf.
+    """
+    b, sq, h, d = q.shape
     hk = k.shape[2]
-    if hk == 0 or h % hk != 0:
-        raise ValueError(f"nheads_k ({hk}) must divide nheads ({h}) (MHA, GQA or MQA)")
+    g = h // hk
+    lo, hi = int(start.min()), int(end.max())
+    if lo > 0 or hi < k.shape[1]:
+        k, v = k[:, lo:hi], v[:, lo:hi]
+        start, end = start - lo, end - lo
+    s = max(hi - lo, 0)
+    k, v = k[:, :s], _zero_invalid_rows(v[:, :s], start, end)
+    kf, vf = k.to(compute_dtype), v.to(compute_dtype)                       # no copy when equal
+    # Rows of one KV head's group are (query head, query token) pairs.
+    qf = q.to(compute_dtype).view(b, sq, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * sq, d)
+    z = torch.stack([torch.bmm(qf[:, j], kf[:, :, j].transpose(1, 2)) for j in range(hk)], 1)
+    z = z.view(b, hk, g, sq, s) * scale
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
     if alibi_slopes is not None:
-        check_alibi_slopes(alibi_slopes, b, h)
+        bias = alibi_distance_bias(alibi_slopes, sq, s, start, end, torch.promote_types(compute_dtype, torch.float32))
+        z = z + bias.to(compute_dtype).view(b, hk, g, sq, s)
+    keep = visible_keys(sq, s, window, start, end)                         # (b, sq, s)
+    z = z.masked_fill(~keep[:, None, None], float("-inf"))
+    lse = torch.logsumexp(z, dim=-1)                                         # -inf where a row sees nothing
+    empty = torch.isneginf(lse)
+    p = torch.exp(z - lse.masked_fill(empty, 0.0)[..., None]).view(b, hk, g * sq, s)
+    out = torch.stack([torch.bmm(p[:, j], vf[:, :, j]) for j in range(hk)], 1).view(b, hk, g, sq, d)
+    out = out.permute(0, 3, 1, 2, 4).reshape(b, sq, h, d).to(q.dtype)
+    return out, lse.masked_fill(empty, float("inf")).reshape(b, h, sq)
 
 
 def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -180,40 +256,23 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1,
     Returns:
         ``out`` ``(batch, seqlen_q, nheads, headdim)`` in q's dtype, and with ``return_lse``
         also ``lse`` ``(batch, nheads, seqlen_q)`` (fp32, fp64 when computing in fp64). Rows
-        that see no key give ``out = 0`` and ``lse = +inf``.
+        that see no key give ``out = 0`` and ``lse = +inf``. Keys outside ``[leftpad_k,
+        seqlens_k)`` are never read, so whatever they hold (NaN included) cannot matter.
     """
-    _check_attention_inputs(q, k, v, alibi_slopes)
-    if compute_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"compute_dtype must be a floating dtype, got {compute_dtype}")
+    slopes = check_attention_inputs(q, k, v, alibi_slopes)
+    if compute_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ArgumentError(f"compute_dtype must be a floating dtype, got {compute_dtype}")
+    check_bool("return_lse", return_lse)
     b, sq, h, d = q.shape
-    sk_cap, hk = k.shape[1], k.shape[2]
-    scale = d**-0.5 if softmax_scale is None else check_positive("softmax_scale", softmax_scale)
-    softcap = check_positive("softcap", softcap, allow_zero=True)
-    keep = key_visibility(sq, sk_cap, causal=causal, window_size=window_size,
-                          seqlens_k=seqlens_k, leftpad_k=leftpad_k, batch=b, device=q.device)
-    if keep.shape[0] != b:
-        raise ValueError(f"seqlens_k must have shape ({b},), got ({keep.shape[0]},)")
-
-    qf = q.to(compute_dtype)
-    kf = repeat_kv(k.to(compute_dtype), h // hk)
-    vf = repeat_kv(v.to(compute_dtype), h // hk)
-    logits = torch.einsum("bihd,bjhd->bhij", qf, kf) * scale
-    if softcap > 0:
-        logits = softcap * torch.tanh(logits / softcap)
-    if alibi_slopes is not None:
-        bias = alibi_bias(alibi_slopes, sq, sk_cap, seqlens_k=seqlens_k, leftpad_k=leftpad_k,
-                          batch=b, dtype=torch.promote_types(compute_dtype, torch.float32))
-        logits = logits + bias.to(compute_dtype)
-    logits = logits.masked_fill(~keep[:, None], float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)  # -inf where a row sees nothing
-    empty = torch.isneginf(lse)
-    probs = torch.exp(logits - lse.masked_fill(empty, 0.0)[..., None])
-    out = torch.einsum("bhij,bjhd->bihd", probs, vf).to(q.dtype)
+    scale = softmax_scale_for(d, softmax_scale)
+    softcap = check_softcap(softcap)
+    window = normalize_window(window_size, causal)
+    start, end = key_range(seqlens_k, leftpad_k, b, k.shape[1], device=q.device)
+    out, lse = attention_core(q, k, v, scale=scale, window=window, softcap=softcap, alibi_slopes=slopes,
+                              start=start, end=end, compute_dtype=compute_dtype)
     if not return_lse:
         return out
-    lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
-    lse = lse.to(lse_dtype).masked_fill(empty, float("inf"))
-    return out, lse
+    return out, lse.to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
 
 
 def naive_attention(q, k, v, *, mask=None, softmax_scale=None):

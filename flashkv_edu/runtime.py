@@ -63,6 +63,33 @@ def require_triton() -> None:
         raise RuntimeError(TRITON_MISSING_HINT)
 
 
+BACKENDS = ("auto", "triton", "torch")
+
+
+def resolve_backend(backend, device) -> str:
+    """What ``backend=`` means for tensors on ``device``: ``"triton"`` or ``"torch"``.
+
+    ``"auto"`` is the fastest correct path: compiled Triton kernels for CUDA tensors, PyTorch
+    everywhere else (Triton's interpreter is exact but hundreds of times slower, so it runs
+    only when asked for with ``"triton"``, as the kernel notebooks do).
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        from .validation import ArgumentError
+
+        raise ArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    on_cuda = torch.device(device).type == "cuda"
+    if backend == "auto":
+        return "triton" if (HAS_TRITON and on_cuda and not INTERPRET) else "torch"
+    if backend == "triton":
+        require_triton()
+        if not INTERPRET and not on_cuda:
+            from .validation import ArgumentError
+
+            raise ArgumentError("backend='triton' needs CUDA tensors, or Triton's interpreter "
+                                "(this process compiles kernels without running them)")
+    return backend
+
+
 def describe() -> str:
     """One line saying where kernels run, e.g. ``device=cpu, Triton interpreter on``."""
     if not HAS_TRITON:
@@ -87,14 +114,13 @@ if HAS_TRITON:
 def run_canary() -> bool:
     """Run a two-line Triton kernel (``y = 2x + 1`` over 37 values, 3 programs) and check it.
 
-    Returns True when Triton is missing (nothing to check) or the result is exact. Raises
-    ``RuntimeError`` with a fix hint when the kernel runs but computes the wrong numbers, the
-    known failure mode of mismatched triton / torch / numpy versions under the interpreter.
+    Returns True only when the kernel ran and its result is exact; False when it could not run
+    (Triton missing, or a compile-only process without a GPU). Raises ``RuntimeError`` with a
+    fix hint when the kernel runs but computes the wrong numbers, the known failure mode of
+    mismatched triton / torch / numpy versions under the interpreter.
     """
-    if not HAS_TRITON:
-        return True
-    if not INTERPRET and not HAS_CUDA:
-        return True  # compile-only process (GPU compile check): nothing can run here
+    if not HAS_TRITON or (not INTERPRET and not HAS_CUDA):
+        return False
     x = torch.arange(37, dtype=torch.float32, device=DEVICE)
     y = torch.full_like(x, float("nan"))
     _canary_kernel[(3,)](x, y, x.numel(), BLOCK=16)
@@ -140,7 +166,8 @@ def setup_notebook(seed: int = 0) -> None:
         )
     except ImportError:  # pragma: no cover
         pass
-    canary = "canary kernel ok" if HAS_TRITON else TRITON_MISSING_HINT
-    if HAS_TRITON:
-        run_canary()
+    if not HAS_TRITON:
+        canary = TRITON_MISSING_HINT
+    else:
+        canary = "canary kernel ok" if run_canary() else "canary kernel not run (no GPU and no interpreter)"
     print(f"environment ready: {describe()}; {canary}")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .validation import ArgumentError, check_int, check_positive
+
 
 @dataclass(frozen=True)
 class GPU:
@@ -31,6 +33,24 @@ A100 = GPU("A100-80GB SXM", 108, 2.039e12)
 H100 = GPU("H100 SXM", 132, 3.35e12)
 
 
+def gpu_for(device) -> GPU:
+    """The GPU that ``device`` is (name and SM count read from CUDA; bandwidth taken as an
+    H100's), or :data:`H100` for a CPU device, so ``num_splits=0`` acts as it would there."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return H100
+    props = torch.cuda.get_device_properties(device)
+    return GPU(props.name, props.multi_processor_count, H100.hbm_bytes_per_s)
+
+
+def _check_gpu(gpu) -> GPU:
+    if not isinstance(gpu, GPU):
+        raise ArgumentError(f"gpu must be a flashkv_edu.split.GPU, got {type(gpu).__name__}")
+    check_int("gpu.num_sms", gpu.num_sms, low=1)
+    check_positive("gpu.hbm_bytes_per_s", gpu.hbm_bytes_per_s)
+    return gpu
+
+
 def num_splits_heuristic(batch_nheads_mblocks: int, num_sms: int, num_n_blocks: int, max_splits: int = 128) -> int:
     """FlashAttention 2's ``num_splits_heuristic`` (``csrc/flash_attn/flash_api.cpp``).
 
@@ -43,6 +63,10 @@ def num_splits_heuristic(batch_nheads_mblocks: int, num_sms: int, num_n_blocks: 
     3. Wave efficiency ``eff(s) = w / ceil(w)`` with ``w = batch_nheads_mblocks * s / num_sms``.
     4. Return the smallest eligible ``s`` within 85% of the best efficiency.
     """
+    batch_nheads_mblocks = check_int("batch_nheads_mblocks", batch_nheads_mblocks, low=1)
+    num_sms = check_int("num_sms", num_sms, low=1)
+    num_n_blocks = check_int("num_n_blocks", num_n_blocks, low=1)
+    max_splits = check_int("max_splits", max_splits, low=1)
     if batch_nheads_mblocks >= 0.8 * num_sms:
         return 1
     max_splits = min(max_splits, num_sms, num_n_blocks)
@@ -64,6 +88,7 @@ def num_splits_heuristic(batch_nheads_mblocks: int, num_sms: int, num_n_blocks: 
 
 def block_n_for(headdim: int) -> int:
     """Key-block width of FlashAttention 2's split-KV kernel: 256 (d <= 64), 128 (d <= 128), else 64."""
+    headdim = check_int("headdim", headdim, low=1)
     return 256 if headdim <= 64 else (128 if headdim <= 128 else 64)
 
 
@@ -73,6 +98,12 @@ def choose_num_splits(batch: int, nheads: int, nheads_k: int, seqlen_q: int, cap
     feeds it. For decode (``seqlen_q == 1``) with GQA, no window and no ALiBi, FlashAttention
     first folds the query heads of a KV group into the query length (``h -> h_k``,
     ``seqlen_q -> group``). Key blocks count the cache **capacity**."""
+    for name, value in (("batch", batch), ("nheads", nheads), ("nheads_k", nheads_k), ("seqlen_q", seqlen_q),
+                        ("capacity", capacity), ("headdim", headdim)):
+        check_int(name, value, low=1)
+    if nheads % nheads_k:
+        raise ArgumentError(f"nheads_k ({nheads_k}) must divide nheads ({nheads})")
+    _check_gpu(gpu)
     if seqlen_q == 1 and nheads > nheads_k and not local and not alibi and headdim % 8 == 0:
         nheads, seqlen_q = nheads_k, nheads // nheads_k
     programs = batch * nheads * math.ceil(seqlen_q / 64)
@@ -83,6 +114,9 @@ def choose_num_splits(batch: int, nheads: int, nheads_k: int, seqlen_q: int, cap
 def waves(num_programs: int, num_sms: int, programs_per_sm: int = 1) -> list[int]:
     """Busy SMs in each wave when ``num_programs`` equal programs run ``programs_per_sm`` at a
     time on each of ``num_sms`` SMs (the last wave may be partial)."""
+    num_programs = check_int("num_programs", num_programs, low=0)
+    num_sms = check_int("num_sms", num_sms, low=1)
+    programs_per_sm = check_int("programs_per_sm", programs_per_sm, low=1)
     slots = num_sms * programs_per_sm
     full, rest = divmod(num_programs, slots)
     busy = [num_sms] * full
@@ -108,6 +142,10 @@ def model_decode(batch: int, nheads_k: int, context: int, headdim: int, num_spli
     """A first-order model: one program per (sequence, KV head, split); each program streams its
     chunk of K and V at ``bandwidth / num_sms`` (its SM's share); programs run in waves of
     ``num_sms``. Ignores the combine step and launch overheads."""
+    for name, value in (("batch", batch), ("nheads_k", nheads_k), ("context", context), ("headdim", headdim),
+                        ("num_splits", num_splits), ("bytes_per_elem", bytes_per_elem)):
+        check_int(name, value, low=1)
+    _check_gpu(gpu)
     programs = batch * nheads_k * num_splits
     busy = waves(programs, gpu.num_sms)
     kv = 2 * batch * context * nheads_k * headdim * bytes_per_elem
@@ -120,6 +158,10 @@ def model_decode(batch: int, nheads_k: int, context: int, headdim: int, num_spli
 def roofline_seconds(batch: int, context: int, nheads_k: int, headdim: int, gpu: GPU,
                      bytes_per_elem: int = 2) -> float:
     """Lower bound on one layer's decode attention: bytes of K and V read / HBM bandwidth."""
+    for name, value in (("batch", batch), ("context", context), ("nheads_k", nheads_k), ("headdim", headdim),
+                        ("bytes_per_elem", bytes_per_elem)):
+        check_int(name, value, low=0)
+    _check_gpu(gpu)
     return 2 * batch * context * nheads_k * headdim * bytes_per_elem / gpu.hbm_bytes_per_s
 
 

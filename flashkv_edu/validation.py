@@ -1,7 +1,18 @@
-"""Input checks shared by every public function: clear errors that name the argument."""
+"""The one normaliser of arguments: every public function checks its inputs here.
+
+Each rule lives once: causal -> window, the default softmax scale, lengths and key ranges,
+cache capacity and page size, block tables, ALiBi slopes, positive integers. Errors name the
+argument and say what was expected. They are :class:`ArgumentError` (a ``ValueError``) or
+:class:`ArgumentTypeError` (a ``TypeError``), and both are also ``RuntimeError``, which is what
+FlashAttention raises, so ``except RuntimeError`` written for FlashAttention catches them too.
+
+Index tensors come back contiguous (int32 on the right device), so kernels that read them with
+plain offsets never depend on the strides of a view the caller passed.
+"""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -9,108 +20,233 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class ArgumentError(ValueError, RuntimeError):
+    """A bad argument value. A ``ValueError``, and a ``RuntimeError`` as in FlashAttention."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """An argument of the wrong type or dtype. A ``TypeError``, and a ``RuntimeError``."""
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None) -> torch.Tensor:
     """Check that ``t`` is a tensor (of rank ``ndim`` and one of ``dtypes``); return it."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+        raise ArgumentError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+        allowed = ", ".join(_dtype_name(d) for d in dtypes)
+        raise ArgumentTypeError(f"{name} must have dtype in ({allowed}), got {_dtype_name(t.dtype)}")
     return t
+
+
+def check_float_tensor(name: str, t, *, ndim: int | None = None) -> torch.Tensor:
+    """A floating-point tensor (fp16, bf16, fp32 or fp64)."""
+    return check_tensor(name, t, ndim=ndim, dtypes=FLOAT_DTYPES)
 
 
 def check_same(names: Sequence[str], tensors: Sequence[torch.Tensor], what: str = "dtype") -> None:
     """Check that all tensors share one ``dtype`` or ``device`` (``what``)."""
     values = [getattr(t, what) for t in tensors]
     if any(v != values[0] for v in values):
-        listed = ", ".join(f"{n}={str(v).replace('torch.', '')}" for n, v in zip(names, values, strict=True))
-        raise ValueError(f"{', '.join(names)} must share one {what}; got {listed}")
+        listed = ", ".join(f"{n}={_dtype_name(v)}" for n, v in zip(names, values, strict=True))
+        raise ArgumentError(f"{', '.join(names)} must share one {what}; got {listed}")
 
 
-def check_window(window_size) -> tuple[int, int]:
-    """Check ``window_size = (left, right)``: two ints, each -1 (infinite) or >= 0."""
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
-    left, right = window_size
-    for side, value in (("left", left), ("right", right)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"window_size {side} must be an int, got {value!r}")
-        if value < -1:
-            raise ValueError(
-                f"window_size {side} must be -1 (infinite) or >= 0, got {value}; "
-                "a sliding window of W tokens is window_size=(W-1, 0)"
-            )
-    return int(left), int(right)
+def check_bool(name: str, value) -> bool:
+    """A real ``bool`` (so that ``causal="no"`` is an error, not causal)."""
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
-def check_lengths(name: str, lengths, batch: int, *, low: int = 0, high: int | None = None,
-                  device=None) -> torch.Tensor:
-    """Turn ``lengths`` (int or ``(batch,)`` integer tensor) into an int32 ``(batch,)`` tensor.
-
-    Every value must lie in ``[low, high]`` (``high`` inclusive, when given).
-    """
-    if isinstance(lengths, bool):
-        raise TypeError(f"{name} must be an int or an integer tensor, got bool")
-    if isinstance(lengths, int):
-        lengths = torch.full((batch,), lengths, dtype=torch.int32, device=device)
-    check_tensor(name, lengths, ndim=1)
-    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (int32), got {lengths.dtype}")
-    if lengths.shape[0] != batch:
-        raise ValueError(f"{name} must have shape ({batch},), got {tuple(lengths.shape)}")
-    if batch and int(lengths.min()) < low:
-        raise ValueError(f"{name} must be >= {low}, got {lengths.tolist()}")
-    if high is not None and batch and int(lengths.max()) > high:
-        raise ValueError(f"{name} must be <= {high}, got {lengths.tolist()}")
-    return lengths.to(torch.int32)
+def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
+    """An integer (Python or NumPy int, or a 0-d integer tensor; not bool, not float) in
+    ``[low, high]``."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_floating_point \
+            and value.dtype != torch.bool:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(f"{name} must be an int, got {value!r}")
+    value = int(value)
+    if low is not None and value < low:
+        raise ArgumentError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ArgumentError(f"{name} must be <= {high}, got {value}")
+    return value
 
 
 def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
-    """Check a finite real number that is > 0 (or >= 0 with ``allow_zero``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    """A finite real number that is > 0 (or >= 0 with ``allow_zero``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     ok = value >= 0 if allow_zero else value > 0
     if not ok or value != value or value == float("inf"):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+        raise ArgumentError(f"{name} must be finite and {bound}, got {value}")
     return value
 
 
-def check_block_table(block_table, batch: int, num_blocks: int) -> None:
-    """Check a paged-cache ``block_table``: int32 ``(batch, max_blocks)`` with entries in
-    ``[0, num_blocks)``."""
+def check_power_of_two(name: str, value, *, low: int = 16) -> int:
+    """A tile size: a power of two, at least ``low`` (GPUs need both; the interpreter does not
+    check them)."""
+    value = check_int(name, value, low=low)
+    if value & (value - 1):
+        raise ArgumentError(f"{name} must be a power of two >= {low}, got {value}")
+    return value
+
+
+# --- attention arguments ---------------------------------------------------------------------
+
+def check_window(window_size) -> tuple[int, int]:
+    """``window_size = (left, right)``: two ints, each -1 (infinite) or >= 0. A tuple, a list or
+    a 2-element integer tensor (FlashAttention's tests pass ``torch.randint(0, sk, (2,))``)."""
+    if isinstance(window_size, torch.Tensor):
+        if window_size.shape != (2,) or window_size.dtype.is_floating_point or window_size.dtype == torch.bool:
+            raise ArgumentError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
+        window_size = tuple(int(x) for x in window_size.tolist())
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ArgumentError(f"window_size must be a pair (left, right), got {window_size!r}")
+    sides = []
+    for side, value in zip(("left", "right"), window_size, strict=True):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ArgumentTypeError(f"window_size {side} must be an int, got {value!r}")
+        if value < -1:
+            raise ArgumentError(
+                f"window_size {side} must be -1 (infinite) or >= 0, got {value}; "
+                "a sliding window of W tokens is window_size=(W-1, 0)")
+        sides.append(int(value))
+    return sides[0], sides[1]
+
+
+def normalize_window(window_size, causal=False, *, seqlen_k: int | None = None) -> tuple[int, int]:
+    """The mask every path applies: ``causal`` sets ``right = 0``; with ``seqlen_k`` (the cache
+    capacity) a side ``>= seqlen_k`` becomes -1, as ``flash_attn_with_kvcache`` does."""
+    left, right = check_window(window_size)
+    if check_bool("causal", causal):
+        right = 0
+    if seqlen_k is not None:
+        left = -1 if left >= seqlen_k else left
+        right = -1 if right >= seqlen_k else right
+    return left, right
+
+
+def softmax_scale_for(headdim: int, softmax_scale=None) -> float:
+    """The logit scale: ``headdim ** -0.5`` by default, else a finite number > 0."""
+    if softmax_scale is None:
+        return float(headdim) ** -0.5
+    return check_positive("softmax_scale", softmax_scale)
+
+
+def check_softcap(softcap) -> float:
+    """``softcap``: 0 (off) or a finite number > 0."""
+    return check_positive("softcap", softcap, allow_zero=True)
+
+
+def check_lengths(name: str, lengths, batch: int, *, low: int = 0, high: int | None = None,
+                  device=None, int32_only: bool = False) -> torch.Tensor:
+    """Turn ``lengths`` (int or ``(batch,)`` integer tensor) into a contiguous int32 ``(batch,)``
+    tensor on ``device``. Every value lies in ``[low, high]`` (``high`` inclusive, when given).
+    ``int32_only``: a tensor must already be int32 (FlashAttention's rule for its arguments)."""
+    if isinstance(lengths, bool):
+        raise ArgumentTypeError(f"{name} must be an int or an integer tensor, got bool")
+    if isinstance(lengths, numbers.Integral):
+        lengths = torch.full((batch,), int(lengths), dtype=torch.int32, device=device)
+    check_tensor(name, lengths, ndim=1)
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise ArgumentTypeError(f"{name} must be an integer tensor (int32), got {_dtype_name(lengths.dtype)}")
+    if int32_only and lengths.dtype != torch.int32:
+        raise ArgumentTypeError(f"{name} must be int32, got {_dtype_name(lengths.dtype)}")
+    if lengths.shape[0] != batch:
+        raise ArgumentError(f"{name} must have shape ({batch},), got {tuple(lengths.shape)}")
+    if device is not None and lengths.device != torch.device(device):
+        raise ArgumentError(f"{name} must be on {torch.device(device)}, got {lengths.device}")
+    if batch and int(lengths.min()) < low:
+        raise ArgumentError(f"{name} must be >= {low}, got {lengths.tolist()}")
+    if high is not None and batch and int(lengths.max()) > high:
+        raise ArgumentError(f"{name} must be <= {high}, got {lengths.tolist()}")
+    return lengths.to(torch.int32).contiguous()
+
+
+def key_range(seqlens, leftpad, batch: int, capacity: int, *, device=None, names=("seqlens_k", "leftpad_k"),
+              int32_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's valid key columns ``[start, end)``: ``end = seqlens`` (default ``capacity``),
+    ``start = leftpad`` (default 0), ``0 <= start <= end <= capacity``. Returns contiguous int32
+    ``(start, end)``, each ``(batch,)``."""
+    end = check_lengths(names[0], capacity if seqlens is None else seqlens, batch, high=capacity,
+                        device=device, int32_only=int32_only)
+    start = check_lengths(names[1], 0 if leftpad is None else leftpad, batch, device=end.device,
+                          int32_only=int32_only)
+    if bool((start > end).any()):
+        raise ArgumentError(f"{names[1]} must be <= {names[0]}, got {start.tolist()} > {end.tolist()}")
+    return start, end
+
+
+def check_block_table(block_table, batch: int, num_blocks: int) -> torch.Tensor:
+    """A paged-cache ``block_table``: int32 ``(batch, max_blocks)`` with entries in
+    ``[0, num_blocks)``. Returned contiguous."""
     check_tensor("block_table", block_table, ndim=2)
     if block_table.dtype != torch.int32:
-        raise TypeError(f"block_table must be int32, got {block_table.dtype}")
+        raise ArgumentTypeError(f"block_table must be int32, got {_dtype_name(block_table.dtype)}")
     if block_table.shape[0] != batch:
-        raise ValueError(f"block_table must have {batch} rows (one per sequence), got {block_table.shape[0]}")
-    if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= num_blocks):
-        raise ValueError(f"block_table entries must lie in [0, {num_blocks}) (num_blocks of k_cache)")
+        raise ArgumentError(f"block_table must have {batch} rows (one per sequence), got {block_table.shape[0]}")
+    if block_table.shape[1] == 0:
+        raise ArgumentError("block_table must have at least one column (max_blocks_per_seq >= 1)")
+    if int(block_table.min()) < 0 or int(block_table.max()) >= num_blocks:
+        raise ArgumentError(f"block_table entries must lie in [0, {num_blocks}) (num_blocks of k_cache)")
+    return block_table.contiguous()
 
 
-def check_alibi_slopes(alibi_slopes, batch: int, nheads: int) -> None:
-    """Check ALiBi slopes: fp32 ``(nheads,)`` or ``(batch, nheads)``."""
+def check_alibi_slopes(alibi_slopes, batch: int, nheads: int) -> torch.Tensor:
+    """ALiBi slopes: fp32 ``(nheads,)`` or ``(batch, nheads)``, finite. Returned contiguous."""
     check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,))
     if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
-        raise ValueError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), "
-                         f"got {tuple(alibi_slopes.shape)}")
+        raise ArgumentError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), "
+                            f"got {tuple(alibi_slopes.shape)}")
+    if not bool(torch.isfinite(alibi_slopes).all()):
+        raise ArgumentError("alibi_slopes must be finite")
+    return alibi_slopes.contiguous()
+
+
+def check_qkv_shapes(q, k, v, *, k_name: str = "k", v_name: str = "v", max_headdim: int | None = None) -> None:
+    """``q (batch, seqlen_q, nheads, headdim)`` against keys/values ``(batch_k, seqlen_k, nheads_k,
+    headdim)`` of one shape: nonzero heads and head dim, ``nheads_k`` dividing ``nheads``."""
+    _, _, h, d = q.shape
+    if h == 0:
+        raise ArgumentError("q must have nheads >= 1, got 0")
+    if d == 0:
+        raise ArgumentError("q must have headdim >= 1, got 0")
+    if max_headdim is not None and d > max_headdim:
+        raise ArgumentError(f"headdim of q must be <= {max_headdim}, got {d}")
+    if k.shape != v.shape:
+        raise ArgumentError(f"{k_name} and {v_name} must have the same shape, got {tuple(k.shape)} and "
+                            f"{tuple(v.shape)}")
+    if k.shape[3] != d:
+        raise ArgumentError(f"{k_name} head dim must equal q's ({d}), got {k.shape[3]}")
+    hk = k.shape[2]
+    if hk == 0 or h % hk:
+        raise ArgumentError(f"nheads_k of {k_name} ({hk}) must divide nheads of q ({h}) (MHA, GQA or MQA)")
 
 
 def check_cache_shapes(q, k_cache, v_cache, max_headdim: int = 256) -> None:
-    """Check a KV cache against ``q (batch, seqlen_q, nheads, headdim)``: ``k_cache`` and
-    ``v_cache`` of one shape, q's head dim (at most ``max_headdim``), ``nheads_k`` dividing
-    ``nheads``."""
-    h, d = q.shape[2], q.shape[3]
-    if d > max_headdim:
-        raise ValueError(f"head dim must be <= {max_headdim}, got {d}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
-    if k_cache.shape[3] != d:
-        raise ValueError(f"k_cache head dim must equal q's ({d}), got {k_cache.shape[3]}")
-    hk = k_cache.shape[2]
-    if hk == 0 or h % hk:
-        raise ValueError(f"nheads_k of k_cache ({hk}) must divide nheads of q ({h})")
+    """A KV cache against ``q``: :func:`check_qkv_shapes` with the cache's names, head dim at
+    most ``max_headdim``, caches contiguous in the last dimension (they are written in place,
+    as FlashAttention requires)."""
+    check_qkv_shapes(q, k_cache, v_cache, k_name="k_cache", v_name="v_cache", max_headdim=max_headdim)
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ArgumentError("k_cache and v_cache must be contiguous in the last dimension (they are updated in "
+                            "place; FlashAttention has the same rule)")
+
+
+def check_num_splits(num_splits, *, allow_zero: bool = True) -> int:
+    """``num_splits``: 0 (heuristic, when allowed) or 1 .. 128."""
+    low = 0 if allow_zero else 1
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or not low <= num_splits <= 128:
+        what = "0 = heuristic, or 1 .. 128" if allow_zero else "1 .. 128"
+        raise ArgumentError(f"num_splits must be an int ({what}), got {num_splits!r}")
+    return int(num_splits)

@@ -1,10 +1,8 @@
-import os
-
 import pytest
 from hypothesis import settings
 
-# Runs before the package is imported: tests use the same runtime choice as learners.
-os.environ.setdefault("TRITON_INTERPRET", "1" if not os.environ.get("CUDA_VISIBLE_DEVICES") else "0")
+# flashkv_edu.runtime alone decides where kernels run (interpreter without a GPU, compiled with
+# one): the tests use exactly the choice a learner's notebook gets.
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
 settings.load_profile("ci")

@@ -225,7 +225,7 @@ def test_bad_arguments_raise_and_leave_caches_untouched(change, match):
 
 
 def test_head_dim_over_256_and_dtype_mismatch():
-    with pytest.raises(ValueError, match="head dim must be <= 256"):
+    with pytest.raises(ValueError, match="headdim of q must be <= 256"):
         flash_attn_with_kvcache(torch.randn(1, 1, 1, 264), torch.randn(1, 4, 1, 264), torch.randn(1, 4, 1, 264))
     with pytest.raises(ValueError, match="share one dtype"):
         flash_attn_with_kvcache(torch.randn(1, 1, 1, 16).half(), torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16))

@@ -120,7 +120,7 @@ def test_decode_kernel_reads_each_kv_tile_once_per_group():
 
 @pytest.mark.parametrize("call, match", [
     (lambda: attention_triton(torch.randn(1, 2, 1, 300), torch.randn(1, 2, 1, 300), torch.randn(1, 2, 1, 300)),
-     "headdim must be <= 256"),
+     "headdim of q must be <= 256"),
     (lambda: attention_triton(*(torch.randn(1, 2, 1, 8, dtype=torch.float64),) * 3), "fp16, bf16 or fp32"),
     (lambda: decode_attention_triton(torch.randn(2, 1, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8),
                                      torch.tensor([1, 1])), "pass cache_batch_idx"),

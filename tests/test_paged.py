@@ -203,7 +203,7 @@ def test_bad_block_table_is_rejected():
     with pytest.raises(ValueError, match="block_table entries must lie in \\[0, 4\\)"):
         decode_attention_triton(torch.randn(1, 1, 1, 8), pool, pool, torch.tensor([3], dtype=torch.int32),
                                 block_table=torch.tensor([[4]], dtype=torch.int32))
-    with pytest.raises(ValueError, match="cache_batch_idx is not supported with block_table"):
+    with pytest.raises(ValueError, match="cache_batch_idx cannot be used with block_table"):
         decode_attention_triton(torch.randn(1, 1, 1, 8), pool, pool, torch.tensor([3], dtype=torch.int32),
                                 block_table=torch.tensor([[1]], dtype=torch.int32),
                                 cache_batch_idx=torch.tensor([0], dtype=torch.int32))

@@ -190,7 +190,7 @@ def test_key_visibility_batched_ragged():
 @pytest.mark.parametrize("make, match", [
     (lambda: attention_ref(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)), "q must have 4"),
     (lambda: attention_ref(torch.randn(1, 2, 6, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)),
-     "nheads_k \\(4\\) must divide nheads \\(6\\)"),
+     "nheads_k of k \\(4\\) must divide nheads of q \\(6\\)"),
     (lambda: attention_ref(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8).half(), torch.randn(1, 2, 2, 8)),
      "share one dtype"),
     (lambda: attention_ref(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8),

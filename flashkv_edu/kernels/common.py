@@ -28,6 +28,24 @@ def block_d(headdim: int) -> int:
     return max(16, next_pow2(headdim))
 
 
+def output_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel stores its output in. Under the interpreter a bf16 output is stored
+    in fp32 and rounded to bf16 by PyTorch afterwards: Triton 3.9's interpreter truncates on
+    fp32 -> bf16 casts, where a GPU (and PyTorch) rounds to nearest even."""
+    return torch.float32 if (runtime.INTERPRET and dtype == torch.bfloat16) else dtype
+
+
+def check_row_offsets(name: str, t: torch.Tensor) -> None:
+    """The kernels add 32-bit offsets to a 64-bit base pointer per batch row (or page): the
+    elements one row ``t[i]`` spans must stay below 2^31."""
+    from ..validation import ArgumentError
+
+    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
+    if span >= 2**31:
+        raise ArgumentError(f"{name}[i] spans {span + 1} elements; the kernels address one sequence (or page) "
+                            "with 32-bit offsets, so it must stay below 2^31")
+
+
 def dot_in_fp32(dtype: torch.dtype) -> bool:
     """Whether tiles are upcast to fp32 before ``tl.dot``: under the interpreter (bf16 is
     wrong there) and for fp32 inputs (exact IEEE products instead of TF32)."""

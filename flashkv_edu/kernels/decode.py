@@ -18,16 +18,33 @@ import torch
 from .. import runtime
 from ..runtime import tl, triton
 from ..validation import (
+    ArgumentError,
+    ArgumentTypeError,
     check_alibi_slopes,
     check_block_table,
+    check_bool,
     check_cache_shapes,
     check_lengths,
-    check_positive,
+    check_num_splits,
+    check_power_of_two,
     check_same,
+    check_softcap,
     check_tensor,
-    check_window,
+    key_range,
+    normalize_window,
+    softmax_scale_for,
 )
-from .common import MAX_HEADDIM, SUPPORTED_DTYPES, block_d, decode_block_n, default_warps, dot_in_fp32, next_pow2
+from .common import (
+    MAX_HEADDIM,
+    SUPPORTED_DTYPES,
+    block_d,
+    check_row_offsets,
+    decode_block_n,
+    default_warps,
+    dot_in_fp32,
+    next_pow2,
+    output_dtype,
+)
 
 if runtime.HAS_TRITON:
     from .common import online_softmax_step
@@ -51,13 +68,20 @@ if runtime.HAS_TRITON:
         pid_m = tl.program_id(2)
         b = pid // nheads_k
         kvh = pid % nheads_k
+        # Scalar base pointers with 64-bit offsets (b * stride_kb passes 2^31 in a large cache);
+        # the per-element offsets added to them stay small and 32-bit.
+        b64 = b.to(tl.int64)
         start = 0
         if HAS_LEFTPAD:
             start = tl.load(LEFTPAD + b)
         sk = tl.load(SEQLENS + b) - start                  # valid keys (new ones included)
-        cache_row = b
+        cache_row = b64
         if HAS_BATCH_IDX:
-            cache_row = tl.load(BATCH_IDX + b)
+            cache_row = tl.load(BATCH_IDX + b).to(tl.int64)
+        K_head = K + kvh * stride_kh
+        V_head = V + kvh * stride_vh
+        K_seq = K_head + cache_row * stride_kb
+        V_seq = V_head + cache_row * stride_vb
         # Row r of the tile is query token r // GROUP of query head kvh * GROUP + r % GROUP.
         r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         tok = r // GROUP
@@ -65,7 +89,7 @@ if runtime.HAS_TRITON:
         dims = tl.arange(0, BLOCK_D)
         row_ok = tok < seqlen_q
         dim_ok = dims < headdim
-        q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh + dims[None, :],
+        q = tl.load(Q + b64 * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         diag = tok + sk - seqlen_q
         # This split's key range, narrowed to the tiles some row of this tile can see.
@@ -89,15 +113,16 @@ if runtime.HAS_TRITON:
             col_ok = cols < hi
             pos = start + cols                              # absolute cache row
             if PAGED:
-                page = tl.load(BLOCK_TABLE + b * stride_btb + pos // page_size, mask=col_ok, other=0)
-                k_off = page * stride_kb + (pos % page_size) * stride_ks
-                v_off = page * stride_vb + (pos % page_size) * stride_vs
+                page = tl.load(BLOCK_TABLE + b64 * stride_btb + pos // page_size, mask=col_ok, other=0)
+                page = page.to(tl.int64)                    # the pool can hold more than 2^31 elements
+                k_rows = K_head + page * stride_kb + (pos % page_size) * stride_ks
+                v_rows = V_head + page * stride_vb + (pos % page_size) * stride_vs
             else:
-                k_off = cache_row * stride_kb + pos * stride_ks
-                v_off = cache_row * stride_vb + pos * stride_vs
+                k_rows = K_seq + pos * stride_ks
+                v_rows = V_seq + pos * stride_vs
             kv_mask = col_ok[:, None] & dim_ok[None, :]
-            k = tl.load(K + k_off[:, None] + kvh * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + v_off[:, None] + kvh * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
             visible = row_ok[:, None] & col_ok[None, :]
             if window_right >= 0:
                 visible = visible & (cols[None, :] <= diag[:, None] + window_right)
@@ -113,9 +138,11 @@ if runtime.HAS_TRITON:
             lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
         else:
             lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-        o_ptrs = O + split * stride_osplit + b * stride_ob + tok[:, None] * stride_os + head[:, None] * stride_oh
+        O_seq = O + split.to(tl.int64) * stride_osplit + b64 * stride_ob
+        o_ptrs = O_seq + tok[:, None] * stride_os + head[:, None] * stride_oh
         tl.store(o_ptrs + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
-        tl.store(LSE + split * stride_lsplit + b * stride_lb + head * stride_lh + tok, lse, mask=row_ok)
+        LSE_seq = LSE + split.to(tl.int64) * stride_lsplit + b64 * stride_lb
+        tl.store(LSE_seq + head * stride_lh + tok, lse, mask=row_ok)
         tl.store(TILES + (split * tl.num_programs(0) + pid) * tl.num_programs(2) + pid_m, tiles)
 
     @triton.jit
@@ -132,18 +159,20 @@ if runtime.HAS_TRITON:
         ``L = M + log sum_s exp(lse_s - M)``, ``out = sum_s exp(lse_s - L) out_s``; a row whose
         splits are all empty gets out 0 and LSE +inf."""
         pid = tl.program_id(0)
-        b = pid // (seqlen_q * nheads)
+        b = (pid // (seqlen_q * nheads)).to(tl.int64)      # 64-bit base offsets
         t = (pid // nheads) % seqlen_q
         h = pid % nheads
         s = tl.arange(0, BLOCK_S)
         dims = tl.arange(0, BLOCK_D)
         s_ok = s < num_splits
-        lse = tl.load(LACC + s * stride_ls + b * stride_lb + h * stride_lh + t, mask=s_ok, other=float("-inf"))
+        row_lse = LACC + b * stride_lb + h * stride_lh + t
+        row_acc = OACC + b * stride_ab + t * stride_aq + h * stride_ah
+        lse = tl.load(row_lse + s.to(tl.int64) * stride_ls, mask=s_ok, other=float("-inf"))
         top = tl.max(lse, 0)
         top = tl.where(top == float("-inf"), 0.0, top)
         w = tl.exp(lse - top)
         total = tl.sum(w, 0)
-        parts = tl.load(OACC + s[:, None] * stride_as + b * stride_ab + t * stride_aq + h * stride_ah + dims[None, :],
+        parts = tl.load((row_acc + s.to(tl.int64) * stride_as)[:, None] + dims[None, :],
                         mask=s_ok[:, None] & (dims[None, :] < headdim), other=0.0)
         out = tl.sum(w[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
         final = tl.where(total == 0.0, float("inf"), top + tl.log(tl.where(total == 0.0, 1.0, total)))
@@ -154,37 +183,38 @@ if runtime.HAS_TRITON:
 
 def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, cache_leftpad, cache_batch_idx, block_table,
                          alibi_slopes):
-    """Validate decode arguments; return ``(capacity, page_size, seqlens, leftpad, batch_idx)``."""
+    """Validate decode arguments; return ``(capacity, page_size, start, end, batch_idx,
+    block_table, alibi_slopes)`` with every index tensor contiguous int32."""
     check_tensor("q", q, ndim=4, dtypes=SUPPORTED_DTYPES)
     check_tensor("k_cache", k_cache, ndim=4, dtypes=SUPPORTED_DTYPES)
     check_tensor("v_cache", v_cache, ndim=4, dtypes=SUPPORTED_DTYPES)
     check_same(("q", "k_cache", "v_cache"), (q, k_cache, v_cache), "dtype")
     check_same(("q", "k_cache", "v_cache"), (q, k_cache, v_cache), "device")
-    b, _, h, d = q.shape
+    b, sq, h, d = q.shape
+    if b == 0 or sq == 0:
+        raise ArgumentError(f"q must have batch >= 1 and seqlen_q >= 1, got shape {tuple(q.shape)}")
     check_cache_shapes(q, k_cache, v_cache, MAX_HEADDIM)
+    if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
+        raise ArgumentError(f"k_cache must hold at least one sequence and one row, got {tuple(k_cache.shape)}")
     if block_table is not None:
         if cache_batch_idx is not None:
-            raise ValueError("cache_batch_idx is not supported with block_table (paged KV cache)")
-        check_block_table(block_table, b, k_cache.shape[0])
+            raise ArgumentError("cache_batch_idx cannot be used with block_table (paged KV cache)")
+        block_table = check_block_table(block_table, b, k_cache.shape[0])
         page = k_cache.shape[1]
         capacity = block_table.shape[1] * page
     else:
         page = 1
         capacity = k_cache.shape[1]
-    seqlens = check_lengths("cache_seqlens", cache_seqlens, b, high=capacity, device=q.device)
-    leftpad = None
-    if cache_leftpad is not None:
-        leftpad = check_lengths("cache_leftpad", cache_leftpad, b, device=q.device)
-        if bool((leftpad > seqlens).any()):
-            raise ValueError(f"cache_leftpad must be <= cache_seqlens, got {leftpad.tolist()} > {seqlens.tolist()}")
+    start, end = key_range(cache_seqlens, cache_leftpad, b, capacity, device=q.device,
+                           names=("cache_seqlens", "cache_leftpad"))
     batch_idx = None
     if cache_batch_idx is not None:
         batch_idx = check_lengths("cache_batch_idx", cache_batch_idx, b, high=k_cache.shape[0] - 1, device=q.device)
     elif block_table is None and k_cache.shape[0] < b:
-        raise ValueError(f"k_cache has {k_cache.shape[0]} cache rows for a batch of {b}; pass cache_batch_idx")
+        raise ArgumentError(f"k_cache has {k_cache.shape[0]} cache rows for a batch of {b}; pass cache_batch_idx")
     if alibi_slopes is not None:
-        check_alibi_slopes(alibi_slopes, b, h)
-    return capacity, page, seqlens, leftpad, batch_idx
+        alibi_slopes = check_alibi_slopes(alibi_slopes, b, h)
+    return capacity, page, start, end, batch_idx, block_table, alibi_slopes
 
 
 def split_size_for(capacity: int, num_splits: int, block_n: int) -> int:
@@ -215,29 +245,29 @@ def decode_attention_triton(q, k_cache, v_cache, cache_seqlens, *, cache_leftpad
     nheads, seqlen_q))`` (fp32; empty splits 0 and -inf) with ``return_partials`` and
     ``num_splits > 1``.
     """
-    runtime.require_triton()
-    capacity, page, seqlens, leftpad, batch_idx = _check_decode_inputs(
+    runtime.resolve_backend("triton", q.device if isinstance(q, torch.Tensor) else "cpu")
+    capacity, page, start, end, batch_idx, block_table, alibi_slopes = _check_decode_inputs(
         q, k_cache, v_cache, cache_seqlens, cache_leftpad, cache_batch_idx, block_table, alibi_slopes)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= 128:
-        raise ValueError(f"num_splits must be an int in [1, 128], got {num_splits!r}")
-    left, right = check_window(window_size)
-    if causal:
-        right = 0
+    num_splits = check_num_splits(num_splits, allow_zero=False)
+    left, right = normalize_window(window_size, causal)
     b, sq, h, d = q.shape
     hk = k_cache.shape[2]
     group = h // hk
-    scale = d**-0.5 if softmax_scale is None else check_positive("softmax_scale", softmax_scale)
-    softcap = check_positive("softcap", softcap, allow_zero=True)
+    scale = softmax_scale_for(d, softmax_scale)
+    softcap = check_softcap(softcap)
+    for name, flag in (("return_lse", return_lse), ("return_tile_counts", return_tile_counts),
+                       ("return_partials", return_partials)):
+        check_bool(name, flag)
     q = q if q.stride(-1) == 1 else q.contiguous()
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache must be contiguous in the last dimension")
-    bn = block_n or decode_block_n(d)
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_row_offsets(name, t)
+    bn = decode_block_n(d) if block_n is None else check_power_of_two("block_n", block_n)
     bm = max(16, min(next_pow2(sq * group), 128 if runtime.INTERPRET else 64))
     row_tiles = triton.cdiv(sq * group, bm)
     split_size = split_size_for(capacity, num_splits, bn)
     dev = q.device
     dummy_i32 = torch.zeros(1, dtype=torch.int32, device=dev)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=output_dtype(q.dtype), device=dev)
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=dev)
     if num_splits == 1:
         o_buf, l_buf = out, lse
@@ -249,12 +279,12 @@ def decode_attention_triton(q, k_cache, v_cache, cache_seqlens, *, cache_leftpad
     o_view = o_buf if num_splits == 1 else o_buf[0]
     l_view = l_buf if num_splits == 1 else l_buf[0]
     tiles = torch.zeros(num_splits, b * hk, row_tiles, dtype=torch.int32, device=dev)
-    slopes = alibi_slopes.contiguous() if alibi_slopes is not None else torch.zeros(1, device=dev)
+    slopes = alibi_slopes if alibi_slopes is not None else torch.zeros(1, device=dev)
     stride_sb = slopes.stride(0) if slopes.dim() == 2 else 0
     table = block_table if block_table is not None else dummy_i32
     decode_kernel[(b * hk, num_splits, row_tiles)](
-        q, k_cache, v_cache, o_buf, l_buf, seqlens,
-        leftpad if leftpad is not None else dummy_i32,
+        q, k_cache, v_cache, o_buf, l_buf, end,
+        start if cache_leftpad is not None else dummy_i32,
         batch_idx if batch_idx is not None else dummy_i32,
         table, slopes, tiles,
         q.stride(0), q.stride(1), q.stride(2),
@@ -265,13 +295,13 @@ def decode_attention_triton(q, k_cache, v_cache, cache_seqlens, *, cache_leftpad
         table.stride(0) if block_table is not None else 0, stride_sb,
         hk, sq, d, page, split_size, scale, softcap if softcap > 0 else 1.0, left, right,
         GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d),
-        PAGED=block_table is not None, SPLIT=num_splits > 1, HAS_LEFTPAD=leftpad is not None,
+        PAGED=block_table is not None, SPLIT=num_splits > 1, HAS_LEFTPAD=cache_leftpad is not None,
         HAS_BATCH_IDX=batch_idx is not None, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         DOT_FP32=dot_in_fp32(q.dtype), num_warps=default_warps(d), num_stages=2,
     )
     if num_splits > 1:
         out, lse = combine_splits(o_buf, l_buf, q.dtype)
-    result = [out]
+    result = [out.to(q.dtype)]
     if return_lse:
         result.append(lse)
     if return_tile_counts:
@@ -286,15 +316,22 @@ def combine_splits(out_partial: torch.Tensor, lse_partial: torch.Tensor, out_dty
     batch, seqlen_q, nheads, headdim)``, ``lse_partial`` fp32 ``(splits, batch, nheads,
     seqlen_q)`` (-inf for empty splits). Returns ``out`` ``(batch, seqlen_q, nheads, headdim)``
     in ``out_dtype`` and ``lse`` ``(batch, nheads, seqlen_q)``; rows with no key: 0 and +inf."""
-    runtime.require_triton()
     check_tensor("out_partial", out_partial, ndim=5, dtypes=(torch.float32,))
     check_tensor("lse_partial", lse_partial, ndim=4, dtypes=(torch.float32,))
+    runtime.resolve_backend("triton", out_partial.device)
+    check_same(("out_partial", "lse_partial"), (out_partial, lse_partial), "device")
+    if out_dtype not in SUPPORTED_DTYPES:
+        raise ArgumentTypeError(f"out_dtype must be fp16, bf16 or fp32, got {out_dtype}")
     splits, b, sq, h, d = out_partial.shape
+    if min(out_partial.shape) == 0:
+        raise ArgumentError(f"out_partial must have no empty dimension, got {tuple(out_partial.shape)}")
+    if splits > 128:
+        raise ArgumentError(f"out_partial holds {splits} splits; at most 128 are combined")
     if tuple(lse_partial.shape) != (splits, b, h, sq):
-        raise ValueError(f"lse_partial must have shape (splits, batch, nheads, seqlen_q) = {(splits, b, h, sq)}, "
+        raise ArgumentError(f"lse_partial must have shape (splits, batch, nheads, seqlen_q) = {(splits, b, h, sq)}, "
                          f"got {tuple(lse_partial.shape)}")
     out_partial = out_partial if out_partial.stride(-1) == 1 else out_partial.contiguous()
-    out = torch.empty(b, sq, h, d, dtype=out_dtype, device=out_partial.device)
+    out = torch.empty(b, sq, h, d, dtype=output_dtype(out_dtype), device=out_partial.device)
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=out_partial.device)
     combine_kernel[(b * sq * h,)](
         out_partial, lse_partial, out, lse,
@@ -305,4 +342,4 @@ def combine_splits(out_partial: torch.Tensor, lse_partial: torch.Tensor, out_dty
         splits, h, sq, d,
         BLOCK_S=max(2, next_pow2(splits)), BLOCK_D=block_d(d),
     )
-    return out, lse
+    return out.to(out_dtype), lse

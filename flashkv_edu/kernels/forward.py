@@ -12,10 +12,30 @@ from __future__ import annotations
 import torch
 
 from .. import runtime
-from ..reference import _check_attention_inputs
+from ..reference import check_attention_inputs
 from ..runtime import tl, triton
-from ..validation import check_lengths, check_positive, check_window
-from .common import MAX_HEADDIM, SUPPORTED_DTYPES, block_d, default_blocks, default_warps, dot_in_fp32
+from ..validation import (
+    ArgumentError,
+    ArgumentTypeError,
+    check_bool,
+    check_float_tensor,
+    check_int,
+    check_power_of_two,
+    check_softcap,
+    key_range,
+    normalize_window,
+    softmax_scale_for,
+)
+from .common import (
+    MAX_HEADDIM,
+    SUPPORTED_DTYPES,
+    block_d,
+    check_row_offsets,
+    default_blocks,
+    default_warps,
+    dot_in_fp32,
+    output_dtype,
+)
 
 if runtime.HAS_TRITON:
     from .common import online_softmax_step
@@ -38,13 +58,19 @@ if runtime.HAS_TRITON:
         b = pid_bh // nheads
         h = pid_bh % nheads
         kvh = h // GROUP
+        # Scalar base pointers with 64-bit offsets (b * stride_kb passes 2^31 in large tensors);
+        # the per-element offsets added to them stay 32-bit.
+        b64 = b.to(tl.int64)
+        Q_bh = Q + b64 * stride_qb + h * stride_qh
+        K_bh = K + b64 * stride_kb + kvh * stride_kh
+        V_bh = V + b64 * stride_vb + kvh * stride_vh
         start = tl.load(LEFTPAD_K + b)
         sk = tl.load(SEQLENS_K + b) - start              # valid keys of this sequence
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         row_ok = rows < seqlen_q
         dim_ok = dims < headdim
-        q = tl.load(Q + b * stride_qb + rows[:, None] * stride_qs + h * stride_qh + dims[None, :],
+        q = tl.load(Q_bh + rows[:, None] * stride_qs + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         diag = rows + sk - seqlen_q                        # bottom-right alignment
         # Loop bounds: key tiles entirely outside every row's window are never visited.
@@ -66,9 +92,9 @@ if runtime.HAS_TRITON:
             cols = start_n + tl.arange(0, BLOCK_N)       # compacted key index j'
             col_ok = cols < sk
             kv_rows = start + cols
-            k = tl.load(K + b * stride_kb + kv_rows[:, None] * stride_ks + kvh * stride_kh + dims[None, :],
+            k = tl.load(K_bh + kv_rows[:, None] * stride_ks + dims[None, :],
                         mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            v = tl.load(V + b * stride_vb + kv_rows[:, None] * stride_vs + kvh * stride_vh + dims[None, :],
+            v = tl.load(V_bh + kv_rows[:, None] * stride_vs + dims[None, :],
                         mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
             visible = row_ok[:, None] & col_ok[None, :]
             if window_right >= 0:
@@ -82,9 +108,9 @@ if runtime.HAS_TRITON:
         empty = l_i == 0.0
         out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
         lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-        tl.store(O + b * stride_ob + rows[:, None] * stride_os + h * stride_oh + dims[None, :],
+        tl.store(O + b64 * stride_ob + h * stride_oh + rows[:, None] * stride_os + dims[None, :],
                  out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
-        tl.store(LSE + b * stride_lb + h * stride_lh + rows, lse, mask=row_ok)
+        tl.store(LSE + b64 * stride_lb + h * stride_lh + rows, lse, mask=row_ok)
         tl.store(TILES + pid_bh * tl.num_programs(0) + pid_m, tiles)
 
 
@@ -99,35 +125,32 @@ def attention_triton(q, k, v, *, softmax_scale=None, causal=False, window_size=(
     ``return_lse``, plus the int32 ``(batch * nheads, query tiles)`` count of key tiles each
     program visited with ``return_tile_counts``.
     """
-    runtime.require_triton()
-    _check_attention_inputs(q, k, v, alibi_slopes)
+    slopes = check_attention_inputs(q, k, v, alibi_slopes, max_headdim=MAX_HEADDIM)
+    runtime.resolve_backend("triton", q.device)
     if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q must be fp16, bf16 or fp32 for the Triton kernel, got {q.dtype}")
+        raise ArgumentTypeError(f"q must be fp16, bf16 or fp32 for the Triton kernel, got {q.dtype}")
     b, sq, h, d = q.shape
-    sk_cap, hk = k.shape[1], k.shape[2]
-    if d > MAX_HEADDIM:
-        raise ValueError(f"headdim must be <= {MAX_HEADDIM}, got {d}")
-    left, right = check_window(window_size)
-    if causal:
-        right = 0
-    scale = d**-0.5 if softmax_scale is None else check_positive("softmax_scale", softmax_scale)
-    softcap = check_positive("softcap", softcap, allow_zero=True)
-    ends = check_lengths("seqlens_k", sk_cap if seqlens_k is None else seqlens_k, b, high=sk_cap, device=q.device)
-    starts = check_lengths("leftpad_k", 0 if leftpad_k is None else leftpad_k, b, device=q.device)
-    if bool((starts > ends).any()):
-        raise ValueError(f"leftpad_k must be <= seqlens_k, got {starts.tolist()} > {ends.tolist()}")
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if sq == 0:
+        raise ArgumentError("q must have seqlen_q >= 1, got 0")
+    hk = k.shape[2]
+    left, right = normalize_window(window_size, causal)
+    scale = softmax_scale_for(d, softmax_scale)
+    softcap = check_softcap(softcap)
+    starts, ends = key_range(seqlens_k, leftpad_k, b, k.shape[1], device=q.device)
+    check_bool("return_lse", return_lse)
+    check_bool("return_tile_counts", return_tile_counts)
     dflt_m, dflt_n = default_blocks(d)
-    bm, bn = block_m or dflt_m, block_n or dflt_n
-    out = torch.empty_like(q)
+    bm = dflt_m if block_m is None else check_power_of_two("block_m", block_m)
+    bn = dflt_n if block_n is None else check_power_of_two("block_n", block_n)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_row_offsets(name, t)
+    out = torch.empty(q.shape, dtype=output_dtype(q.dtype), device=q.device)
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(sq, bm), b * h)
     tiles = torch.zeros(b * h, grid[0], dtype=torch.int32, device=q.device)
-    slopes = alibi_slopes if alibi_slopes is not None else torch.zeros(1, dtype=torch.float32, device=q.device)
+    slopes = slopes if slopes is not None else torch.zeros(1, dtype=torch.float32, device=q.device)
     stride_sb = 0 if slopes.dim() == 1 else slopes.stride(0)
-    if slopes.dim() == 2:
-        slopes = slopes if slopes.stride(1) == 1 else slopes.contiguous()
-        stride_sb = slopes.stride(0)
     attention_fwd_kernel[grid](
         q, k, v, out, lse, ends, starts, slopes, tiles,
         q.stride(0), q.stride(1), q.stride(2),
@@ -141,7 +164,7 @@ def attention_triton(q, k, v, *, softmax_scale=None, causal=False, window_size=(
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, DOT_FP32=dot_in_fp32(q.dtype),
         num_warps=default_warps(d), num_stages=2,
     )
-    result = [out]
+    result = [out.to(q.dtype)]
     if return_lse:
         result.append(lse)
     if return_tile_counts:
@@ -156,9 +179,11 @@ def tile_schedule(seqlen_q: int, seqlen_k: int, block_m: int, block_n: int, *, c
     and fully visible, 2 = visited and partly masked (ragged tail or mask edge)."""
     from ..reference import attention_mask
 
-    left, right = check_window(window_size)
-    if causal:
-        right = 0
+    seqlen_q = check_int("seqlen_q", seqlen_q, low=1)
+    seqlen_k = check_int("seqlen_k", seqlen_k, low=1)
+    block_m = check_int("block_m", block_m, low=1)
+    block_n = check_int("block_n", block_n, low=1)
+    left, right = normalize_window(window_size, causal)
     mask = attention_mask(seqlen_q, seqlen_k, window_size=(left, right))
     n_m, n_n = -(-seqlen_q // block_m), -(-seqlen_k // block_n)
     grid = torch.zeros(n_m, n_n, dtype=torch.int32)
@@ -210,7 +235,14 @@ def simple_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step=Non
                      block_n: int = 16) -> torch.Tensor:
     """Single-head fp32 attention ``(seqlen, headdim)`` through :func:`simple_attention_kernel`,
     with ``step`` (default: the package's ``online_softmax_step``) as the inner loop."""
-    runtime.require_triton()
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, x, ndim=2)
+    runtime.resolve_backend("triton", q.device)
+    if k.shape != v.shape or k.shape[1] != q.shape[1] or q.shape[1] == 0:
+        raise ArgumentError(f"q (seqlen_q, headdim) and k, v (seqlen_k, headdim) must share headdim >= 1, got "
+                            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    block_m = check_power_of_two("block_m", block_m)
+    block_n = check_power_of_two("block_n", block_n)
     from .common import online_softmax_step
 
     q, k, v = (x.float().contiguous() for x in (q, k, v))
