@@ -7,28 +7,48 @@ Keys and values live in ``(batch, capacity, nheads_k, headdim)`` buffers, FlashA
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 
-from .validation import FLOAT_DTYPES, check_same, check_tensor
+from .validation import (
+    FLOAT_DTYPES,
+    ArgumentError,
+    ArgumentTypeError,
+    check_bool,
+    check_int,
+    check_same,
+    check_tensor,
+)
 
 
-def check_seq_idx(seq_idx, batch: int, device=None) -> torch.Tensor:
+def _int_list_tensor(name: str, values, device=None) -> torch.Tensor:
+    """A 1-D int64 tensor from an int, a list of ints or an integer tensor; bools, floats and
+    anything ragged are refused."""
+    if isinstance(values, torch.Tensor):
+        idx = values.to(device) if device is not None else values
+    else:
+        items = [values] if not isinstance(values, (list, tuple)) else list(values)
+        if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in items):
+            raise ArgumentTypeError(f"{name} must be an int or a 1-D list/tensor of ints, got {values!r}")
+        idx = torch.tensor(items, dtype=torch.int64, device=device)
+    if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise ArgumentTypeError(f"{name} must be an int or a 1-D list/tensor of ints, got {values!r}")
+    return idx.long()
+
+
+def check_seq_idx(seq_idx, batch: int, device=None, name: str = "seq_idx") -> torch.Tensor:
     """Turn ``seq_idx`` (None = every row, an int, a list or a 1-D integer tensor) into distinct,
     in-range int64 row indices."""
     if seq_idx is None:
         return torch.arange(batch, device=device)
-    if isinstance(seq_idx, int) and not isinstance(seq_idx, bool):
-        seq_idx = [seq_idx]
-    idx = torch.as_tensor(seq_idx, device=device)
-    if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
-        raise TypeError(f"seq_idx must be an int or a 1-D list/tensor of ints, got {seq_idx!r}")
+    idx = _int_list_tensor(name, seq_idx, device)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= batch):
-        raise ValueError(f"seq_idx entries must lie in [0, {batch}), got {idx.tolist()}")
+        raise ArgumentError(f"{name} entries must lie in [0, {batch}), got {idx.tolist()}")
     if idx.unique().numel() != idx.numel():
-        raise ValueError(f"seq_idx must not repeat a sequence, got {idx.tolist()}")
-    return idx.long()
+        raise ArgumentError(f"{name} must not repeat a sequence, got {idx.tolist()}")
+    return idx
 
 
 def write_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor, k: torch.Tensor,
@@ -85,10 +105,10 @@ class KVCache:
                  dtype=torch.float32, device=None, growable: bool = False):
         for name, value in (("batch", batch), ("max_seqlen", max_seqlen), ("nheads_k", nheads_k),
                             ("headdim", headdim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value, low=1)
         if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+            raise ArgumentTypeError(f"dtype must be a floating dtype, got {dtype}")
+        check_bool("growable", growable)
         shape = (batch, max_seqlen, nheads_k, headdim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
@@ -124,9 +144,9 @@ class KVCache:
         check_same(("k_cache", name), (self.k_cache, x), "dtype")
         check_same(("k_cache", name), (self.k_cache, x), "device")
         if x.shape[2] != self.nheads_k:
-            raise ValueError(f"{name} must have nheads_k={self.nheads_k} heads, got {x.shape[2]}")
+            raise ArgumentError(f"{name} must have nheads_k={self.nheads_k} heads, got {x.shape[2]}")
         if x.shape[3] != self.headdim:
-            raise ValueError(f"{name} must have headdim={self.headdim}, got {x.shape[3]}")
+            raise ArgumentError(f"{name} must have headdim={self.headdim}, got {x.shape[3]}")
 
     def append(self, k: torch.Tensor, v: torch.Tensor, seq_idx=None, num_new=None) -> None:
         """Append new tokens ``k, v`` ``(n, snew, nheads_k, headdim)`` to ``n`` sequences.
@@ -138,23 +158,23 @@ class KVCache:
         self._check_new("k", k)
         self._check_new("v", v)
         if k.shape != v.shape:
-            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+            raise ArgumentError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
         rows = check_seq_idx(seq_idx, self.batch, self.k_cache.device)
         if k.shape[0] != rows.numel():
-            raise ValueError(f"k has {k.shape[0]} rows but seq_idx selects {rows.numel()} sequences")
+            raise ArgumentError(f"k has {k.shape[0]} rows but seq_idx selects {rows.numel()} sequences")
         if num_new is None:
-            counts = torch.full((rows.numel(),), k.shape[1], dtype=torch.int32, device=rows.device)
+            counts = torch.full((rows.numel(),), k.shape[1], dtype=torch.int64, device=rows.device)
         else:
-            counts = torch.as_tensor(num_new, device=rows.device)
-            if counts.shape != (rows.numel(),) or counts.dtype.is_floating_point:
-                raise ValueError(f"num_new must be {rows.numel()} ints, got {num_new!r}")
+            counts = _int_list_tensor("num_new", num_new, rows.device)
+            if counts.shape != (rows.numel(),):
+                raise ArgumentError(f"num_new must hold {rows.numel()} ints (one per sequence), got {num_new!r}")
             if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > k.shape[1]):
-                raise ValueError(f"num_new entries must lie in [0, {k.shape[1]}], got {counts.tolist()}")
+                raise ArgumentError(f"num_new entries must lie in [0, {k.shape[1]}], got {counts.tolist()}")
         start = self.cache_seqlens[rows]
         needed = int((start + counts).max()) if rows.numel() else 0
         if needed > self.capacity:
             if not self.growable:
-                raise ValueError(
+                raise ArgumentError(
                     f"cache overflow: appending {counts.tolist()} tokens to sequences {rows.tolist()} "
                     f"of length {start.tolist()} needs {needed} rows, capacity is {self.capacity}")
             self._grow(needed)
@@ -183,7 +203,7 @@ class KVCache:
     # --- reading --------------------------------------------------------------------------
     def valid(self, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views ``(length, nheads_k, headdim)`` of sequence ``seq``'s cached keys and values."""
-        row = int(check_seq_idx(seq, self.batch)[0])
+        row = int(check_seq_idx(check_int("seq", seq), self.batch, name="seq")[0])
         n = int(self.cache_seqlens[row])
         return self.k_cache[row, :n], self.v_cache[row, :n]
 

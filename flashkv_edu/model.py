@@ -15,6 +15,7 @@ from torch import nn
 from .cache import KVCache, check_seq_idx
 from .reference import attention_ref
 from .rotary import apply_rotary, rotary_tables
+from .validation import ArgumentError, ArgumentTypeError
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,11 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.dim % self.n_heads:
-            raise ValueError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
+            raise ArgumentError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+            raise ArgumentError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if self.positions not in ("rotary", "learned"):
-            raise ValueError(f"positions must be 'rotary' or 'learned', got {self.positions!r}")
+            raise ArgumentError(f"positions must be 'rotary' or 'learned', got {self.positions!r}")
 
 
 class Attention(nn.Module):
@@ -146,20 +147,24 @@ class TinyDecoder(nn.Module):
         from position 0. With a cache they are the next ``s`` tokens of sequences ``seq_idx``
         (default: all), placed after what the cache already holds."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
-            raise TypeError("tokens must be an integer tensor of shape (batch, seqlen)")
+            raise ArgumentTypeError("tokens must be an integer tensor of shape (batch, seqlen)")
+        if tokens.dtype == torch.bool or tokens.numel() == 0:
+            raise ArgumentError(f"tokens must be a non-empty integer tensor, got {tokens.dtype} {tuple(tokens.shape)}")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size:
+            raise ArgumentError(f"tokens must lie in [0, {self.cfg.vocab_size}) (the vocabulary)")
         n, s = tokens.shape
         if cache is None:
             rows = None
             positions = torch.arange(s, device=tokens.device).expand(n, s)
         else:
             if len(cache) != self.cfg.n_layers:
-                raise ValueError(f"cache must hold {self.cfg.n_layers} layers, got {len(cache)}")
+                raise ArgumentError(f"cache must hold {self.cfg.n_layers} layers, got {len(cache)}")
             rows = check_seq_idx(seq_idx, cache[0].batch, tokens.device)
             if rows.numel() != n:
-                raise ValueError(f"tokens has {n} rows but seq_idx selects {rows.numel()} sequences")
+                raise ArgumentError(f"tokens has {n} rows but seq_idx selects {rows.numel()} sequences")
             start = cache[0].cache_seqlens[rows].long()
             if not cache[0].growable and int(start.max()) + s > cache[0].capacity:
-                raise ValueError(f"cache overflow: {int(start.max())} + {s} tokens > capacity {cache[0].capacity}")
+                raise ArgumentError(f"cache overflow: {int(start.max())} + {s} tokens > capacity {cache[0].capacity}")
             positions = start[:, None] + torch.arange(s, device=tokens.device)[None, :]
         ctx = (_FullContext(positions, self.rope(), training=False) if cache is None
                else _CacheContext(cache, rows, positions, self.rope()))
@@ -173,7 +178,7 @@ class TinyDecoder(nn.Module):
         """Embed ``tokens`` at ``positions`` (both ``(n, s)``), run the blocks with attention
         context ``ctx``, return logits ``(n, s, vocab_size)``."""
         if int(positions.max()) >= self.cfg.max_seqlen:
-            raise ValueError(f"position {int(positions.max())} exceeds max_seqlen {self.cfg.max_seqlen}")
+            raise ArgumentError(f"position {int(positions.max())} exceeds max_seqlen {self.cfg.max_seqlen}")
         x = self.embed(tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
@@ -200,7 +205,7 @@ class TinyDecoder(nn.Module):
         if isinstance(prompts, torch.Tensor):
             prompts = prompts.tolist()
         if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("prompts must be a non-empty list of non-empty token lists")
+            raise ArgumentError("prompts must be a non-empty list of non-empty token lists")
         device = self.head.weight.device
         seqs = [list(p) for p in prompts]
         if not use_cache:

@@ -23,11 +23,30 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .validation import FLOAT_DTYPES, check_same, check_tensor
+from .validation import (
+    FLOAT_DTYPES,
+    ArgumentError,
+    ArgumentTypeError,
+    check_bool,
+    check_int,
+    check_same,
+    check_tensor,
+)
 
 
 class OutOfBlocksError(RuntimeError):
     """No free block is left (nothing was changed)."""
+
+
+def _token_ids(name: str, tokens) -> list[int]:
+    """A list of token ids (ints >= 0) from a list, a tuple or a 1-D integer tensor."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dim() != 1 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise ArgumentTypeError(f"{name} must be a 1-D list or tensor of token ids, got {tokens!r}")
+        tokens = tokens.tolist()
+    if not isinstance(tokens, (list, tuple)):
+        raise ArgumentTypeError(f"{name} must be a list of token ids, got {type(tokens).__name__}")
+    return [check_int(f"{name}[{i}]", t, low=0) for i, t in enumerate(tokens)]
 
 
 def block_hash(parent: bytes | None, tokens) -> bytes:
@@ -42,6 +61,12 @@ def slot_mapping(positions: torch.Tensor, block_table_row: torch.Tensor, block_s
     """Where tokens live: for token positions ``(n,)`` of one sequence, return the physical
     ``(block ids, offsets)``, each ``(n,)``: ``block_table_row[p // block_size]`` and
     ``p % block_size``."""
+    check_tensor("positions", positions, ndim=1)
+    check_tensor("block_table_row", block_table_row, ndim=1)
+    block_size = check_int("block_size", block_size, low=1)
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= block_size * block_table_row.numel()):
+        raise ArgumentError(f"positions must lie in [0, {block_size * block_table_row.numel()}) "
+                            f"(block_table_row holds {block_table_row.numel()} blocks of {block_size})")
     positions = positions.long()
     return block_table_row.long()[positions // block_size], positions % block_size
 
@@ -56,8 +81,7 @@ class BlockAllocator:
 
     def __init__(self, num_blocks: int, block_size: int):
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value, low=1)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.ref_count = [0] * num_blocks
@@ -74,6 +98,7 @@ class BlockAllocator:
     def allocate(self, n: int = 1) -> list[int]:
         """Take ``n`` free blocks (reference count 1 each), evicting cached ones oldest first.
         Raises :class:`OutOfBlocksError` and changes nothing if fewer than ``n`` are free."""
+        n = check_int("n", n, low=0)
         if n > self.num_free:
             raise OutOfBlocksError(f"need {n} free blocks, only {self.num_free} of {self.num_blocks} are free")
         blocks = []
@@ -89,20 +114,20 @@ class BlockAllocator:
 
     def _check_block(self, block: int) -> None:
         if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < self.num_blocks:
-            raise ValueError(f"unknown block {block!r}: blocks are 0 .. {self.num_blocks - 1}")
+            raise ArgumentError(f"unknown block {block!r}: blocks are 0 .. {self.num_blocks - 1}")
 
     def incref(self, block: int) -> None:
         """Share a block that is in use (a fork)."""
         self._check_block(block)
         if self.ref_count[block] == 0:
-            raise ValueError(f"block {block} is free; it cannot be shared")
+            raise ArgumentError(f"block {block} is free; it cannot be shared")
         self.ref_count[block] += 1
 
     def free(self, block: int) -> None:
         """Drop one reference; at zero the block joins the tail of the free list."""
         self._check_block(block)
         if self.ref_count[block] == 0:
-            raise ValueError(f"double free of block {block}")
+            raise ArgumentError(f"double free of block {block}")
         self.ref_count[block] -= 1
         if self.ref_count[block] == 0:
             self.free_list[block] = None
@@ -110,6 +135,10 @@ class BlockAllocator:
     def register(self, block: int, key: bytes) -> None:
         """Record that full ``block`` holds the tokens hashed as ``key`` (first writer wins)."""
         self._check_block(block)
+        if not isinstance(key, bytes):
+            raise ArgumentTypeError(f"key must be bytes (a block_hash), got {type(key).__name__}")
+        if self.ref_count[block] == 0:
+            raise ArgumentError(f"block {block} is free; only a block in use can be registered")
         if key not in self.block_of and block not in self.hash_of:
             self.block_of[key] = block
             self.hash_of[block] = key
@@ -117,6 +146,8 @@ class BlockAllocator:
     def lookup(self, key: bytes) -> int | None:
         """A cached block with this key, now referenced once more (taken off the free list if it
         was free), or None."""
+        if not isinstance(key, bytes):
+            raise ArgumentTypeError(f"key must be bytes (a block_hash), got {type(key).__name__}")
         block = self.block_of.get(key)
         if block is None:
             return None
@@ -149,7 +180,11 @@ class PagedKVCache:
                  max_blocks_per_seq: int, dtype=torch.float32, device=None, prefix_caching: bool = True,
                  num_layers: int = 1):
         if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+            raise ArgumentTypeError(f"dtype must be a floating dtype, got {dtype}")
+        for name, value in (("nheads_k", nheads_k), ("headdim", headdim), ("max_batch", max_batch),
+                            ("max_blocks_per_seq", max_blocks_per_seq), ("num_layers", num_layers)):
+            check_int(name, value, low=1)
+        check_bool("prefix_caching", prefix_caching)
         self.allocator = BlockAllocator(num_blocks, block_size)
         shape = (num_layers, num_blocks, block_size, nheads_k, headdim)
         # One pool pair per layer; all layers share the block tables (a token sits at the same
@@ -185,15 +220,15 @@ class PagedKVCache:
         return self.block_table.shape[1]
 
     def _slot(self, slot: int) -> _Sequence:
-        if slot not in self.seqs:
-            raise ValueError(f"slot {slot!r} holds no sequence (open slots: {sorted(self.seqs)})")
+        if isinstance(slot, bool) or not isinstance(slot, int) or slot not in self.seqs:
+            raise ArgumentError(f"slot {slot!r} holds no sequence (open slots: {sorted(self.seqs)})")
         return self.seqs[slot]
 
     def _free_slot(self) -> int:
         for slot in range(self.max_batch):
             if slot not in self.seqs:
                 return slot
-        raise ValueError(f"all {self.max_batch} batch slots are in use")
+        raise ArgumentError(f"all {self.max_batch} batch slots are in use")
 
     def _sync_row(self, slot: int) -> None:
         seq = self.seqs[slot]
@@ -207,9 +242,9 @@ class PagedKVCache:
         ``prompt_tokens`` already in the cache is reused (never the whole prompt: its last token
         is always left to compute). Returns ``(slot, cached_tokens)``:
         the caller appends keys/values for ``prompt_tokens[cached_tokens:]`` only."""
+        tokens = [] if prompt_tokens is None else _token_ids("prompt_tokens", prompt_tokens)
         slot = self._free_slot()
         seq = _Sequence()
-        tokens = [int(t) for t in (prompt_tokens or [])]
         if self.prefix_caching:
             bs = self.block_size
             parent = None
@@ -233,7 +268,8 @@ class PagedKVCache:
         bs = self.block_size
         total_blocks = -(-(seq.length + n) // bs)
         if total_blocks > self.max_blocks_per_seq:
-            raise ValueError(f"sequence would need {total_blocks} blocks, block_table holds {self.max_blocks_per_seq}")
+            raise ArgumentError(f"n: the sequence would need {total_blocks} blocks, block_table holds "
+                                f"{self.max_blocks_per_seq}")
         partial = seq.length % bs != 0
         cow = n > 0 and partial and self.allocator.ref_count[seq.blocks[-1]] > 1
         return total_blocks - len(seq.blocks) + int(cow), cow
@@ -249,11 +285,12 @@ class PagedKVCache:
         for name, x in (("k", k), ("v", v)):
             check_tensor(name, x, ndim=3)
             check_same(("k_cache", name), (self.k_cache, x), "dtype")
+            check_same(("k_cache", name), (self.k_cache, x), "device")
             if tuple(x.shape[1:]) != tuple(self.k_cache.shape[2:]):
-                raise ValueError(f"{name} must be (n, nheads_k={self.k_cache.shape[2]}, "
-                                 f"headdim={self.k_cache.shape[3]}), got {tuple(x.shape)}")
+                raise ArgumentError(f"{name} must be (n, nheads_k={self.k_cache.shape[2]}, "
+                                    f"headdim={self.k_cache.shape[3]}), got {tuple(x.shape)}")
         if k.shape != v.shape:
-            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+            raise ArgumentError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
         start = self.reserve(slot, k.shape[0], tokens)
         pos = torch.arange(start, start + k.shape[0], device=self.k_cache.device)
         blocks, offsets = slot_mapping(pos, self.block_table[slot], self.block_size)
@@ -267,9 +304,10 @@ class PagedKVCache:
         values (``flash_attn_with_kvcache`` does it through ``block_table``). Raises, changing
         nothing, when the pool has too few free blocks."""
         seq = self._slot(slot)
-        tokens = [int(t) for t in tokens] if tokens is not None else None
+        n = check_int("n", n, low=0)
+        tokens = _token_ids("tokens", tokens) if tokens is not None else None
         if tokens is not None and len(tokens) != n:
-            raise ValueError(f"tokens must hold {n} ids, got {len(tokens)}")
+            raise ArgumentError(f"tokens must hold {n} ids, got {len(tokens)}")
         need, cow = self._plan(seq, n)
         if need > self.allocator.num_free:
             raise OutOfBlocksError(f"appending {n} tokens to slot {slot} needs {need} free blocks, "
@@ -342,9 +380,14 @@ class PagedKVCache:
 def gather_paged(k_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     """Dense view of a paged cache: ``(batch, max_blocks * block_size, nheads_k, headdim)`` with
     row ``p`` of sequence ``b`` taken from ``k_cache[block_table[b, p // bs], p % bs]``."""
+    check_tensor("k_cache", k_cache, ndim=4)
+    from .validation import check_block_table
+
+    check_block_table(block_table, block_table.shape[0] if isinstance(block_table, torch.Tensor) else 0,
+                      k_cache.shape[0])
     b, nblk = block_table.shape
-    dense = k_cache[block_table.long().flatten()]          # (b * nblk, bs, hk, d)
-    return dense.view(b, nblk * k_cache.shape[1], *k_cache.shape[2:])
+    dense = k_cache[block_table.long()]                    # (b, nblk, bs, hk, d), a copy
+    return dense.reshape(b, nblk * k_cache.shape[1], *k_cache.shape[2:])
 
 
 def paged_attention_torch(q, k_cache, v_cache, block_table, cache_seqlens, **kwargs):

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import torch
 
+from .validation import ArgumentError
+
 
 def rotary_tables(seqlen: int, rotary_dim: int, base: float = 10000.0, *, dtype=torch.float32,
                   device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin`` of shape ``(seqlen, rotary_dim // 2)`` for angles ``p * base^(-2m/rotary_dim)``."""
     if rotary_dim <= 0 or rotary_dim % 2:
-        raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
+        raise ArgumentError(f"rotary_dim must be a positive even number, got {rotary_dim}")
     inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim)
     angles = torch.arange(seqlen, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -28,7 +30,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
     ``(batch, seqlen)``. Computed in fp32 and rounded back to ``x``'s dtype; returns a new tensor."""
     rot = 2 * cos.shape[1]
     if rot > x.shape[-1]:
-        raise ValueError(f"rotary_dim {rot} (2 * cos.shape[1]) must be <= headdim {x.shape[-1]}")
+        raise ArgumentError(f"rotary_dim {rot} (2 * cos.shape[1]) must be <= headdim {x.shape[-1]}")
     c = cos[positions].float()[:, :, None, :]  # (batch, seqlen, 1, rot/2)
     s = sin[positions].float()[:, :, None, :]
     xf = x.float()

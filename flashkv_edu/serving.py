@@ -16,7 +16,22 @@ import torch
 
 from .api import flash_attn_with_kvcache
 from .model import TinyDecoder
-from .paged import PagedKVCache
+from .paged import OutOfBlocksError, PagedKVCache, _token_ids
+from .runtime import resolve_backend
+from .validation import ArgumentError, ArgumentTypeError, check_int
+
+
+def _check_tokens(model: TinyDecoder, name: str, tokens) -> list[int]:
+    ids = _token_ids(name, tokens)
+    vocab = model.cfg.vocab_size
+    if any(t >= vocab for t in ids):
+        raise ArgumentError(f"{name} holds token ids >= the model's vocabulary size {vocab}: {ids}")
+    return ids
+
+
+def _capacity(model: TinyDecoder, cache: PagedKVCache) -> int:
+    """Tokens one sequence can hold: the block table's reach and the model's rotary table."""
+    return min(cache.max_blocks_per_seq * cache.block_size, model.cfg.max_seqlen)
 
 
 class PagedContext:
@@ -54,7 +69,36 @@ def paged_step(model: TinyDecoder, cache: PagedKVCache, slots: list[int], tokens
                backend: str = "torch") -> torch.Tensor:
     """Run ``tokens[i]`` (equal lengths) as the next tokens of ``slots[i]``; returns logits of the
     last position of each, ``(len(slots), vocab)``."""
+    resolve_backend(backend, model.head.weight.device)
+    if not isinstance(model, TinyDecoder):
+        raise ArgumentTypeError(f"model must be a TinyDecoder, got {type(model).__name__}")
+    if not isinstance(cache, PagedKVCache):
+        raise ArgumentTypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
+    if not isinstance(slots, (list, tuple)) or not slots:
+        raise ArgumentError(f"slots must be a non-empty list of open slots, got {slots!r}")
+    slots = [check_int(f"slots[{i}]", s) for i, s in enumerate(slots)]
+    if len(set(slots)) != len(slots):
+        raise ArgumentError(f"slots must not repeat a slot, got {slots}")
+    for slot in slots:
+        cache._slot(slot)
+    if not isinstance(tokens, (list, tuple)) or len(tokens) != len(slots):
+        raise ArgumentError(f"tokens must be a list with one list of token ids per slot ({len(slots)}), "
+                            f"got {tokens!r}")
+    tokens = [_check_tokens(model, f"tokens[{i}]", t) for i, t in enumerate(tokens)]
     n = len(tokens[0])
+    if n == 0 or any(len(t) != n for t in tokens):
+        raise ArgumentError(f"tokens must hold the same number (>= 1) of ids for every slot, got lengths "
+                            f"{[len(t) for t in tokens]}")
+    limit = _capacity(model, cache)
+    need = 0
+    for slot in slots:
+        if cache.seqs[slot].length + n > limit:
+            raise ArgumentError(f"slot {slot} holds {cache.seqs[slot].length} tokens; {n} more exceed the "
+                                f"{limit} a sequence can hold (block table and the model's rotary table)")
+        need += cache._plan(cache.seqs[slot], n)[0]
+    if need > cache.allocator.num_free:
+        raise OutOfBlocksError(f"this step needs {need} free blocks, {cache.allocator.num_free} are free")
+    # Everything is checked; the reservations below cannot fail.
     starts = cache.cache_seqlens[torch.tensor(slots)].clone()
     for slot, toks in zip(slots, tokens, strict=True):
         cache.reserve(slot, n, toks)
@@ -90,7 +134,41 @@ class ServeTrace:
 @torch.no_grad()
 def serve(model: TinyDecoder, requests: list[Request], cache: PagedKVCache, backend: str = "torch") -> ServeTrace:
     """Continuous batching with greedy decoding. Fills each request's ``output`` and returns a
-    :class:`ServeTrace`. Requests are admitted in arrival order while a slot is free."""
+    :class:`ServeTrace`. Requests are admitted in arrival order while a slot is free.
+
+    Every request is checked before anything starts. If the pool runs out of blocks midway
+    (:class:`~flashkv_edu.paged.OutOfBlocksError`), the slots this call opened are freed
+    before the error propagates."""
+    resolve_backend(backend, model.head.weight.device)
+    if not isinstance(requests, (list, tuple)):
+        raise ArgumentTypeError(f"requests must be a list of Request, got {type(requests).__name__}")
+    limit = _capacity(model, cache)
+    for i, r in enumerate(requests):
+        if not isinstance(r, Request):
+            raise ArgumentTypeError(f"requests[{i}] must be a Request, got {type(r).__name__}")
+        prompt = _check_tokens(model, f"requests[{i}].prompt", r.prompt)
+        if not prompt:
+            raise ArgumentError(f"requests[{i}].prompt must hold at least one token")
+        check_int(f"requests[{i}].max_new_tokens", r.max_new_tokens, low=1)
+        check_int(f"requests[{i}].arrival", r.arrival, low=0)
+        if len(prompt) + r.max_new_tokens > limit:
+            raise ArgumentError(f"requests[{i}]: prompt ({len(prompt)}) + max_new_tokens ({r.max_new_tokens}) "
+                                f"exceeds the {limit} tokens a sequence can hold")
+        if r.slot is not None or r.output:
+            raise ArgumentError(f"requests[{i}] has already been served (slot or output set)")
+    if len({id(r) for r in requests}) != len(requests):
+        raise ArgumentError("requests must not list the same Request twice")
+    opened: list[int] = []
+    try:
+        return _serve_loop(model, requests, cache, backend, opened)
+    except BaseException:
+        for slot in opened:
+            if slot in cache.seqs:
+                cache.free(slot)
+        raise
+
+
+def _serve_loop(model, requests, cache, backend, opened) -> ServeTrace:
     pending = sorted(requests, key=lambda r: r.arrival)
     running: list[Request] = []
     trace = ServeTrace()
@@ -100,6 +178,7 @@ def serve(model: TinyDecoder, requests: list[Request], cache: PagedKVCache, back
         while pending and pending[0].arrival <= step and len(cache.seqs) < cache.max_batch:
             r = pending.pop(0)
             r.slot, r.cached_tokens = cache.add_sequence(r.prompt)
+            opened.append(r.slot)
             logits = paged_step(model, cache, [r.slot], [r.prompt[r.cached_tokens:]], backend)
             r.output.append(int(logits[0].argmax()))
             running.append(r)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .validation import check_same, check_tensor
+from .validation import ArgumentError, ArgumentTypeError, check_same, check_tensor
 
 
 class _LayeredCache:
@@ -180,7 +180,7 @@ class SlidingWindowCache(_LayeredCache):
         if window is None:
             return None
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window_size must be None or an int >= 1 (tokens kept, current one included), "
+            raise ArgumentError(f"window_size must be None or an int >= 1 (tokens kept, current one included), "
                              f"got {window!r}")
         return window
 
@@ -192,16 +192,16 @@ class SlidingWindowCache(_LayeredCache):
         check_tensor("key_states", key_states, ndim=4)
         check_tensor("value_states", value_states, ndim=4)
         if key_states.shape != value_states.shape:
-            raise ValueError(f"key_states and value_states must have the same shape, got "
+            raise ArgumentError(f"key_states and value_states must have the same shape, got "
                              f"{tuple(key_states.shape)} and {tuple(value_states.shape)}")
         check_same(("key_states", "value_states"), (key_states, value_states), "dtype")
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
-            raise ValueError(f"layer_idx must be an int >= 0, got {layer_idx!r}")
+            raise ArgumentError(f"layer_idx must be an int >= 0, got {layer_idx!r}")
         old = self.states.get(layer_idx)
         if old is not None:
             k = old[0]
             if (k.shape[0], *k.shape[2:]) != (key_states.shape[0], *key_states.shape[2:]):
-                raise ValueError(f"key_states must be (batch={k.shape[0]}, seqlen, nheads_k={k.shape[2]}, "
+                raise ArgumentError(f"key_states must be (batch={k.shape[0]}, seqlen, nheads_k={k.shape[2]}, "
                                  f"headdim={k.shape[3]}) for layer {layer_idx}, got {tuple(key_states.shape)}")
             check_same(("cached keys", "key_states"), (k, key_states), "dtype")
             check_same(("cached keys", "key_states"), (k, key_states), "device")
@@ -210,12 +210,12 @@ class SlidingWindowCache(_LayeredCache):
         """Add ``n`` new tokens; return the ``(keys, values)`` the new queries may attend to."""
         self._check_states(key_states, value_states, layer_idx)
         if cache_kwargs is not None and not isinstance(cache_kwargs, dict):
-            raise TypeError(f"cache_kwargs must be a dict or None, got {type(cache_kwargs).__name__}")
+            raise ArgumentTypeError(f"cache_kwargs must be a dict or None, got {type(cache_kwargs).__name__}")
         window = self.window(layer_idx)
         if cache_kwargs and "window_size" in cache_kwargs:
             given = self._check_window(cache_kwargs["window_size"])
             if layer_idx in self.states and given != window:
-                raise ValueError(f"window_size of layer {layer_idx} changed from {window} to {given}; "
+                raise ArgumentError(f"window_size of layer {layer_idx} changed from {window} to {given}; "
                                  "a layer's window is fixed once it holds tokens")
             window = given
         self.windows[layer_idx] = window

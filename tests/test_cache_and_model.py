@@ -76,7 +76,7 @@ def test_bad_appends_raise_and_leave_cache_unchanged(make, match):
 
 
 def test_bad_construction():
-    with pytest.raises(ValueError, match="max_seqlen must be a positive int"):
+    with pytest.raises(ValueError, match="max_seqlen must be >= 1"):
         KVCache(1, 0, 1, 4)
     with pytest.raises(TypeError, match="dtype"):
         KVCache(1, 4, 1, 4, dtype=torch.int32)
