@@ -182,29 +182,55 @@ def _append(k_cache, v_cache, k, v, seqlens, batch_rows, block_table):
         v_cache.index_put_((rows, pos), v)
 
 
-def _dense_cache(cache, batch_rows, block_table, batch: int, used: int):
-    """The first ``used`` rows of each sequence's cache as ``(batch, >= used, nheads_k, headdim)``:
-    a view of a contiguous cache (its first ``batch`` rows, or the rows ``batch_rows``), or
-    the pages of a paged pool that hold those rows (only those are gathered)."""
-    if block_table is not None:
-        page = cache.shape[1]
-        pages = max(1, -(-used // page))
-        dense = cache[block_table[:, :pages].long()]                       # (batch, pages, page, hk, d)
-        return dense.reshape(batch, pages * page, *cache.shape[2:])
-    if batch_rows is not None:
-        return cache[batch_rows.long(), :used]
-    return cache[:batch, :used]
+_WORKSPACE: dict = {}
+
+
+def _workspace(name: str, shape, dtype, device) -> torch.Tensor:
+    """A scratch tensor of ``shape`` reused across calls (grown when too small), like
+    FlashAttention's workspace: a fresh multi-MB allocation per call costs more in page faults
+    than the copy into it. Not shared between threads."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    key = (name, dtype, torch.device(device))
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _WORKSPACE[key] = buf
+    return buf[:numel].view(shape)
+
+
+def _gather_pages(name, pool, block_table, used: int, start, end) -> torch.Tensor:
+    """The pages of a paged pool ``(num_blocks, page, nheads_k, headdim)`` that hold the first
+    ``used`` rows of each sequence, gathered into ``(batch, pages * page, nheads_k, headdim)``;
+    rows outside each sequence's ``[start, end)`` are zeroed (they may hold anything)."""
+    b, page = block_table.shape[0], pool.shape[1]
+    pages = max(1, -(-used // page))
+    idx = block_table[:, :pages].reshape(-1).long()
+    out = _workspace(name, (b * pages, *pool.shape[1:]), pool.dtype, pool.device)
+    torch.index_select(pool, 0, idx, out=out)
+    out = out.view(b, pages * page, *pool.shape[2:])
+    cols = torch.arange(pages * page, device=pool.device)[None, :]
+    invalid = (cols < start.long()[:, None]) | (cols >= end.long()[:, None])
+    if bool(invalid.any()):
+        out[invalid] = 0
+    return out
 
 
 def attention_over_cache_torch(q, k_cache, v_cache, call: CacheCall, ends: torch.Tensor):
     """The PyTorch path: :func:`flashkv_edu.reference.attention_core` over each sequence's keys
-    ``[leftpad, ends)``, read in place from a contiguous cache or gathered page by page from a
-    paged pool. Computed in fp32. Returns ``(out, lse)``."""
+    ``[leftpad, ends)``, read in place from a contiguous cache, or gathered from a paged pool
+    (only the pages that hold valid keys). Computed in fp32. Returns ``(out, lse)``."""
     b = q.shape[0]
     used = int(ends.max())
-    k_dense = _dense_cache(k_cache, call.batch_rows, call.block_table, b, used)
-    v_dense = _dense_cache(v_cache, call.batch_rows, call.block_table, b, used)
     start = call.leftpad if call.leftpad is not None else torch.zeros_like(ends)
+    if call.block_table is not None:
+        k_dense = _gather_pages("k", k_cache, call.block_table, used, start, ends)
+        v_dense = _gather_pages("v", v_cache, call.block_table, used, start, ends)
+    elif call.batch_rows is not None:
+        k_dense, v_dense = k_cache[call.batch_rows.long(), :used], v_cache[call.batch_rows.long(), :used]
+    else:
+        k_dense, v_dense = k_cache[:b, :used], v_cache[:b, :used]
     return attention_core(q, k_dense, v_dense, scale=call.scale, window=call.window, softcap=call.softcap,
                           alibi_slopes=call.alibi_slopes, start=start, end=ends, compute_dtype=torch.float32)
 

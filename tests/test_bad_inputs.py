@@ -5,8 +5,8 @@ cache, table and allocator bit-for-bit as it was."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ from flashkv_edu.paged import BlockAllocator, OutOfBlocksError, PagedKVCache, ga
 from flashkv_edu.reference import attention_ref, key_visibility
 from flashkv_edu.rotary import rotary_tables
 from flashkv_edu.serving import Request, new_paged_cache, paged_step, serve
-from flashkv_edu.split import H100, block_n_for, choose_num_splits, model_decode, num_splits_heuristic, waves
+from flashkv_edu.split import block_n_for, choose_num_splits, model_decode, num_splits_heuristic, waves
 from flashkv_edu.validation import ArgumentError, ArgumentTypeError
 from flashkv_edu.window_cache import SlidingWindowCache
 
@@ -361,7 +361,8 @@ def _window(**kw):
 
 case("window cache shapes differ", VALUE, "value_states")(lambda: _window(v=torch.randn(1, 2, 1, 2)))
 case("window cache layer -1", VALUE, "layer_idx")(lambda: _window(layer_idx=-1))
-case("window cache kwargs a list", TYPE, "cache_kwargs")(lambda: _window(layer_idx=0, cache_kwargs=[("window_size", 4)]))
+case("window cache kwargs a list", TYPE, "cache_kwargs")(
+    lambda: _window(layer_idx=0, cache_kwargs=[("window_size", 4)]))
 case("window cache window 0", VALUE, "window_size")(lambda: _window(layer_idx=0, cache_kwargs={"window_size": 0}))
 case("window cache window changes", VALUE, "window_size")(lambda: _window(layer_idx=0, cache_kwargs={"window_size": 3}))
 case("window cache heads change", VALUE, "key_states")(lambda: _window(k=torch.randn(1, 1, 2, 2)))

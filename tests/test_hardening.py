@@ -17,7 +17,7 @@ from flashkv_edu import flash_attn_with_kvcache, runtime
 from flashkv_edu.kernels.decode import decode_attention_triton
 from flashkv_edu.kernels.forward import attention_triton
 from flashkv_edu.online_softmax import blockwise_attention
-from flashkv_edu.reference import attention_ref, attention_core
+from flashkv_edu.reference import attention_core, attention_ref
 from flashkv_edu.rotary import rotary_tables
 
 # --- views -------------------------------------------------------------------------------------
