@@ -158,10 +158,12 @@ def gqa_attention(q, k, v, *, mask=None, softmax_scale=None):
                            softmax_scale=softmax_scale)
 
 
-def check_attention_inputs(q, k, v, alibi_slopes=None, *, max_headdim: int | None = None):
+def check_attention_inputs(q, k, v, alibi_slopes=None, *, max_headdim: int | None = None,
+                           value_headdim_may_differ: bool = True):
     """The shared checks of ``attention_ref``-style entry points: q ``(batch, seqlen_q, nheads,
-    headdim)``, k and v ``(batch, seqlen_k, nheads_k, headdim)`` floating tensors of one dtype
-    and device, ``nheads_k`` dividing ``nheads``. Returns the contiguous ALiBi slopes (or None)."""
+    headdim)``, k ``(batch, seqlen_k, nheads_k, headdim)`` and v ``(batch, seqlen_k, nheads_k,
+    headdim_v)`` floating tensors of one dtype and device, ``nheads_k`` dividing ``nheads``.
+    Returns the contiguous ALiBi slopes (or None)."""
     check_float_tensor("q", q, ndim=4)
     check_float_tensor("k", k, ndim=4)
     check_float_tensor("v", v, ndim=4)
@@ -172,7 +174,7 @@ def check_attention_inputs(q, k, v, alibi_slopes=None, *, max_headdim: int | Non
         raise ArgumentError("q must have batch size >= 1, got 0")
     if k.shape[0] != b or v.shape[0] != b:
         raise ArgumentError(f"q, k, v must share the batch size; got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
-    check_qkv_shapes(q, k, v, max_headdim=max_headdim)
+    check_qkv_shapes(q, k, v, max_headdim=max_headdim, value_headdim_may_differ=value_headdim_may_differ)
     if alibi_slopes is None:
         return None
     return check_alibi_slopes(alibi_slopes, b, q.shape[2])
@@ -194,8 +196,9 @@ def attention_core(q, k, v, *, scale: float, window: tuple[int, int], softcap: f
                    start: torch.Tensor, end: torch.Tensor, compute_dtype=torch.float32):
     """The one PyTorch attention computation, on arguments already checked and normalised.
 
-    q ``(batch, seqlen_q, nheads, headdim)``; k, v ``(batch, seqlen_k, nheads_k, headdim)`` (any
-    strides); row ``b`` reads only keys ``[start[b], end[b])``; ``window`` is ``(left, right)``
+    q ``(batch, seqlen_q, nheads, headdim)``; k ``(batch, seqlen_k, nheads_k, headdim)``, v
+    ``(batch, seqlen_k, nheads_k, headdim_v)`` (any strides); row ``b`` reads only keys
+    ``[start[b], end[b])``; ``window`` is ``(left, right)``
     with causal folded in. Logits ``scale * q.k``, then ``softcap * tanh(z / softcap)`` when
     ``softcap > 0``, then ALiBi ``-slope * |diag - j'|``, then the mask.
 
@@ -228,8 +231,9 @@ def attention_core(q, k, v, *, scale: float, window: tuple[int, int], softcap: f
     lse = torch.logsumexp(z, dim=-1)                                         # -inf where a row sees nothing
     empty = torch.isneginf(lse)
     p = torch.exp(z - lse.masked_fill(empty, 0.0)[..., None]).view(b, hk, g * sq, s)
-    out = torch.stack([torch.bmm(p[:, j], vf[:, :, j]) for j in range(hk)], 1).view(b, hk, g, sq, d)
-    out = out.permute(0, 3, 1, 2, 4).reshape(b, sq, h, d).to(q.dtype)
+    dv = v.shape[3]
+    out = torch.stack([torch.bmm(p[:, j], vf[:, :, j]) for j in range(hk)], 1).view(b, hk, g, sq, dv)
+    out = out.permute(0, 3, 1, 2, 4).reshape(b, sq, h, dv).to(q.dtype)
     return out, lse.masked_fill(empty, float("inf")).reshape(b, h, sq)
 
 

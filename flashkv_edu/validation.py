@@ -213,9 +213,11 @@ def check_alibi_slopes(alibi_slopes, batch: int, nheads: int) -> torch.Tensor:
     return alibi_slopes.contiguous()
 
 
-def check_qkv_shapes(q, k, v, *, k_name: str = "k", v_name: str = "v", max_headdim: int | None = None) -> None:
+def check_qkv_shapes(q, k, v, *, k_name: str = "k", v_name: str = "v", max_headdim: int | None = None,
+                     value_headdim_may_differ: bool = False) -> None:
     """``q (batch, seqlen_q, nheads, headdim)`` against keys/values ``(batch_k, seqlen_k, nheads_k,
-    headdim)`` of one shape: nonzero heads and head dim, ``nheads_k`` dividing ``nheads``."""
+    headdim)`` of one shape (values may have their own head dim when allowed): nonzero heads and
+    head dim, ``nheads_k`` dividing ``nheads``."""
     _, _, h, d = q.shape
     if h == 0:
         raise ArgumentError("q must have nheads >= 1, got 0")
@@ -223,9 +225,10 @@ def check_qkv_shapes(q, k, v, *, k_name: str = "k", v_name: str = "v", max_headd
         raise ArgumentError("q must have headdim >= 1, got 0")
     if max_headdim is not None and d > max_headdim:
         raise ArgumentError(f"headdim of q must be <= {max_headdim}, got {d}")
-    if k.shape != v.shape:
-        raise ArgumentError(f"{k_name} and {v_name} must have the same shape, got {tuple(k.shape)} and "
-                            f"{tuple(v.shape)}")
+    same = k.shape[:3] == v.shape[:3] and v.shape[3] > 0 if value_headdim_may_differ else k.shape == v.shape
+    if not same:
+        what = "agree in (batch, seqlen_k, nheads_k)" if value_headdim_may_differ else "have the same shape"
+        raise ArgumentError(f"{k_name} and {v_name} must {what}, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[3] != d:
         raise ArgumentError(f"{k_name} head dim must equal q's ({d}), got {k.shape[3]}")
     hk = k.shape[2]

@@ -125,7 +125,7 @@ def attention_triton(q, k, v, *, softmax_scale=None, causal=False, window_size=(
     ``return_lse``, plus the int32 ``(batch * nheads, query tiles)`` count of key tiles each
     program visited with ``return_tile_counts``.
     """
-    slopes = check_attention_inputs(q, k, v, alibi_slopes, max_headdim=MAX_HEADDIM)
+    slopes = check_attention_inputs(q, k, v, alibi_slopes, max_headdim=MAX_HEADDIM, value_headdim_may_differ=False)
     runtime.resolve_backend("triton", q.device)
     if q.dtype not in SUPPORTED_DTYPES:
         raise ArgumentTypeError(f"q must be fp16, bf16 or fp32 for the Triton kernel, got {q.dtype}")
