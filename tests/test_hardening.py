@@ -314,3 +314,33 @@ def test_views_equal_the_contiguous_call_torch(cfg):
 @given(cfg=api_configs())
 def test_views_equal_the_contiguous_call_triton(cfg):
     _same_call(cfg, "triton")
+
+
+# --- valid inputs that used to fail -------------------------------------------------------------
+
+def test_window_size_as_an_integer_tensor_like_flashattentions_tests():
+    g = torch.Generator().manual_seed(4)
+    q, kc, vc = torch.randn(1, 2, 2, 16, generator=g), torch.randn(1, 9, 1, 16, generator=g), torch.randn(1, 9, 1, 16,
+                                                                                                             generator=g)
+    window = torch.randint(0, 9, (2,), generator=g)
+    for backend in ("torch", "triton"):
+        out = flash_attn_with_kvcache(q, kc, vc, window_size=window, backend=backend)
+        ref = attention_ref(q, kc, vc, window_size=tuple(window.tolist()))
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cache_with_more_rows_than_the_batch():
+    """A k_cache holding more sequences than the batch is valid (the first rows are used)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 1, 2, 16, generator=g)
+    kc, vc = torch.randn(4, 8, 1, 16, generator=g), torch.randn(4, 8, 1, 16, generator=g)
+    k, v = torch.randn(2, 1, 1, 16, generator=g), torch.randn(2, 1, 1, 16, generator=g)
+    lens = torch.tensor([3, 6], dtype=torch.int32)
+    outs = {}
+    for backend in ("torch", "triton"):
+        kb, vb = kc.clone(), vc.clone()
+        outs[backend] = flash_attn_with_kvcache(q, kb, vb, k, v, cache_seqlens=lens, causal=True, backend=backend)
+        assert torch.equal(kb[2:], kc[2:]) and torch.equal(vb[2:], vc[2:])      # rows past the batch untouched
+    ref = attention_ref(q, kb[:2], vb[:2], seqlens_k=lens + 1, causal=True)
+    for out in outs.values():
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
