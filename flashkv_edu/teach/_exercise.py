@@ -1,0 +1,123 @@
+"""How an exercise check runs: the machinery every teaching file shares.
+
+A check takes the learner's function and runs it on a list of cases. It prints exactly one
+line and returns:
+
+* ``None`` with ``<name>: not attempted yet ...`` when the function still raises
+  ``NotImplementedError`` (the stub as shipped); the notebook then goes on with the package's
+  own implementation, so it runs top to bottom;
+* ``True`` with ``<name>: PASS (...)``;
+* ``False`` with ``<name>: FAIL on <case>: expected ..., got ...`` for the first failing case.
+
+Triton exercises are ``@triton.jit`` functions run inside a small harness kernel through
+Triton's interpreter; a ``NotImplementedError`` raised in the kernel arrives wrapped in
+Triton's ``InterpreterError`` and is recognised through the exception chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+NOT_ATTEMPTED = "not attempted yet (write your code in the cell above; the notebook goes on with the package's own)"
+
+
+class CaseFailed(Exception):
+    """One case of a check failed; the message says what was expected and what came back."""
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise of a notebook, for the README table and the solutions command."""
+
+    notebook: str        # "01"
+    name: str            # the function the learner writes, e.g. "my_gqa_attention"
+    check: str           # the check's name in the teaching file
+    minutes: int         # an estimate for a workshop
+    triton: bool = False
+    bug_hunt: bool = False
+    source: str = ""     # where a bug-hunt's buggy code comes from
+
+
+def _not_implemented(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, NotImplementedError) or "NotImplementedError" in repr(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def run_check(name: str, fn, cases: Iterable[tuple[str, Callable]], passed: str) -> bool | None:
+    """Run ``case(fn)`` for each ``(label, case)`` and print the verdict line (see the module
+    docstring). ``passed`` describes what a PASS covered."""
+    if not callable(fn):
+        print(f"{name}: FAIL: expected a function, got {type(fn).__name__}")
+        return False
+    for i, (label, case) in enumerate(cases):
+        try:
+            case(fn)
+        except CaseFailed as exc:
+            print(f"{name}: FAIL on {label}: {exc}")
+            return False
+        except Exception as exc:  # the learner's code may raise anything
+            if _not_implemented(exc):
+                if i == 0:
+                    print(f"{name}: {NOT_ATTEMPTED}")
+                    return None
+                print(f"{name}: FAIL on {label}: your function raised NotImplementedError")
+                return False
+            print(f"{name}: FAIL on {label}: your code raised {type(exc).__name__}: {str(exc)[:300]}")
+            return False
+    print(f"{name}: PASS ({passed})")
+    return True
+
+
+def _show(x) -> str:
+    if isinstance(x, torch.Tensor):
+        if x.numel() <= 12:
+            return str(x.tolist())
+        return f"tensor of shape {tuple(x.shape)}"
+    return repr(x)
+
+
+def expect_equal(what: str, expected, got) -> None:
+    """Exact equality of ints, tuples, lists or tensors (dtype aside)."""
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            raise CaseFailed(f"{what}: expected a tensor, got {type(got).__name__}")
+        if tuple(got.shape) != tuple(expected.shape):
+            raise CaseFailed(f"{what}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}")
+        same = got.to(expected.dtype) == expected
+        if expected.dtype.is_floating_point:
+            same = same | (torch.isnan(expected) & torch.isnan(got.to(expected.dtype)))
+        if not bool(same.all()):
+            idx = tuple((~same).nonzero()[0].tolist())
+            raise CaseFailed(f"{what}: at index {idx} expected {expected[idx].item()}, got {got[idx].item()}")
+        return
+    if got != expected:
+        raise CaseFailed(f"{what}: expected {_show(expected)}, got {_show(got)}")
+
+
+def expect_close(what: str, expected: torch.Tensor, got, atol: float = 1e-4) -> None:
+    """``got`` within ``atol`` of ``expected`` everywhere (equal infinities count as equal)."""
+    if not isinstance(got, torch.Tensor):
+        raise CaseFailed(f"{what}: expected a tensor, got {type(got).__name__}")
+    if tuple(got.shape) != tuple(expected.shape):
+        raise CaseFailed(f"{what}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}")
+    e, g = expected.detach().double().cpu(), got.detach().double().cpu()
+    ok = (e - g).abs() <= atol
+    ok = ok | (e == g)
+    if not bool(ok.all()):
+        idx = tuple((~ok).nonzero()[0].tolist())
+        raise CaseFailed(f"{what}: at index {idx} expected {e[idx].item():.6g}, got {g[idx].item():.6g} "
+                         f"(tolerance {atol:g})")
+
+
+def expect_pair(what: str, got) -> tuple:
+    if not isinstance(got, tuple) or len(got) != 2:
+        raise CaseFailed(f"{what}: return a pair (a tuple of two), got {type(got).__name__}")
+    return got

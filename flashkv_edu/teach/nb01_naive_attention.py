@@ -1,0 +1,155 @@
+"""Notebook 01 (naive attention): its figures, its widget, and its exercises.
+
+Exercises: ``my_gqa_attention`` (query heads sharing KV heads), ``my_bottom_right_mask``
+(FlashAttention's causal mask), and the bug hunt ``window_size_for`` (transformers'
+``sliding_window=W`` handed to FlashAttention as ``(W, 0)``).
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.colors import ListedColormap
+
+from flashkv_edu.reference import attention_mask, attention_ref, top_left_causal_mask
+
+from ._exercise import CaseFailed, Exercise, expect_close, expect_equal, run_check
+
+EXERCISES = [
+    Exercise("01", "my_gqa_attention", "check_gqa_attention", 15),
+    Exercise("01", "my_bottom_right_mask", "check_bottom_right_mask", 10),
+    Exercise("01", "window_size_for", "check_window_size_for", 10, bug_hunt=True,
+             source="https://github.com/huggingface/transformers/issues/29623"),
+]
+
+# --- figures ---------------------------------------------------------------------------------
+
+MASK_COLORS = ListedColormap(["#f2f2f2", "#2b6cb0"])  # hidden, visible
+
+
+def show_mask(ax, mask: torch.Tensor, title: str, *, xlabel="key position j",
+              ylabel="query row i") -> None:
+    """Draw a bool ``(seqlen_q, seqlen_k)`` mask: blue = the query sees that key."""
+    sq, sk = mask.shape
+    ax.imshow(mask.int().numpy(), cmap=MASK_COLORS, vmin=0, vmax=1, aspect="equal")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(range(sk))
+    ax.set_yticks(range(sq))
+    ax.set_xticks([x - 0.5 for x in range(1, sk)], minor=True)
+    ax.set_yticks([y - 0.5 for y in range(1, sq)], minor=True)
+    ax.grid(which="minor", color="white", linewidth=1)
+    ax.tick_params(which="minor", length=0)
+
+
+def draw_mask_panel(seqlen_q: int = 3, seqlen_k: int = 8, window_left: int = -1,
+                    window_right: int = -1, causal: bool = True):
+    """Three heatmaps side by side: PyTorch's top-left causal mask, FlashAttention's
+    bottom-right mask for the chosen ``window_size``/``causal``, and their difference.
+    Returns the figure (so a widget can redraw it) and the number of visible entries."""
+    fa = attention_mask(seqlen_q, seqlen_k, causal=causal, window_size=(window_left, window_right))
+    tl = top_left_causal_mask(seqlen_q, seqlen_k)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 2.2 + 0.35 * seqlen_q))
+    show_mask(axes[0], tl, f"top-left causal (is_causal=True)\n{seqlen_q} queries, {seqlen_k} keys")
+    window = f"window_size=({window_left}, {window_right})" + (", causal" if causal else "")
+    show_mask(axes[1], fa, f"FlashAttention bottom-right\n{window}")
+    show_mask(axes[2], fa ^ tl, "where they differ")
+    fig.tight_layout()
+    return fig, int(fa.sum())
+
+
+def mask_explorer():
+    """An ipywidgets explorer over seqlen_q, seqlen_k, window and causal for
+    :func:`draw_mask_panel`."""
+    import ipywidgets as widgets
+
+    def redraw(seqlen_q, seqlen_k, window_left, window_right, causal):
+        fig, _ = draw_mask_panel(seqlen_q, seqlen_k, window_left, window_right, causal)
+        plt.show()
+
+    return widgets.interactive(
+        redraw,
+        seqlen_q=widgets.IntSlider(value=3, min=1, max=12, description="seqlen_q"),
+        seqlen_k=widgets.IntSlider(value=8, min=1, max=16, description="seqlen_k"),
+        window_left=widgets.IntSlider(value=-1, min=-1, max=12, description="window left"),
+        window_right=widgets.IntSlider(value=-1, min=-1, max=12, description="window right"),
+        causal=widgets.Checkbox(value=True, description="causal"),
+    )
+
+
+# --- exercise 1: attention with shared KV heads ---------------------------------------------
+
+def my_gqa_attention(q, k, v):
+    """Unmasked attention for ``q (b, s_q, h, d)`` and ``k, v (b, s_k, h_k, d)``, ``h_k`` dividing
+    ``h``: query head ``i`` reads KV head ``i // (h // h_k)``."""
+    group = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(group, dim=2)
+    v = v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * q.shape[-1] ** -0.5
+    return torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, dim=-1), v)
+
+
+def check_gqa_attention(fn) -> bool | None:
+    """``fn(q, k, v)`` against the oracle for MHA, GQA and MQA."""
+    gen = torch.Generator().manual_seed(1)
+
+    def case(h, hk):
+        def run(f):
+            q = torch.randn(2, 5, h, 16, generator=gen)
+            k, v = torch.randn(2, 7, hk, 16, generator=gen), torch.randn(2, 7, hk, 16, generator=gen)
+            expect_close("output", attention_ref(q, k, v), f(q, k, v), atol=1e-4)
+        return f"nheads={h}, nheads_k={hk}", run
+
+    return run_check("check_gqa_attention", fn, [case(4, 4), case(6, 2), case(6, 3), case(8, 1)],
+                     "MHA, GQA and MQA match attention_ref within 1e-4")
+
+
+# --- exercise 2: the bottom-right causal mask ------------------------------------------------
+
+def my_bottom_right_mask(seqlen_q, seqlen_k):
+    """Bool ``(seqlen_q, seqlen_k)``: query row ``i`` sees key ``j`` when ``j <= i + seqlen_k - seqlen_q``."""
+    i = torch.arange(seqlen_q)[:, None]
+    j = torch.arange(seqlen_k)[None, :]
+    return j <= i + seqlen_k - seqlen_q
+
+
+def check_bottom_right_mask(fn) -> bool | None:
+    """``fn(seqlen_q, seqlen_k)`` must return FlashAttention's bottom-right causal mask."""
+    def case(sq, sk):
+        return f"seqlen_q={sq}, seqlen_k={sk}", lambda f: expect_equal(
+            "mask", attention_mask(sq, sk, causal=True), torch.as_tensor(f(sq, sk)).bool())
+
+    shapes = [(1, 1), (1, 7), (2, 5), (5, 2), (4, 4), (3, 9), (9, 3), (6, 1)]
+    return run_check("check_bottom_right_mask", fn, [case(sq, sk) for sq, sk in shapes],
+                     "8 shapes, including seqlen_q > seqlen_k")
+
+
+# --- exercise 3 (bug hunt): transformers' sliding_window handed to FlashAttention ------------
+
+def window_size_for(sliding_window):
+    """FlashAttention's ``window_size`` for a transformers config with ``sliding_window = W``:
+    each query sees the ``W`` most recent tokens, itself included."""
+    return (sliding_window - 1, 0)
+
+
+def check_window_size_for(fn) -> bool | None:
+    """With ``fn(W)`` as ``window_size`` (causal), the last query must see exactly the ``W``
+    most recent keys, every other query the ``W`` most recent up to itself."""
+    def case(w, sq, sk):
+        def run(f):
+            window = f(w)
+            if not isinstance(window, tuple) or len(window) != 2:
+                raise CaseFailed(f"return a pair (left, right), got {window!r}")
+            got = attention_mask(sq, sk, causal=True, window_size=window)
+            i = torch.arange(sq)[:, None] + sk - sq
+            j = torch.arange(sk)[None, :]
+            want = (j <= i) & (j > i - w)
+            if not torch.equal(got, want):
+                row = int((got != want).any(1).nonzero()[0])
+                raise CaseFailed(f"query row {row} should see keys {want[row].nonzero().flatten().tolist()}, "
+                                 f"with window_size={window} it sees {got[row].nonzero().flatten().tolist()}")
+        return f"sliding_window={w}, {sq} queries over {sk} keys", run
+
+    return run_check("check_window_size_for", fn, [case(4, 1, 9), case(1, 1, 5), case(3, 4, 8), case(6, 6, 6)],
+                     "a W-token window is window_size=(W-1, 0)")

@@ -1,0 +1,136 @@
+"""Notebook 03 (the window_size bug): its figures, its widget, and its exercises.
+
+Exercises: ``my_window_update`` (one step of the fixed sliding-window cache) and the bug hunt
+``window_cache_update`` (flash-linear-attention v0.3-v0.5's per-layer update, stuck at W + 1
+tokens until PR #910).
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.colors import ListedColormap
+
+from flashkv_edu.window_cache import position_chunk, window_update
+
+from ._exercise import Exercise, expect_equal, expect_pair, run_check
+
+EXERCISES = [
+    Exercise("03", "my_window_update", "check_window_update", 15),
+    Exercise("03", "window_cache_update", "check_window_cache_update", 15, bug_hunt=True,
+             source="https://github.com/fla-org/flash-linear-attention/pull/910"),
+]
+
+# --- figures ---------------------------------------------------------------------------------
+
+def draw_window_trace(trace, window, title: str, ax=None):
+    """Draw a :class:`~flashkv_edu.window_cache.Trace`: one row per update, one column per
+    token position; dark = stored, light = seen but evicted, white = not yet seen."""
+    total = max(trace.seen) if trace.seen else 1
+    grid = torch.zeros(max(len(trace.seen), 1), total)
+    for step, (seen, contents) in enumerate(zip(trace.seen, trace.contents, strict=True)):
+        grid[step, :seen] = 1
+        for pos in contents:
+            if 0 <= pos < total:
+                grid[step, pos] = 2
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 0.45 * grid.shape[0] + 1.2))
+    ax.imshow(grid.numpy(), cmap=ListedColormap(["white", "#d9d9d9", "#2b6cb0"]), vmin=0, vmax=2,
+              aspect="auto", interpolation="nearest")
+    for step, stored in enumerate(trace.stored):
+        ax.text(total - 0.4, step, f" {stored} stored", va="center", fontsize=8)
+    if trace.error:
+        ax.text(0, len(trace.seen) - 0.5 if trace.seen else 0, f"  stopped: {trace.error[:60]}",
+                color="crimson", fontsize=8, va="center")
+    ax.set(title=f"{title} (window W={window})", xlabel="token position", ylabel="update #",
+           yticks=range(grid.shape[0]))
+    ax.set_xlim(-0.5, total + 2.5)
+    return ax
+
+
+def window_stepper():
+    """A widget: pick a cache (historical replica or the fix), the window and the chunk sizes,
+    and watch which positions each update leaves stored."""
+    import ipywidgets as widgets
+
+    from flashkv_edu.window_cache import ReplicaPre910, ReplicaV01, ReplicaV020, SlidingWindowCache, run_chunks
+
+    caches = {"fixed SlidingWindowCache": SlidingWindowCache, "replica v0.1 (equality roll)": ReplicaV01,
+              "replica v0.2.0 (roll drops context)": ReplicaV020, "replica v0.3-0.5 (stuck at W+1)": ReplicaPre910}
+
+    def redraw(cache, window, chunks):
+        try:
+            sizes = [int(x) for x in chunks.replace(",", " ").split()]
+        except ValueError:
+            print("chunk sizes must be whole numbers, e.g. 3 2 1 1 6")
+            return
+        if not sizes or min(sizes) < 1:
+            print("give at least one chunk size >= 1")
+            return
+        trace = run_chunks(caches[cache](), sizes, window)
+        draw_window_trace(trace, window, cache)
+        plt.show()
+
+    return widgets.interactive(
+        redraw,
+        cache=widgets.Dropdown(options=list(caches), description="cache"),
+        window=widgets.IntSlider(value=4, min=1, max=8, description="window W"),
+        chunks=widgets.Text(value="3 2 1 1 6 1", description="chunk sizes"),
+    )
+
+
+# --- exercise 1: one step of the fixed cache ----------------------------------------------------
+
+def my_window_update(cached, new, window):
+    """``(stored, visible)`` for ``(batch, seqlen, ...)`` tensors: ``stored`` = the last
+    ``window`` tokens of ``cached + new``; ``visible`` = the last ``window - 1`` cached tokens
+    followed by all of ``new`` (what the new queries may attend to)."""
+    keep = min(window - 1, cached.shape[1])
+    visible = torch.cat([cached[:, cached.shape[1] - keep:], new], 1)
+    return visible[:, -window:].clone(), visible
+
+
+def _positions(x):
+    return x[0, :, 0, 0].long()
+
+
+def check_window_update(fn) -> bool | None:
+    """``fn(cached, new, window)`` against :func:`flashkv_edu.window_cache.window_update` on
+    chunks below, at and above the window (tensors hold their token positions)."""
+    def case(w, c, n):
+        def run(f):
+            cached, new = position_chunk(0, c), position_chunk(c, n)
+            want = window_update(cached, new, w)
+            got = expect_pair("result", f(cached, new, w))
+            expect_equal("positions stored", _positions(want[0]), _positions(got[0]))
+            expect_equal("positions visible to the new queries", _positions(want[1]), _positions(got[1]))
+        return f"window={w}, {c} cached, {n} new", run
+
+    cases = [case(w, c, n) for w in (1, 3, 4) for c in (0, 2, 4, 7) for n in (1, 3, 4, 9) if c <= w]
+    return run_check("check_window_update", fn, cases, f"{len(cases)} cases: chunks below, at and above the window")
+
+
+# --- exercise 2 (bug hunt): stuck at W + 1 -------------------------------------------------------
+
+def window_cache_update(stored, new, window):
+    """The tokens a sliding-window layer keeps after ``new`` arrives: the last ``window`` of
+    ``stored + new`` (sequence on dim 1)."""
+    return torch.cat([stored, new], 1)[:, -window:]
+
+
+def check_window_cache_update(fn) -> bool | None:
+    """Feed chunk sequences through ``fn``; after every update the stored tokens must be exactly
+    the ``window`` most recent positions."""
+    def case(window, chunks):
+        def run(f):
+            stored = position_chunk(0, 0)
+            seen = 0
+            for size in chunks:
+                stored = f(stored, position_chunk(seen, size), window)
+                seen += size
+                want = torch.arange(max(0, seen - window), seen)
+                expect_equal(f"positions stored after {seen} tokens", want, _positions(stored))
+        return f"window={window}, chunks {list(chunks)}", run
+
+    cases = [case(4, (3, 2, 1, 1)), case(4, (1, 1, 1, 1, 1, 1)), case(3, (2, 5, 1)), case(5, (7, 2, 2))]
+    return run_check("check_window_cache_update", fn, cases, "the cache always holds the last W positions")
