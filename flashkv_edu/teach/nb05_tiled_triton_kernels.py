@@ -75,7 +75,6 @@ def tile_schedule_explorer():
 
 # --- notebook 06: paged KV cache -------------------------------------------------------------
 
-SEQ_COLORS = ["#2b6cb0", "#dd6b20", "#38a169", "#805ad5", "#d53f8c", "#319795", "#b7791f", "#718096"]
 
 
 if runtime.HAS_TRITON:

@@ -1,0 +1,267 @@
+"""Notebook 06 (paged block tables): its figures, its widget, and its exercises.
+
+Exercises: ``my_paged_rows`` (Triton: the block-id load that turns a key position into a row
+of the page pool), ``blocks_to_append`` (how many blocks an append allocates, copy-on-write
+included) and the bug hunt ``last_page_len`` (FlashInfer's page-table formula).
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import torch
+
+from flashkv_edu import runtime
+from flashkv_edu.paged import PagedKVCache, gather_paged
+from flashkv_edu.runtime import tl, triton
+
+from ._exercise import CaseFailed, Exercise, expect_equal, expect_pair, run_check
+
+EXERCISES = [
+    Exercise("06", "my_paged_rows", "check_paged_rows", 20, triton=True),
+    Exercise("06", "blocks_to_append", "check_blocks_to_append", 15),
+    Exercise("06", "last_page_len", "check_last_page_len", 10, bug_hunt=True,
+             source="https://github.com/flashinfer-ai/flashinfer/pull/2079"),
+]
+
+# --- figures ---------------------------------------------------------------------------------
+
+SEQ_COLORS = ["#2b6cb0", "#dd6b20", "#38a169", "#805ad5", "#d53f8c", "#319795", "#b7791f", "#718096"]
+
+
+def paged_snapshot(cache) -> dict:
+    """What :func:`draw_paged_state` needs from a :class:`~flashkv_edu.paged.PagedKVCache`."""
+    return {
+        "block_size": cache.block_size,
+        "num_blocks": cache.allocator.num_blocks,
+        "ref_count": list(cache.allocator.ref_count),
+        "cached": set(cache.allocator.hash_of),
+        "seqs": {slot: (list(s.blocks), s.length) for slot, s in sorted(cache.seqs.items())},
+    }
+
+
+def draw_paged_state(snap: dict, title: str = "", names=None):
+    """Left: each sequence's block table (logical block -> physical block id, fill level).
+    Right: the physical pool, each block coloured by its owner (grey = free, hatched = shared
+    by several sequences, outlined = free but still in the prefix cache)."""
+    from matplotlib.patches import Rectangle
+
+    bs, nb = snap["block_size"], snap["num_blocks"]
+    names = names or {}
+    fig, (ax_t, ax_p) = plt.subplots(1, 2, figsize=(12, 3.2), gridspec_kw={"width_ratios": [1, 1.3]})
+    owner = {}
+    for row, (slot, (blocks, length)) in enumerate(snap["seqs"].items()):
+        color = SEQ_COLORS[slot % len(SEQ_COLORS)]
+        for i, blk in enumerate(blocks):
+            fill = min(bs, length - i * bs) / bs
+            ax_t.add_patch(Rectangle((i, -row - 0.4), fill, 0.8, color=color, alpha=0.85))
+            ax_t.add_patch(Rectangle((i, -row - 0.4), 1, 0.8, fill=False, edgecolor="black", linewidth=0.6))
+            ax_t.text(i + 0.5, -row, str(blk), ha="center", va="center", fontsize=8, color="black")
+            owner.setdefault(blk, []).append(slot)
+    rows = max(1, len(snap["seqs"]))
+    width = max([len(b) for b, _ in snap["seqs"].values()] + [4])
+    ax_t.set_xlim(0, width)
+    ax_t.set_xticks([i + 0.5 for i in range(width)])
+    ax_t.set_xticklabels([str(i) for i in range(width)])
+    ax_t.set_ylim(-rows + 0.4, 0.6)
+    ax_t.set_yticks([-r for r in range(rows)])
+    ax_t.set_yticklabels([names.get(s, f"seq {s}") for s in snap["seqs"]] or [""])
+    ax_t.set(title="block tables: logical block -> physical id", xlabel="logical block")
+    cols = 8
+    for blk in range(nb):
+        x, y = blk % cols, -(blk // cols)
+        users = owner.get(blk, [])
+        if users:
+            color = SEQ_COLORS[users[0] % len(SEQ_COLORS)]
+            ax_p.add_patch(Rectangle((x, y - 0.45), 0.9, 0.9, color=color, alpha=0.85,
+                                     hatch="///" if len(users) > 1 else None))
+        else:
+            ax_p.add_patch(Rectangle((x, y - 0.45), 0.9, 0.9, color="#e2e8f0"))
+            if blk in snap["cached"]:
+                ax_p.add_patch(Rectangle((x, y - 0.45), 0.9, 0.9, fill=False, edgecolor="#2b6cb0", linewidth=1.5))
+        label = f"{blk}" + (f"\nx{snap['ref_count'][blk]}" if snap["ref_count"][blk] > 1 else "")
+        ax_p.text(x + 0.45, y, label, ha="center", va="center", fontsize=7)
+    ax_p.set_xlim(0, cols)
+    ax_p.set_ylim(-((nb - 1) // cols) - 0.6, 0.6)
+    ax_p.set_xticks([])
+    ax_p.set_yticks([])
+    free = sum(1 for r in snap["ref_count"] if r == 0)
+    ax_p.set(title=f"physical pool: {nb - free} used, {free} free (hatched: shared, xN: ref count)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def serving_trace(block_size: int = 4, num_blocks: int = 24):
+    """A scripted serving trace on a small :class:`~flashkv_edu.paged.PagedKVCache`: requests
+    arrive, grow, fork for parallel sampling (copy-on-write), finish, and a new request hits the
+    prefix cache. Returns ``[(description, snapshot)]`` after each event, and the slot names."""
+    from flashkv_edu.paged import PagedKVCache
+
+    cache = PagedKVCache(num_blocks, block_size, 1, 2, max_batch=6, max_blocks_per_seq=8)
+    states, names = [], {}
+
+    def kv(n):
+        return torch.zeros(n, 1, 2), torch.zeros(n, 1, 2)
+
+    def event(text):
+        states.append((text, paged_snapshot(cache)))
+
+    prompt_a = list(range(7))
+    a, _ = cache.add_sequence(prompt_a)
+    cache.append(a, *kv(7), tokens=prompt_a)
+    names[a] = "A"
+    event("A arrives: 7-token prompt -> 2 blocks")
+    prompt_b = [9] * 10
+    b, _ = cache.add_sequence(prompt_b)
+    cache.append(b, *kv(10), tokens=prompt_b)
+    names[b] = "B"
+    event("B arrives: 10-token prompt -> 3 blocks")
+    cache.append(a, *kv(1), tokens=[7])
+    event("A decodes 1 token: fills its 2nd block")
+    a2 = cache.fork(a)
+    names[a2] = "A'"
+    event("A forks into A' (parallel sampling): blocks shared, ref count 2")
+    cache.append(a2, *kv(1), tokens=[8])
+    event("A' decodes: needs a new block (its own)")
+    cache.append(a, *kv(1), tokens=[11])
+    event("A decodes: its own new block")
+    for _ in range(3):
+        cache.append(b, *kv(1), tokens=[9])
+    event("B decodes 3 tokens: a 4th block")
+    cache.free(b)
+    del names[b]
+    event("B finishes: blocks return to the free list (still cached)")
+    c, hit = cache.add_sequence(prompt_b + [1, 2])
+    cache.append(c, *kv(12 - hit), tokens=(prompt_b + [1, 2])[hit:])
+    names[c] = "C"
+    event(f"C arrives with B's prompt + 2 tokens: prefix cache hit on {hit} tokens")
+    return states, names
+
+
+def serving_trace_stepper():
+    """A widget stepping through :func:`serving_trace`."""
+    import ipywidgets as widgets
+
+    states, names = serving_trace()
+
+    def redraw(event):
+        text, snap = states[event]
+        draw_paged_state(snap, f"event {event}: {text}", names)
+        plt.show()
+
+    return widgets.interactive(redraw, event=widgets.IntSlider(value=0, min=0, max=len(states) - 1,
+                                                                 description="event"))
+
+
+# --- notebook 07: split-KV decode ------------------------------------------------------------
+
+
+# --- exercise 1 (Triton): the block-id load ------------------------------------------------------
+
+if runtime.HAS_TRITON:
+
+    @triton.jit
+    def my_paged_rows(K, BLOCK_TABLE, b, pos, col_ok, stride_btb, page_size, stride_kb, stride_ks):
+        """Pointers to the key rows at positions ``pos`` (a ``[BLOCK_N]`` vector, valid where
+        ``col_ok``) of sequence ``b``: page ``BLOCK_TABLE[b, pos // page_size]``, row
+        ``pos % page_size`` of that page."""
+        page = tl.load(BLOCK_TABLE + b * stride_btb + pos // page_size, mask=col_ok, other=0)
+        return K + page.to(tl.int64) * stride_kb + (pos % page_size) * stride_ks
+
+    @triton.jit
+    def _paged_harness(K, BLOCK_TABLE, OUT, SEQLENS, stride_btb, page_size, stride_kb, stride_ks, stride_ob,
+                       stride_os, D: tl.constexpr, BLOCK_N: tl.constexpr, FN: tl.constexpr):
+        b = tl.program_id(0)
+        seqlen = tl.load(SEQLENS + b)
+        dims = tl.arange(0, D)
+        for start in range(0, seqlen, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            col_ok = pos < seqlen
+            rows = FN(K, BLOCK_TABLE, b, pos, col_ok, stride_btb, page_size, stride_kb, stride_ks)
+            k = tl.load(rows[:, None] + dims[None, :], mask=col_ok[:, None], other=0.0)
+            tl.store(OUT + b * stride_ob + pos[:, None] * stride_os + dims[None, :], k, mask=col_ok[:, None])
+
+
+def check_paged_rows(fn) -> bool | None:
+    """Gather every sequence's keys through ``fn`` inside a small kernel and compare with
+    :func:`flashkv_edu.paged.gather_paged`, for page sizes smaller and larger than the tile."""
+    gen = torch.Generator().manual_seed(61)
+
+    def case(page, lens):
+        def run(f):
+            b, max_blocks, d = len(lens), 16, 16
+            pool = torch.randn(b * max_blocks + 3, page, 1, d, generator=gen)
+            table = torch.randperm(pool.shape[0], generator=gen)[: b * max_blocks].view(b, max_blocks).int()
+            seqlens = torch.tensor(lens, dtype=torch.int32)
+            out = torch.zeros(b, max_blocks * page, 1, d)
+            _paged_harness[(b,)](pool, table, out, seqlens, table.stride(0), page, pool.stride(0), pool.stride(1),
+                                 out.stride(0), out.stride(1), D=d, BLOCK_N=16, FN=f)
+            want = gather_paged(pool, table)
+            for i, n in enumerate(lens):
+                expect_equal(f"keys of sequence {i}", want[i, :n], out[i, :n])
+        return f"page size {page}, lengths {list(lens)}", run
+
+    return run_check("check_paged_rows", fn, [case(4, (9, 30)), case(1, (7,)), case(16, (16, 40, 3)),
+                                              case(5, (23, 1))],
+                     "page sizes 1, 4, 5 and 16 with shuffled block tables")
+
+
+# --- exercise 2: blocks for an append ------------------------------------------------------------
+
+def blocks_to_append(length, n, block_size, last_block_shared):
+    """``(new_blocks, copy_last)`` for appending ``n`` tokens to a sequence of ``length``
+    tokens: the blocks to allocate, and whether its last, partly filled block is shared with a
+    fork and must be copied first (the copy needs a block of its own)."""
+    have = -(-length // block_size)
+    total = -(-(length + n) // block_size)
+    copy_last = n > 0 and length % block_size != 0 and last_block_shared
+    return total - have + int(copy_last), copy_last
+
+
+def check_blocks_to_append(fn) -> bool | None:
+    """Against a real :class:`~flashkv_edu.paged.PagedKVCache`: blocks taken from the pool and
+    copy-on-write copies made by ``reserve``."""
+    def case(length, n, bs, shared):
+        def run(f):
+            cache = PagedKVCache(64, bs, 1, 2, max_batch=2, max_blocks_per_seq=32)
+            slot, _ = cache.add_sequence()
+            cache.reserve(slot, length)
+            if shared:
+                cache.fork(slot)
+            free, copies = cache.allocator.num_free, cache.cow_copies
+            cache.reserve(slot, n)
+            want = (free - cache.allocator.num_free, cache.cow_copies - copies == 1)
+            got = expect_pair("result", f(length, n, bs, shared))
+            expect_equal("(new_blocks, copy_last)", want, (int(got[0]), bool(got[1])))
+        return f"length={length}, n={n}, block_size={bs}, shared={shared}", run
+
+    cases = [case(0, 5, 4, False), case(3, 1, 4, False), case(4, 1, 4, False), case(6, 7, 4, False),
+             case(6, 1, 4, True), case(8, 3, 4, True), case(5, 0, 4, True), case(17, 40, 16, True)]
+    return run_check("check_blocks_to_append", fn, cases, "partial, full and shared last blocks")
+
+
+# --- exercise 3 (bug hunt): the last page's length -----------------------------------------------
+
+def last_page_len(kv_lens, page_size):
+    """Tokens in each sequence's last page (FlashInfer's ``kv_last_page_len``), for int32
+    ``kv_lens >= 1``: between 1 and ``page_size``."""
+    return ((kv_lens - 1) % page_size + 1).to(torch.int32)
+
+
+def check_last_page_len(fn) -> bool | None:
+    """Full pages plus the last page must add up to each length, and a last page is never empty."""
+    def case(page, lens):
+        def run(f):
+            kv = torch.tensor(lens, dtype=torch.int32)
+            got = torch.as_tensor(f(kv, page))
+            pages = -(-kv // page)
+            want = kv - (pages - 1) * page
+            for i, n in enumerate(lens):
+                if not 1 <= int(got[i]) <= page or int(got[i]) != int(want[i]):
+                    raise CaseFailed(f"a sequence of {n} tokens in pages of {page} fills {int(pages[i])} pages, "
+                                     f"the last holding {int(want[i])} tokens; got {int(got[i])}")
+        return f"page size {page}, lengths {lens}", run
+
+    return run_check("check_last_page_len", fn, [case(16, [1, 15, 17, 40]), case(16, [16, 32, 48]),
+                                                 case(1, [1, 5]), case(4, [3, 4, 5, 8])],
+                     "lengths below, at and above page boundaries")
