@@ -1,0 +1,34 @@
+"""Everything a notebook uses besides the core modules: one teaching file per notebook.
+
+``nbNN_<topic>.py`` holds notebook NN's figures, widgets, exercise checks and the solutions
+(functions named exactly as the learner's stubs). The core modules never import this package.
+
+    python -m flashkv_edu.teach solutions DIR   # solved, executed copies of the notebooks
+    python -m flashkv_edu.teach list            # the exercises, as in the README's table
+"""
+
+from __future__ import annotations
+
+import importlib
+
+NOTEBOOKS = {
+    "01_naive_attention": "nb01_naive_attention",
+    "02_kv_cache": "nb02_kv_cache",
+    "03_window_size_bug": "nb03_window_size_bug",
+    "04_online_softmax": "nb04_online_softmax",
+    "05_tiled_triton_kernels": "nb05_tiled_triton_kernels",
+    "06_paged_block_tables": "nb06_paged_block_tables",
+    "07_split_kv_decode": "nb07_split_kv_decode",
+    "08_putting_it_together": "nb08_putting_it_together",
+}
+
+
+def module_for(notebook: str):
+    """The teaching module of a notebook (``"05_tiled_triton_kernels"`` or its file name)."""
+    stem = notebook.rsplit("/", 1)[-1].removesuffix(".ipynb")
+    return importlib.import_module(f"{__name__}.{NOTEBOOKS[stem]}")
+
+
+def all_exercises() -> list:
+    """Every :class:`~flashkv_edu.teach._exercise.Exercise`, in notebook order."""
+    return [e for stem in NOTEBOOKS for e in module_for(stem).EXERCISES]

@@ -1,0 +1,100 @@
+"""``python -m flashkv_edu.teach solutions DIR`` writes solved, executed copies of the notebooks;
+``python -m flashkv_edu.teach list`` prints the exercise table."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import sys
+import textwrap
+from pathlib import Path
+
+from . import NOTEBOOKS, all_exercises, module_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def exercise_table() -> str:
+    """The README's table: per notebook, exercises, Triton ones, bug hunts, estimated minutes."""
+    rows = ["| notebook | exercises | Triton | bug hunts | minutes |", "|---|---|---|---|---|"]
+    for stem in NOTEBOOKS:
+        ex = module_for(stem).EXERCISES
+        rows.append(f"| {stem} | {len(ex)} | {sum(e.triton for e in ex)} | {sum(e.bug_hunt for e in ex)} | "
+                    f"{sum(e.minutes for e in ex)} |")
+    ex = all_exercises()
+    rows.append(f"| **all** | **{len(ex)}** | **{sum(e.triton for e in ex)}** | **{sum(e.bug_hunt for e in ex)}** | "
+                f"**{sum(e.minutes for e in ex)}** |")
+    return "\n".join(rows)
+
+
+def defined_name(source: str) -> str | None:
+    """The first function a cell defines."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            return node.name
+    return None
+
+
+def solution_source(module, name: str) -> str:
+    """The source of the teaching module's solution ``name`` (a function or a Triton kernel)."""
+    obj = getattr(module, name)
+    fn = getattr(obj, "fn", obj)           # a @triton.jit function keeps the Python one in .fn
+    return textwrap.dedent(inspect.getsource(fn)).rstrip() + "\n"
+
+
+def solve(notebook: Path, out: Path, execute: bool = True) -> int:
+    """Copy ``notebook`` to ``out`` with every ``exercise`` cell replaced by its solution, then
+    run it in a fresh kernel. Returns the number of cells replaced."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    module = module_for(notebook.name)
+    replaced = 0
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "exercise" in cell.metadata.get("tags", []):
+            name = defined_name(cell.source)
+            if name is None or not hasattr(module, name):
+                raise SystemExit(f"{notebook.name}: no solution for the exercise cell defining {name!r}")
+            cell.source = solution_source(module, name)
+            replaced += 1
+    if execute:
+        from nbclient import NotebookClient
+
+        NotebookClient(nb, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(notebook.parent)}}).execute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, out)
+    return replaced
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flashkv_edu.teach", description=__doc__)
+    sub = parser.add_subparsers(dest="what", required=True)
+    sol = sub.add_parser("solutions", help="write solved, executed copies of the notebooks to DIR")
+    sol.add_argument("dir", type=Path)
+    sol.add_argument("--notebooks", type=Path, default=ROOT / "notebooks")
+    sol.add_argument("--no-execute", action="store_true", help="replace the exercise cells only")
+    sub.add_parser("list", help="print the exercise table")
+    args = parser.parse_args(argv)
+    if args.what == "list":
+        print(exercise_table())
+        return 0
+    for stem in NOTEBOOKS:
+        src = args.notebooks / f"{stem}.ipynb"
+        n = solve(src, args.dir / src.name, execute=not args.no_execute)
+        print(f"{src.name}: {n} exercises solved -> {args.dir / src.name}", flush=True)
+    images = args.notebooks / "images"
+    if images.is_dir():  # notebooks may link pictures next to them
+        import shutil
+
+        shutil.copytree(images, args.dir / "images", dirs_exist_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
