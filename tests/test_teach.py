@@ -483,9 +483,8 @@ def test_notebooks_ship_stubs_with_tags_and_the_readme_table_is_current():
         for name, (bug, src, check_src) in found.items():
             assert bug == want[name].bug_hunt, name
             assert want[name].check in check_src, name
-            if not bug:
-                assert "raise NotImplementedError" in src, name
-            else:
+            assert "raise NotImplementedError" in src, name
+            if bug:
                 assert want[name].source in "".join("".join(c["source"]) for c in cells), name
     assert exercise_table() in (ROOT / "README.md").read_text()
 
@@ -499,3 +498,24 @@ def test_solutions_command_writes_solved_copies(tmp_path):
     nb = json.loads((tmp_path / "01_naive_attention.ipynb").read_text())
     cells = [c for c in nb["cells"] if "exercise" in c.get("metadata", {}).get("tags", [])]
     assert len(cells) == 3 and not any("NotImplementedError" in "".join(c["source"]) for c in cells)
+
+
+def test_the_shipped_buggy_code_fails_its_check(capsys):
+    """A bug hunt starts from the real buggy code: with the `raise` line deleted and nothing
+    else changed, its check fails and names the failing case."""
+    for stem in NOTEBOOKS:
+        module = module_for(stem)
+        nb = json.loads((ROOT / "notebooks" / f"{stem}.ipynb").read_text())
+        for cell in nb["cells"]:
+            if "bug-hunt" not in cell.get("metadata", {}).get("tags", []):
+                continue
+            src = "\n".join(line for line in "".join(cell["source"]).splitlines()
+                            if "raise NotImplementedError" not in line)
+            namespace = {"torch": torch, "fk": fk, "triton": triton, "tl": tl}
+            exec(src, namespace)
+            from flashkv_edu.teach.__main__ import defined_name
+
+            name = defined_name(src)
+            ex = next(e for e in module.EXERCISES if e.name == name)
+            assert getattr(module, ex.check)(namespace[name]) is False, name
+            assert capsys.readouterr().out.startswith(f"{ex.check}: FAIL on "), name

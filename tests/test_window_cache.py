@@ -156,14 +156,3 @@ def test_fixed_cache_rejects_bad_input_and_stays_unchanged(call, match):
         call(cache)
     assert all(torch.equal(a, b) for a, b in zip(cache.states[0], before[0], strict=True))
     assert cache.get_seq_length(0) == before[1]
-
-
-def test_window_update_exercise_check(capsys):
-    from flashkv_edu import exercises
-    from flashkv_edu.window_cache import window_update
-
-    assert exercises.check_window_update(window_update)
-    assert not exercises.check_window_update(  # keeps W cached tokens visible: one too many
-        lambda c, n, w: (torch.cat([c, n], 1)[:, -w:], torch.cat([c, n], 1)))
-    assert not exercises.check_window_update(lambda c, n, w: torch.cat([c, n], 1))
-    assert "check_window_update: FAIL" in capsys.readouterr().out
