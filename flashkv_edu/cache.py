@@ -75,7 +75,7 @@ def write_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor
 def append_to_cache(k_cache, v_cache, cache_seqlens, k, v) -> torch.Tensor:
     """Write ``k, v`` ``(batch, snew, nheads_k, headdim)`` after each sequence's
     ``cache_seqlens`` tokens, in place, and return the new lengths (int32 ``(batch,)``).
-    The solution of notebook 02's exercise; :meth:`KVCache.append` adds the checks."""
+    The bare operation; :meth:`KVCache.append` adds the checks."""
     rows = torch.arange(k.shape[0], device=k_cache.device)
     write_rows(k_cache, v_cache, cache_seqlens, k, v, rows)
     return (cache_seqlens + k.shape[1]).to(torch.int32)

@@ -204,7 +204,7 @@ def _serve_loop(model, requests, cache, backend, opened) -> ServeTrace:
 def decode_step(q, k, v, k_cache, v_cache, cache_seqlens, block_table=None, **kwargs):
     """One decode step the way a caller must drive ``flash_attn_with_kvcache``: append ``k, v``
     and attend (causal), then advance the lengths **yourself** (the call does not). Returns
-    ``(out, new_cache_seqlens)``. The solution of notebook 08's exercise."""
+    ``(out, new_cache_seqlens)``."""
     out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
                                   causal=True, **kwargs)
     return out, (cache_seqlens + k.shape[1]).to(torch.int32)

@@ -168,7 +168,7 @@ def roofline_seconds(batch: int, context: int, nheads_k: int, headdim: int, gpu:
 def combine_splits_torch(out_partial: torch.Tensor, lse_partial: torch.Tensor):
     """The combine step in PyTorch: ``out_partial (splits, batch, seqlen_q, nheads, headdim)``
     and ``lse_partial (splits, batch, nheads, seqlen_q)`` merged as in notebook 04
-    (empty splits have LSE -inf). The solution of notebook 07's exercise."""
+    (empty splits have LSE -inf), as the Triton combine kernel does."""
     from .online_softmax import merge_many
 
     return merge_many(out_partial, lse_partial)

@@ -78,6 +78,27 @@ def mask_explorer():
     )
 
 
+def draw_window_softcap_alibi(win: torch.Tensor, window: int, slopes: torch.Tensor):
+    """Three panels: a sliding-window mask, the softcap curve for two caps, and head 0's ALiBi
+    bias over 8 x 8 positions. Returns the figure."""
+    from flashkv_edu.reference import alibi_bias
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    show_mask(axes[0], win, f"sliding window W={window}: window_size=({window - 1}, 0)")
+    z = torch.linspace(-30, 30, 200)
+    for cap in (5.0, 15.0):
+        axes[1].plot(z, cap * torch.tanh(z / cap), label=f"softcap c={cap:g}")
+    axes[1].plot(z, z, "k--", linewidth=0.8, label="no softcap")
+    axes[1].set(title="softcap: z -> c tanh(z / c)", xlabel="scaled logit z", ylabel="capped logit")
+    axes[1].legend()
+    bias = alibi_bias(slopes, 8, 8)[0, 0]
+    im = axes[2].imshow(bias.numpy(), cmap="viridis")
+    axes[2].set(title=f"ALiBi bias, head 0 (slope {slopes[0]:g})", xlabel="key position j", ylabel="query row i")
+    fig.colorbar(im, ax=axes[2], label="bias added to the logit")
+    fig.tight_layout()
+    return fig
+
+
 # --- exercise 1: attention with shared KV heads ---------------------------------------------
 
 def my_gqa_attention(q, k, v):

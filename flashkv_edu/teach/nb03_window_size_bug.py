@@ -79,6 +79,27 @@ def window_stepper():
     )
 
 
+def draw_replica_traces(runs: dict, doubling, correct, window: int):
+    """Left: tokens stored per update for each replica and the fix. Right: a caller that
+    re-appends the returned cache (doubling) against one that passes only new tokens.
+    Returns the figure."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    for name, trace in runs.items():
+        style = dict(color="black", linewidth=2.5) if name.startswith("fixed") else {}
+        axes[0].plot(range(1, len(trace.stored) + 1), trace.stored, marker=".", label=name, **style)
+    axes[0].axhline(window, color="gray", linestyle=":", linewidth=1, label=f"W = {window}")
+    axes[0].set(title=f"Tokens stored per update, window W={window}", xlabel="update #", ylabel="tokens stored")
+    axes[0].legend(fontsize=7)
+    axes[1].semilogy(range(1, len(doubling.stored) + 1), doubling.stored, "o-", color="crimson",
+                     label="caller re-appends the returned cache")
+    axes[1].semilogy(range(1, len(correct.stored) + 1), correct.stored, "s-", color="black",
+                     label="caller passes only new tokens")
+    axes[1].set(title="Full attention (no window): a buggy caller", xlabel="update #", ylabel="tokens stored (log)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 # --- exercise 1: one step of the fixed cache ----------------------------------------------------
 
 def my_window_update(cached, new, window):

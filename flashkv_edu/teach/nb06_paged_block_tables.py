@@ -156,6 +156,59 @@ def serving_trace_stepper():
 # --- notebook 07: split-KV decode ------------------------------------------------------------
 
 
+def draw_reservation_vs_paging(finals, current, slots: int = 4096, max_len: int = 1024, block: int = 16):
+    """Two bars of KV slots: requests reserved at ``max_len`` each (tokens, reserved, internal
+    fragmentation) against pages of ``block`` tokens. Returns the figure."""
+    fig, axes = plt.subplots(2, 1, figsize=(11, 2.8), sharex=True)
+    x = 0
+    for f, c in zip(finals, current, strict=True):
+        axes[0].barh(0, c, left=x, color="#2b6cb0")
+        axes[0].barh(0, f - c, left=x + c, color="#90cdf4")
+        axes[0].barh(0, max_len - f, left=x + f, color="#feb2b2")
+        x += max_len
+    axes[0].set(title="contiguous, max-length reservation: tokens (dark), reserved (light), "
+                      "internal fragmentation (red)", yticks=[])
+    x = 0
+    for c in current:
+        blocks = -(-c // block) * block
+        axes[1].barh(0, c, left=x, color="#2b6cb0")
+        axes[1].barh(0, blocks - c, left=x + c, color="#feb2b2")
+        x += blocks
+    axes[1].barh(0, slots - x, left=x, color="#e2e8f0")
+    axes[1].set(title=f"paged, blocks of {block}: tokens, last-block tails, and free memory other requests can use",
+                yticks=[], xlabel="KV slots (tokens)")
+    fig.tight_layout()
+    return fig
+
+
+def draw_simulation(results, paper: dict):
+    """The serving simulation: KV memory by use per scheme (the vLLM paper's token share as a
+    black bar) and average concurrent requests. Returns the figure."""
+    schemes = [r.scheme for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    bottom = torch.zeros(len(results))
+    for name, color, label in [("token_share", "#2b6cb0", "token states"), ("reserved_share", "#90cdf4", "reserved"),
+                               ("internal_share", "#feb2b2", "internal frag."),
+                               ("external_share", "#cbd5e0", "external frag. / free")]:
+        vals = torch.tensor([getattr(r, name) * 100 for r in results])
+        axes[0].bar(schemes, vals, bottom=bottom, color=color, label=label)
+        bottom += vals
+    for i, s in enumerate(schemes):
+        if s in paper:
+            axes[0].plot(i, paper[s][0], "k_", markersize=22, markeredgewidth=2)
+    axes[0].set(title="KV memory by use (black bar: vLLM paper)", ylabel="% of KV memory")
+    axes[0].tick_params(axis="x", rotation=30)
+    axes[0].legend(fontsize=7, loc="lower right")
+    axes[1].bar(schemes, [r.concurrent for r in results], color="#2b6cb0", label="this simulation")
+    axes[1].scatter([s for s in schemes if s in paper], [paper[s][1] for s in schemes if s in paper], color="black",
+                    zorder=3, label="vLLM paper")
+    axes[1].set(title="Average concurrent requests", ylabel="requests")
+    axes[1].tick_params(axis="x", rotation=30)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 # --- exercise 1 (Triton): the block-id load ------------------------------------------------------
 
 if runtime.HAS_TRITON:

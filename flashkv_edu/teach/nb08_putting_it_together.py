@@ -25,6 +25,23 @@ EXERCISES = [
 ]
 
 
+def draw_serving_trace(trace):
+    """Blocks in use and running requests per decode step of :func:`flashkv_edu.serving.serve`,
+    with its join (+slot) and leave (-slot) events. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    ax.step(range(len(trace.blocks_used)), trace.blocks_used, where="post", label="blocks in use")
+    ax.step(range(len(trace.running)), trace.running, where="post", label="running requests")
+    for step, ev in enumerate(trace.events):
+        if ev:
+            ax.annotate(ev, (step, trace.blocks_used[step]), fontsize=7, xytext=(0, 6), textcoords="offset points")
+    ax.set(title="Continuous batching over a paged cache (+slot joins, -slot leaves)", xlabel="decode step",
+           ylabel="count")
+    ax.legend()
+    return fig
+
+
 # --- exercise 1: one decode step ------------------------------------------------------------------
 
 def my_decode_step(q, k, v, k_cache, v_cache, cache_seqlens, block_table):
