@@ -200,21 +200,16 @@ def _workspace(name: str, shape, dtype, device) -> torch.Tensor:
     return buf[:numel].view(shape)
 
 
-def _gather_pages(name, pool, block_table, used: int, start, end) -> torch.Tensor:
+def _gather_pages(name, pool, block_table, used: int) -> torch.Tensor:
     """The pages of a paged pool ``(num_blocks, page, nheads_k, headdim)`` that hold the first
-    ``used`` rows of each sequence, gathered into ``(batch, pages * page, nheads_k, headdim)``;
-    rows outside each sequence's ``[start, end)`` are zeroed (they may hold anything)."""
+    ``used`` rows of each sequence, gathered into ``(batch, pages * page, nheads_k, headdim)``.
+    Rows past a sequence's end may hold anything: the attention core never reads them."""
     b, page = block_table.shape[0], pool.shape[1]
     pages = max(1, -(-used // page))
     idx = block_table[:, :pages].reshape(-1).long()
     out = _workspace(name, (b * pages, *pool.shape[1:]), pool.dtype, pool.device)
     torch.index_select(pool, 0, idx, out=out)
-    out = out.view(b, pages * page, *pool.shape[2:])
-    cols = torch.arange(pages * page, device=pool.device)[None, :]
-    invalid = (cols < start.long()[:, None]) | (cols >= end.long()[:, None])
-    if bool(invalid.any()):
-        out[invalid] = 0
-    return out
+    return out.view(b, pages * page, *pool.shape[2:])
 
 
 def attention_over_cache_torch(q, k_cache, v_cache, call: CacheCall, ends: torch.Tensor):
@@ -225,8 +220,8 @@ def attention_over_cache_torch(q, k_cache, v_cache, call: CacheCall, ends: torch
     used = int(ends.max())
     start = call.leftpad if call.leftpad is not None else torch.zeros_like(ends)
     if call.block_table is not None:
-        k_dense = _gather_pages("k", k_cache, call.block_table, used, start, ends)
-        v_dense = _gather_pages("v", v_cache, call.block_table, used, start, ends)
+        k_dense = _gather_pages("k", k_cache, call.block_table, used)
+        v_dense = _gather_pages("v", v_cache, call.block_table, used)
     elif call.batch_rows is not None:
         k_dense, v_dense = k_cache[call.batch_rows.long(), :used], v_cache[call.batch_rows.long(), :used]
     else:
