@@ -200,28 +200,47 @@ def _workspace(name: str, shape, dtype, device) -> torch.Tensor:
     return buf[:numel].view(shape)
 
 
-def _gather_pages(name, pool, block_table, used: int) -> torch.Tensor:
-    """The pages of a paged pool ``(num_blocks, page, nheads_k, headdim)`` that hold the first
-    ``used`` rows of each sequence, gathered into ``(batch, pages * page, nheads_k, headdim)``.
-    Rows past a sequence's end may hold anything: the attention core never reads them."""
-    b, page = block_table.shape[0], pool.shape[1]
-    pages = max(1, -(-used // page))
-    idx = block_table[:, :pages].reshape(-1).long()
-    out = _workspace(name, (b * pages, *pool.shape[1:]), pool.dtype, pool.device)
-    torch.index_select(pool, 0, idx, out=out)
-    return out.view(b, pages * page, *pool.shape[2:])
+class _PagedHeads:
+    """The pages of a paged pool ``(num_blocks, page, nheads_k, headdim)`` holding the first
+    ``used`` rows of each sequence, read one KV head at a time: ``head(j)`` gathers head ``j``
+    into a reused workspace ``(batch, pages * page, headdim)``, small enough to stay in cache
+    while the core's matmul reads it (gathering all heads at once costs a second pass over
+    memory). Rows past a sequence's end may hold anything: the attention core never reads them.
+    ``shape`` is that of the gathered cache, ``(batch, pages * page, nheads_k, headdim)``."""
+
+    def __init__(self, name: str, pool: torch.Tensor, block_table: torch.Tensor, used: int):
+        nb, page, hk, d = pool.shape
+        pages = max(1, -(-used // page))
+        self.name, self.pool = name, pool
+        self.blocks = block_table[:, :pages].reshape(-1).long()
+        self.shape = (block_table.shape[0], pages * page, hk, d)
+        # Pool rows (block * page + slot) in sequence order: one 2-D row gather per head is the
+        # fastest copy, possible when a head's pages can be viewed as one (rows, headdim) matrix.
+        self.flat = pool.stride(0) == page * pool.stride(1)
+        if self.flat:
+            self.rows = (self.blocks[:, None] * page + torch.arange(page, device=pool.device)).reshape(-1)
+
+    def head(self, j: int) -> torch.Tensor:
+        b, s, _, d = self.shape
+        out = _workspace(self.name, (b * s, d), self.pool.dtype, self.pool.device)
+        part = self.pool[:, :, j]                                         # (num_blocks, page, headdim)
+        if self.flat:
+            torch.index_select(part.reshape(-1, d), 0, self.rows, out=out)
+        else:
+            torch.index_select(part, 0, self.blocks, out=out.view(-1, part.shape[1], d))
+        return out.view(b, s, d)
 
 
 def attention_over_cache_torch(q, k_cache, v_cache, call: CacheCall, ends: torch.Tensor):
     """The PyTorch path: :func:`flashkv_edu.reference.attention_core` over each sequence's keys
     ``[leftpad, ends)``, read in place from a contiguous cache, or gathered from a paged pool
-    (only the pages that hold valid keys). Computed in fp32. Returns ``(out, lse)``."""
+    (only the pages that hold valid keys, one KV head at a time). Computed in fp32. Returns ``(out, lse)``."""
     b = q.shape[0]
     used = int(ends.max())
     start = call.leftpad if call.leftpad is not None else torch.zeros_like(ends)
     if call.block_table is not None:
-        k_dense = _gather_pages("k", k_cache, call.block_table, used)
-        v_dense = _gather_pages("v", v_cache, call.block_table, used)
+        k_dense = _PagedHeads("k", k_cache, call.block_table, used)
+        v_dense = _PagedHeads("v", v_cache, call.block_table, used)
     elif call.batch_rows is not None:
         k_dense, v_dense = k_cache[call.batch_rows.long(), :used], v_cache[call.batch_rows.long(), :used]
     else:

@@ -103,7 +103,7 @@ def _time_decode_shape(b, L, nheads, nheads_k, headdim, page, repeats):
     times = {name: [] for name in fns}
     for _ in range(repeats):     # interleaved, so a slow moment of the machine hits every column
         for name, fn in fns.items():
-            times[name].append(best_time(fn, 1))
+            times[name].append(best_time(fn, 3))
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
@@ -113,10 +113,11 @@ def bench_api(shapes=((4, 512), (4, 2048), (16, 1024), (1, 8192)), nheads=32, nh
     attention over the cache): ``backend="auto"``, the PyTorch path over a contiguous cache,
     and the PyTorch path over a paged cache with scattered pages, against PyTorch's
     ``scaled_dot_product_attention`` over the same keys (which appends nothing), fp32 on this
-    device. Prints median milliseconds and ratios measured in the same run."""
+    device. Each round times every column (best of 3 calls); prints the median round's
+    milliseconds and the ratios, all measured in the same run."""
     rows = []
     print(f"decode attention, {nheads} query heads, {nheads_k} KV heads, d={headdim}, fp32, page {page}, "
-          f"median of {repeats}; auto = {'Triton' if torch.cuda.is_available() else 'PyTorch'} on this device")
+          f"median of {repeats} rounds of best-of-3; auto = {'Triton' if torch.cuda.is_available() else 'PyTorch'} on this device")
     print(f"{'batch x context':<16} {'SDPA ms':>8} {'torch ms':>9} {'auto ms':>8} {'paged ms':>9} "
           f"{'auto/torch':>11} {'torch/SDPA':>11} {'paged/SDPA':>11}")
     for b, L in shapes:

@@ -180,16 +180,33 @@ def check_attention_inputs(q, k, v, alibi_slopes=None, *, max_headdim: int | Non
     return check_alibi_slopes(alibi_slopes, b, q.shape[2])
 
 
-def _zero_invalid_rows(v: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-    """``v`` ``(batch, seqlen_k, nheads_k, headdim)`` with the rows outside each sequence's
-    ``[start, end)`` set to 0 (a new tensor only when some row is invalid). Masked keys get
-    probability 0, but 0 * NaN is NaN: rows that hold no token (a cache made with
-    ``torch.empty``) must never reach the output."""
-    cols = torch.arange(v.shape[1], device=v.device)[None, :]
+def _valid_rows(seqlen_k: int, start: torch.Tensor, end: torch.Tensor):
+    """bool ``(batch, seqlen_k)``: which key rows lie in each sequence's ``[start, end)``; None
+    when all of them do."""
+    cols = torch.arange(seqlen_k, device=start.device)[None, :]
     valid = (cols >= start.long()[:, None]) & (cols < end.long()[:, None])
-    if bool(valid.all()):
+    return None if bool(valid.all()) else valid
+
+
+def _zero_invalid_rows(v: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """``v`` ``(batch, seqlen_k, ...)`` with the rows outside each sequence's ``[start, end)``
+    set to 0 (a new tensor only when some row is invalid). Masked keys get probability 0, but
+    0 * NaN is NaN: rows that hold no token (a cache made with ``torch.empty``) must never
+    reach the output."""
+    valid = _valid_rows(v.shape[1], start, end)
+    if valid is None:
         return v
-    return torch.where(valid[:, :, None, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
+    valid = valid.view(*valid.shape, *[1] * (v.dim() - 2))
+    return torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=v.device))
+
+
+def _kv_head(x, j: int, lo: int, s: int, dtype) -> torch.Tensor:
+    """KV head ``j`` of ``x`` over key columns ``[lo, lo + s)``: ``(batch, s, headdim)`` in
+    ``dtype``. ``x`` is a ``(batch, seqlen_k, nheads_k, headdim)`` tensor, read in place, or an
+    object with ``shape`` and ``head(j)`` that produces one head on demand (the API's paged
+    pool, gathered one head at a time)."""
+    part = x.head(j) if hasattr(x, "head") else x[:, :, j]
+    return part[:, lo:lo + s].to(dtype)                                       # no copy when equal
 
 
 def attention_core(q, k, v, *, scale: float, window: tuple[int, int], softcap: float, alibi_slopes,
@@ -197,44 +214,53 @@ def attention_core(q, k, v, *, scale: float, window: tuple[int, int], softcap: f
     """The one PyTorch attention computation, on arguments already checked and normalised.
 
     q ``(batch, seqlen_q, nheads, headdim)``; k ``(batch, seqlen_k, nheads_k, headdim)``, v
-    ``(batch, seqlen_k, nheads_k, headdim_v)`` (any strides); row ``b`` reads only keys
-    ``[start[b], end[b])``; ``window`` is ``(left, right)``
-    with causal folded in. Logits ``scale * q.k``, then ``softcap * tanh(z / softcap)`` when
-    ``softcap > 0``, then ALiBi ``-slope * |diag - j'|``, then the mask.
+    ``(batch, seqlen_k, nheads_k, headdim_v)`` (any strides, or head-at-a-time readers, see
+    :func:`_kv_head`); row ``b`` reads only keys ``[start[b], end[b])``; ``window`` is
+    ``(left, right)`` with causal folded in. Logits ``scale * q.k``, then
+    ``softcap * tanh(z / softcap)`` when ``softcap > 0``, then ALiBi ``-slope * |diag - j'|``,
+    then the mask.
 
     Each KV head's group of query heads is one batched matmul over that head's keys, read in
-    place. Only the columns ``[min start, max end)`` are touched. Returns ``out`` (q's dtype)
-    and ``lse`` ``(batch, nheads, seqlen_q)`` in ``compute_dtype``; a row that sees no key gives
-    out 0 and lse +inf.
+    place. Only the columns ``[min start, max end)`` are touched; when every query sees every
+    one of them (a plain decode step) no mask is built. Returns ``out`` (q's dtype) and ``lse``
+    ``(batch, nheads, seqlen_q)`` in ``compute_dtype``; a row that sees no key gives out 0 and
+    lse +inf.
     """
     b, sq, h, d = q.shape
-    hk = k.shape[2]
+    hk, dv = k.shape[2], v.shape[3]
     g = h // hk
     lo, hi = int(start.min()), int(end.max())
-    if lo > 0 or hi < k.shape[1]:
-        k, v = k[:, lo:hi], v[:, lo:hi]
-        start, end = start - lo, end - lo
     s = max(hi - lo, 0)
-    k, v = k[:, :s], _zero_invalid_rows(v[:, :s], start, end)
-    kf, vf = k.to(compute_dtype), v.to(compute_dtype)                       # no copy when equal
+    start, end = start - lo, end - lo
+    sees_all = (s > 0 and int(start.max()) == 0 and int(end.min()) == s
+                and (window[0] < 0 or window[0] >= s - 1) and (window[1] < 0 or window[1] >= sq - 1))
+    valid = None if sees_all else _valid_rows(s, start, end)
+
+    def v_head(j):
+        vj = _kv_head(v, j, lo, s, compute_dtype)
+        return vj if valid is None else torch.where(valid[:, :, None], vj, torch.zeros((), dtype=vj.dtype))
+
     # Rows of one KV head's group are (query head, query token) pairs.
     qf = q.to(compute_dtype).view(b, sq, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * sq, d)
-    z = torch.stack([torch.bmm(qf[:, j], kf[:, :, j].transpose(1, 2)) for j in range(hk)], 1)
+    z = torch.stack([torch.bmm(qf[:, j], _kv_head(k, j, lo, s, compute_dtype).transpose(1, 2))
+                     for j in range(hk)], 1)
     z = z.view(b, hk, g, sq, s) * scale
     if softcap > 0:
         z = softcap * torch.tanh(z / softcap)
     if alibi_slopes is not None:
         bias = alibi_distance_bias(alibi_slopes, sq, s, start, end, torch.promote_types(compute_dtype, torch.float32))
         z = z + bias.to(compute_dtype).view(b, hk, g, sq, s)
-    keep = visible_keys(sq, s, window, start, end)                         # (b, sq, s)
-    z = z.masked_fill(~keep[:, None, None], float("-inf"))
+    if not sees_all:
+        keep = visible_keys(sq, s, window, start, end)                     # (b, sq, s)
+        z = z.masked_fill(~keep[:, None, None], float("-inf"))
     lse = torch.logsumexp(z, dim=-1)                                         # -inf where a row sees nothing
-    empty = torch.isneginf(lse)
-    p = torch.exp(z - lse.masked_fill(empty, 0.0)[..., None]).view(b, hk, g * sq, s)
-    dv = v.shape[3]
-    out = torch.stack([torch.bmm(p[:, j], vf[:, :, j]) for j in range(hk)], 1).view(b, hk, g, sq, dv)
+    empty = None if sees_all else torch.isneginf(lse)
+    p = torch.exp(z - (lse if sees_all else lse.masked_fill(empty, 0.0))[..., None]).view(b, hk, g * sq, s)
+    out = torch.stack([torch.bmm(p[:, j], v_head(j)) for j in range(hk)], 1).view(b, hk, g, sq, dv)
     out = out.permute(0, 3, 1, 2, 4).reshape(b, sq, h, dv).to(q.dtype)
-    return out, lse.masked_fill(empty, float("inf")).reshape(b, h, sq)
+    if not sees_all:
+        lse = lse.masked_fill(empty, float("inf"))
+    return out, lse.reshape(b, h, sq)
 
 
 def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),

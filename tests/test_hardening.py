@@ -130,6 +130,22 @@ def test_attention_core_touches_only_the_valid_columns():
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
+def test_attention_core_skips_the_mask_only_when_every_query_sees_every_key():
+    """The core builds no mask when every query sees every key; at the window's edges (one key
+    fewer on either side) it must still mask. Checked against the textbook formula."""
+    from flashkv_edu.reference import attention_mask, naive_attention
+
+    g = torch.Generator().manual_seed(5)
+    for sq, sk in [(1, 1), (1, 5), (2, 2), (3, 6), (4, 4)]:
+        q, k, v = (torch.randn(1, n, 2, 8, generator=g) for n in (sq, sk, sk))
+        for left in sorted({-1, 0, sk - 2, sk - 1, sk} - {-2}):
+            for right in sorted({-1, 0, sq - 2, sq - 1, sq} - {-2}):
+                mask = attention_mask(sq, sk, window_size=(left, right))
+                out = attention_ref(q, k, v, window_size=(left, right))
+                expected = torch.where(mask.any(-1)[None, :, None, None], naive_attention(q, k, v, mask=mask), 0.0)
+                torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6, msg=f"{sq} {sk} {left} {right}")
+
+
 # --- interpreter details ----------------------------------------------------------------------
 
 @pytest.mark.skipif(not runtime.INTERPRET, reason="the interpreter's rounding")
