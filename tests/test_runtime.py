@@ -1,0 +1,43 @@
+"""The runtime switch: device, interpreter, canary, notebook setup."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flashkv_edu
+from flashkv_edu import runtime
+
+
+def test_device_and_interpreter_follow_the_machine():
+    assert runtime.DEVICE.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        assert runtime.INTERPRET
+    assert "device=" in runtime.describe()
+
+
+def test_canary_kernel_runs():
+    assert runtime.run_canary()
+
+
+def test_setup_notebook_prints_one_stable_line(capsys):
+    flashkv_edu.setup_notebook(seed=3)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("environment ready: device=")
+
+
+def test_explicit_interpret_off_is_respected():
+    code = "import flashkv_edu.runtime as r; print(r.INTERPRET)"
+    env = {"TRITON_INTERPRET": "0", "PATH": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_importing_triton_first_on_cpu_fails_with_a_hint():
+    if torch.cuda.is_available():
+        pytest.skip("only CPU-only machines need the interpreter")  # pragma: no cover
+    code = "import triton.language; import flashkv_edu"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "Import flashkv_edu first" in run.stderr
