@@ -43,8 +43,9 @@ def ensure_pip(venv_dir: Path, python: Path) -> None:
     if has_pip(python):
         return
     print(f"{venv_dir} has no working pip: repairing it with ensurepip", flush=True)
-    if subprocess.run([str(python), "-m", "ensurepip", "--upgrade"], capture_output=True).returncode == 0 \
-            and has_pip(python):
+    if subprocess.run([str(python), "-m", "ensurepip", "--upgrade"], capture_output=True).returncode == 0 and has_pip(
+        python
+    ):
         return
     print(f"ensurepip failed: creating {venv_dir} afresh", flush=True)
     venv.EnvBuilder(with_pip=True, clear=True).create(venv_dir)

@@ -44,26 +44,45 @@ CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 class CacheCall:
     """Everything ``flash_attn_with_kvcache`` needs, checked and normalised before any write."""
 
-    capacity: int                     # keys a sequence can hold (block_table columns x page size)
-    seqlens: torch.Tensor             # int32 (batch,) cached tokens before the append
-    snew: int                         # new tokens appended per sequence
-    batch_rows: torch.Tensor | None   # int32 (batch,) cache row per sequence
-    leftpad: torch.Tensor | None      # int32 (batch,) first valid cache row
+    capacity: int  # keys a sequence can hold (block_table columns x page size)
+    seqlens: torch.Tensor  # int32 (batch,) cached tokens before the append
+    snew: int  # new tokens appended per sequence
+    batch_rows: torch.Tensor | None  # int32 (batch,) cache row per sequence
+    leftpad: torch.Tensor | None  # int32 (batch,) first valid cache row
     block_table: torch.Tensor | None  # int32 (batch, max_blocks), contiguous
     alibi_slopes: torch.Tensor | None
     rotary_dim: int
     scale: float
     softcap: float
-    window: tuple[int, int]           # causal folded in, sides >= capacity made infinite
-    is_causal: bool                   # after normalisation: window == (-1, 0)
-    is_local: bool                    # a window other than plain causal
+    window: tuple[int, int]  # causal folded in, sides >= capacity made infinite
+    is_causal: bool  # after normalisation: window == (-1, 0)
+    is_local: bool  # a window other than plain causal
     num_splits: int
-    backend: str                      # "triton" or "torch"
+    backend: str  # "triton" or "torch"
 
 
-def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
-              block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
-              return_softmax_lse, backend) -> CacheCall:
+def _validate(
+    q,
+    k_cache,
+    v_cache,
+    k,
+    v,
+    rotary_cos,
+    rotary_sin,
+    cache_seqlens,
+    cache_batch_idx,
+    cache_leftpad,
+    block_table,
+    softmax_scale,
+    causal,
+    window_size,
+    softcap,
+    rotary_interleaved,
+    alibi_slopes,
+    num_splits,
+    return_softmax_lse,
+    backend,
+) -> CacheCall:
     """Check every argument before anything is written; return the normalised call."""
     check_tensor("q", q, ndim=4, dtypes=CACHE_DTYPES)
     check_tensor("k_cache", k_cache, ndim=4, dtypes=CACHE_DTYPES)
@@ -114,45 +133,61 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
         if cache_seqlens is None:
             raise ArgumentError("cache_seqlens is required when k and v are given (where to append)")
         snew = k.shape[1]
-    seqlens = check_lengths("cache_seqlens", capacity if cache_seqlens is None else cache_seqlens, b, high=capacity,
-                            device=q.device, int32_only=True)
+    seqlens = check_lengths(
+        "cache_seqlens",
+        capacity if cache_seqlens is None else cache_seqlens,
+        b,
+        high=capacity,
+        device=q.device,
+        int32_only=True,
+    )
     if snew and int(seqlens.max()) + snew > capacity:
-        raise ArgumentError(f"cache overflow: cache_seqlens {seqlens.tolist()} + {snew} new tokens exceeds the cache "
-                            f"capacity {capacity}" + (" (block_table)" if block_table is not None else ""))
+        raise ArgumentError(
+            f"cache overflow: cache_seqlens {seqlens.tolist()} + {snew} new tokens exceeds the cache "
+            f"capacity {capacity}" + (" (block_table)" if block_table is not None else "")
+        )
     batch_rows = None
     if cache_batch_idx is not None:
-        batch_rows = check_lengths("cache_batch_idx", cache_batch_idx, b, high=k_cache.shape[0] - 1, device=q.device,
-                                   int32_only=True)
+        batch_rows = check_lengths(
+            "cache_batch_idx", cache_batch_idx, b, high=k_cache.shape[0] - 1, device=q.device, int32_only=True
+        )
         if k is not None and batch_rows.unique().numel() != b:
-            raise ArgumentError(f"cache_batch_idx must not repeat a cache row when k/v are appended, "
-                                f"got {batch_rows.tolist()}")
+            raise ArgumentError(
+                f"cache_batch_idx must not repeat a cache row when k/v are appended, got {batch_rows.tolist()}"
+            )
     elif block_table is None and k_cache.shape[0] < b:
         raise ArgumentError(f"k_cache holds {k_cache.shape[0]} sequences for a batch of {b}; pass cache_batch_idx")
     leftpad = None
     if cache_leftpad is not None:
         leftpad = check_lengths("cache_leftpad", cache_leftpad, b, device=q.device, int32_only=True)
         if bool((leftpad > seqlens).any()):
-            raise ArgumentError(f"cache_leftpad must be <= cache_seqlens, got {leftpad.tolist()} > "
-                                f"{seqlens.tolist()}")
+            raise ArgumentError(f"cache_leftpad must be <= cache_seqlens, got {leftpad.tolist()} > {seqlens.tolist()}")
     window = normalize_window(window_size, causal, seqlen_k=capacity)
     is_causal = window[0] < 0 and window[1] == 0
     is_local = (window[0] >= 0 or window[1] >= 0) and not is_causal
     rotary_dim = 0
     if rotary_cos is not None:
         if rotary_cos.shape != rotary_sin.shape:
-            raise ArgumentError(f"rotary_cos and rotary_sin must have the same shape, got {tuple(rotary_cos.shape)} "
-                                f"and {tuple(rotary_sin.shape)}")
+            raise ArgumentError(
+                f"rotary_cos and rotary_sin must have the same shape, got {tuple(rotary_cos.shape)} "
+                f"and {tuple(rotary_sin.shape)}"
+            )
         rotary_dim = 2 * rotary_cos.shape[1]
         if rotary_dim == 0 or rotary_dim > d or rotary_dim % 16:
-            raise ArgumentError(f"rotary_dim = 2 * rotary_cos.shape[1] = {rotary_dim} must be a positive multiple of "
-                                f"16 and <= head dim {d}")
+            raise ArgumentError(
+                f"rotary_dim = 2 * rotary_cos.shape[1] = {rotary_dim} must be a positive multiple of "
+                f"16 and <= head dim {d}"
+            )
         if rotary_cos.shape[0] < capacity:
-            raise ArgumentError(f"rotary_cos must have at least {capacity} rows (the cache capacity), "
-                                f"got {rotary_cos.shape[0]}")
+            raise ArgumentError(
+                f"rotary_cos must have at least {capacity} rows (the cache capacity), got {rotary_cos.shape[0]}"
+            )
         last_query = int(seqlens.max()) + (sq - 1 if (is_causal or is_local) else 0)
         if last_query >= rotary_cos.shape[0]:
-            raise ArgumentError(f"rotary_cos has {rotary_cos.shape[0]} rows but queries sit at positions up to "
-                                f"{last_query} (cache_seqlens + seqlen_q - 1)")
+            raise ArgumentError(
+                f"rotary_cos has {rotary_cos.shape[0]} rows but queries sit at positions up to "
+                f"{last_query} (cache_seqlens + seqlen_q - 1)"
+            )
     scale = softmax_scale_for(d, softmax_scale)
     softcap = check_softcap(softcap)
     if alibi_slopes is not None:
@@ -161,15 +196,30 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
             raise ArgumentError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
     num_splits = check_num_splits(num_splits)
     backend = runtime.resolve_backend(backend, q.device)
-    return CacheCall(capacity, seqlens, snew, batch_rows, leftpad, block_table, alibi_slopes, rotary_dim, scale,
-                     softcap, window, is_causal, is_local, num_splits, backend)
+    return CacheCall(
+        capacity,
+        seqlens,
+        snew,
+        batch_rows,
+        leftpad,
+        block_table,
+        alibi_slopes,
+        rotary_dim,
+        scale,
+        softcap,
+        window,
+        is_causal,
+        is_local,
+        num_splits,
+        backend,
+    )
 
 
 def _append(k_cache, v_cache, k, v, seqlens, batch_rows, block_table):
     """Write k[b, t], v[b, t] at row seqlens[b] + t of each sequence's cache (contiguous row
     ``batch_rows[b]`` or through ``block_table``). Nothing else changes."""
     b, snew = k.shape[:2]
-    pos = seqlens.long()[:, None] + torch.arange(snew, device=k.device)[None, :]         # (b, snew)
+    pos = seqlens.long()[:, None] + torch.arange(snew, device=k.device)[None, :]  # (b, snew)
     if block_table is not None:
         page = k_cache.shape[1]
         blocks = block_table.long().gather(1, pos // page)
@@ -223,7 +273,7 @@ class _PagedHeads:
     def head(self, j: int) -> torch.Tensor:
         b, s, _, d = self.shape
         out = _workspace(self.name, (b * s, d), self.pool.dtype, self.pool.device)
-        part = self.pool[:, :, j]                                         # (num_blocks, page, headdim)
+        part = self.pool[:, :, j]  # (num_blocks, page, headdim)
         if self.flat:
             torch.index_select(part.reshape(-1, d), 0, self.rows, out=out)
         else:
@@ -245,15 +295,43 @@ def attention_over_cache_torch(q, k_cache, v_cache, call: CacheCall, ends: torch
         k_dense, v_dense = k_cache[call.batch_rows.long(), :used], v_cache[call.batch_rows.long(), :used]
     else:
         k_dense, v_dense = k_cache[:b, :used], v_cache[:b, :used]
-    return attention_core(q, k_dense, v_dense, scale=call.scale, window=call.window, softcap=call.softcap,
-                          alibi_slopes=call.alibi_slopes, start=start, end=ends, compute_dtype=torch.float32)
+    return attention_core(
+        q,
+        k_dense,
+        v_dense,
+        scale=call.scale,
+        window=call.window,
+        softcap=call.softcap,
+        alibi_slopes=call.alibi_slopes,
+        start=start,
+        end=ends,
+        compute_dtype=torch.float32,
+    )
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
-                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
-                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
-                            *, backend="auto"):
+def flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    rotary_interleaved=True,
+    alibi_slopes=None,
+    num_splits=0,
+    return_softmax_lse=False,
+    *,
+    backend="auto",
+):
     """Attention of ``q`` over a KV cache, appending ``k``/``v`` first, as FlashAttention's
     ``flash_attn_with_kvcache``.
 
@@ -293,9 +371,28 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ``RuntimeError`` as FlashAttention's errors are, naming the argument, before any cache is
     touched: a call that fails changes nothing. Index tensors may be non-contiguous views.
     """
-    call = _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                     cache_leftpad, block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved,
-                     alibi_slopes, num_splits, return_softmax_lse, backend)
+    call = _validate(
+        q,
+        k_cache,
+        v_cache,
+        k,
+        v,
+        rotary_cos,
+        rotary_sin,
+        cache_seqlens,
+        cache_batch_idx,
+        cache_leftpad,
+        block_table,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        rotary_interleaved,
+        alibi_slopes,
+        num_splits,
+        return_softmax_lse,
+        backend,
+    )
     b, sq, h, d = q.shape
     # Everything is checked: from here on nothing can fail on the caller's input.
     if k is not None:
@@ -313,12 +410,31 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         from .split import choose_num_splits, gpu_for
 
         splits = call.num_splits or choose_num_splits(
-            b, h, k_cache.shape[2], sq, call.capacity, d, gpu_for(q.device), alibi=call.alibi_slopes is not None,
-            local=call.is_local)
+            b,
+            h,
+            k_cache.shape[2],
+            sq,
+            call.capacity,
+            d,
+            gpu_for(q.device),
+            alibi=call.alibi_slopes is not None,
+            local=call.is_local,
+        )
         out, lse = decode_attention_triton(
-            q, k_cache, v_cache, ends, cache_leftpad=call.leftpad, cache_batch_idx=call.batch_rows,
-            block_table=call.block_table, softmax_scale=call.scale, window_size=call.window, softcap=call.softcap,
-            alibi_slopes=call.alibi_slopes, num_splits=splits, return_lse=True)
+            q,
+            k_cache,
+            v_cache,
+            ends,
+            cache_leftpad=call.leftpad,
+            cache_batch_idx=call.batch_rows,
+            block_table=call.block_table,
+            softmax_scale=call.scale,
+            window_size=call.window,
+            softcap=call.softcap,
+            alibi_slopes=call.alibi_slopes,
+            num_splits=splits,
+            return_lse=True,
+        )
     else:
         out, lse = attention_over_cache_torch(q, k_cache, v_cache, call, ends)
     return (out, lse) if return_softmax_lse else out

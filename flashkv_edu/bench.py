@@ -29,8 +29,7 @@ def best_time(fn, repeats: int = 3) -> float:
     return best
 
 
-def decode_tokens_per_second(model: TinyDecoder, context: int, steps: int = 8,
-                             repeats: int = 3) -> tuple[float, float]:
+def decode_tokens_per_second(model: TinyDecoder, context: int, steps: int = 8, repeats: int = 3) -> tuple[float, float]:
     """Tokens/s of greedy decode steps at a ``context``-token history, with the KV cache
     (one new token per step) and without (the whole sequence re-run per step)."""
     gen = torch.Generator().manual_seed(context)
@@ -61,8 +60,10 @@ def bench_decode(contexts=(128, 256, 512, 1024), steps: int = 8) -> list[dict]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = TinyDecoder(BENCH_CONFIG)
     rows = []
-    print(f"TinyDecoder dim={BENCH_CONFIG.dim} layers={BENCH_CONFIG.n_layers} heads={BENCH_CONFIG.n_heads} "
-          f"kv_heads={BENCH_CONFIG.n_kv_heads}, {steps} greedy steps, {torch.get_num_threads()} threads")
+    print(
+        f"TinyDecoder dim={BENCH_CONFIG.dim} layers={BENCH_CONFIG.n_layers} heads={BENCH_CONFIG.n_heads} "
+        f"kv_heads={BENCH_CONFIG.n_kv_heads}, {steps} greedy steps, {torch.get_num_threads()} threads"
+    )
     print(f"{'context':>8} {'cached tok/s':>13} {'uncached tok/s':>15} {'ratio':>7}")
     for ctx in contexts:
         with_cache, without = decode_tokens_per_second(model, ctx, steps)
@@ -91,24 +92,36 @@ def _time_decode_shape(b, L, nheads, nheads_k, headdim, page, repeats):
 
     def call(backend, paged=False):
         if paged:
-            return lambda: flash_attn_with_kvcache(q, pool_k, pool_v, k, v, cache_seqlens=lens, causal=True,
-                                                   block_table=table, backend=backend)
-        return lambda: flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True,
-                                               backend=backend)
+            return lambda: flash_attn_with_kvcache(
+                q, pool_k, pool_v, k, v, cache_seqlens=lens, causal=True, block_table=table, backend=backend
+            )
+        return lambda: flash_attn_with_kvcache(
+            q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True, backend=backend
+        )
 
-    fns = {"sdpa": lambda: F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True),
-           "torch": call("torch"), "auto": call("auto"), "paged": call("torch", paged=True)}
-    for fn in fns.values():      # warm up
+    fns = {
+        "sdpa": lambda: F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True),
+        "torch": call("torch"),
+        "auto": call("auto"),
+        "paged": call("torch", paged=True),
+    }
+    for fn in fns.values():  # warm up
         fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):     # interleaved, so a slow moment of the machine hits every column
+    for _ in range(repeats):  # interleaved, so a slow moment of the machine hits every column
         for name, fn in fns.items():
             times[name].append(best_time(fn, 3))
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def bench_api(shapes=((4, 512), (4, 2048), (16, 1024), (1, 8192)), nheads=32, nheads_k=8, headdim=128,
-              page: int = 16, repeats: int = 9) -> list[dict]:
+def bench_api(
+    shapes=((4, 512), (4, 2048), (16, 1024), (1, 8192)),
+    nheads=32,
+    nheads_k=8,
+    headdim=128,
+    page: int = 16,
+    repeats: int = 9,
+) -> list[dict]:
     """Decode attention through ``flash_attn_with_kvcache`` (one new token appended, then
     attention over the cache): ``backend="auto"``, the PyTorch path over a contiguous cache,
     and the PyTorch path over a paged cache with scattered pages, against PyTorch's
@@ -116,16 +129,24 @@ def bench_api(shapes=((4, 512), (4, 2048), (16, 1024), (1, 8192)), nheads=32, nh
     device. Each round times every column (best of 3 calls); prints the median round's
     milliseconds and the ratios, all measured in the same run."""
     rows = []
-    print(f"decode attention, {nheads} query heads, {nheads_k} KV heads, d={headdim}, fp32, page {page}, "
-          f"median of {repeats} rounds of best-of-3; auto = {'Triton' if torch.cuda.is_available() else 'PyTorch'} on this device")
-    print(f"{'batch x context':<16} {'SDPA ms':>8} {'torch ms':>9} {'auto ms':>8} {'paged ms':>9} "
-          f"{'auto/torch':>11} {'torch/SDPA':>11} {'paged/SDPA':>11}")
+    auto = "Triton" if torch.cuda.is_available() else "PyTorch"
+    print(
+        f"decode attention, {nheads} query heads, {nheads_k} KV heads, d={headdim}, fp32, page {page}, "
+        f"median of {repeats} rounds of best-of-3; auto = {auto} on this device"
+    )
+    print(
+        f"{'batch x context':<16} {'SDPA ms':>8} {'torch ms':>9} {'auto ms':>8} {'paged ms':>9} "
+        f"{'auto/torch':>11} {'torch/SDPA':>11} {'paged/SDPA':>11}"
+    )
     for b, L in shapes:
         t = _time_decode_shape(b, L, nheads, nheads_k, headdim, page, repeats)
         rows.append(dict(batch=b, context=L, **t))
-        print(f"{f'{b} x {L}':<16} {t['sdpa'] * 1e3:>8.2f} {t['torch'] * 1e3:>9.2f} {t['auto'] * 1e3:>8.2f} "
-              f"{t['paged'] * 1e3:>9.2f} {t['auto'] / t['torch']:>10.2f}x {t['torch'] / t['sdpa']:>10.2f}x "
-              f"{t['paged'] / t['sdpa']:>10.2f}x", flush=True)
+        print(
+            f"{f'{b} x {L}':<16} {t['sdpa'] * 1e3:>8.2f} {t['torch'] * 1e3:>9.2f} {t['auto'] * 1e3:>8.2f} "
+            f"{t['paged'] * 1e3:>9.2f} {t['auto'] / t['torch']:>10.2f}x {t['torch'] / t['sdpa']:>10.2f}x "
+            f"{t['paged'] / t['sdpa']:>10.2f}x",
+            flush=True,
+        )
     return rows
 
 
@@ -136,7 +157,7 @@ def bench_trained_model(new_tokens: int = 48, prompt_chars: int = 600) -> dict:
     from .serving import Request, new_paged_cache, serve
 
     model, _ = charlm.load()
-    prompt = charlm.encode(charlm.stdlib_text(200_000)[100_000:100_000 + prompt_chars])
+    prompt = charlm.encode(charlm.stdlib_text(200_000)[100_000 : 100_000 + prompt_chars])
     start = time.perf_counter()
     req = Request(prompt, new_tokens)
     serve(model, [req], new_paged_cache(model, num_blocks=64, block_size=16, max_batch=1))
@@ -145,15 +166,18 @@ def bench_trained_model(new_tokens: int = 48, prompt_chars: int = 600) -> dict:
     uncached = model.generate([prompt], new_tokens, use_cache=False)[0]
     t_uncached = time.perf_counter() - start
     same = uncached == req.output
-    print(f"trained model, {len(prompt)}-char prompt, {new_tokens} new tokens: "
-          f"cached {new_tokens / t_cached:.1f} tok/s, uncached {new_tokens / t_uncached:.1f} tok/s, "
-          f"ratio {t_uncached / t_cached:.1f}x; identical text: {same}")
+    print(
+        f"trained model, {len(prompt)}-char prompt, {new_tokens} new tokens: "
+        f"cached {new_tokens / t_cached:.1f} tok/s, uncached {new_tokens / t_uncached:.1f} tok/s, "
+        f"ratio {t_uncached / t_cached:.1f}x; identical text: {same}"
+    )
     return dict(cached=new_tokens / t_cached, uncached=new_tokens / t_uncached, identical=same)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flashkv_edu.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m flashkv_edu.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="what", required=True)
     dec = sub.add_parser("decode", help="tokens/s with and without the KV cache")
     dec.add_argument("--contexts", type=int, nargs="+", default=[128, 256, 512, 1024])

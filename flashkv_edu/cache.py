@@ -51,8 +51,15 @@ def check_seq_idx(seq_idx, batch: int, device=None, name: str = "seq_idx") -> to
     return idx
 
 
-def write_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor, rows: torch.Tensor, num_new: torch.Tensor | None = None) -> None:
+def write_rows(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    start: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: torch.Tensor,
+    num_new: torch.Tensor | None = None,
+) -> None:
     """Write new tokens into the caches in place: ``k[i, t]`` goes to
     ``k_cache[rows[i], start[i] + t]`` for ``t < num_new[i]`` (default: all ``k.shape[1]``).
 
@@ -66,7 +73,7 @@ def write_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor
     keep = torch.ones(n, snew, dtype=torch.bool, device=k.device)
     if num_new is not None:
         keep = t[None, :] < num_new.to(k.device)[:, None]
-    pos = start.long().to(k.device)[:, None] + t[None, :]          # (n, snew) target rows
+    pos = start.long().to(k.device)[:, None] + t[None, :]  # (n, snew) target rows
     seq = rows.to(k.device)[:, None].expand(n, snew)
     k_cache[seq[keep], pos[keep]] = k[keep]
     v_cache[seq[keep], pos[keep]] = v[keep]
@@ -101,10 +108,18 @@ class KVCache:
     nothing is written.
     """
 
-    def __init__(self, batch: int, max_seqlen: int, nheads_k: int, headdim: int, *,
-                 dtype=torch.float32, device=None, growable: bool = False):
-        for name, value in (("batch", batch), ("max_seqlen", max_seqlen), ("nheads_k", nheads_k),
-                            ("headdim", headdim)):
+    def __init__(
+        self,
+        batch: int,
+        max_seqlen: int,
+        nheads_k: int,
+        headdim: int,
+        *,
+        dtype=torch.float32,
+        device=None,
+        growable: bool = False,
+    ):
+        for name, value in (("batch", batch), ("max_seqlen", max_seqlen), ("nheads_k", nheads_k), ("headdim", headdim)):
             check_int(name, value, low=1)
         if dtype not in FLOAT_DTYPES:
             raise ArgumentTypeError(f"dtype must be a floating dtype, got {dtype}")
@@ -176,7 +191,8 @@ class KVCache:
             if not self.growable:
                 raise ArgumentError(
                     f"cache overflow: appending {counts.tolist()} tokens to sequences {rows.tolist()} "
-                    f"of length {start.tolist()} needs {needed} rows, capacity is {self.capacity}")
+                    f"of length {start.tolist()} needs {needed} rows, capacity is {self.capacity}"
+                )
             self._grow(needed)
         write_rows(self.k_cache, self.v_cache, start, k, v, rows, counts)
         self.cache_seqlens[rows] = (start + counts).to(torch.int32)
@@ -210,8 +226,9 @@ class KVCache:
     def memory(self) -> CacheMemory:
         """Bytes reserved by both buffers vs bytes holding cached tokens."""
         per_token = 2 * self.nheads_k * self.headdim * self.k_cache.element_size()
-        return CacheMemory(reserved_bytes=self.batch * self.capacity * per_token,
-                           used_bytes=int(self.cache_seqlens.sum()) * per_token)
+        return CacheMemory(
+            reserved_bytes=self.batch * self.capacity * per_token, used_bytes=int(self.cache_seqlens.sum()) * per_token
+        )
 
 
 def kv_bytes_per_token(n_layers: int, nheads_k: int, headdim: int, bytes_per_elem: int = 2) -> int:

@@ -20,7 +20,7 @@ import torch
 from .model import ModelConfig, TinyDecoder
 
 CHECKPOINT = Path(__file__).with_name("data") / "char_model.pt"
-VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))        # 96 symbols
+VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))  # 96 symbols
 CONFIG = ModelConfig(vocab_size=len(VOCAB), dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seqlen=1024)
 _INDEX = {ch: i for i, ch in enumerate(VOCAB)}
 
@@ -49,8 +49,9 @@ def stdlib_text(max_chars: int = 6_000_000) -> str:
     return "".join(parts)[:max_chars]
 
 
-def train(minutes: float = 10.0, batch: int = 32, seqlen: int = 128, lr: float = 3e-3, seed: int = 0,
-          out: Path = CHECKPOINT) -> dict:
+def train(
+    minutes: float = 10.0, batch: int = 32, seqlen: int = 128, lr: float = 3e-3, seed: int = 0, out: Path = CHECKPOINT
+) -> dict:
     """Train :data:`CONFIG` on :func:`stdlib_text` for about ``minutes`` and save the checkpoint."""
     torch.manual_seed(seed)
     data = torch.tensor(encode(stdlib_text()), dtype=torch.long)
@@ -63,7 +64,7 @@ def train(minutes: float = 10.0, batch: int = 32, seqlen: int = 128, lr: float =
 
     def batch_of(src):
         idx = torch.randint(0, len(src) - seqlen - 1, (batch,), generator=gen)
-        return torch.stack([src[i:i + seqlen + 1] for i in idx.tolist()])
+        return torch.stack([src[i : i + seqlen + 1] for i in idx.tolist()])
 
     start, step, budget = time.time(), 0, minutes * 60
     est_steps = None
@@ -88,8 +89,7 @@ def train(minutes: float = 10.0, batch: int = 32, seqlen: int = 128, lr: float =
     model.eval()
     with torch.no_grad():
         val = sum(model.loss(batch_of(val_data)).item() for _ in range(10)) / 10
-    meta = {"steps": step, "val_loss": val, "minutes": minutes, "batch": batch, "seqlen": seqlen,
-            "chars": len(data)}
+    meta = {"steps": step, "val_loss": val, "minutes": minutes, "batch": batch, "seqlen": seqlen, "chars": len(data)}
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {k: v.half() for k, v in model.state_dict().items()}, "meta": meta}, out)
     print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB): {step} steps, validation loss {val:.3f}")
@@ -105,8 +105,9 @@ def load(path: Path = CHECKPOINT, dtype=torch.float32) -> tuple[TinyDecoder, dic
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flashkv_edu.charlm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m flashkv_edu.charlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("what", choices=["train"])
     parser.add_argument("--minutes", type=float, default=10.0)
     args = parser.parse_args(argv)

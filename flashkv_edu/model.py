@@ -79,8 +79,9 @@ class _FullContext:
             q, k = apply_rotary(q, *self.rope, self.positions), apply_rotary(k, *self.rope, self.positions)
         if self.training:
             out = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
-            return out.transpose(1, 2)   # top-left causal == bottom-right here: seqlen_q == seqlen_k
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            )
+            return out.transpose(1, 2)  # top-left causal == bottom-right here: seqlen_q == seqlen_k
         return attention_ref(q, k, v, causal=True)
 
 
@@ -95,8 +96,9 @@ class _CacheContext:
             q, k = apply_rotary(q, *self.rope, self.positions), apply_rotary(k, *self.rope, self.positions)
         c = self.cache[layer]
         c.append(k, v, seq_idx=self.rows)
-        return attention_ref(q, c.k_cache[self.rows], c.v_cache[self.rows], causal=True,
-                             seqlens_k=c.cache_seqlens[self.rows])
+        return attention_ref(
+            q, c.k_cache[self.rows], c.v_cache[self.rows], causal=True, seqlens_k=c.cache_seqlens[self.rows]
+        )
 
 
 class Block(nn.Module):
@@ -105,8 +107,11 @@ class Block(nn.Module):
         self.norm1 = nn.RMSNorm(cfg.dim)
         self.attn = Attention(cfg)
         self.norm2 = nn.RMSNorm(cfg.dim)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim, bias=False), nn.SiLU(),
-                                 nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim, bias=False))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim, bias=False),
+            nn.SiLU(),
+            nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim, bias=False),
+        )
 
     def forward(self, x, ctx, layer: int):
         x = x + self.attn(self.norm1(x), ctx, layer)
@@ -138,8 +143,10 @@ class TinyDecoder(nn.Module):
         """One :class:`KVCache` per layer, sized for this model."""
         cap = max_seqlen or self.cfg.max_seqlen
         dtype, device = self.head.weight.dtype, self.head.weight.device
-        return [KVCache(batch, cap, self.cfg.n_kv_heads, self.cfg.headdim, dtype=dtype, device=device,
-                        growable=growable) for _ in range(self.cfg.n_layers)]
+        return [
+            KVCache(batch, cap, self.cfg.n_kv_heads, self.cfg.headdim, dtype=dtype, device=device, growable=growable)
+            for _ in range(self.cfg.n_layers)
+        ]
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None, seq_idx=None) -> torch.Tensor:
@@ -166,8 +173,11 @@ class TinyDecoder(nn.Module):
             if not cache[0].growable and int(start.max()) + s > cache[0].capacity:
                 raise ArgumentError(f"cache overflow: {int(start.max())} + {s} tokens > capacity {cache[0].capacity}")
             positions = start[:, None] + torch.arange(s, device=tokens.device)[None, :]
-        ctx = (_FullContext(positions, self.rope(), training=False) if cache is None
-               else _CacheContext(cache, rows, positions, self.rope()))
+        ctx = (
+            _FullContext(positions, self.rope(), training=False)
+            if cache is None
+            else _CacheContext(cache, rows, positions, self.rope())
+        )
         return self.run(tokens, positions, ctx)
 
     def rope(self):
@@ -227,4 +237,4 @@ class TinyDecoder(nn.Module):
                     break
                 logits = self(torch.tensor(nxt, device=device)[:, None], cache)  # decode: 1 token each
                 nxt = logits[:, -1].argmax(-1).tolist()
-        return [seq[len(p):] for seq, p in zip(seqs, prompts, strict=True)]
+        return [seq[len(p) :] for seq, p in zip(seqs, prompts, strict=True)]

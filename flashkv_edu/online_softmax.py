@@ -37,6 +37,7 @@ LOG2_E = math.log2(math.e)
 
 # --- softmax three ways ----------------------------------------------------------------------
 
+
 def naive_softmax(x: torch.Tensor) -> torch.Tensor:
     """``exp(x) / sum(exp(x))`` over the last dim, straight from the definition (overflows)."""
     e = torch.exp(x)
@@ -63,7 +64,7 @@ def online_normalizer(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, t
     l = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
     history = []
     for start in range(0, x.shape[-1], block_size):
-        block = x[..., start:start + block_size]
+        block = x[..., start : start + block_size]
         m_new = torch.maximum(m, block.max(-1).values)
         safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
         l = l * torch.exp(m - safe) + torch.exp(block - safe[..., None]).sum(-1)
@@ -81,9 +82,22 @@ def online_softmax(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 # --- blockwise attention ----------------------------------------------------------------------
 
-def blockwise_attention(q, k, v, *, block_size: int = 16, softmax_scale=None, causal=False,
-                        window_size=(-1, -1), softcap=0.0, alibi_slopes=None, seqlens_k=None,
-                        leftpad_k=None, return_history=False):
+
+def blockwise_attention(
+    q,
+    k,
+    v,
+    *,
+    block_size: int = 16,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    seqlens_k=None,
+    leftpad_k=None,
+    return_history=False,
+):
     """FlashAttention's forward algorithm in PyTorch: stream key/value blocks of
     ``block_size`` keys, keeping per query row a running max ``m``, running sum ``l`` and an
     unnormalised output accumulator. Same arguments and semantics as
@@ -102,11 +116,11 @@ def blockwise_attention(q, k, v, *, block_size: int = 16, softmax_scale=None, ca
     softcap = check_softcap(softcap)
     window = normalize_window(window_size, causal)
     start, end = key_range(seqlens_k, leftpad_k, b, sk, device=q.device)
-    keep = visible_keys(sq, sk, window, start, end)[:, None]                 # (b, 1, sq, sk)
+    keep = visible_keys(sq, sk, window, start, end)[:, None]  # (b, 1, sq, sk)
     bias = None if slopes is None else alibi_distance_bias(slopes, sq, sk, start, end)
-    v = _zero_invalid_rows(v, start, end)                                  # 0 * NaN would leak
-    qf = q.float().transpose(1, 2)                                   # (b, h, sq, d)
-    kf = repeat_kv(k.float(), h // k.shape[2]).transpose(1, 2)       # (b, h, sk, d)
+    v = _zero_invalid_rows(v, start, end)  # 0 * NaN would leak
+    qf = q.float().transpose(1, 2)  # (b, h, sq, d)
+    kf = repeat_kv(k.float(), h // k.shape[2]).transpose(1, 2)  # (b, h, sk, d)
     vf = repeat_kv(v.float(), h // v.shape[2]).transpose(1, 2)
     m = torch.full((b, h, sq), float("-inf"), device=q.device)
     l = torch.zeros(b, h, sq, device=q.device)
@@ -114,7 +128,7 @@ def blockwise_attention(q, k, v, *, block_size: int = 16, softmax_scale=None, ca
     history = []
     for first in range(0, sk, block_size):
         cols = slice(first, min(first + block_size, sk))
-        z = qf @ kf[:, :, cols].transpose(-1, -2) * scale            # (b, h, sq, block)
+        z = qf @ kf[:, :, cols].transpose(-1, -2) * scale  # (b, h, sq, block)
         if softcap > 0:
             z = softcap * torch.tanh(z / softcap)
         if bias is not None:
@@ -122,7 +136,7 @@ def blockwise_attention(q, k, v, *, block_size: int = 16, softmax_scale=None, ca
         z = z.masked_fill(~keep[..., cols], float("-inf"))
         m_new = torch.maximum(m, z.max(-1).values)
         safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
-        alpha = torch.exp(m - safe)                                   # rescales the old state
+        alpha = torch.exp(m - safe)  # rescales the old state
         p = torch.exp(z - safe[..., None])
         l = l * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + p @ vf[:, :, cols]
@@ -138,13 +152,15 @@ def blockwise_attention(q, k, v, *, block_size: int = 16, softmax_scale=None, ca
 
 # --- merging states ---------------------------------------------------------------------------
 
+
 def _check_state(name_out, out, name_lse, lse):
     check_float_tensor(name_out, out, ndim=4)
     check_float_tensor(name_lse, lse, ndim=3)
     b, s, h, _ = out.shape
     if tuple(lse.shape) != (b, h, s):
-        raise ArgumentError(f"{name_lse} must have shape (batch, nheads, seqlen_q) = {(b, h, s)}, "
-                            f"got {tuple(lse.shape)}")
+        raise ArgumentError(
+            f"{name_lse} must have shape (batch, nheads, seqlen_q) = {(b, h, s)}, got {tuple(lse.shape)}"
+        )
     if lse.device != out.device:
         raise ArgumentError(f"{name_out} and {name_lse} must be on one device, got {out.device} and {lse.device}")
 
@@ -160,8 +176,9 @@ def merge_states(out_a, lse_a, out_b, lse_b):
     _check_state("out_a", out_a, "lse_a", lse_a)
     _check_state("out_b", out_b, "lse_b", lse_b)
     if out_a.shape != out_b.shape:
-        raise ArgumentError(f"out_a and out_b must have the same shape, got {tuple(out_a.shape)} and "
-                            f"{tuple(out_b.shape)}")
+        raise ArgumentError(
+            f"out_a and out_b must have the same shape, got {tuple(out_a.shape)} and {tuple(out_b.shape)}"
+        )
     if out_a.device != out_b.device:
         raise ArgumentError(f"out_a and out_b must be on one device, got {out_a.device} and {out_b.device}")
     return merge_many(torch.stack([out_a, out_b.to(out_a.dtype)]), torch.stack([lse_a, lse_b.to(lse_a.dtype)]))
@@ -177,16 +194,17 @@ def merge_many(outs: torch.Tensor, lses: torch.Tensor):
     if outs.shape[0] == 0:
         raise ArgumentError("outs must hold at least one state (n >= 1 on dim 0), got 0")
     if lses.shape[0] != outs.shape[0]:
-        raise ArgumentError(f"outs and lses must stack the same number of states, got {outs.shape[0]} and "
-                            f"{lses.shape[0]}")
+        raise ArgumentError(
+            f"outs and lses must stack the same number of states, got {outs.shape[0]} and {lses.shape[0]}"
+        )
     _check_state("outs[i]", outs[0], "lses[i]", lses[0])
     lse32 = lses.float()
-    empty = torch.isinf(lse32)                                        # -inf (no keys) or +inf (FA's final form)
+    empty = torch.isinf(lse32)  # -inf (no keys) or +inf (FA's final form)
     lse32 = lse32.masked_fill(empty, float("-inf"))
     top = lse32.max(0).values
     all_empty = torch.isneginf(top)
     top = top.masked_fill(all_empty, 0.0)
-    weights = torch.exp(lse32 - top)                                  # (n, b, h, s), 0 for empty states
+    weights = torch.exp(lse32 - top)  # (n, b, h, s), 0 for empty states
     total = weights.sum(0)
     lse = torch.where(all_empty, torch.full_like(top, float("inf")), top + torch.log(total.clamp_min(1e-30)))
     w = (weights / total.clamp_min(1e-30)).permute(0, 1, 3, 2)[..., None]  # (n, b, s, h, 1)

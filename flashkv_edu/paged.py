@@ -65,8 +65,10 @@ def slot_mapping(positions: torch.Tensor, block_table_row: torch.Tensor, block_s
     check_tensor("block_table_row", block_table_row, ndim=1)
     block_size = check_int("block_size", block_size, low=1)
     if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= block_size * block_table_row.numel()):
-        raise ArgumentError(f"positions must lie in [0, {block_size * block_table_row.numel()}) "
-                            f"(block_table_row holds {block_table_row.numel()} blocks of {block_size})")
+        raise ArgumentError(
+            f"positions must lie in [0, {block_size * block_table_row.numel()}) "
+            f"(block_table_row holds {block_table_row.numel()} blocks of {block_size})"
+        )
     positions = positions.long()
     return block_table_row.long()[positions // block_size], positions % block_size
 
@@ -176,13 +178,29 @@ class PagedKVCache:
     shared), :meth:`fork` shares every block with a new slot, :meth:`free` releases a slot.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, nheads_k: int, headdim: int, *, max_batch: int,
-                 max_blocks_per_seq: int, dtype=torch.float32, device=None, prefix_caching: bool = True,
-                 num_layers: int = 1):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        nheads_k: int,
+        headdim: int,
+        *,
+        max_batch: int,
+        max_blocks_per_seq: int,
+        dtype=torch.float32,
+        device=None,
+        prefix_caching: bool = True,
+        num_layers: int = 1,
+    ):
         if dtype not in FLOAT_DTYPES:
             raise ArgumentTypeError(f"dtype must be a floating dtype, got {dtype}")
-        for name, value in (("nheads_k", nheads_k), ("headdim", headdim), ("max_batch", max_batch),
-                            ("max_blocks_per_seq", max_blocks_per_seq), ("num_layers", num_layers)):
+        for name, value in (
+            ("nheads_k", nheads_k),
+            ("headdim", headdim),
+            ("max_batch", max_batch),
+            ("max_blocks_per_seq", max_blocks_per_seq),
+            ("num_layers", num_layers),
+        ):
             check_int(name, value, low=1)
         check_bool("prefix_caching", prefix_caching)
         self.allocator = BlockAllocator(num_blocks, block_size)
@@ -250,7 +268,7 @@ class PagedKVCache:
             parent = None
             # Leave at least one prompt token to compute, so the caller gets its logits.
             for i in range(min(max(len(tokens) - 1, 0) // bs, self.max_blocks_per_seq)):
-                key = block_hash(parent, tokens[i * bs:(i + 1) * bs])
+                key = block_hash(parent, tokens[i * bs : (i + 1) * bs])
                 block = self.allocator.lookup(key)
                 if block is None:
                     break
@@ -268,8 +286,9 @@ class PagedKVCache:
         bs = self.block_size
         total_blocks = -(-(seq.length + n) // bs)
         if total_blocks > self.max_blocks_per_seq:
-            raise ArgumentError(f"n: the sequence would need {total_blocks} blocks, block_table holds "
-                                f"{self.max_blocks_per_seq}")
+            raise ArgumentError(
+                f"n: the sequence would need {total_blocks} blocks, block_table holds {self.max_blocks_per_seq}"
+            )
         partial = seq.length % bs != 0
         cow = n > 0 and partial and self.allocator.ref_count[seq.blocks[-1]] > 1
         return total_blocks - len(seq.blocks) + int(cow), cow
@@ -287,8 +306,10 @@ class PagedKVCache:
             check_same(("k_cache", name), (self.k_cache, x), "dtype")
             check_same(("k_cache", name), (self.k_cache, x), "device")
             if tuple(x.shape[1:]) != tuple(self.k_cache.shape[2:]):
-                raise ArgumentError(f"{name} must be (n, nheads_k={self.k_cache.shape[2]}, "
-                                    f"headdim={self.k_cache.shape[3]}), got {tuple(x.shape)}")
+                raise ArgumentError(
+                    f"{name} must be (n, nheads_k={self.k_cache.shape[2]}, "
+                    f"headdim={self.k_cache.shape[3]}), got {tuple(x.shape)}"
+                )
         if k.shape != v.shape:
             raise ArgumentError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
         start = self.reserve(slot, k.shape[0], tokens)
@@ -310,8 +331,9 @@ class PagedKVCache:
             raise ArgumentError(f"tokens must hold {n} ids, got {len(tokens)}")
         need, cow = self._plan(seq, n)
         if need > self.allocator.num_free:
-            raise OutOfBlocksError(f"appending {n} tokens to slot {slot} needs {need} free blocks, "
-                                   f"{self.allocator.num_free} are free")
+            raise OutOfBlocksError(
+                f"appending {n} tokens to slot {slot} needs {need} free blocks, {self.allocator.num_free} are free"
+            )
         if cow:
             old = seq.blocks[-1]
             new = self.allocator.allocate(1)[0]
@@ -331,7 +353,7 @@ class PagedKVCache:
             seq.tokens.extend(tokens)
             while self.prefix_caching and len(seq.hashes) < seq.length // bs:
                 i = len(seq.hashes)
-                key = block_hash(seq.hashes[-1] if seq.hashes else None, seq.tokens[i * bs:(i + 1) * bs])
+                key = block_hash(seq.hashes[-1] if seq.hashes else None, seq.tokens[i * bs : (i + 1) * bs])
                 self.allocator.register(seq.blocks[i], key)
                 seq.hashes.append(key)
         self._sync_row(slot)
@@ -343,9 +365,12 @@ class PagedKVCache:
         child = self._free_slot()
         for block in seq.blocks:
             self.allocator.incref(block)
-        self.seqs[child] = _Sequence(blocks=list(seq.blocks), length=seq.length,
-                                     tokens=None if seq.tokens is None else list(seq.tokens),
-                                     hashes=list(seq.hashes))
+        self.seqs[child] = _Sequence(
+            blocks=list(seq.blocks),
+            length=seq.length,
+            tokens=None if seq.tokens is None else list(seq.tokens),
+            hashes=list(seq.hashes),
+        )
         self._sync_row(child)
         return child
 
@@ -383,10 +408,11 @@ def gather_paged(k_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tens
     check_tensor("k_cache", k_cache, ndim=4)
     from .validation import check_block_table
 
-    check_block_table(block_table, block_table.shape[0] if isinstance(block_table, torch.Tensor) else 0,
-                      k_cache.shape[0])
+    check_block_table(
+        block_table, block_table.shape[0] if isinstance(block_table, torch.Tensor) else 0, k_cache.shape[0]
+    )
     b, nblk = block_table.shape
-    dense = k_cache[block_table.long()]                    # (b, nblk, bs, hk, d), a copy
+    dense = k_cache[block_table.long()]  # (b, nblk, bs, hk, d), a copy
     return dense.reshape(b, nblk * k_cache.shape[1], *k_cache.shape[2:])
 
 
@@ -395,5 +421,6 @@ def paged_attention_torch(q, k_cache, v_cache, block_table, cache_seqlens, **kwa
     dense tensor, then :func:`flashkv_edu.attention_ref` with ``seqlens_k=cache_seqlens``."""
     from .reference import attention_ref
 
-    return attention_ref(q, gather_paged(k_cache, block_table), gather_paged(v_cache, block_table),
-                         seqlens_k=cache_seqlens, **kwargs)
+    return attention_ref(
+        q, gather_paged(k_cache, block_table), gather_paged(v_cache, block_table), seqlens_k=cache_seqlens, **kwargs
+    )

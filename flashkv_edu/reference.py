@@ -37,8 +37,9 @@ from .validation import (
 )
 
 
-def visible_keys(seqlen_q: int, seqlen_k: int, window: tuple[int, int], start: torch.Tensor,
-                 end: torch.Tensor) -> torch.Tensor:
+def visible_keys(
+    seqlen_q: int, seqlen_k: int, window: tuple[int, int], start: torch.Tensor, end: torch.Tensor
+) -> torch.Tensor:
     """The mask rule itself, on arguments already normalised: bool ``(batch, seqlen_q, seqlen_k)``.
 
     Row ``b`` has valid key columns ``[start[b], end[b])`` (int ``(batch,)``); ``window =
@@ -60,9 +61,17 @@ def visible_keys(seqlen_q: int, seqlen_k: int, window: tuple[int, int], start: t
     return keep
 
 
-def key_visibility(seqlen_q: int, seqlen_k: int, *, causal: bool = False,
-                   window_size=(-1, -1), seqlens_k=None, leftpad_k=None,
-                   batch: int = 1, device=None) -> torch.Tensor:
+def key_visibility(
+    seqlen_q: int,
+    seqlen_k: int,
+    *,
+    causal: bool = False,
+    window_size=(-1, -1),
+    seqlens_k=None,
+    leftpad_k=None,
+    batch: int = 1,
+    device=None,
+) -> torch.Tensor:
     """Which keys each query may see: bool ``(batch, seqlen_q, seqlen_k)``, True = visible.
 
     ``seqlens_k`` / ``leftpad_k`` (int or ``(batch,)`` ints) give each row's valid key columns
@@ -79,8 +88,7 @@ def key_visibility(seqlen_q: int, seqlen_k: int, *, causal: bool = False,
     return visible_keys(seqlen_q, seqlen_k, window, start, end)
 
 
-def attention_mask(seqlen_q: int, seqlen_k: int, *, causal: bool = False,
-                   window_size=(-1, -1)) -> torch.Tensor:
+def attention_mask(seqlen_q: int, seqlen_k: int, *, causal: bool = False, window_size=(-1, -1)) -> torch.Tensor:
     """FlashAttention's bottom-right mask for one sequence: bool ``(seqlen_q, seqlen_k)``."""
     return key_visibility(seqlen_q, seqlen_k, causal=causal, window_size=window_size)[0]
 
@@ -96,6 +104,7 @@ def top_left_causal_mask(seqlen_q: int, seqlen_k: int) -> torch.Tensor:
 def alibi_slopes_for(nheads: int) -> torch.Tensor:
     """The standard ALiBi slopes ``2^(-8 (h+1) / n)`` for ``n`` heads (power-of-two recipe
     extended by interleaving, as in the ALiBi paper): fp32 ``(nheads,)``."""
+
     def power_of_two(n):
         start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
         return [start * start**i for i in range(n)]
@@ -109,8 +118,9 @@ def alibi_slopes_for(nheads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def alibi_distance_bias(slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, start: torch.Tensor,
-                        end: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+def alibi_distance_bias(
+    slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, start: torch.Tensor, end: torch.Tensor, dtype=torch.float32
+) -> torch.Tensor:
     """The ALiBi rule on normalised arguments: ``-slope * |i + sk - seqlen_q - j'|`` as
     ``(batch, nheads, seqlen_q, seqlen_k)`` in ``dtype``; ``slopes`` ``(nheads,)`` or
     ``(batch, nheads)``, ``start``/``end`` int ``(batch,)``."""
@@ -126,8 +136,16 @@ def alibi_distance_bias(slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, star
     return -slopes[:, :, None, None] * distance[:, None, :, :]
 
 
-def alibi_bias(alibi_slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, *, seqlens_k=None,
-               leftpad_k=None, batch: int = 1, dtype=torch.float32) -> torch.Tensor:
+def alibi_bias(
+    alibi_slopes: torch.Tensor,
+    seqlen_q: int,
+    seqlen_k: int,
+    *,
+    seqlens_k=None,
+    leftpad_k=None,
+    batch: int = 1,
+    dtype=torch.float32,
+) -> torch.Tensor:
     """ALiBi's additive bias ``-slope * |i + sk - seqlen_q - j'|``, in ``dtype`` (fp32):
     ``(batch, nheads, seqlen_q, seqlen_k)``. ``alibi_slopes`` is ``(nheads,)`` or
     ``(batch, nheads)``."""
@@ -153,13 +171,18 @@ def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
 def gqa_attention(q, k, v, *, mask=None, softmax_scale=None):
     """Naive attention for GQA/MQA: repeat each KV head for its group of query heads, then
     apply :func:`naive_attention`. Shapes as in :func:`attention_ref`."""
-    return naive_attention(q, repeat_kv(k, q.shape[2] // k.shape[2]),
-                           repeat_kv(v, q.shape[2] // v.shape[2]), mask=mask,
-                           softmax_scale=softmax_scale)
+    return naive_attention(
+        q,
+        repeat_kv(k, q.shape[2] // k.shape[2]),
+        repeat_kv(v, q.shape[2] // v.shape[2]),
+        mask=mask,
+        softmax_scale=softmax_scale,
+    )
 
 
-def check_attention_inputs(q, k, v, alibi_slopes=None, *, max_headdim: int | None = None,
-                           value_headdim_may_differ: bool = True):
+def check_attention_inputs(
+    q, k, v, alibi_slopes=None, *, max_headdim: int | None = None, value_headdim_may_differ: bool = True
+):
     """The shared checks of ``attention_ref``-style entry points: q ``(batch, seqlen_q, nheads,
     headdim)``, k ``(batch, seqlen_k, nheads_k, headdim)`` and v ``(batch, seqlen_k, nheads_k,
     headdim_v)`` floating tensors of one dtype and device, ``nheads_k`` dividing ``nheads``.
@@ -206,11 +229,22 @@ def _kv_head(x, j: int, lo: int, s: int, dtype) -> torch.Tensor:
     object with ``shape`` and ``head(j)`` that produces one head on demand (the API's paged
     pool, gathered one head at a time)."""
     part = x.head(j) if hasattr(x, "head") else x[:, :, j]
-    return part[:, lo:lo + s].to(dtype)                                       # no copy when equal
+    return part[:, lo : lo + s].to(dtype)  # no copy when equal
 
 
-def attention_core(q, k, v, *, scale: float, window: tuple[int, int], softcap: float, alibi_slopes,
-                   start: torch.Tensor, end: torch.Tensor, compute_dtype=torch.float32):
+def attention_core(
+    q,
+    k,
+    v,
+    *,
+    scale: float,
+    window: tuple[int, int],
+    softcap: float,
+    alibi_slopes,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    compute_dtype=torch.float32,
+):
     """The one PyTorch attention computation, on arguments already checked and normalised.
 
     q ``(batch, seqlen_q, nheads, headdim)``; k ``(batch, seqlen_k, nheads_k, headdim)``, v
@@ -232,8 +266,13 @@ def attention_core(q, k, v, *, scale: float, window: tuple[int, int], softcap: f
     lo, hi = int(start.min()), int(end.max())
     s = max(hi - lo, 0)
     start, end = start - lo, end - lo
-    sees_all = (s > 0 and int(start.max()) == 0 and int(end.min()) == s
-                and (window[0] < 0 or window[0] >= s - 1) and (window[1] < 0 or window[1] >= sq - 1))
+    sees_all = (
+        s > 0
+        and int(start.max()) == 0
+        and int(end.min()) == s
+        and (window[0] < 0 or window[0] >= s - 1)
+        and (window[1] < 0 or window[1] >= sq - 1)
+    )
     valid = None if sees_all else _valid_rows(s, start, end)
 
     def v_head(j):
@@ -242,8 +281,7 @@ def attention_core(q, k, v, *, scale: float, window: tuple[int, int], softcap: f
 
     # Rows of one KV head's group are (query head, query token) pairs.
     qf = q.to(compute_dtype).view(b, sq, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * sq, d)
-    z = torch.stack([torch.bmm(qf[:, j], _kv_head(k, j, lo, s, compute_dtype).transpose(1, 2))
-                     for j in range(hk)], 1)
+    z = torch.stack([torch.bmm(qf[:, j], _kv_head(k, j, lo, s, compute_dtype).transpose(1, 2)) for j in range(hk)], 1)
     z = z.view(b, hk, g, sq, s) * scale
     if softcap > 0:
         z = softcap * torch.tanh(z / softcap)
@@ -251,9 +289,9 @@ def attention_core(q, k, v, *, scale: float, window: tuple[int, int], softcap: f
         bias = alibi_distance_bias(alibi_slopes, sq, s, start, end, torch.promote_types(compute_dtype, torch.float32))
         z = z + bias.to(compute_dtype).view(b, hk, g, sq, s)
     if not sees_all:
-        keep = visible_keys(sq, s, window, start, end)                     # (b, sq, s)
+        keep = visible_keys(sq, s, window, start, end)  # (b, sq, s)
         z = z.masked_fill(~keep[:, None, None], float("-inf"))
-    lse = torch.logsumexp(z, dim=-1)                                         # -inf where a row sees nothing
+    lse = torch.logsumexp(z, dim=-1)  # -inf where a row sees nothing
     empty = None if sees_all else torch.isneginf(lse)
     p = torch.exp(z - (lse if sees_all else lse.masked_fill(empty, 0.0))[..., None]).view(b, hk, g * sq, s)
     out = torch.stack([torch.bmm(p[:, j], v_head(j)) for j in range(hk)], 1).view(b, hk, g, sq, dv)
@@ -263,9 +301,21 @@ def attention_core(q, k, v, *, scale: float, window: tuple[int, int], softcap: f
     return out, lse.reshape(b, h, sq)
 
 
-def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
-                  softcap=0.0, alibi_slopes=None, seqlens_k=None, leftpad_k=None,
-                  return_lse=False, compute_dtype=torch.float32):
+def attention_ref(
+    q,
+    k,
+    v,
+    *,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    seqlens_k=None,
+    leftpad_k=None,
+    return_lse=False,
+    compute_dtype=torch.float32,
+):
     """Attention with FlashAttention's semantics, computed in ``compute_dtype`` (fp32 default).
 
     Args:
@@ -298,8 +348,18 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1,
     softcap = check_softcap(softcap)
     window = normalize_window(window_size, causal)
     start, end = key_range(seqlens_k, leftpad_k, b, k.shape[1], device=q.device)
-    out, lse = attention_core(q, k, v, scale=scale, window=window, softcap=softcap, alibi_slopes=slopes,
-                              start=start, end=end, compute_dtype=compute_dtype)
+    out, lse = attention_core(
+        q,
+        k,
+        v,
+        scale=scale,
+        window=window,
+        softcap=softcap,
+        alibi_slopes=slopes,
+        start=start,
+        end=end,
+        compute_dtype=compute_dtype,
+    )
     if not return_lse:
         return out
     return out, lse.to(torch.float64 if compute_dtype == torch.float64 else torch.float32)

@@ -14,8 +14,9 @@ import torch
 from .validation import ArgumentError
 
 
-def rotary_tables(seqlen: int, rotary_dim: int, base: float = 10000.0, *, dtype=torch.float32,
-                  device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    seqlen: int, rotary_dim: int, base: float = 10000.0, *, dtype=torch.float32, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin`` of shape ``(seqlen, rotary_dim // 2)`` for angles ``p * base^(-2m/rotary_dim)``."""
     if rotary_dim <= 0 or rotary_dim % 2:
         raise ArgumentError(f"rotary_dim must be a positive even number, got {rotary_dim}")
@@ -24,8 +25,9 @@ def rotary_tables(seqlen: int, rotary_dim: int, base: float = 10000.0, *, dtype=
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                 *, interleaved: bool = False) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, *, interleaved: bool = False
+) -> torch.Tensor:
     """Rotate ``x`` ``(batch, seqlen, nheads, headdim)`` at integer ``positions``
     ``(batch, seqlen)``. Computed in fp32 and rounded back to ``x``'s dtype; returns a new tensor."""
     rot = 2 * cos.shape[1]
@@ -39,6 +41,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
         x1, x2 = head[..., 0::2], head[..., 1::2]
         rotated = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
     else:
-        x1, x2 = head[..., : rot // 2], head[..., rot // 2:]
+        x1, x2 = head[..., : rot // 2], head[..., rot // 2 :]
         rotated = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
     return torch.cat((rotated, tail), dim=-1).to(x.dtype)

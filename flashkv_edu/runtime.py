@@ -31,7 +31,8 @@ if not HAS_CUDA:
         raise RuntimeError(
             "Triton was imported before flashkv_edu on a machine without a GPU, so Triton's "
             "interpreter could not be switched on in time. Import flashkv_edu first (before "
-            "`import triton`), or start Python with TRITON_INTERPRET=1 in the environment.")
+            "`import triton`), or start Python with TRITON_INTERPRET=1 in the environment."
+        )
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Triton warns on every compile unless this is set explicitly; FMA fusion is its default.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -85,8 +86,10 @@ def resolve_backend(backend, device) -> str:
         if not INTERPRET and not on_cuda:
             from .validation import ArgumentError
 
-            raise ArgumentError("backend='triton' needs CUDA tensors, or Triton's interpreter "
-                                "(this process compiles kernels without running them)")
+            raise ArgumentError(
+                "backend='triton' needs CUDA tensors, or Triton's interpreter "
+                "(this process compiles kernels without running them)"
+            )
     return backend
 
 

@@ -47,26 +47,46 @@ class PagedContext:
         cos, sin = self.rope if self.rope is not None else (None, None)
         if cos is not None:
             cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        return flash_attn_with_kvcache(q, self.cache.k_pools[layer], self.cache.v_pools[layer], k, v,
-                                       rotary_cos=cos, rotary_sin=sin, cache_seqlens=self.starts,
-                                       block_table=self.table, causal=True, rotary_interleaved=False,
-                                       backend=self.backend)
+        return flash_attn_with_kvcache(
+            q,
+            self.cache.k_pools[layer],
+            self.cache.v_pools[layer],
+            k,
+            v,
+            rotary_cos=cos,
+            rotary_sin=sin,
+            cache_seqlens=self.starts,
+            block_table=self.table,
+            causal=True,
+            rotary_interleaved=False,
+            backend=self.backend,
+        )
 
 
-def new_paged_cache(model: TinyDecoder, num_blocks: int, block_size: int = 16, max_batch: int = 8,
-                    max_seqlen: int | None = None) -> PagedKVCache:
+def new_paged_cache(
+    model: TinyDecoder, num_blocks: int, block_size: int = 16, max_batch: int = 8, max_seqlen: int | None = None
+) -> PagedKVCache:
     """A multi-layer :class:`PagedKVCache` sized for ``model`` (capacity per sequence at most the
     model's rotary table length)."""
     cfg = model.cfg
     max_seqlen = max_seqlen or cfg.max_seqlen
-    return PagedKVCache(num_blocks, block_size, cfg.n_kv_heads, cfg.headdim, max_batch=max_batch,
-                        max_blocks_per_seq=max_seqlen // block_size, dtype=model.head.weight.dtype,
-                        device=model.head.weight.device, num_layers=cfg.n_layers)
+    return PagedKVCache(
+        num_blocks,
+        block_size,
+        cfg.n_kv_heads,
+        cfg.headdim,
+        max_batch=max_batch,
+        max_blocks_per_seq=max_seqlen // block_size,
+        dtype=model.head.weight.dtype,
+        device=model.head.weight.device,
+        num_layers=cfg.n_layers,
+    )
 
 
 @torch.no_grad()
-def paged_step(model: TinyDecoder, cache: PagedKVCache, slots: list[int], tokens: list[list[int]],
-               backend: str = "torch") -> torch.Tensor:
+def paged_step(
+    model: TinyDecoder, cache: PagedKVCache, slots: list[int], tokens: list[list[int]], backend: str = "torch"
+) -> torch.Tensor:
     """Run ``tokens[i]`` (equal lengths) as the next tokens of ``slots[i]``; returns logits of the
     last position of each, ``(len(slots), vocab)``."""
     resolve_backend(backend, model.head.weight.device)
@@ -82,19 +102,21 @@ def paged_step(model: TinyDecoder, cache: PagedKVCache, slots: list[int], tokens
     for slot in slots:
         cache._slot(slot)
     if not isinstance(tokens, (list, tuple)) or len(tokens) != len(slots):
-        raise ArgumentError(f"tokens must be a list with one list of token ids per slot ({len(slots)}), "
-                            f"got {tokens!r}")
+        raise ArgumentError(f"tokens must be a list with one list of token ids per slot ({len(slots)}), got {tokens!r}")
     tokens = [_check_tokens(model, f"tokens[{i}]", t) for i, t in enumerate(tokens)]
     n = len(tokens[0])
     if n == 0 or any(len(t) != n for t in tokens):
-        raise ArgumentError(f"tokens must hold the same number (>= 1) of ids for every slot, got lengths "
-                            f"{[len(t) for t in tokens]}")
+        raise ArgumentError(
+            f"tokens must hold the same number (>= 1) of ids for every slot, got lengths {[len(t) for t in tokens]}"
+        )
     limit = _capacity(model, cache)
     need = 0
     for slot in slots:
         if cache.seqs[slot].length + n > limit:
-            raise ArgumentError(f"slot {slot} holds {cache.seqs[slot].length} tokens; {n} more exceed the "
-                                f"{limit} a sequence can hold (block table and the model's rotary table)")
+            raise ArgumentError(
+                f"slot {slot} holds {cache.seqs[slot].length} tokens; {n} more exceed the "
+                f"{limit} a sequence can hold (block table and the model's rotary table)"
+            )
         need += cache._plan(cache.seqs[slot], n)[0]
     if need > cache.allocator.num_free:
         raise OutOfBlocksError(f"this step needs {need} free blocks, {cache.allocator.num_free} are free")
@@ -152,8 +174,10 @@ def serve(model: TinyDecoder, requests: list[Request], cache: PagedKVCache, back
         check_int(f"requests[{i}].max_new_tokens", r.max_new_tokens, low=1)
         check_int(f"requests[{i}].arrival", r.arrival, low=0)
         if len(prompt) + r.max_new_tokens > limit:
-            raise ArgumentError(f"requests[{i}]: prompt ({len(prompt)}) + max_new_tokens ({r.max_new_tokens}) "
-                                f"exceeds the {limit} tokens a sequence can hold")
+            raise ArgumentError(
+                f"requests[{i}]: prompt ({len(prompt)}) + max_new_tokens ({r.max_new_tokens}) "
+                f"exceeds the {limit} tokens a sequence can hold"
+            )
         if r.slot is not None or r.output:
             raise ArgumentError(f"requests[{i}] has already been served (slot or output set)")
     if len({id(r) for r in requests}) != len(requests):
@@ -179,7 +203,7 @@ def _serve_loop(model, requests, cache, backend, opened) -> ServeTrace:
             r = pending.pop(0)
             r.slot, r.cached_tokens = cache.add_sequence(r.prompt)
             opened.append(r.slot)
-            logits = paged_step(model, cache, [r.slot], [r.prompt[r.cached_tokens:]], backend)
+            logits = paged_step(model, cache, [r.slot], [r.prompt[r.cached_tokens :]], backend)
             r.output.append(int(logits[0].argmax()))
             running.append(r)
             events.append(f"+{r.slot}" + (f" (prefix hit {r.cached_tokens})" if r.cached_tokens else ""))
@@ -205,6 +229,7 @@ def decode_step(q, k, v, k_cache, v_cache, cache_seqlens, block_table=None, **kw
     """One decode step the way a caller must drive ``flash_attn_with_kvcache``: append ``k, v``
     and attend (causal), then advance the lengths **yourself** (the call does not). Returns
     ``(out, new_cache_seqlens)``."""
-    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-                                  causal=True, **kwargs)
+    out = flash_attn_with_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table, causal=True, **kwargs
+    )
     return out, (cache_seqlens + k.shape[1]).to(torch.int32)

@@ -43,8 +43,9 @@ class Request:
         return self.prompt + self.output
 
 
-def sharegpt_like_workload(n: int, rate: float, seed: int = 0, mean_prompt: float = 161.0,
-                           mean_output: float = 338.0, sigma: float = 1.0) -> list[Request]:
+def sharegpt_like_workload(
+    n: int, rate: float, seed: int = 0, mean_prompt: float = 161.0, mean_output: float = 338.0, sigma: float = 1.0
+) -> list[Request]:
     """``n`` requests with Poisson arrivals (``rate`` per decode step) and log-normal lengths
     of the given means, clipped so that prompt + output <= 2048."""
     rng = random.Random(seed)
@@ -130,17 +131,23 @@ class FirstFitAllocator:
 @dataclass
 class SimResult:
     scheme: str
-    token_share: float          # share of KV memory holding token states
-    reserved_share: float       # reserved for tokens still to be generated
-    internal_share: float       # reserved beyond the request's final length (incl. block tails)
-    external_share: float       # free memory (unusable by the waiting request)
-    concurrent: float           # average running requests
+    token_share: float  # share of KV memory holding token states
+    reserved_share: float  # reserved for tokens still to be generated
+    internal_share: float  # reserved beyond the request's final length (incl. block tails)
+    external_share: float  # free memory (unusable by the waiting request)
+    concurrent: float  # average running requests
     finished: int
     preemptions: int = 0
 
 
-def simulate(scheme: str, requests: list[Request], capacity: int = CAPACITY, block_size: int = 16,
-             steps: int = 4000, warmup: int = 1000) -> SimResult:
+def simulate(
+    scheme: str,
+    requests: list[Request],
+    capacity: int = CAPACITY,
+    block_size: int = 16,
+    steps: int = 4000,
+    warmup: int = 1000,
+) -> SimResult:
     """Serve ``requests`` for ``steps`` decode steps and average memory use over the steps after
     ``warmup``. ``scheme``: ``"max"``, ``"pow2"``, ``"oracle"`` or ``"paged"``."""
     contiguous = scheme in ("max", "pow2", "oracle")
@@ -229,21 +236,26 @@ def compare(rate: float = 2.0, n: int = 20000, seed: int = 0, block_sizes=(16, 6
 
 def format_results(results) -> str:
     """A table of the results next to the vLLM paper's Fig. 2 and Fig. 13 figures."""
-    head = (f"{'scheme':<16} {'tokens':>7} {'reserved':>9} {'internal':>9} {'external':>9} "
-            f"{'requests':>9} {'paper tokens':>13} {'paper requests':>15}")
+    head = (
+        f"{'scheme':<16} {'tokens':>7} {'reserved':>9} {'internal':>9} {'external':>9} "
+        f"{'requests':>9} {'paper tokens':>13} {'paper requests':>15}"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
         paper = PAPER.get(r.scheme)
         ptok = f"{paper[0]:.1f}%" if paper else ""
         preq = f"{paper[1]:.2f}" if paper else ""
-        lines.append(f"{r.scheme:<16} {r.token_share:>7.1%} {r.reserved_share:>9.1%} {r.internal_share:>9.1%} "
-                     f"{r.external_share:>9.1%} {r.concurrent:>9.1f} {ptok:>13} {preq:>15}")
+        lines.append(
+            f"{r.scheme:<16} {r.token_share:>7.1%} {r.reserved_share:>9.1%} {r.internal_share:>9.1%} "
+            f"{r.external_share:>9.1%} {r.concurrent:>9.1f} {ptok:>13} {preq:>15}"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flashkv_edu.sim", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m flashkv_edu.sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rate", type=float, default=2.0, help="arrivals per decode step (default 2: saturating)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -92,14 +92,29 @@ def block_n_for(headdim: int) -> int:
     return 256 if headdim <= 64 else (128 if headdim <= 128 else 64)
 
 
-def choose_num_splits(batch: int, nheads: int, nheads_k: int, seqlen_q: int, capacity: int, headdim: int,
-                      gpu: GPU = H100, alibi: bool = False, local: bool = False) -> int:
+def choose_num_splits(
+    batch: int,
+    nheads: int,
+    nheads_k: int,
+    seqlen_q: int,
+    capacity: int,
+    headdim: int,
+    gpu: GPU = H100,
+    alibi: bool = False,
+    local: bool = False,
+) -> int:
     """What ``num_splits=0`` becomes in FlashAttention 2: the heuristic fed as ``set_params_splitkv``
     feeds it. For decode (``seqlen_q == 1``) with GQA, no window and no ALiBi, FlashAttention
     first folds the query heads of a KV group into the query length (``h -> h_k``,
     ``seqlen_q -> group``). Key blocks count the cache **capacity**."""
-    for name, value in (("batch", batch), ("nheads", nheads), ("nheads_k", nheads_k), ("seqlen_q", seqlen_q),
-                        ("capacity", capacity), ("headdim", headdim)):
+    for name, value in (
+        ("batch", batch),
+        ("nheads", nheads),
+        ("nheads_k", nheads_k),
+        ("seqlen_q", seqlen_q),
+        ("capacity", capacity),
+        ("headdim", headdim),
+    ):
         check_int(name, value, low=1)
     if nheads % nheads_k:
         raise ArgumentError(f"nheads_k ({nheads_k}) must divide nheads ({nheads})")
@@ -131,19 +146,26 @@ class DecodeModel:
 
     programs: int
     waves: int
-    sm_utilization: float      # busy SM-waves / (waves * SMs)
+    sm_utilization: float  # busy SM-waves / (waves * SMs)
     kv_bytes: int
-    roofline_s: float          # KV bytes / HBM bandwidth: the floor for any kernel
-    modelled_s: float          # waves x time for one program to stream its chunk
+    roofline_s: float  # KV bytes / HBM bandwidth: the floor for any kernel
+    modelled_s: float  # waves x time for one program to stream its chunk
 
 
-def model_decode(batch: int, nheads_k: int, context: int, headdim: int, num_splits: int, gpu: GPU = H100,
-                 bytes_per_elem: int = 2) -> DecodeModel:
+def model_decode(
+    batch: int, nheads_k: int, context: int, headdim: int, num_splits: int, gpu: GPU = H100, bytes_per_elem: int = 2
+) -> DecodeModel:
     """A first-order model: one program per (sequence, KV head, split); each program streams its
     chunk of K and V at ``bandwidth / num_sms`` (its SM's share); programs run in waves of
     ``num_sms``. Ignores the combine step and launch overheads."""
-    for name, value in (("batch", batch), ("nheads_k", nheads_k), ("context", context), ("headdim", headdim),
-                        ("num_splits", num_splits), ("bytes_per_elem", bytes_per_elem)):
+    for name, value in (
+        ("batch", batch),
+        ("nheads_k", nheads_k),
+        ("context", context),
+        ("headdim", headdim),
+        ("num_splits", num_splits),
+        ("bytes_per_elem", bytes_per_elem),
+    ):
         check_int(name, value, low=1)
     _check_gpu(gpu)
     programs = batch * nheads_k * num_splits
@@ -151,15 +173,25 @@ def model_decode(batch: int, nheads_k: int, context: int, headdim: int, num_spli
     kv = 2 * batch * context * nheads_k * headdim * bytes_per_elem
     per_program = kv / programs
     per_program_time = per_program / (gpu.hbm_bytes_per_s / gpu.num_sms)
-    return DecodeModel(programs, len(busy), sum(busy) / (len(busy) * gpu.num_sms), kv,
-                       kv / gpu.hbm_bytes_per_s, len(busy) * per_program_time)
+    return DecodeModel(
+        programs,
+        len(busy),
+        sum(busy) / (len(busy) * gpu.num_sms),
+        kv,
+        kv / gpu.hbm_bytes_per_s,
+        len(busy) * per_program_time,
+    )
 
 
-def roofline_seconds(batch: int, context: int, nheads_k: int, headdim: int, gpu: GPU,
-                     bytes_per_elem: int = 2) -> float:
+def roofline_seconds(batch: int, context: int, nheads_k: int, headdim: int, gpu: GPU, bytes_per_elem: int = 2) -> float:
     """Lower bound on one layer's decode attention: bytes of K and V read / HBM bandwidth."""
-    for name, value in (("batch", batch), ("context", context), ("nheads_k", nheads_k), ("headdim", headdim),
-                        ("bytes_per_elem", bytes_per_elem)):
+    for name, value in (
+        ("batch", batch),
+        ("context", context),
+        ("nheads_k", nheads_k),
+        ("headdim", headdim),
+        ("bytes_per_elem", bytes_per_elem),
+    ):
         check_int(name, value, low=0)
     _check_gpu(gpu)
     return 2 * batch * context * nheads_k * headdim * bytes_per_elem / gpu.hbm_bytes_per_s

@@ -24,8 +24,9 @@ def error_bucket(err: float) -> str:
     return f"<1e{math.ceil(math.log10(err)):+03d}".replace("+", "")
 
 
-def within_fa_tolerance(out: torch.Tensor, out_ref: torch.Tensor, out_lowp: torch.Tensor,
-                        mult: float = 3.0, atol: float = 1e-5) -> bool:
+def within_fa_tolerance(
+    out: torch.Tensor, out_ref: torch.Tensor, out_lowp: torch.Tensor, mult: float = 3.0, atol: float = 1e-5
+) -> bool:
     """FlashAttention's test rule: ``max|out - out_ref| <= mult * max|out_lowp - out_ref| + atol``.
 
     ``out_ref`` is the fp32 oracle, ``out_lowp`` the same attention computed in the input's

@@ -67,8 +67,12 @@ def check_bool(name: str, value) -> bool:
 def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
     """An integer (Python or NumPy int, or a 0-d integer tensor; not bool, not float) in
     ``[low, high]``."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_floating_point \
-            and value.dtype != torch.bool:
+    if (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 0
+        and not value.dtype.is_floating_point
+        and value.dtype != torch.bool
+    ):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ArgumentTypeError(f"{name} must be an int, got {value!r}")
@@ -103,6 +107,7 @@ def check_power_of_two(name: str, value, *, low: int = 16) -> int:
 
 # --- attention arguments ---------------------------------------------------------------------
 
+
 def check_window(window_size) -> tuple[int, int]:
     """``window_size = (left, right)``: two ints, each -1 (infinite) or >= 0. A tuple, a list or
     a 2-element integer tensor (FlashAttention's tests pass ``torch.randint(0, sk, (2,))``)."""
@@ -119,7 +124,8 @@ def check_window(window_size) -> tuple[int, int]:
         if value < -1:
             raise ArgumentError(
                 f"window_size {side} must be -1 (infinite) or >= 0, got {value}; "
-                "a sliding window of W tokens is window_size=(W-1, 0)")
+                "a sliding window of W tokens is window_size=(W-1, 0)"
+            )
         sides.append(int(value))
     return sides[0], sides[1]
 
@@ -148,8 +154,9 @@ def check_softcap(softcap) -> float:
     return check_positive("softcap", softcap, allow_zero=True)
 
 
-def check_lengths(name: str, lengths, batch: int, *, low: int = 0, high: int | None = None,
-                  device=None, int32_only: bool = False) -> torch.Tensor:
+def check_lengths(
+    name: str, lengths, batch: int, *, low: int = 0, high: int | None = None, device=None, int32_only: bool = False
+) -> torch.Tensor:
     """Turn ``lengths`` (int or ``(batch,)`` integer tensor) into a contiguous int32 ``(batch,)``
     tensor on ``device``. Every value lies in ``[low, high]`` (``high`` inclusive, when given).
     ``int32_only``: a tensor must already be int32 (FlashAttention's rule for its arguments)."""
@@ -173,15 +180,23 @@ def check_lengths(name: str, lengths, batch: int, *, low: int = 0, high: int | N
     return lengths.to(torch.int32).contiguous()
 
 
-def key_range(seqlens, leftpad, batch: int, capacity: int, *, device=None, names=("seqlens_k", "leftpad_k"),
-              int32_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def key_range(
+    seqlens,
+    leftpad,
+    batch: int,
+    capacity: int,
+    *,
+    device=None,
+    names=("seqlens_k", "leftpad_k"),
+    int32_only: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's valid key columns ``[start, end)``: ``end = seqlens`` (default ``capacity``),
     ``start = leftpad`` (default 0), ``0 <= start <= end <= capacity``. Returns contiguous int32
     ``(start, end)``, each ``(batch,)``."""
-    end = check_lengths(names[0], capacity if seqlens is None else seqlens, batch, high=capacity,
-                        device=device, int32_only=int32_only)
-    start = check_lengths(names[1], 0 if leftpad is None else leftpad, batch, device=end.device,
-                          int32_only=int32_only)
+    end = check_lengths(
+        names[0], capacity if seqlens is None else seqlens, batch, high=capacity, device=device, int32_only=int32_only
+    )
+    start = check_lengths(names[1], 0 if leftpad is None else leftpad, batch, device=end.device, int32_only=int32_only)
     if bool((start > end).any()):
         raise ArgumentError(f"{names[1]} must be <= {names[0]}, got {start.tolist()} > {end.tolist()}")
     return start, end
@@ -206,15 +221,24 @@ def check_alibi_slopes(alibi_slopes, batch: int, nheads: int) -> torch.Tensor:
     """ALiBi slopes: fp32 ``(nheads,)`` or ``(batch, nheads)``, finite. Returned contiguous."""
     check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,))
     if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
-        raise ArgumentError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), "
-                            f"got {tuple(alibi_slopes.shape)}")
+        raise ArgumentError(
+            f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got {tuple(alibi_slopes.shape)}"
+        )
     if not bool(torch.isfinite(alibi_slopes).all()):
         raise ArgumentError("alibi_slopes must be finite")
     return alibi_slopes.contiguous()
 
 
-def check_qkv_shapes(q, k, v, *, k_name: str = "k", v_name: str = "v", max_headdim: int | None = None,
-                     value_headdim_may_differ: bool = False) -> None:
+def check_qkv_shapes(
+    q,
+    k,
+    v,
+    *,
+    k_name: str = "k",
+    v_name: str = "v",
+    max_headdim: int | None = None,
+    value_headdim_may_differ: bool = False,
+) -> None:
     """``q (batch, seqlen_q, nheads, headdim)`` against keys/values ``(batch_k, seqlen_k, nheads_k,
     headdim)`` of one shape (values may have their own head dim when allowed): nonzero heads and
     head dim, ``nheads_k`` dividing ``nheads``."""
@@ -242,8 +266,10 @@ def check_cache_shapes(q, k_cache, v_cache, max_headdim: int = 256) -> None:
     as FlashAttention requires)."""
     check_qkv_shapes(q, k_cache, v_cache, k_name="k_cache", v_name="v_cache", max_headdim=max_headdim)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ArgumentError("k_cache and v_cache must be contiguous in the last dimension (they are updated in "
-                            "place; FlashAttention has the same rule)")
+        raise ArgumentError(
+            "k_cache and v_cache must be contiguous in the last dimension (they are updated in "
+            "place; FlashAttention has the same rule)"
+        )
 
 
 def check_num_splits(num_splits, *, allow_zero: bool = True) -> int:

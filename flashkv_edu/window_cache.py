@@ -46,6 +46,7 @@ class _LayeredCache:
 
 # --- replicas of historical behaviour ------------------------------------------------------
 
+
 class ReplicaV01(_LayeredCache):
     """FLA v0.1.x (the code of the 'KV Cache exploded' report).
 
@@ -144,6 +145,7 @@ class ReplicaPre910(_LayeredCache):
 
 # --- the fix -----------------------------------------------------------------------------
 
+
 def window_update(cached: torch.Tensor, new: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One sliding-window step for a ``(batch, seqlen, ...)`` tensor (sequence on dim 1).
 
@@ -152,7 +154,7 @@ def window_update(cached: torch.Tensor, new: torch.Tensor, window: int) -> tuple
     new tokens' queries may attend to: the last ``window - 1`` cached tokens and all of ``new``.
     """
     keep = min(window - 1, cached.shape[1])
-    visible = torch.cat([cached[:, cached.shape[1] - keep:], new], 1)
+    visible = torch.cat([cached[:, cached.shape[1] - keep :], new], 1)
     return visible[:, -window:].clone(), visible
 
 
@@ -180,8 +182,9 @@ class SlidingWindowCache(_LayeredCache):
         if window is None:
             return None
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ArgumentError(f"window_size must be None or an int >= 1 (tokens kept, current one included), "
-                             f"got {window!r}")
+            raise ArgumentError(
+                f"window_size must be None or an int >= 1 (tokens kept, current one included), got {window!r}"
+            )
         return window
 
     def window(self, layer_idx: int = 0) -> int | None:
@@ -192,8 +195,10 @@ class SlidingWindowCache(_LayeredCache):
         check_tensor("key_states", key_states, ndim=4)
         check_tensor("value_states", value_states, ndim=4)
         if key_states.shape != value_states.shape:
-            raise ArgumentError(f"key_states and value_states must have the same shape, got "
-                             f"{tuple(key_states.shape)} and {tuple(value_states.shape)}")
+            raise ArgumentError(
+                f"key_states and value_states must have the same shape, got "
+                f"{tuple(key_states.shape)} and {tuple(value_states.shape)}"
+            )
         check_same(("key_states", "value_states"), (key_states, value_states), "dtype")
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
             raise ArgumentError(f"layer_idx must be an int >= 0, got {layer_idx!r}")
@@ -201,8 +206,10 @@ class SlidingWindowCache(_LayeredCache):
         if old is not None:
             k = old[0]
             if (k.shape[0], *k.shape[2:]) != (key_states.shape[0], *key_states.shape[2:]):
-                raise ArgumentError(f"key_states must be (batch={k.shape[0]}, seqlen, nheads_k={k.shape[2]}, "
-                                 f"headdim={k.shape[3]}) for layer {layer_idx}, got {tuple(key_states.shape)}")
+                raise ArgumentError(
+                    f"key_states must be (batch={k.shape[0]}, seqlen, nheads_k={k.shape[2]}, "
+                    f"headdim={k.shape[3]}) for layer {layer_idx}, got {tuple(key_states.shape)}"
+                )
             check_same(("cached keys", "key_states"), (k, key_states), "dtype")
             check_same(("cached keys", "key_states"), (k, key_states), "device")
 
@@ -215,8 +222,10 @@ class SlidingWindowCache(_LayeredCache):
         if cache_kwargs and "window_size" in cache_kwargs:
             given = self._check_window(cache_kwargs["window_size"])
             if layer_idx in self.states and given != window:
-                raise ArgumentError(f"window_size of layer {layer_idx} changed from {window} to {given}; "
-                                 "a layer's window is fixed once it holds tokens")
+                raise ArgumentError(
+                    f"window_size of layer {layer_idx} changed from {window} to {given}; "
+                    "a layer's window is fixed once it holds tokens"
+                )
             window = given
         self.windows[layer_idx] = window
         old = self.states.get(layer_idx)
@@ -242,6 +251,7 @@ class SlidingWindowCache(_LayeredCache):
 
 # --- driving a cache step by step -----------------------------------------------------------
 
+
 def position_chunk(start: int, n: int, *, nheads_k: int = 1, headdim: int = 2) -> torch.Tensor:
     """Keys whose values are their token positions ``start .. start+n-1``: ``(1, n, nheads_k, headdim)``.
     Reading a cache built from these shows exactly which positions it holds."""
@@ -259,8 +269,7 @@ class Trace:
     error: str | None = None
 
 
-def run_chunks(cache, chunks, window: int | None, *, pass_window: str = "always",
-               reappend: bool = False) -> Trace:
+def run_chunks(cache, chunks, window: int | None, *, pass_window: str = "always", reappend: bool = False) -> Trace:
     """Feed chunks of ``chunks[i]`` new tokens to ``cache.update`` on layer 0 and record a Trace.
 
     ``pass_window``: ``"always"`` passes ``cache_kwargs={"window_size": window}`` on every call,

@@ -24,25 +24,37 @@ def rotary_reference(x, cos, sin, positions, interleaved):
     if interleaved:
         pairs = torch.complex(xf[..., 0:rot:2].contiguous(), xf[..., 1:rot:2].contiguous())
     else:
-        pairs = torch.complex(xf[..., : rot // 2].contiguous(), xf[..., rot // 2: rot].contiguous())
+        pairs = torch.complex(xf[..., : rot // 2].contiguous(), xf[..., rot // 2 : rot].contiguous())
     turned = pairs * torch.complex(c, s)
     out = xf.clone()
     if interleaved:
         out[..., 0:rot:2], out[..., 1:rot:2] = turned.real, turned.imag
     else:
-        out[..., : rot // 2], out[..., rot // 2: rot] = turned.real, turned.imag
+        out[..., : rot // 2], out[..., rot // 2 : rot] = turned.real, turned.imag
     return out.to(x.dtype)
 
 
 def make_config(rng):
     sq, cap = rng.choice(SEQLENS)
     cfg = dict(
-        sq=sq, cap=cap, d=rng.choice(HEADDIMS), mha=rng.choice(["mha", "mqa", "gqa"]), new_kv=rng.random() < 0.6,
-        causal=rng.random() < 0.5, local=rng.random() < 0.3, alibi=rng.random() < 0.25,
-        rotary_fraction=rng.choice([0.0, 0.5, 1.0]), interleaved=rng.random() < 0.5,
-        paged=rng.choice([None, None, 16, 5]), leftpad=rng.random() < 0.3, batch_idx=rng.random() < 0.3,
-        num_splits=rng.choice([1, 0]), softcap=rng.choice([0.0, 0.0, 2.5]), lse=rng.random() < 0.5,
-        same_new=rng.random() < 0.5, seed=rng.randrange(10**6),
+        sq=sq,
+        cap=cap,
+        d=rng.choice(HEADDIMS),
+        mha=rng.choice(["mha", "mqa", "gqa"]),
+        new_kv=rng.random() < 0.6,
+        causal=rng.random() < 0.5,
+        local=rng.random() < 0.3,
+        alibi=rng.random() < 0.25,
+        rotary_fraction=rng.choice([0.0, 0.5, 1.0]),
+        interleaved=rng.random() < 0.5,
+        paged=rng.choice([None, None, 16, 5]),
+        leftpad=rng.random() < 0.3,
+        batch_idx=rng.random() < 0.3,
+        num_splits=rng.choice([1, 0]),
+        softcap=rng.choice([0.0, 0.0, 2.5]),
+        lse=rng.random() < 0.5,
+        same_new=rng.random() < 0.5,
+        seed=rng.randrange(10**6),
     )
     if cfg["paged"] is not None:
         cfg["leftpad"] = cfg["batch_idx"] = False
@@ -70,8 +82,13 @@ def run_case(cfg, backend, dtype=torch.float16):
         lens = torch.randint(0, cap - x + 1, (b,), generator=g, dtype=torch.int32)
     else:
         lens = torch.randint(1, cap + 1, (b,), generator=g, dtype=torch.int32)
-    pads = torch.stack([torch.randint(0, int(c), (1,), generator=g)[0] if c > 0 else torch.tensor(0)
-                        for c in lens]).to(torch.int32) if cfg["leftpad"] else None
+    pads = (
+        torch.stack([torch.randint(0, int(c), (1,), generator=g)[0] if c > 0 else torch.tensor(0) for c in lens]).to(
+            torch.int32
+        )
+        if cfg["leftpad"]
+        else None
+    )
     table = None
     if cfg["paged"]:
         page = cfg["paged"]
@@ -116,22 +133,46 @@ def run_case(cfg, backend, dtype=torch.float16):
     if rotary_dim:
         offs = torch.arange(sq)[None, :] if (cfg["causal"] or cfg["local"]) else torch.zeros(1, sq, dtype=torch.long)
         q_ref = rotary_reference(q, cos, sin, lens.long()[:, None] + offs, cfg["interleaved"])
-    kw = dict(causal=cfg["causal"], window_size=window, softcap=cfg["softcap"], alibi_slopes=slopes,
-              seqlens_k=lens + snew, leftpad_k=pads)
+    kw = dict(
+        causal=cfg["causal"],
+        window_size=window,
+        softcap=cfg["softcap"],
+        alibi_slopes=slopes,
+        seqlens_k=lens + snew,
+        leftpad_k=pads,
+    )
     out_ref, lse_ref = attention_ref(q_ref, kd, vd, return_lse=True, **kw)
     out_pt = attention_ref(q_ref, kd, vd, compute_dtype=dtype, **kw)
 
     kc, vc = k_cache.clone(), v_cache.clone()
     result = flash_attn_with_kvcache(
-        q, kc, vc, k_new, v_new, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lens, cache_batch_idx=batch_idx,
-        cache_leftpad=pads, block_table=table, causal=cfg["causal"], window_size=window, softcap=cfg["softcap"],
-        rotary_interleaved=cfg["interleaved"], alibi_slopes=slopes, num_splits=cfg["num_splits"],
-        return_softmax_lse=cfg["lse"], backend=backend)
+        q,
+        kc,
+        vc,
+        k_new,
+        v_new,
+        rotary_cos=cos,
+        rotary_sin=sin,
+        cache_seqlens=lens,
+        cache_batch_idx=batch_idx,
+        cache_leftpad=pads,
+        block_table=table,
+        causal=cfg["causal"],
+        window_size=window,
+        softcap=cfg["softcap"],
+        rotary_interleaved=cfg["interleaved"],
+        alibi_slopes=slopes,
+        num_splits=cfg["num_splits"],
+        return_softmax_lse=cfg["lse"],
+        backend=backend,
+    )
     out = result[0] if cfg["lse"] else result
     assert out.dtype == dtype and out.shape == q.shape
     mult = 5.0 if cfg["alibi"] else 3.0
-    assert within_fa_tolerance(out, out_ref, out_pt, mult=mult), (max_abs_err(out, out_ref),
-                                                                  max_abs_err(out_pt, out_ref))
+    assert within_fa_tolerance(out, out_ref, out_pt, mult=mult), (
+        max_abs_err(out, out_ref),
+        max_abs_err(out_pt, out_ref),
+    )
     if cfg["lse"]:
         assert result[1].shape == (b, h, sq) and result[1].dtype == torch.float32
         assert max_abs_err(result[1], lse_ref) < 1e-2
@@ -170,8 +211,18 @@ def test_grid_covers_every_feature():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_other_dtypes(dtype, backend):
-    cfg = dict(make_config(random.Random(7)), sq=3, cap=40, d=64, new_kv=True, paged=16, leftpad=False,
-               batch_idx=False, rotary_fraction=0.5, causal=True)
+    cfg = dict(
+        make_config(random.Random(7)),
+        sq=3,
+        cap=40,
+        d=64,
+        new_kv=True,
+        paged=16,
+        leftpad=False,
+        batch_idx=False,
+        rotary_fraction=0.5,
+        causal=True,
+    )
     run_case(cfg, backend, dtype)
 
 
@@ -180,22 +231,38 @@ def test_cache_seqlens_not_mutated_and_fully_masked_rows():
     kc, vc = torch.zeros(1, 8, 2, 16), torch.zeros(1, 8, 2, 16)
     lens = torch.tensor([0], dtype=torch.int32)
     for backend in ("torch", "triton"):
-        out, lse = flash_attn_with_kvcache(q, kc, vc, torch.randn(1, 2, 2, 16), torch.randn(1, 2, 2, 16),
-                                           cache_seqlens=lens, causal=True, return_softmax_lse=True, backend=backend)
+        out, lse = flash_attn_with_kvcache(
+            q,
+            kc,
+            vc,
+            torch.randn(1, 2, 2, 16),
+            torch.randn(1, 2, 2, 16),
+            cache_seqlens=lens,
+            causal=True,
+            return_softmax_lse=True,
+            backend=backend,
+        )
         assert lens.tolist() == [0]
-        assert torch.all(out[:, :3] == 0) and torch.all(torch.isposinf(lse[:, :, :3]))   # s_q=5 > s_k=2
+        assert torch.all(out[:, :3] == 0) and torch.all(torch.isposinf(lse[:, :, :3]))  # s_q=5 > s_k=2
 
 
 def _args():
     g = torch.Generator().manual_seed(0)
-    return dict(q=torch.randn(2, 1, 4, 16, generator=g), k_cache=torch.randn(2, 32, 2, 16, generator=g),
-                v_cache=torch.randn(2, 32, 2, 16, generator=g), k=torch.randn(2, 1, 2, 16, generator=g),
-                v=torch.randn(2, 1, 2, 16, generator=g), cache_seqlens=torch.tensor([5, 31], dtype=torch.int32))
+    return dict(
+        q=torch.randn(2, 1, 4, 16, generator=g),
+        k_cache=torch.randn(2, 32, 2, 16, generator=g),
+        v_cache=torch.randn(2, 32, 2, 16, generator=g),
+        k=torch.randn(2, 1, 2, 16, generator=g),
+        v=torch.randn(2, 1, 2, 16, generator=g),
+        cache_seqlens=torch.tensor([5, 31], dtype=torch.int32),
+    )
 
 
 BAD = [
-    (dict(block_table=torch.zeros(2, 2, dtype=torch.int32), cache_batch_idx=torch.tensor([0, 1], dtype=torch.int32)),
-     "cache_batch_idx cannot be used with block_table"),
+    (
+        dict(block_table=torch.zeros(2, 2, dtype=torch.int32), cache_batch_idx=torch.tensor([0, 1], dtype=torch.int32)),
+        "cache_batch_idx cannot be used with block_table",
+    ),
     (dict(v=None), "k and v must be given together"),
     (dict(k=None, v=None, rotary_cos=torch.ones(32, 8), rotary_sin=torch.ones(32, 8)), "rotary_cos/rotary_sin need"),
     (dict(cache_seqlens=torch.tensor([5, 32], dtype=torch.int32)), "cache overflow"),

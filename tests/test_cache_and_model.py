@@ -16,8 +16,9 @@ def snapshot(cache):
 
 
 def same(cache, snap):
-    return all(torch.equal(a, b) for a, b in zip((cache.k_cache, cache.v_cache, cache.cache_seqlens), snap,
-                                                    strict=True))
+    return all(
+        torch.equal(a, b) for a, b in zip((cache.k_cache, cache.v_cache, cache.cache_seqlens), snap, strict=True)
+    )
 
 
 def test_append_ragged_and_views():
@@ -53,18 +54,21 @@ def test_growable_doubles_and_counts_copies():
     assert c.valid(0)[0][:, 0, 0].tolist() == list(range(9))
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda c: c.append(torch.ones(2, 5, 2, 4), torch.ones(2, 5, 2, 4)), "cache overflow"),
-    (lambda c: c.append(torch.ones(2, 1, 3, 4), torch.ones(2, 1, 3, 4)), "nheads_k=2"),
-    (lambda c: c.append(torch.ones(2, 1, 2, 8), torch.ones(2, 1, 2, 8)), "headdim=4"),
-    (lambda c: c.append(torch.ones(2, 1, 2, 4).half(), torch.ones(2, 1, 2, 4).half()), "share one dtype"),
-    (lambda c: c.append(torch.ones(2, 1, 2, 4), torch.ones(2, 2, 2, 4)), "same shape"),
-    (lambda c: c.append(torch.ones(1, 1, 2, 4), torch.ones(1, 1, 2, 4), seq_idx=[5]), "seq_idx entries"),
-    (lambda c: c.append(torch.ones(2, 1, 2, 4), torch.ones(2, 1, 2, 4), seq_idx=[1, 1]), "must not repeat"),
-    (lambda c: c.append(torch.ones(2, 1, 2, 4), torch.ones(2, 1, 2, 4), seq_idx=[1]), "selects 1"),
-    (lambda c: c.append(torch.ones(2, 1, 2), torch.ones(2, 1, 2)), "4 dimensions"),
-    (lambda c: c.append(torch.ones(2, 2, 2, 4), torch.ones(2, 2, 2, 4), num_new=[3, 0]), "num_new entries"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda c: c.append(torch.ones(2, 5, 2, 4), torch.ones(2, 5, 2, 4)), "cache overflow"),
+        (lambda c: c.append(torch.ones(2, 1, 3, 4), torch.ones(2, 1, 3, 4)), "nheads_k=2"),
+        (lambda c: c.append(torch.ones(2, 1, 2, 8), torch.ones(2, 1, 2, 8)), "headdim=4"),
+        (lambda c: c.append(torch.ones(2, 1, 2, 4).half(), torch.ones(2, 1, 2, 4).half()), "share one dtype"),
+        (lambda c: c.append(torch.ones(2, 1, 2, 4), torch.ones(2, 2, 2, 4)), "same shape"),
+        (lambda c: c.append(torch.ones(1, 1, 2, 4), torch.ones(1, 1, 2, 4), seq_idx=[5]), "seq_idx entries"),
+        (lambda c: c.append(torch.ones(2, 1, 2, 4), torch.ones(2, 1, 2, 4), seq_idx=[1, 1]), "must not repeat"),
+        (lambda c: c.append(torch.ones(2, 1, 2, 4), torch.ones(2, 1, 2, 4), seq_idx=[1]), "selects 1"),
+        (lambda c: c.append(torch.ones(2, 1, 2), torch.ones(2, 1, 2)), "4 dimensions"),
+        (lambda c: c.append(torch.ones(2, 2, 2, 4), torch.ones(2, 2, 2, 4), num_new=[3, 0]), "num_new entries"),
+    ],
+)
 def test_bad_appends_raise_and_leave_cache_unchanged(make, match):
     c = KVCache(2, 4, 2, 4)
     c.append(torch.randn(2, 2, 2, 4), torch.randn(2, 2, 2, 4))
@@ -81,8 +85,7 @@ def test_bad_construction():
         KVCache(1, 4, 1, 4, dtype=torch.int32)
 
 
-@given(lens=st.lists(st.integers(1, 12), min_size=1, max_size=4), steps=st.integers(1, 4),
-       seed=st.integers(0, 1000))
+@given(lens=st.lists(st.integers(1, 12), min_size=1, max_size=4), steps=st.integers(1, 4), seed=st.integers(0, 1000))
 def test_cached_attention_equals_recomputed(lens, steps, seed):
     """Appending step by step and attending over the cache equals full causal attention."""
     g = torch.Generator().manual_seed(seed)
@@ -93,7 +96,7 @@ def test_cached_attention_equals_recomputed(lens, steps, seed):
     v = torch.randn(b, total, 2, 8, generator=g)
     cache = KVCache(b, total, 2, 8)
     for i, n in enumerate(lens):  # ragged prefill
-        cache.append(k[i:i + 1, :n], v[i:i + 1, :n], seq_idx=[i])
+        cache.append(k[i : i + 1, :n], v[i : i + 1, :n], seq_idx=[i])
     for t in range(steps):
         pos = torch.tensor(lens) + t
         idx = pos[:, None, None, None].expand(b, 1, 2, 8)
@@ -102,8 +105,8 @@ def test_cached_attention_equals_recomputed(lens, steps, seed):
         got = attention_ref(qi, cache.k_cache, cache.v_cache, causal=True, seqlens_k=cache.cache_seqlens)
         for i in range(b):
             n = int(pos[i]) + 1
-            want = attention_ref(q[i:i + 1, :n], k[i:i + 1, :n], v[i:i + 1, :n], causal=True)[:, -1:]
-            assert max_abs_err(got[i:i + 1], want) < 1e-5
+            want = attention_ref(q[i : i + 1, :n], k[i : i + 1, :n], v[i : i + 1, :n], causal=True)[:, -1:]
+            assert max_abs_err(got[i : i + 1], want) < 1e-5
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
@@ -135,7 +138,6 @@ def test_kv_bytes_per_token_matches_published_figures():
     kib = {name: kv_bytes_per_token(layers, hk, d) // 1024 for name, (layers, _, hk, d) in MODEL_SHAPES.items()}
     assert kib["Llama-3-8B (GQA)"] == 128 and kib["Llama-3-70B (GQA)"] == 320
     assert kib["Llama-2-7B (MHA)"] == 512 and kib["OPT-13B (MHA)"] == 800
-
 
 
 def test_bench_decode_runs_and_cache_wins_at_long_context():

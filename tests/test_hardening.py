@@ -35,7 +35,7 @@ def cache_view(t: torch.Tensor) -> torch.Tensor:
     FlashAttention requires of a cache it writes in place)."""
     b, s, hk, d = t.shape
     big = torch.full((b + 1, s + 3, hk + 1, d), float("nan"), dtype=t.dtype)
-    view = big[1:, 2:s + 2, :hk]
+    view = big[1:, 2 : s + 2, :hk]
     view.copy_(t)
     return view
 
@@ -47,6 +47,7 @@ def transposed_view(t: torch.Tensor) -> torch.Tensor:
 
 # --- silent wrong results reported against the Triton backend ----------------------------------
 
+
 def test_strided_cache_leftpad_is_read_by_value():
     """``torch.tensor([3, 0, 5, 0], dtype=torch.int32)[::2]`` is leftpad [3, 5]: the kernel once
     read [3, 0] through the strides it ignored."""
@@ -57,10 +58,12 @@ def test_strided_cache_leftpad_is_read_by_value():
     pad_view = torch.tensor([3, 0, 5, 0], dtype=torch.int32)[::2]
     pad = pad_view.contiguous()
     for backend in ("torch", "triton"):
-        out_view, lse_view = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_leftpad=pad_view,
-                                                     return_softmax_lse=True, backend=backend)
-        out, lse = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_leftpad=pad,
-                                           return_softmax_lse=True, backend=backend)
+        out_view, lse_view = flash_attn_with_kvcache(
+            q, kc, vc, cache_seqlens=lens, cache_leftpad=pad_view, return_softmax_lse=True, backend=backend
+        )
+        out, lse = flash_attn_with_kvcache(
+            q, kc, vc, cache_seqlens=lens, cache_leftpad=pad, return_softmax_lse=True, backend=backend
+        )
         ref, ref_lse = attention_ref(q, kc, vc, seqlens_k=lens, leftpad_k=pad, return_lse=True)
         torch.testing.assert_close(out_view, out, rtol=0, atol=0)
         torch.testing.assert_close(lse_view, lse, rtol=0, atol=0)
@@ -73,8 +76,8 @@ def _nan_cache(b, cap, hk, d, lens, pads, g):
     k = torch.full((b, cap, hk, d), float("nan"))
     v = torch.full((b, cap, hk, d), float("nan"))
     for i in range(b):
-        k[i, pads[i]:lens[i]] = torch.randn(int(lens[i] - pads[i]), hk, d, generator=g)
-        v[i, pads[i]:lens[i]] = torch.randn(int(lens[i] - pads[i]), hk, d, generator=g)
+        k[i, pads[i] : lens[i]] = torch.randn(int(lens[i] - pads[i]), hk, d, generator=g)
+        v[i, pads[i] : lens[i]] = torch.randn(int(lens[i] - pads[i]), hk, d, generator=g)
     return k, v
 
 
@@ -90,13 +93,15 @@ def test_rows_outside_the_valid_keys_are_never_read():
     expected = attention_ref(q, clean_k, clean_v, seqlens_k=lens, leftpad_k=pads, causal=True)
     outs = {
         "attention_ref": attention_ref(q, kc, vc, seqlens_k=lens, leftpad_k=pads, causal=True),
-        "blockwise_attention": blockwise_attention(q, kc, vc, seqlens_k=lens, leftpad_k=pads, causal=True,
-                                                   block_size=4)[0],
+        "blockwise_attention": blockwise_attention(
+            q, kc, vc, seqlens_k=lens, leftpad_k=pads, causal=True, block_size=4
+        )[0],
         "attention_triton": attention_triton(q, kc, vc, seqlens_k=lens, leftpad_k=pads, causal=True),
     }
     for backend in ("torch", "triton"):
-        outs[f"api {backend}"] = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_leftpad=pads,
-                                                         causal=True, backend=backend)
+        outs[f"api {backend}"] = flash_attn_with_kvcache(
+            q, kc, vc, cache_seqlens=lens, cache_leftpad=pads, causal=True, backend=backend
+        )
     # paged: the same sequences laid out in pages of 4, unused pages and rows full of NaN
     page = 4
     pool_k = torch.full((b * 3 + 2, page, hk, d), float("nan"))
@@ -109,8 +114,9 @@ def test_rows_outside_the_valid_keys_are_never_read():
             pool_v[table[i, p // page], p % page] = clean_v[i, p]
     expected_paged = attention_ref(q, clean_k, clean_v, seqlens_k=lens0, causal=True)
     for backend in ("torch", "triton"):
-        out = flash_attn_with_kvcache(q, pool_k, pool_v, cache_seqlens=lens0, block_table=table, causal=True,
-                                      backend=backend)
+        out = flash_attn_with_kvcache(
+            q, pool_k, pool_v, cache_seqlens=lens0, block_table=table, causal=True, backend=backend
+        )
         assert torch.isfinite(out).all(), f"paged {backend}: NaN from an unused row"
         torch.testing.assert_close(out, expected_paged, rtol=1e-5, atol=1e-5)
     for name, out in outs.items():
@@ -125,8 +131,9 @@ def test_attention_core_touches_only_the_valid_columns():
     v = torch.full((2, 10, 1, 8), float("nan"))
     k[:, 3:6], v[:, 3:6] = torch.randn(2, 3, 1, 8), torch.randn(2, 3, 1, 8)
     start, end = torch.tensor([3, 4], dtype=torch.int32), torch.tensor([6, 5], dtype=torch.int32)
-    out, lse = attention_core(q, k, v, scale=8**-0.5, window=(-1, -1), softcap=0.0, alibi_slopes=None,
-                              start=start, end=end)
+    out, lse = attention_core(
+        q, k, v, scale=8**-0.5, window=(-1, -1), softcap=0.0, alibi_slopes=None, start=start, end=end
+    )
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
@@ -147,6 +154,7 @@ def test_attention_core_skips_the_mask_only_when_every_query_sees_every_key():
 
 
 # --- interpreter details ----------------------------------------------------------------------
+
 
 @pytest.mark.skipif(not runtime.INTERPRET, reason="the interpreter's rounding")
 def test_interpreted_bf16_output_rounds_to_nearest():
@@ -207,6 +215,7 @@ def test_kernel_addresses_are_64_bit():
 
 # --- who decides where code runs ---------------------------------------------------------------
 
+
 def test_auto_is_pytorch_on_a_cpu_and_triton_on_a_gpu():
     assert runtime.resolve_backend("auto", "cpu") == "torch"
     expected = "triton" if (runtime.HAS_TRITON and not runtime.INTERPRET) else "torch"
@@ -235,16 +244,26 @@ def test_runtime_alone_decides_on_a_cpu():
 
 # --- strides never matter: random valid calls, views vs contiguous -----------------------------
 
+
 @st.composite
 def api_configs(draw):
     cfg = dict(
-        b=draw(st.integers(1, 3)), sq=draw(st.sampled_from([1, 2, 3])), heads=draw(st.sampled_from([(4, 2), (2, 2),
-                                                                                                      (4, 1)])),
-        d=draw(st.sampled_from([16, 32])), paged=draw(st.sampled_from([None, 4, 5])), cap=draw(st.integers(8, 20)),
-        new=draw(st.integers(0, 2)), rotary=draw(st.booleans()), interleaved=draw(st.booleans()),
-        leftpad=draw(st.booleans()), batch_idx=draw(st.booleans()), causal=draw(st.booleans()),
-        window=draw(st.sampled_from([(-1, -1), (3, 0), (2, 1)])), alibi=draw(st.sampled_from([None, "1d", "2d"])),
-        softcap=draw(st.sampled_from([0.0, 3.0])), splits=draw(st.sampled_from([0, 1, 3])),
+        b=draw(st.integers(1, 3)),
+        sq=draw(st.sampled_from([1, 2, 3])),
+        heads=draw(st.sampled_from([(4, 2), (2, 2), (4, 1)])),
+        d=draw(st.sampled_from([16, 32])),
+        paged=draw(st.sampled_from([None, 4, 5])),
+        cap=draw(st.integers(8, 20)),
+        new=draw(st.integers(0, 2)),
+        rotary=draw(st.booleans()),
+        interleaved=draw(st.booleans()),
+        leftpad=draw(st.booleans()),
+        batch_idx=draw(st.booleans()),
+        causal=draw(st.booleans()),
+        window=draw(st.sampled_from([(-1, -1), (3, 0), (2, 1)])),
+        alibi=draw(st.sampled_from([None, "1d", "2d"])),
+        softcap=draw(st.sampled_from([0.0, 3.0])),
+        splits=draw(st.sampled_from([0, 1, 3])),
         seed=draw(st.integers(0, 10**6)),
     )
     if cfg["paged"]:
@@ -261,8 +280,14 @@ def _build(cfg):
     h, hk = cfg["heads"]
     new = cfg["new"]
     r = lambda *s: torch.randn(*s, generator=g)
-    a = dict(q=r(b, sq, h, d), causal=cfg["causal"], window_size=cfg["window"], softcap=cfg["softcap"],
-             num_splits=cfg["splits"], return_softmax_lse=True)
+    a = dict(
+        q=r(b, sq, h, d),
+        causal=cfg["causal"],
+        window_size=cfg["window"],
+        softcap=cfg["softcap"],
+        num_splits=cfg["splits"],
+        return_softmax_lse=True,
+    )
     if cfg["paged"]:
         page = cfg["paged"]
         nblk = -(-cfg["cap"] // page)
@@ -316,7 +341,7 @@ def _same_call(cfg, backend):
     out_v, lse_v = flash_attn_with_kvcache(**views, backend=backend)
     torch.testing.assert_close(out_v, out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse_v, lse, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(views["k_cache"], a["k_cache"], rtol=0, atol=0)   # the same append
+    torch.testing.assert_close(views["k_cache"], a["k_cache"], rtol=0, atol=0)  # the same append
     torch.testing.assert_close(views["v_cache"], a["v_cache"], rtol=0, atol=0)
 
 
@@ -334,10 +359,14 @@ def test_views_equal_the_contiguous_call_triton(cfg):
 
 # --- valid inputs that used to fail -------------------------------------------------------------
 
+
 def test_window_size_as_an_integer_tensor_like_flashattentions_tests():
     g = torch.Generator().manual_seed(4)
-    q, kc, vc = torch.randn(1, 2, 2, 16, generator=g), torch.randn(1, 9, 1, 16, generator=g), torch.randn(1, 9, 1, 16,
-                                                                                                             generator=g)
+    q, kc, vc = (
+        torch.randn(1, 2, 2, 16, generator=g),
+        torch.randn(1, 9, 1, 16, generator=g),
+        torch.randn(1, 9, 1, 16, generator=g),
+    )
     window = torch.randint(0, 9, (2,), generator=g)
     for backend in ("torch", "triton"):
         out = flash_attn_with_kvcache(q, kc, vc, window_size=window, backend=backend)
@@ -356,7 +385,7 @@ def test_a_cache_with_more_rows_than_the_batch():
     for backend in ("torch", "triton"):
         kb, vb = kc.clone(), vc.clone()
         outs[backend] = flash_attn_with_kvcache(q, kb, vb, k, v, cache_seqlens=lens, causal=True, backend=backend)
-        assert torch.equal(kb[2:], kc[2:]) and torch.equal(vb[2:], vc[2:])      # rows past the batch untouched
+        assert torch.equal(kb[2:], kc[2:]) and torch.equal(vb[2:], vc[2:])  # rows past the batch untouched
     ref = attention_ref(q, kb[:2], vb[:2], seqlens_k=lens + 1, causal=True)
     for out in outs.values():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -40,7 +40,7 @@ def check_fa_rule(out, q, k, v, mult=3.0, **kw):
 def test_forward_kernel_grid(headdim, dtype):
     gen = torch.Generator().manual_seed(headdim)
     for h, hk, kw in CONFIGS:
-        q = rand((2, 37, h, headdim), dtype, gen)          # 37, 45: not multiples of the tiles
+        q = rand((2, 37, h, headdim), dtype, gen)  # 37, 45: not multiples of the tiles
         k = rand((2, 45, hk, headdim), dtype, gen)
         v = rand((2, 45, hk, headdim), dtype, gen)
         lens = torch.tensor([45, 29], dtype=torch.int32)
@@ -51,27 +51,50 @@ def test_forward_kernel_grid(headdim, dtype):
         assert max_abs_err(lse, ref_lse) < 1e-3
 
 
-@given(b=st.integers(1, 2), sq=st.integers(1, 40), sk=st.integers(1, 70),
-       heads=st.sampled_from([(2, 2), (4, 2), (3, 1)]), causal=st.booleans(), wl=st.integers(-1, 30),
-       wr=st.integers(-1, 30), alibi=st.booleans(), ragged=st.booleans(), seed=st.integers(0, 1000))
+@given(
+    b=st.integers(1, 2),
+    sq=st.integers(1, 40),
+    sk=st.integers(1, 70),
+    heads=st.sampled_from([(2, 2), (4, 2), (3, 1)]),
+    causal=st.booleans(),
+    wl=st.integers(-1, 30),
+    wr=st.integers(-1, 30),
+    alibi=st.booleans(),
+    ragged=st.booleans(),
+    seed=st.integers(0, 1000),
+)
 def test_forward_kernel_random_shapes(b, sq, sk, heads, causal, wl, wr, alibi, ragged, seed):
     g = torch.Generator().manual_seed(seed)
     h, hk = heads
-    q, k, v = torch.randn(b, sq, h, 16, generator=g), torch.randn(b, sk, hk, 16, generator=g), \
-        torch.randn(b, sk, hk, 16, generator=g)
+    q, k, v = (
+        torch.randn(b, sq, h, 16, generator=g),
+        torch.randn(b, sk, hk, 16, generator=g),
+        torch.randn(b, sk, hk, 16, generator=g),
+    )
     ends = torch.randint(0, sk + 1, (b,), generator=g).int() if ragged else None
     pads = (ends * torch.rand(b, generator=g)).int() if ragged else None
-    kw = dict(causal=causal, window_size=(wl, wr), alibi_slopes=torch.rand(b, h, generator=g) if alibi else None,
-              seqlens_k=ends, leftpad_k=pads)
+    kw = dict(
+        causal=causal,
+        window_size=(wl, wr),
+        alibi_slopes=torch.rand(b, h, generator=g) if alibi else None,
+        seqlens_k=ends,
+        leftpad_k=pads,
+    )
     out, lse = attention_triton(q, k, v, return_lse=True, **kw)
     ref, ref_lse = attention_ref(q, k, v, return_lse=True, **kw)
     assert max_abs_err(out, ref) < 1e-5 and max_abs_err(lse, ref_lse) < 1e-4
 
 
-@pytest.mark.parametrize("sq, sk, bm, bn, kw", [
-    (70, 70, 16, 16, dict()), (70, 70, 16, 16, dict(causal=True)), (33, 90, 16, 32, dict(causal=True)),
-    (64, 64, 16, 16, dict(window_size=(10, 0))), (40, 50, 32, 16, dict(window_size=(5, 7))),
-])
+@pytest.mark.parametrize(
+    "sq, sk, bm, bn, kw",
+    [
+        (70, 70, 16, 16, dict()),
+        (70, 70, 16, 16, dict(causal=True)),
+        (33, 90, 16, 32, dict(causal=True)),
+        (64, 64, 16, 16, dict(window_size=(10, 0))),
+        (40, 50, 32, 16, dict(window_size=(5, 7))),
+    ],
+)
 def test_kernel_visits_exactly_the_scheduled_tiles(sq, sk, bm, bn, kw):
     q, k = torch.randn(1, sq, 1, 16), torch.randn(1, sk, 1, 16)
     out, tiles = attention_triton(q, k, k, block_m=bm, block_n=bn, return_tile_counts=True, **kw)
@@ -85,11 +108,11 @@ def test_counted_work_causal_half_window_w_over_n():
     full = tile_schedule(n, n, b, b).gt(0).sum().item()
     causal = tile_schedule(n, n, b, b, causal=True).gt(0).sum().item()
     assert full == (n // b) ** 2
-    assert causal == (n // b) * (n // b + 1) // 2               # T(T+1)/2: about half
+    assert causal == (n // b) * (n // b + 1) // 2  # T(T+1)/2: about half
     assert 0.5 <= causal / full <= 0.52
     for w in (64, 128, 256):
         window = tile_schedule(n, n, b, b, window_size=(w - 1, 0)).gt(0).sum().item()
-        assert 0.9 * w / n <= window / full <= (w + 2 * b) / n    # about W/N (plus the edge tiles)
+        assert 0.9 * w / n <= window / full <= (w + 2 * b) / n  # about W/N (plus the edge tiles)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
@@ -100,37 +123,64 @@ def test_decode_kernel_contiguous(sq, h, hk, dtype):
     q = rand((3, sq, h, 64), dtype, g)
     lens = torch.tensor([80, 33, 0], dtype=torch.int32)
     pads = torch.tensor([7, 0, 0], dtype=torch.int32)
-    idx = torch.tensor([3, 0, 1], dtype=torch.int32)       # cache_batch_idx: rows of a larger cache
+    idx = torch.tensor([3, 0, 1], dtype=torch.int32)  # cache_batch_idx: rows of a larger cache
     for kw in (dict(causal=True), dict(window_size=(15, 0), softcap=3.0), dict(alibi_slopes=torch.rand(h))):
-        out, lse = decode_attention_triton(q, kc, vc, lens, cache_leftpad=pads, cache_batch_idx=idx,
-                                           return_lse=True, **kw)
+        out, lse = decode_attention_triton(
+            q, kc, vc, lens, cache_leftpad=pads, cache_batch_idx=idx, return_lse=True, **kw
+        )
         mult = 5.0 if "alibi_slopes" in kw else 3.0
         check_fa_rule(out, q, kc[idx.long()], vc[idx.long()], mult=mult, seqlens_k=lens, leftpad_k=pads, **kw)
-        assert torch.all(out[2] == 0) and torch.all(torch.isposinf(lse[2]))   # empty sequence
+        assert torch.all(out[2] == 0) and torch.all(torch.isposinf(lse[2]))  # empty sequence
 
 
 def test_decode_kernel_reads_each_kv_tile_once_per_group():
     # GQA 8: one program per (batch, KV head) serves all 8 query heads of its group.
     kc = torch.randn(1, 100, 2, 16)
-    _, tiles = decode_attention_triton(torch.randn(1, 1, 16, 16), kc, kc, torch.tensor([100], dtype=torch.int32),
-                                       return_tile_counts=True)
-    assert tiles.shape == (1, 2, 1)                          # 2 programs, not 16
-    assert tiles.flatten().tolist() == [4, 4]                # ceil(100 / 32) key tiles each
+    _, tiles = decode_attention_triton(
+        torch.randn(1, 1, 16, 16), kc, kc, torch.tensor([100], dtype=torch.int32), return_tile_counts=True
+    )
+    assert tiles.shape == (1, 2, 1)  # 2 programs, not 16
+    assert tiles.flatten().tolist() == [4, 4]  # ceil(100 / 32) key tiles each
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: attention_triton(torch.randn(1, 2, 1, 300), torch.randn(1, 2, 1, 300), torch.randn(1, 2, 1, 300)),
-     "headdim of q must be <= 256"),
-    (lambda: attention_triton(*(torch.randn(1, 2, 1, 8, dtype=torch.float64),) * 3), "fp16, bf16 or fp32"),
-    (lambda: decode_attention_triton(torch.randn(2, 1, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8),
-                                     torch.tensor([1, 1])), "pass cache_batch_idx"),
-    (lambda: decode_attention_triton(torch.randn(1, 1, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8),
-                                     torch.tensor([5])), "cache_seqlens must be <= 4"),
-    (lambda: decode_attention_triton(torch.randn(1, 1, 3, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8),
-                                     torch.tensor([1])), "must divide"),
-    (lambda: decode_attention_triton(torch.randn(1, 1, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8),
-                                     torch.tensor([1]), num_splits=0), "num_splits"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda: attention_triton(torch.randn(1, 2, 1, 300), torch.randn(1, 2, 1, 300), torch.randn(1, 2, 1, 300)),
+            "headdim of q must be <= 256",
+        ),
+        (lambda: attention_triton(*(torch.randn(1, 2, 1, 8, dtype=torch.float64),) * 3), "fp16, bf16 or fp32"),
+        (
+            lambda: decode_attention_triton(
+                torch.randn(2, 1, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.tensor([1, 1])
+            ),
+            "pass cache_batch_idx",
+        ),
+        (
+            lambda: decode_attention_triton(
+                torch.randn(1, 1, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.tensor([5])
+            ),
+            "cache_seqlens must be <= 4",
+        ),
+        (
+            lambda: decode_attention_triton(
+                torch.randn(1, 1, 3, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.tensor([1])
+            ),
+            "must divide",
+        ),
+        (
+            lambda: decode_attention_triton(
+                torch.randn(1, 1, 2, 8),
+                torch.randn(1, 4, 2, 8),
+                torch.randn(1, 4, 2, 8),
+                torch.tensor([1]),
+                num_splits=0,
+            ),
+            "num_splits",
+        ),
+    ],
+)
 def test_kernel_inputs_are_checked(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
@@ -141,8 +191,13 @@ def test_gpu_compile_check_passes_and_matches_the_committed_table(tmp_path):
     table shown in notebook 05 is the one this run produces."""
     out = tmp_path / "table.json"
     env = dict(os.environ, TRITON_INTERPRET="0")
-    run = subprocess.run([sys.executable, "-m", "flashkv_edu.kernels.gpucheck", "--json", str(out)],
-                         env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [sys.executable, "-m", "flashkv_edu.kernels.gpucheck", "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert {r["target"] for r in rows} == {"sm_80", "sm_90"} and all(r["ok"] for r in rows)

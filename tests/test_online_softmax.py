@@ -25,15 +25,16 @@ from flashkv_edu.testing import max_abs_err
 def test_naive_softmax_overflows_where_safe_and_online_do_not():
     x16 = torch.tensor([[1.0, 12.0, 3.0]], dtype=torch.float16)  # exp(12) > fp16 max 65504
     assert torch.isnan(naive_softmax(x16)).any()
-    x32 = torch.tensor([[1.0, 100.0, 3.0]])                       # exp(100) > fp32 max
+    x32 = torch.tensor([[1.0, 100.0, 3.0]])  # exp(100) > fp32 max
     assert torch.isnan(naive_softmax(x32)).any()
     for x in (x16.float(), x32):
         assert torch.allclose(safe_softmax(x), torch.softmax(x, -1))
         assert torch.allclose(online_softmax(x, 2), torch.softmax(x, -1))
 
 
-@given(n=st.integers(1, 40), block=st.integers(1, 17), scale=st.sampled_from([1.0, 100.0, 1e4]),
-       seed=st.integers(0, 1000))
+@given(
+    n=st.integers(1, 40), block=st.integers(1, 17), scale=st.sampled_from([1.0, 100.0, 1e4]), seed=st.integers(0, 1000)
+)
 def test_online_normalizer_gives_the_log_sum_exp(n, block, scale, seed):
     x = (torch.rand(3, n, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * scale
     m, l, history = online_normalizer(x, block)
@@ -43,9 +44,17 @@ def test_online_normalizer_gives_the_log_sum_exp(n, block, scale, seed):
 
 
 @given(
-    b=st.integers(1, 2), sq=st.integers(1, 7), sk=st.integers(1, 20), block=st.integers(1, 9),
-    heads=st.sampled_from([(2, 2), (4, 2), (3, 1)]), causal=st.booleans(), wl=st.integers(-1, 6),
-    wr=st.integers(-1, 6), softcap=st.sampled_from([0.0, 3.0]), alibi=st.booleans(), ragged=st.booleans(),
+    b=st.integers(1, 2),
+    sq=st.integers(1, 7),
+    sk=st.integers(1, 20),
+    block=st.integers(1, 9),
+    heads=st.sampled_from([(2, 2), (4, 2), (3, 1)]),
+    causal=st.booleans(),
+    wl=st.integers(-1, 6),
+    wr=st.integers(-1, 6),
+    softcap=st.sampled_from([0.0, 3.0]),
+    alibi=st.booleans(),
+    ragged=st.booleans(),
     seed=st.integers(0, 10_000),
 )
 def test_blockwise_attention_equals_oracle(b, sq, sk, block, heads, causal, wl, wr, softcap, alibi, ragged, seed):
@@ -63,20 +72,23 @@ def test_blockwise_attention_equals_oracle(b, sq, sk, block, heads, causal, wl, 
     assert torch.equal(torch.isposinf(lse), torch.isposinf(ref_lse))
 
 
-@given(cuts=st.lists(st.integers(0, 24), min_size=0, max_size=6), order_seed=st.integers(0, 1000),
-       seed=st.integers(0, 1000))
+@given(
+    cuts=st.lists(st.integers(0, 24), min_size=0, max_size=6),
+    order_seed=st.integers(0, 1000),
+    seed=st.integers(0, 1000),
+)
 def test_n_way_merge_any_split_points_any_order(cuts, order_seed, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, 3, 4, 8, generator=g)
     k, v = torch.randn(2, 24, 2, 8, generator=g), torch.randn(2, 24, 2, 8, generator=g)
-    bounds = [0, *sorted(cuts), 24]          # repeated cuts give empty pieces
+    bounds = [0, *sorted(cuts), 24]  # repeated cuts give empty pieces
     pieces = [attention_ref(q, k[:, a:c], v[:, a:c], return_lse=True) for a, c in zip(bounds, bounds[1:], strict=False)]
     random.Random(order_seed).shuffle(pieces)
     want_out, want_lse = attention_ref(q, k, v, return_lse=True)
     out, lse = merge_many(torch.stack([p[0] for p in pieces]), torch.stack([p[1] for p in pieces]))
     assert max_abs_err(out, want_out) < 1e-5 and max_abs_err(lse, want_lse) < 1e-5
     acc_out, acc_lse = pieces[0]
-    for p_out, p_lse in pieces[1:]:         # pairwise, in the shuffled order
+    for p_out, p_lse in pieces[1:]:  # pairwise, in the shuffled order
         acc_out, acc_lse = merge_states(acc_out, acc_lse, p_out, p_lse)
     assert max_abs_err(acc_out, want_out) < 1e-5 and max_abs_err(acc_lse, want_lse) < 1e-5
 
@@ -85,7 +97,7 @@ def test_n_way_merge_any_split_points_any_order(cuts, order_seed, seed):
 def test_extreme_logits_in_fp16_stay_finite(magnitude, block, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, 4, 2, 16, generator=g)
-    q = (q / q.norm(dim=-1, keepdim=True) * magnitude**0.5 * 4).half()   # logits up to about +-magnitude
+    q = (q / q.norm(dim=-1, keepdim=True) * magnitude**0.5 * 4).half()  # logits up to about +-magnitude
     k = torch.randn(1, 9, 2, 16, generator=g)
     k = (k / k.norm(dim=-1, keepdim=True) * magnitude**0.5 * 4).half()
     v = torch.randn(1, 9, 2, 16, generator=g).half()
@@ -118,14 +130,23 @@ def test_base2_conversions_round_trip():
     assert torch.allclose(lse_from_base2(lse_to_base2(lse)), lse)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: merge_states(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3), torch.zeros(1, 2, 3, 4),
-                          torch.zeros(1, 3, 2)),
-     "shape \\(batch, nheads, seqlen_q\\)"),
-    (lambda: blockwise_attention(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4),
-                                 block_size=0),
-     "block_size"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda: merge_states(
+                torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3), torch.zeros(1, 2, 3, 4), torch.zeros(1, 3, 2)
+            ),
+            "shape \\(batch, nheads, seqlen_q\\)",
+        ),
+        (
+            lambda: blockwise_attention(
+                torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4), block_size=0
+            ),
+            "block_size",
+        ),
+    ],
+)
 def test_bad_inputs(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()

@@ -36,7 +36,7 @@ def test_environment_yml_matches_pyproject():
     wanted = {_norm(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
     lines = (ROOT / "environment.yml").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.strip() == "- pip:")
-    pip = [line.strip()[2:] for line in lines[start + 1:] if line.strip().startswith("- ")]
+    pip = [line.strip()[2:] for line in lines[start + 1 :] if line.strip().startswith("- ")]
     got = {_norm(r) for r in pip if r != "-e ."}
     assert got == wanted, f"environment.yml drifted from pyproject.toml: {got ^ wanted}"
     assert "-e ." in pip

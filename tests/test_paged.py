@@ -41,8 +41,13 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     def _snapshot(self):
         a = self.cache.allocator
-        return (list(a.ref_count), list(a.free_list), self.cache.block_table.clone(), self.cache.cache_seqlens.clone(),
-                self.cache.k_cache.clone())
+        return (
+            list(a.ref_count),
+            list(a.free_list),
+            self.cache.block_table.clone(),
+            self.cache.cache_seqlens.clone(),
+            self.cache.k_cache.clone(),
+        )
 
     def _unchanged(self, snap):
         now = self._snapshot()
@@ -60,7 +65,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.cache.append(slot, values(rest), values(rest), tokens=rest)
             self.expected[slot] += rest
         except (OutOfBlocksError, ValueError):
-            self.cache.free(slot)          # the caller gives the slot back
+            self.cache.free(slot)  # the caller gives the slot back
             del self.expected[slot]
 
     @precondition(lambda self: self.cache is not None and self.expected)
@@ -73,7 +78,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.cache.append(slot, values(toks), values(toks), tokens=toks)
             self.expected[slot] += toks
         except (OutOfBlocksError, ValueError):
-            self._unchanged(snap)          # a failed append changes nothing
+            self._unchanged(snap)  # a failed append changes nothing
 
     @precondition(lambda self: self.cache is not None and self.expected and len(self.cache.seqs) < 5)
     @rule(data=st.data())
@@ -111,7 +116,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             k, v = self.cache.gather(slot)
             assert k[:, 0, 0].tolist() == [float(t) for t in toks]
             assert int(self.cache.cache_seqlens[slot]) == len(toks)
-            dense = gather_paged(self.cache.k_cache, self.cache.block_table[slot:slot + 1])[0, :len(toks)]
+            dense = gather_paged(self.cache.k_cache, self.cache.block_table[slot : slot + 1])[0, : len(toks)]
             assert torch.equal(dense, k)
 
 
@@ -129,10 +134,10 @@ def test_allocator_errors_and_lru_eviction():
         a.free(blocks[0])
     with pytest.raises(ValueError, match="unknown block"):
         a.free(7)
-    assert a.lookup(b"k0") == blocks[0] and a.ref_count[blocks[0]] == 1   # hit takes it off the free list
+    assert a.lookup(b"k0") == blocks[0] and a.ref_count[blocks[0]] == 1  # hit takes it off the free list
     a.free(blocks[0])
     a.free(blocks[1])
-    assert a.allocate(1) == [blocks[0]] and a.evictions == 1               # LRU: oldest free first, hash dropped
+    assert a.allocate(1) == [blocks[0]] and a.evictions == 1  # LRU: oldest free first, hash dropped
     assert a.lookup(b"k0") is None
 
 
@@ -143,9 +148,9 @@ def test_copy_on_write_copies_at_most_one_block_per_fork_write():
     f = c.fork(s)
     assert c.allocator.ref_count[c.seqs[s].blocks[0]] == 2
     c.append(f, values([7]), values([7]))
-    assert c.cow_copies == 1 and c.seqs[f].blocks[0] == c.seqs[s].blocks[0]   # full block still shared
+    assert c.cow_copies == 1 and c.seqs[f].blocks[0] == c.seqs[s].blocks[0]  # full block still shared
     c.append(s, values([8]), values([8]))
-    assert c.cow_copies == 1            # the parent's block is no longer shared: written in place
+    assert c.cow_copies == 1  # the parent's block is no longer shared: written in place
     assert c.gather(s)[0][:, 0, 0].tolist() == [1, 2, 3, 4, 5, 6, 8]
     assert c.gather(f)[0][:, 0, 0].tolist() == [1, 2, 3, 4, 5, 6, 7]
 
@@ -156,14 +161,19 @@ def test_prefix_cache_hits_only_full_blocks():
     assert cached == 0
     c.append(s, values(list(range(10))), values(list(range(10))), tokens=list(range(10)))
     c.free(s)
-    s2, cached = c.add_sequence(list(range(10)))   # the vLLM doc's example: 10 tokens, block 4 -> 2 blocks hit
+    s2, cached = c.add_sequence(list(range(10)))  # the vLLM doc's example: 10 tokens, block 4 -> 2 blocks hit
     assert cached == 8 and c.allocator.hits == 2
     assert c.gather(s2)[0][:, 0, 0].tolist() == list(range(8))
 
 
-@given(block_size=st.integers(1, 20), lens=st.lists(st.integers(0, 60), min_size=1, max_size=3),
-       heads=st.sampled_from([(4, 4), (4, 2), (6, 1)]), causal=st.booleans(), sq=st.integers(1, 3),
-       seed=st.integers(0, 1000))
+@given(
+    block_size=st.integers(1, 20),
+    lens=st.lists(st.integers(0, 60), min_size=1, max_size=3),
+    heads=st.sampled_from([(4, 4), (4, 2), (6, 1)]),
+    causal=st.booleans(),
+    sq=st.integers(1, 3),
+    seed=st.integers(0, 1000),
+)
 def test_paged_decode_equals_contiguous_equals_oracle(block_size, lens, heads, causal, sq, seed):
     g = torch.Generator().manual_seed(seed)
     h, hk = heads
@@ -193,20 +203,29 @@ def test_paged_cache_drives_the_triton_kernel():
     q = torch.randn(3, 1, 8, 32)
     out = decode_attention_triton(q, c.k_cache, c.v_cache, c.cache_seqlens, block_table=c.block_table)
     for s, (k, v) in ks.items():
-        want = attention_ref(q[s:s + 1], k[None], v[None])
-        assert max_abs_err(out[s:s + 1], want) < 1e-5
+        want = attention_ref(q[s : s + 1], k[None], v[None])
+        assert max_abs_err(out[s : s + 1], want) < 1e-5
 
 
 def test_bad_block_table_is_rejected():
     pool = torch.randn(4, 16, 1, 8)
     with pytest.raises(ValueError, match="block_table entries must lie in \\[0, 4\\)"):
-        decode_attention_triton(torch.randn(1, 1, 1, 8), pool, pool, torch.tensor([3], dtype=torch.int32),
-                                block_table=torch.tensor([[4]], dtype=torch.int32))
+        decode_attention_triton(
+            torch.randn(1, 1, 1, 8),
+            pool,
+            pool,
+            torch.tensor([3], dtype=torch.int32),
+            block_table=torch.tensor([[4]], dtype=torch.int32),
+        )
     with pytest.raises(ValueError, match="cache_batch_idx cannot be used with block_table"):
-        decode_attention_triton(torch.randn(1, 1, 1, 8), pool, pool, torch.tensor([3], dtype=torch.int32),
-                                block_table=torch.tensor([[1]], dtype=torch.int32),
-                                cache_batch_idx=torch.tensor([0], dtype=torch.int32))
-
+        decode_attention_triton(
+            torch.randn(1, 1, 1, 8),
+            pool,
+            pool,
+            torch.tensor([3], dtype=torch.int32),
+            block_table=torch.tensor([[1]], dtype=torch.int32),
+            cache_batch_idx=torch.tensor([0], dtype=torch.int32),
+        )
 
 
 def test_buddy_and_first_fit_allocators():
@@ -215,12 +234,12 @@ def test_buddy_and_first_fit_allocators():
     assert buddy.reserved(a) == 4 and buddy.reserved(b) == 8
     buddy.release(a)
     buddy.release(b)
-    assert buddy.alloc(16) == 0                        # everything merged back
+    assert buddy.alloc(16) == 0  # everything merged back
     ff = FirstFitAllocator(10)
     x = ff.alloc(4)
     assert ff.alloc(4) == 4
     ff.release(x)
-    assert ff.alloc(5) is None and ff.alloc(4) == x    # external fragmentation is real
+    assert ff.alloc(5) is None and ff.alloc(4) == x  # external fragmentation is real
 
 
 def test_simulation_meets_the_vllm_targets():
@@ -231,7 +250,7 @@ def test_simulation_meets_the_vllm_targets():
     assert maxlen.token_share < 0.40
     assert paged.concurrent >= 2 * maxlen.concurrent
     assert results["max"].token_share < results["pow2"].token_share < results["oracle"].token_share
-    assert results["paged, block 256"].internal_share > paged.internal_share   # big blocks waste their tails
+    assert results["paged, block 256"].internal_share > paged.internal_share  # big blocks waste their tails
 
 
 def test_slot_mapping_matches_the_vllm_paper_layout():

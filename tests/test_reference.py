@@ -49,8 +49,7 @@ def test_sliding_window_of_w_tokens_is_w_minus_1_0():
 
 
 def test_causal_overrides_right_window():
-    assert torch.equal(attention_mask(4, 7, causal=True, window_size=(2, 3)),
-                       attention_mask(4, 7, window_size=(2, 0)))
+    assert torch.equal(attention_mask(4, 7, causal=True, window_size=(2, 3)), attention_mask(4, 7, window_size=(2, 0)))
 
 
 def spec_visible(i, j_abs, sq, sk_end, lp, wl, wr):
@@ -85,7 +84,8 @@ def loop_reference(q, k, v, scale, wl, wr, softcap, slopes, ends, pads):
                 if slopes is not None:
                     diag = i + sk - sq
                     z = z - slopes[bi, hi].double() * torch.tensor(
-                        [abs(diag - (j - pads[bi])) for j in cols], dtype=torch.float64)
+                        [abs(diag - (j - pads[bi])) for j in cols], dtype=torch.float64
+                    )
                 lse[bi, hi, i] = torch.logsumexp(z, 0)
                 p = torch.softmax(z, 0)
                 out[bi, i, hi] = sum(p[n] * v[bi, j, kh].double() for n, j in enumerate(cols))
@@ -93,14 +93,20 @@ def loop_reference(q, k, v, scale, wl, wr, softcap, slopes, ends, pads):
 
 
 @given(
-    b=st.integers(1, 2), sq=st.integers(1, 6), sk=st.integers(1, 9),
-    heads=st.sampled_from([(2, 2), (4, 2), (3, 1)]), d=st.sampled_from([4, 8]),
-    causal=st.booleans(), wl=st.integers(-1, 6), wr=st.integers(-1, 6),
-    softcap=st.sampled_from([0.0, 2.0]), alibi=st.booleans(), ragged=st.booleans(),
+    b=st.integers(1, 2),
+    sq=st.integers(1, 6),
+    sk=st.integers(1, 9),
+    heads=st.sampled_from([(2, 2), (4, 2), (3, 1)]),
+    d=st.sampled_from([4, 8]),
+    causal=st.booleans(),
+    wl=st.integers(-1, 6),
+    wr=st.integers(-1, 6),
+    softcap=st.sampled_from([0.0, 2.0]),
+    alibi=st.booleans(),
+    ragged=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_matches_per_row_rederivation(b, sq, sk, heads, d, causal, wl, wr, softcap, alibi,
-                                      ragged, seed):
+def test_matches_per_row_rederivation(b, sq, sk, heads, d, causal, wl, wr, softcap, alibi, ragged, seed):
     g = torch.Generator().manual_seed(seed)
     h, hk = heads
     q = torch.randn(b, sq, h, d, generator=g)
@@ -112,17 +118,33 @@ def test_matches_per_row_rederivation(b, sq, sk, heads, d, causal, wl, wr, softc
     else:
         ends, pads = torch.full((b,), sk), torch.zeros(b, dtype=torch.long)
     slopes = torch.rand(b, h, generator=g) * 0.5 if alibi else None
-    out, lse = attention_ref(q, k, v, causal=causal, window_size=(wl, wr), softcap=softcap,
-                             alibi_slopes=slopes, seqlens_k=ends.int(), leftpad_k=pads.int(),
-                             return_lse=True, compute_dtype=torch.float64)
-    want_out, want_lse = loop_reference(q, k, v, d**-0.5, wl, 0 if causal else wr, softcap, slopes,
-                                        ends.tolist(), pads.tolist())
+    out, lse = attention_ref(
+        q,
+        k,
+        v,
+        causal=causal,
+        window_size=(wl, wr),
+        softcap=softcap,
+        alibi_slopes=slopes,
+        seqlens_k=ends.int(),
+        leftpad_k=pads.int(),
+        return_lse=True,
+        compute_dtype=torch.float64,
+    )
+    want_out, want_lse = loop_reference(
+        q, k, v, d**-0.5, wl, 0 if causal else wr, softcap, slopes, ends.tolist(), pads.tolist()
+    )
     assert max_abs_err(out, want_out) < 1e-5
     assert max_abs_err(lse, want_lse) < 1e-9
 
 
-@given(sq=st.integers(1, 12), sk=st.integers(1, 12), heads=st.sampled_from([(4, 4), (4, 2), (4, 1)]),
-       causal=st.booleans(), seed=st.integers(0, 1000))
+@given(
+    sq=st.integers(1, 12),
+    sk=st.integers(1, 12),
+    heads=st.sampled_from([(4, 4), (4, 2), (4, 1)]),
+    causal=st.booleans(),
+    seed=st.integers(0, 1000),
+)
 def test_matches_sdpa(sq, sk, heads, causal, seed):
     g = torch.Generator().manual_seed(seed)
     h, hk = heads
@@ -131,14 +153,14 @@ def test_matches_sdpa(sq, sk, heads, causal, seed):
     mask = attention_mask(sq, sk, causal=causal)
     empty = ~mask.any(-1)
     theirs = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask | empty[:, None], enable_gqa=True).transpose(1, 2)
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask | empty[:, None], enable_gqa=True
+    ).transpose(1, 2)
     theirs = theirs.masked_fill(empty[None, :, None, None], 0.0)  # SDPA has no "empty row" rule
     assert max_abs_err(ours, theirs) < 1e-5
     if causal and sq == sk:  # only here is PyTorch's top-left is_causal the same mask
         sdpa_causal = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-            enable_gqa=True).transpose(1, 2)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        ).transpose(1, 2)
         assert max_abs_err(ours, sdpa_causal) < 1e-5
 
 
@@ -182,35 +204,76 @@ def test_alibi_slopes_standard_values():
 
 
 def test_key_visibility_batched_ragged():
-    vis = key_visibility(1, 6, causal=True, seqlens_k=torch.tensor([6, 4], dtype=torch.int32),
-                         leftpad_k=torch.tensor([0, 2], dtype=torch.int32))
+    vis = key_visibility(
+        1,
+        6,
+        causal=True,
+        seqlens_k=torch.tensor([6, 4], dtype=torch.int32),
+        leftpad_k=torch.tensor([0, 2], dtype=torch.int32),
+    )
     assert rows(vis[0]) == [[0, 1, 2, 3, 4, 5]] and rows(vis[1]) == [[2, 3]]
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: attention_ref(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)), "q must have 4"),
-    (lambda: attention_ref(torch.randn(1, 2, 6, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)),
-     "nheads_k of k \\(4\\) must divide nheads of q \\(6\\)"),
-    (lambda: attention_ref(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8).half(), torch.randn(1, 2, 2, 8)),
-     "share one dtype"),
-    (lambda: attention_ref(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8),
-                           window_size=(-2, 0)), "window_size left must be -1"),
-    (lambda: attention_ref(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8),
-                           window_size=(3,)), "window_size must be a pair"),
-    (lambda: attention_ref(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4)),
-     "head dim"),
-    (lambda: attention_ref(torch.randn(1, 2, 2, 8), torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8),
-                           seqlens_k=torch.tensor([4])), "seqlens_k must be <= 3"),
-    (lambda: attention_ref(torch.randn(1, 2, 2, 8), torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8),
-                           seqlens_k=torch.tensor([2]), leftpad_k=torch.tensor([3])), "leftpad_k must be <= seqlens_k"),
-    (lambda: attention_ref(torch.randn(1, 2, 2, 8), torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8),
-                           alibi_slopes=torch.rand(3)), "alibi_slopes must have shape"),
-    (lambda: attention_ref(torch.randn(1, 2, 2, 8), torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8),
-                           softcap=-1.0), "softcap must be finite"),
-    (lambda: attention_ref([1.0], torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8)), "q must be a torch.Tensor"),
-    (lambda: attention_ref(torch.randn(1, 2, 2, 8), torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8)),
-     "batch size"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: attention_ref(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)), "q must have 4"),
+        (
+            lambda: attention_ref(torch.randn(1, 2, 6, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)),
+            "nheads_k of k \\(4\\) must divide nheads of q \\(6\\)",
+        ),
+        (
+            lambda: attention_ref(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8).half(), torch.randn(1, 2, 2, 8)),
+            "share one dtype",
+        ),
+        (
+            lambda: attention_ref(
+                torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8), window_size=(-2, 0)
+            ),
+            "window_size left must be -1",
+        ),
+        (
+            lambda: attention_ref(
+                torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8), window_size=(3,)
+            ),
+            "window_size must be a pair",
+        ),
+        (lambda: attention_ref(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4)), "head dim"),
+        (
+            lambda: attention_ref(
+                torch.randn(1, 2, 2, 8), torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8), seqlens_k=torch.tensor([4])
+            ),
+            "seqlens_k must be <= 3",
+        ),
+        (
+            lambda: attention_ref(
+                torch.randn(1, 2, 2, 8),
+                torch.randn(1, 3, 2, 8),
+                torch.randn(1, 3, 2, 8),
+                seqlens_k=torch.tensor([2]),
+                leftpad_k=torch.tensor([3]),
+            ),
+            "leftpad_k must be <= seqlens_k",
+        ),
+        (
+            lambda: attention_ref(
+                torch.randn(1, 2, 2, 8), torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8), alibi_slopes=torch.rand(3)
+            ),
+            "alibi_slopes must have shape",
+        ),
+        (
+            lambda: attention_ref(
+                torch.randn(1, 2, 2, 8), torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8), softcap=-1.0
+            ),
+            "softcap must be finite",
+        ),
+        (lambda: attention_ref([1.0], torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8)), "q must be a torch.Tensor"),
+        (
+            lambda: attention_ref(torch.randn(1, 2, 2, 8), torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8)),
+            "batch size",
+        ),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()

@@ -13,20 +13,20 @@ PROMPTS = [list(range(1, 19)), list(range(1, 18)) + [40, 41], [30, 31], [5] * 9]
 def test_continuous_batching_equals_uncached_generation(backend, new):
     model = TinyDecoder(ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seqlen=256))
     reqs = [Request(p, new, arrival=i) for i, p in enumerate(PROMPTS)]
-    cache = new_paged_cache(model, num_blocks=40, block_size=8, max_batch=3)   # 4 requests, 3 slots: one waits
+    cache = new_paged_cache(model, num_blocks=40, block_size=8, max_batch=3)  # 4 requests, 3 slots: one waits
     trace = serve(model, reqs, cache, backend)
     want = model.generate(PROMPTS, new, use_cache=False)
     assert [r.output for r in reqs] == want
-    assert reqs[1].cached_tokens == 16                     # shares two full blocks with the first prompt
+    assert reqs[1].cached_tokens == 16  # shares two full blocks with the first prompt
     assert max(trace.running) == 3 and trace.running[-1] == 0
-    assert cache.allocator.num_free == cache.allocator.num_blocks   # every block back in the pool
+    assert cache.allocator.num_free == cache.allocator.num_blocks  # every block back in the pool
     assert max(trace.blocks_used) > 0 and trace.blocks_used[-1] == 0
 
 
 def test_trained_checkpoint_is_small_and_generates_identically_with_the_paged_cache():
     assert charlm.CHECKPOINT.stat().st_size < 5 * 2**20
     model, meta = charlm.load()
-    assert meta["val_loss"] < 2.0 and meta["steps"] > 100            # it learned something
+    assert meta["val_loss"] < 2.0 and meta["steps"] > 100  # it learned something
     prompt = charlm.encode("def __init__(self, ")
     req = Request(prompt, 40)
     serve(model, [req], new_paged_cache(model, num_blocks=16, block_size=16, max_batch=1))

@@ -14,8 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_solved_copies_pass_strict_nbval(tmp_path):
     out = tmp_path / "solved"
-    run = subprocess.run([sys.executable, "-m", "flashkv_edu.teach", "solutions", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [sys.executable, "-m", "flashkv_edu.teach", "solutions", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     notebooks = sorted(out.glob("*.ipynb"))
     assert len(notebooks) == 8
@@ -25,8 +30,27 @@ def test_solved_copies_pass_strict_nbval(tmp_path):
             for o in cell.get("outputs", []):
                 verdicts += [line for line in "".join(o.get("text", "")).splitlines() if line.startswith("check_")]
     assert len(verdicts) >= 24 and all(": PASS (" in v for v in verdicts), verdicts
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval",
-                          "--nbval-current-env", "--nbval-sanitize-with", str(ROOT / "tests" / "nbval_sanitize.cfg"),
-                          "-o", "addopts=", "-o", "testpaths=", *map(str, notebooks)],
-                         cwd=out, capture_output=True, text=True, timeout=1200)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--nbval",
+            "--nbval-current-env",
+            "--nbval-sanitize-with",
+            str(ROOT / "tests" / "nbval_sanitize.cfg"),
+            "-o",
+            "addopts=",
+            "-o",
+            "testpaths=",
+            *map(str, notebooks),
+        ],
+        cwd=out,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

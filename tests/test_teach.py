@@ -33,14 +33,26 @@ def stub(*args, **kwargs):
 
 
 @triton.jit
-def stub_step(q, k, v, m_i, l_i, acc, visible, bias, scale, softcap,
-              HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr):
+def stub_step(
+    q,
+    k,
+    v,
+    m_i,
+    l_i,
+    acc,
+    visible,
+    bias,
+    scale,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
     raise NotImplementedError("write me")
 
 
 @triton.jit
-def stub_key_range(pid_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+def stub_key_range(pid_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     raise NotImplementedError("write me")
 
 
@@ -70,23 +82,55 @@ def stub_finish_split(m_i, l_i, acc):
 
 
 @triton.jit
-def stub_combine_kernel(OACC, LACC, O, LSE, stride_as, stride_ab, stride_aq, stride_ah, stride_ls, stride_lb,
-                        stride_lh, stride_ob, stride_oq, stride_oh, stride_fb, stride_fh, num_splits, nheads,
-                        seqlen_q, headdim, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def stub_combine_kernel(
+    OACC,
+    LACC,
+    O,
+    LSE,
+    stride_as,
+    stride_ab,
+    stride_aq,
+    stride_ah,
+    stride_ls,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oq,
+    stride_oh,
+    stride_fb,
+    stride_fh,
+    num_splits,
+    nheads,
+    seqlen_q,
+    headdim,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     raise NotImplementedError("write me")
 
 
-TRITON_STUBS = {"my_step": stub_step, "my_key_range": stub_key_range, "my_copy_tile": stub_copy_tile,
-                "my_pack_rows": stub_pack_rows, "my_paged_rows": stub_paged_rows, "my_split_range": stub_split_range,
-                "my_finish_split": stub_finish_split, "my_combine_kernel": stub_combine_kernel}
+TRITON_STUBS = {
+    "my_step": stub_step,
+    "my_key_range": stub_key_range,
+    "my_copy_tile": stub_copy_tile,
+    "my_pack_rows": stub_pack_rows,
+    "my_paged_rows": stub_paged_rows,
+    "my_split_range": stub_split_range,
+    "my_finish_split": stub_finish_split,
+    "my_combine_kernel": stub_combine_kernel,
+}
 
 
 # --- planted mistakes, by exercise ------------------------------------------------------------------
 
-def gqa_tiled(q, k, v):                      # repeat instead of repeat_interleave: wrong head pairing
+
+def gqa_tiled(q, k, v):  # repeat instead of repeat_interleave: wrong head pairing
     g = q.shape[2] // k.shape[2]
-    return nb01.my_gqa_attention(q, k.repeat(1, 1, g, 1)[:, :, :k.shape[2]].repeat(1, 1, g, 1),
-                                 v.repeat(1, 1, g, 1)[:, :, :k.shape[2]].repeat(1, 1, g, 1))
+    return nb01.my_gqa_attention(
+        q,
+        k.repeat(1, 1, g, 1)[:, :, : k.shape[2]].repeat(1, 1, g, 1),
+        v.repeat(1, 1, g, 1)[:, :, : k.shape[2]].repeat(1, 1, g, 1),
+    )
 
 
 def gqa_no_scale(q, k, v):
@@ -110,7 +154,7 @@ def mask_strict(sq, sk):
 
 
 def append_at_zero(k_cache, v_cache, lens, k, v):
-    k_cache[:, :k.shape[1]], v_cache[:, :k.shape[1]] = k, v
+    k_cache[:, : k.shape[1]], v_cache[:, : k.shape[1]] = k, v
     return lens + k.shape[1]
 
 
@@ -127,7 +171,7 @@ def positions_off_by_one(lens, n):
     return lens.long()[:, None] + torch.arange(1, n + 1)[None, :]
 
 
-def cache_for_prompt(prompt_lens, new, hk, d):             # the bug as shipped
+def cache_for_prompt(prompt_lens, new, hk, d):  # the bug as shipped
     shape = (len(prompt_lens), max(prompt_lens), hk, d)
     return torch.zeros(shape), torch.zeros(shape)
 
@@ -137,28 +181,28 @@ def cache_one_short(prompt_lens, new, hk, d):
     return torch.zeros(shape), torch.zeros(shape)
 
 
-def window_keeps_w_cached(cached, new, window):              # the new queries see W cached tokens
+def window_keeps_w_cached(cached, new, window):  # the new queries see W cached tokens
     visible = torch.cat([cached[:, -window:] if cached.shape[1] else cached, new], 1)
     return visible[:, -window:].clone(), visible
 
 
-def window_drops_context(cached, new, window):               # roll: the chunk's early queries lose context
+def window_drops_context(cached, new, window):  # roll: the chunk's early queries lose context
     stored = torch.cat([cached, new], 1)[:, -window:]
     return stored, stored
 
 
-def stuck_at_w_plus_1(stored, new, window):                  # flash-linear-attention before PR #910
+def stuck_at_w_plus_1(stored, new, window):  # flash-linear-attention before PR #910
     if stored.shape[1] < window:
         return torch.cat([stored, new], 1)
     if new.shape[1] >= window:
         return new[:, -window:]
     stored = stored.roll(-new.shape[1], 1)
-    stored[:, -new.shape[1]:] = new
+    stored[:, -new.shape[1] :] = new
     return stored
 
 
 def keeps_w_minus_1(stored, new, window):
-    return torch.cat([stored, new], 1)[:, -(window - 1):] if window > 1 else new[:, :0]
+    return torch.cat([stored, new], 1)[:, -(window - 1) :] if window > 1 else new[:, :0]
 
 
 def update_no_rescale(m, l, block):
@@ -193,8 +237,21 @@ def merge_no_max(out_a, lse_a, out_b, lse_b):
 
 
 @triton.jit
-def step_no_rescale(q, k, v, m_i, l_i, acc, visible, bias, scale, softcap,
-                    HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr):
+def step_no_rescale(
+    q,
+    k,
+    v,
+    m_i,
+    l_i,
+    acc,
+    visible,
+    bias,
+    scale,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -204,8 +261,21 @@ def step_no_rescale(q, k, v, m_i, l_i, acc, visible, bias, scale, softcap,
 
 
 @triton.jit
-def step_no_mask(q, k, v, m_i, l_i, acc, visible, bias, scale, softcap,
-                 HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr):
+def step_no_mask(
+    q,
+    k,
+    v,
+    m_i,
+    l_i,
+    acc,
+    visible,
+    bias,
+    scale,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp(m_i - m_new)
@@ -214,17 +284,17 @@ def step_no_mask(q, k, v, m_i, l_i, acc, visible, bias, scale, softcap,
 
 
 @triton.jit
-def key_range_all(pid_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    return pid_m * 0, seqlen_k + pid_m * 0                   # visits tiles nobody can see
+def key_range_all(pid_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    return pid_m * 0, seqlen_k + pid_m * 0  # visits tiles nobody can see
 
 
 @triton.jit
-def key_range_top_left(pid_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+def key_range_top_left(
+    pid_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     lo = pid_m * 0
     hi = seqlen_k + pid_m * 0
-    if window_right >= 0:                                    # forgets the bottom-right offset sk - sq
+    if window_right >= 0:  # forgets the bottom-right offset sk - sq
         hi = tl.minimum(seqlen_k, pid_m * BLOCK_M + BLOCK_M - 1 + window_right + 1)
     if window_left >= 0:
         lo = tl.maximum(0, pid_m * BLOCK_M - window_left)
@@ -260,7 +330,7 @@ def pack_no_kv_offset(r, kv_head, GROUP: tl.constexpr):
 
 @triton.jit
 def paged_ignores_table(K, BLOCK_TABLE, b, pos, col_ok, stride_btb, page_size, stride_kb, stride_ks):
-    return K + (b * 16 * page_size + pos).to(tl.int64) * stride_ks     # as if the pool were contiguous
+    return K + (b * 16 * page_size + pos).to(tl.int64) * stride_ks  # as if the pool were contiguous
 
 
 @triton.jit
@@ -277,7 +347,7 @@ def blocks_no_cow(length, n, bs, shared):
     return -(-(length + n) // bs) - -(-length // bs), False
 
 
-def last_page_mod(kv_lens, page):                        # the buggy formula
+def last_page_mod(kv_lens, page):  # the buggy formula
     return kv_lens % page
 
 
@@ -309,9 +379,30 @@ def finish_unguarded(m_i, l_i, acc):
 
 
 @triton.jit
-def combine_no_max(OACC, LACC, O, LSE, stride_as, stride_ab, stride_aq, stride_ah, stride_ls, stride_lb, stride_lh,
-                   stride_ob, stride_oq, stride_oh, stride_fb, stride_fh, num_splits, nheads, seqlen_q, headdim,
-                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def combine_no_max(
+    OACC,
+    LACC,
+    O,
+    LSE,
+    stride_as,
+    stride_ab,
+    stride_aq,
+    stride_ah,
+    stride_ls,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oq,
+    stride_oh,
+    stride_fb,
+    stride_fh,
+    num_splits,
+    nheads,
+    seqlen_q,
+    headdim,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid = tl.program_id(0)
     b = pid // (seqlen_q * nheads)
     t = (pid // nheads) % seqlen_q
@@ -320,19 +411,46 @@ def combine_no_max(OACC, LACC, O, LSE, stride_as, stride_ab, stride_aq, stride_a
     dims = tl.arange(0, BLOCK_D)
     s_ok = s < num_splits
     lse = tl.load(LACC + s * stride_ls + b * stride_lb + h * stride_lh + t, mask=s_ok, other=float("-inf"))
-    w = tl.exp(lse)                                          # overflows for large logits
+    w = tl.exp(lse)  # overflows for large logits
     total = tl.sum(w, 0)
-    parts = tl.load(OACC + s[:, None] * stride_as + b * stride_ab + t * stride_aq + h * stride_ah + dims[None, :],
-                    mask=s_ok[:, None] & (dims[None, :] < headdim), other=0.0)
-    tl.store(O + b * stride_ob + t * stride_oq + h * stride_oh + dims, tl.sum(w[:, None] * parts, 0) / total,
-             mask=dims < headdim)
+    parts = tl.load(
+        OACC + s[:, None] * stride_as + b * stride_ab + t * stride_aq + h * stride_ah + dims[None, :],
+        mask=s_ok[:, None] & (dims[None, :] < headdim),
+        other=0.0,
+    )
+    tl.store(
+        O + b * stride_ob + t * stride_oq + h * stride_oh + dims,
+        tl.sum(w[:, None] * parts, 0) / total,
+        mask=dims < headdim,
+    )
     tl.store(LSE + b * stride_fb + h * stride_fh + t, tl.log(total))
 
 
 @triton.jit
-def combine_mean(OACC, LACC, O, LSE, stride_as, stride_ab, stride_aq, stride_ah, stride_ls, stride_lb, stride_lh,
-                 stride_ob, stride_oq, stride_oh, stride_fb, stride_fh, num_splits, nheads, seqlen_q, headdim,
-                 BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def combine_mean(
+    OACC,
+    LACC,
+    O,
+    LSE,
+    stride_as,
+    stride_ab,
+    stride_aq,
+    stride_ah,
+    stride_ls,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oq,
+    stride_oh,
+    stride_fb,
+    stride_fh,
+    num_splits,
+    nheads,
+    seqlen_q,
+    headdim,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid = tl.program_id(0)
     b = pid // (seqlen_q * nheads)
     t = (pid // nheads) % seqlen_q
@@ -341,10 +459,14 @@ def combine_mean(OACC, LACC, O, LSE, stride_as, stride_ab, stride_aq, stride_ah,
     dims = tl.arange(0, BLOCK_D)
     s_ok = s < num_splits
     lse = tl.load(LACC + s * stride_ls + b * stride_lb + h * stride_lh + t, mask=s_ok, other=float("-inf"))
-    parts = tl.load(OACC + s[:, None] * stride_as + b * stride_ab + t * stride_aq + h * stride_ah + dims[None, :],
-                    mask=s_ok[:, None] & (dims[None, :] < headdim), other=0.0)
-    tl.store(O + b * stride_ob + t * stride_oq + h * stride_oh + dims, tl.sum(parts, 0) / num_splits,
-             mask=dims < headdim)
+    parts = tl.load(
+        OACC + s[:, None] * stride_as + b * stride_ab + t * stride_aq + h * stride_ah + dims[None, :],
+        mask=s_ok[:, None] & (dims[None, :] < headdim),
+        other=0.0,
+    )
+    tl.store(
+        O + b * stride_ob + t * stride_oq + h * stride_oh + dims, tl.sum(parts, 0) / num_splits, mask=dims < headdim
+    )
     tl.store(LSE + b * stride_fb + h * stride_fh + t, tl.max(lse, 0))
 
 
@@ -356,7 +478,7 @@ def decode_step_no_append(q, k, v, kc, vc, lens, table):
     return fk.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table, causal=True), lens + 1
 
 
-def snippet_as_found(x, wq, wk, wv, k_cache, v_cache, cache_seqlens):   # all three bugs
+def snippet_as_found(x, wq, wk, wv, k_cache, v_cache, cache_seqlens):  # all three bugs
     b, d = x.shape[0], k_cache.shape[3]
     q = (x @ wq).view(b, 1, -1, d)
     n = int(cache_seqlens.max())
@@ -381,9 +503,10 @@ def snippet_sliced_cache(x, wq, wk, wv, k_cache, v_cache, cache_seqlens):
     return out, cache_seqlens + 1
 
 
-def rotary_default_layout(q, k, v, k_cache, v_cache, lens, cos, sin):   # the bug as shipped
-    return fk.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lens,
-                                      causal=True)
+def rotary_default_layout(q, k, v, k_cache, v_cache, lens, cos, sin):  # the bug as shipped
+    return fk.flash_attn_with_kvcache(
+        q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lens, causal=True
+    )
 
 
 def rotary_queries_only(q, k, v, k_cache, v_cache, lens, cos, sin):
@@ -492,8 +615,13 @@ def test_notebooks_ship_stubs_with_tags_and_the_readme_table_is_current():
 def test_solutions_command_writes_solved_copies(tmp_path):
     """The instructors' command on one notebook, without executing (the nbval test below runs
     the executed copies)."""
-    run = subprocess.run([sys.executable, "-m", "flashkv_edu.teach", "solutions", str(tmp_path), "--no-execute"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    run = subprocess.run(
+        [sys.executable, "-m", "flashkv_edu.teach", "solutions", str(tmp_path), "--no-execute"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     nb = json.loads((tmp_path / "01_naive_attention.ipynb").read_text())
     cells = [c for c in nb["cells"] if "exercise" in c.get("metadata", {}).get("tags", [])]
@@ -509,8 +637,9 @@ def test_the_shipped_buggy_code_fails_its_check(capsys):
         for cell in nb["cells"]:
             if "bug-hunt" not in cell.get("metadata", {}).get("tags", []):
                 continue
-            src = "\n".join(line for line in "".join(cell["source"]).splitlines()
-                            if "raise NotImplementedError" not in line)
+            src = "\n".join(
+                line for line in "".join(cell["source"]).splitlines() if "raise NotImplementedError" not in line
+            )
             namespace = {"torch": torch, "fk": fk, "triton": triton, "tl": tl}
             exec(src, namespace)
             from flashkv_edu.teach.__main__ import defined_name

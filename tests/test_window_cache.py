@@ -81,7 +81,13 @@ def test_replicas_reproduce_the_documented_traces():
     assert run_chunks(ReplicaV01(), [5, 1], W, pass_window="never").error.startswith("AttributeError")
     assert run_chunks(ReplicaV01(), [3, 2, 1, 1], W).stored == [3, 5, 6, 7]
     assert run_chunks(ReplicaV020(), [5, 1, 1, 1, 1, 1], W).contents == [
-        [1, 2, 3, 4], [5], [5, 6], [5, 6, 7], [5, 6, 7, 8], [9]]
+        [1, 2, 3, 4],
+        [5],
+        [5, 6],
+        [5, 6, 7],
+        [5, 6, 7, 8],
+        [9],
+    ]
     assert run_chunks(ReplicaV020(), [4, 1], W).error.startswith("TypeError")
     assert run_chunks(ReplicaPre910(), [3, 2, 1, 1], W).stored == [3, 5, 5, 5]
     fixed = run_chunks(SlidingWindowCache(), [3, 2, 1, 6], W, pass_window="first")
@@ -89,8 +95,9 @@ def test_replicas_reproduce_the_documented_traces():
     assert fixed.seen == [3, 5, 6, 12]
 
 
-@given(window=st.integers(1, 6), chunks=st.lists(st.integers(1, 13), min_size=1, max_size=8),
-       seed=st.integers(0, 10_000))
+@given(
+    window=st.integers(1, 6), chunks=st.lists(st.integers(1, 13), min_size=1, max_size=8), seed=st.integers(0, 10_000)
+)
 def test_attention_through_fixed_cache_equals_full_history(window, chunks, seed):
     g = torch.Generator().manual_seed(seed)
     total = sum(chunks)
@@ -101,8 +108,8 @@ def test_attention_through_fixed_cache_equals_full_history(window, chunks, seed)
     pos = 0
     for step, n in enumerate(chunks):
         kwargs = {"window_size": window} if step == 0 else None  # later calls omit it
-        keys, values = cache.update(k[:, pos:pos + n], v[:, pos:pos + n], 0, kwargs)
-        got = attention_ref(q[:, pos:pos + n], keys, values, window_size=(window - 1, 0))
+        keys, values = cache.update(k[:, pos : pos + n], v[:, pos : pos + n], 0, kwargs)
+        got = attention_ref(q[:, pos : pos + n], keys, values, window_size=(window - 1, 0))
         pos += n
         want = attention_ref(q[:, :pos], k[:, :pos], v[:, :pos], window_size=(window - 1, 0))[:, -n:]
         assert max_abs_err(got, want) < 1e-5
@@ -137,16 +144,19 @@ def test_layers_are_independent_and_reset_clears():
     assert cache.stored_length(0) == 0 and cache.get_seq_length(1) == 0
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda c: c.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 0, {"window_size": 5}), "changed from 4"),
-    (lambda c: c.update(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), 0), "nheads_k=1"),
-    (lambda c: c.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 2, 1, 2), 0), "same shape"),
-    (lambda c: c.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 1, {"window_size": 0}), "int >= 1"),
-    (lambda c: c.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), -1), "layer_idx"),
-    (lambda c: c.update(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), 0), "4 dimensions"),
-    (lambda c: c.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 0, [4]), "cache_kwargs must be a dict"),
-    (lambda c: c.update(torch.zeros(1, 1, 1, 2).half(), torch.zeros(1, 1, 1, 2).half(), 0), "dtype"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda c: c.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 0, {"window_size": 5}), "changed from 4"),
+        (lambda c: c.update(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), 0), "nheads_k=1"),
+        (lambda c: c.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 2, 1, 2), 0), "same shape"),
+        (lambda c: c.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 1, {"window_size": 0}), "int >= 1"),
+        (lambda c: c.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), -1), "layer_idx"),
+        (lambda c: c.update(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), 0), "4 dimensions"),
+        (lambda c: c.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 0, [4]), "cache_kwargs must be a dict"),
+        (lambda c: c.update(torch.zeros(1, 1, 1, 2).half(), torch.zeros(1, 1, 1, 2).half(), 0), "dtype"),
+    ],
+)
 def test_fixed_cache_rejects_bad_input_and_stays_unchanged(call, match):
     cache = SlidingWindowCache()
     x = position_chunk(0, 6)

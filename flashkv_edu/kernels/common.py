@@ -42,8 +42,10 @@ def check_row_offsets(name: str, t: torch.Tensor) -> None:
 
     span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
     if span >= 2**31:
-        raise ArgumentError(f"{name}[i] spans {span + 1} elements; the kernels address one sequence (or page) "
-                            "with 32-bit offsets, so it must stay below 2^31")
+        raise ArgumentError(
+            f"{name}[i] spans {span + 1} elements; the kernels address one sequence (or page) "
+            "with 32-bit offsets, so it must stay below 2^31"
+        )
 
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:
@@ -89,8 +91,21 @@ if runtime.HAS_TRITON:
         return softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
 
     @triton.jit
-    def online_softmax_step(q, k, v, m_i, l_i, acc, visible, bias, scale, softcap,
-                            HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr):
+    def online_softmax_step(
+        q,
+        k,
+        v,
+        m_i,
+        l_i,
+        acc,
+        visible,
+        bias,
+        scale,
+        softcap,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+    ):
         """One key tile of FlashAttention's loop for a tile of query rows.
 
         q ``[M, D]``, k and v ``[N, D]``, ``visible`` bool ``[M, N]``, ``bias`` ``[M, N]``
@@ -108,7 +123,7 @@ if runtime.HAS_TRITON:
             s = s + bias
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)

@@ -51,17 +51,55 @@ if runtime.HAS_TRITON:
 
     @triton.jit
     def decode_kernel(
-        Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, SLOPES, TILES,
-        stride_qb, stride_qs, stride_qh,
-        stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh,
-        stride_osplit, stride_ob, stride_os, stride_oh,
-        stride_lsplit, stride_lb, stride_lh,
-        stride_btb, stride_sb,
-        nheads_k, seqlen_q, headdim, page_size, split_size, scale, softcap, window_left, window_right,
-        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        PAGED: tl.constexpr, SPLIT: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
-        HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_FP32: tl.constexpr,
+        Q,
+        K,
+        V,
+        O,
+        LSE,
+        SEQLENS,
+        LEFTPAD,
+        BATCH_IDX,
+        BLOCK_TABLE,
+        SLOPES,
+        TILES,
+        stride_qb,
+        stride_qs,
+        stride_qh,
+        stride_kb,
+        stride_ks,
+        stride_kh,
+        stride_vb,
+        stride_vs,
+        stride_vh,
+        stride_osplit,
+        stride_ob,
+        stride_os,
+        stride_oh,
+        stride_lsplit,
+        stride_lb,
+        stride_lh,
+        stride_btb,
+        stride_sb,
+        nheads_k,
+        seqlen_q,
+        headdim,
+        page_size,
+        split_size,
+        scale,
+        softcap,
+        window_left,
+        window_right,
+        GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PAGED: tl.constexpr,
+        SPLIT: tl.constexpr,
+        HAS_LEFTPAD: tl.constexpr,
+        HAS_BATCH_IDX: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_ALIBI: tl.constexpr,
+        DOT_FP32: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -74,7 +112,7 @@ if runtime.HAS_TRITON:
         start = 0
         if HAS_LEFTPAD:
             start = tl.load(LEFTPAD + b)
-        sk = tl.load(SEQLENS + b) - start                  # valid keys (new ones included)
+        sk = tl.load(SEQLENS + b) - start  # valid keys (new ones included)
         cache_row = b64
         if HAS_BATCH_IDX:
             cache_row = tl.load(BATCH_IDX + b).to(tl.int64)
@@ -89,8 +127,11 @@ if runtime.HAS_TRITON:
         dims = tl.arange(0, BLOCK_D)
         row_ok = tok < seqlen_q
         dim_ok = dims < headdim
-        q = tl.load(Q + b64 * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        q = tl.load(
+            Q + b64 * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh + dims[None, :],
+            mask=row_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
         diag = tok + sk - seqlen_q
         # This split's key range, narrowed to the tiles some row of this tile can see.
         first_tok = (pid_m * BLOCK_M) // GROUP
@@ -109,12 +150,12 @@ if runtime.HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         tiles = 0
         for start_n in range(lo, hi, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)         # compacted key index j'
+            cols = start_n + tl.arange(0, BLOCK_N)  # compacted key index j'
             col_ok = cols < hi
-            pos = start + cols                              # absolute cache row
+            pos = start + cols  # absolute cache row
             if PAGED:
                 page = tl.load(BLOCK_TABLE + b64 * stride_btb + pos // page_size, mask=col_ok, other=0)
-                page = page.to(tl.int64)                    # the pool can hold more than 2^31 elements
+                page = page.to(tl.int64)  # the pool can hold more than 2^31 elements
                 k_rows = K_head + page * stride_kb + (pos % page_size) * stride_ks
                 v_rows = V_head + page * stride_vb + (pos % page_size) * stride_vs
             else:
@@ -129,8 +170,9 @@ if runtime.HAS_TRITON:
             if window_left >= 0:
                 visible = visible & (cols[None, :] >= diag[:, None] - window_left)
             bias = -slope[:, None] * tl.abs(diag[:, None] - cols[None, :]).to(tl.float32)
-            m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, visible, bias, scale, softcap,
-                                                HAS_SOFTCAP, HAS_ALIBI, DOT_FP32)
+            m_i, l_i, acc = online_softmax_step(
+                q, k, v, m_i, l_i, acc, visible, bias, scale, softcap, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32
+            )
             tiles += 1
         empty = l_i == 0.0
         out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
@@ -147,19 +189,34 @@ if runtime.HAS_TRITON:
 
     @triton.jit
     def combine_kernel(
-        OACC, LACC, O, LSE,
-        stride_as, stride_ab, stride_aq, stride_ah,
-        stride_ls, stride_lb, stride_lh,
-        stride_ob, stride_oq, stride_oh,
-        stride_fb, stride_fh,
-        num_splits, nheads, seqlen_q, headdim,
-        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+        OACC,
+        LACC,
+        O,
+        LSE,
+        stride_as,
+        stride_ab,
+        stride_aq,
+        stride_ah,
+        stride_ls,
+        stride_lb,
+        stride_lh,
+        stride_ob,
+        stride_oq,
+        stride_oh,
+        stride_fb,
+        stride_fh,
+        num_splits,
+        nheads,
+        seqlen_q,
+        headdim,
+        BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """Merge ``num_splits`` partial states of one (batch, query token, head) row:
         ``L = M + log sum_s exp(lse_s - M)``, ``out = sum_s exp(lse_s - L) out_s``; a row whose
         splits are all empty gets out 0 and LSE +inf."""
         pid = tl.program_id(0)
-        b = (pid // (seqlen_q * nheads)).to(tl.int64)      # 64-bit base offsets
+        b = (pid // (seqlen_q * nheads)).to(tl.int64)  # 64-bit base offsets
         t = (pid // nheads) % seqlen_q
         h = pid % nheads
         s = tl.arange(0, BLOCK_S)
@@ -172,17 +229,20 @@ if runtime.HAS_TRITON:
         top = tl.where(top == float("-inf"), 0.0, top)
         w = tl.exp(lse - top)
         total = tl.sum(w, 0)
-        parts = tl.load((row_acc + s.to(tl.int64) * stride_as)[:, None] + dims[None, :],
-                        mask=s_ok[:, None] & (dims[None, :] < headdim), other=0.0)
+        parts = tl.load(
+            (row_acc + s.to(tl.int64) * stride_as)[:, None] + dims[None, :],
+            mask=s_ok[:, None] & (dims[None, :] < headdim),
+            other=0.0,
+        )
         out = tl.sum(w[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
         final = tl.where(total == 0.0, float("inf"), top + tl.log(tl.where(total == 0.0, 1.0, total)))
-        tl.store(O + b * stride_ob + t * stride_oq + h * stride_oh + dims, out.to(O.dtype.element_ty),
-                 mask=dims < headdim)
+        tl.store(
+            O + b * stride_ob + t * stride_oq + h * stride_oh + dims, out.to(O.dtype.element_ty), mask=dims < headdim
+        )
         tl.store(LSE + b * stride_fb + h * stride_fh + t, final)
 
 
-def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, cache_leftpad, cache_batch_idx, block_table,
-                         alibi_slopes):
+def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, cache_leftpad, cache_batch_idx, block_table, alibi_slopes):
     """Validate decode arguments; return ``(capacity, page_size, start, end, batch_idx,
     block_table, alibi_slopes)`` with every index tensor contiguous int32."""
     check_tensor("q", q, ndim=4, dtypes=SUPPORTED_DTYPES)
@@ -205,8 +265,9 @@ def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, cache_leftpad, cach
     else:
         page = 1
         capacity = k_cache.shape[1]
-    start, end = key_range(cache_seqlens, cache_leftpad, b, capacity, device=q.device,
-                           names=("cache_seqlens", "cache_leftpad"))
+    start, end = key_range(
+        cache_seqlens, cache_leftpad, b, capacity, device=q.device, names=("cache_seqlens", "cache_leftpad")
+    )
     batch_idx = None
     if cache_batch_idx is not None:
         batch_idx = check_lengths("cache_batch_idx", cache_batch_idx, b, high=k_cache.shape[0] - 1, device=q.device)
@@ -224,10 +285,26 @@ def split_size_for(capacity: int, num_splits: int, block_n: int) -> int:
     return -(-blocks // num_splits) * block_n
 
 
-def decode_attention_triton(q, k_cache, v_cache, cache_seqlens, *, cache_leftpad=None, cache_batch_idx=None,
-                            block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            alibi_slopes=None, num_splits=1, block_n=None, return_lse=False,
-                            return_tile_counts=False, return_partials=False):
+def decode_attention_triton(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    *,
+    cache_leftpad=None,
+    cache_batch_idx=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    num_splits=1,
+    block_n=None,
+    return_lse=False,
+    return_tile_counts=False,
+    return_partials=False,
+):
     """Attention of ``q`` ``(batch, seqlen_q, nheads, headdim)`` against a KV cache, through
     :func:`decode_kernel` (and :func:`combine_kernel` when ``num_splits > 1``).
 
@@ -247,7 +324,8 @@ def decode_attention_triton(q, k_cache, v_cache, cache_seqlens, *, cache_leftpad
     """
     runtime.resolve_backend("triton", q.device if isinstance(q, torch.Tensor) else "cpu")
     capacity, page, start, end, batch_idx, block_table, alibi_slopes = _check_decode_inputs(
-        q, k_cache, v_cache, cache_seqlens, cache_leftpad, cache_batch_idx, block_table, alibi_slopes)
+        q, k_cache, v_cache, cache_seqlens, cache_leftpad, cache_batch_idx, block_table, alibi_slopes
+    )
     num_splits = check_num_splits(num_splits, allow_zero=False)
     left, right = normalize_window(window_size, causal)
     b, sq, h, d = q.shape
@@ -255,8 +333,11 @@ def decode_attention_triton(q, k_cache, v_cache, cache_seqlens, *, cache_leftpad
     group = h // hk
     scale = softmax_scale_for(d, softmax_scale)
     softcap = check_softcap(softcap)
-    for name, flag in (("return_lse", return_lse), ("return_tile_counts", return_tile_counts),
-                       ("return_partials", return_partials)):
+    for name, flag in (
+        ("return_lse", return_lse),
+        ("return_tile_counts", return_tile_counts),
+        ("return_partials", return_partials),
+    ):
         check_bool(name, flag)
     q = q if q.stride(-1) == 1 else q.contiguous()
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -283,21 +364,57 @@ def decode_attention_triton(q, k_cache, v_cache, cache_seqlens, *, cache_leftpad
     stride_sb = slopes.stride(0) if slopes.dim() == 2 else 0
     table = block_table if block_table is not None else dummy_i32
     decode_kernel[(b * hk, num_splits, row_tiles)](
-        q, k_cache, v_cache, o_buf, l_buf, end,
+        q,
+        k_cache,
+        v_cache,
+        o_buf,
+        l_buf,
+        end,
         start if cache_leftpad is not None else dummy_i32,
         batch_idx if batch_idx is not None else dummy_i32,
-        table, slopes, tiles,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        o_split, o_view.stride(0), o_view.stride(1), o_view.stride(2),
-        l_split, l_view.stride(0), l_view.stride(1),
-        table.stride(0) if block_table is not None else 0, stride_sb,
-        hk, sq, d, page, split_size, scale, softcap if softcap > 0 else 1.0, left, right,
-        GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d),
-        PAGED=block_table is not None, SPLIT=num_splits > 1, HAS_LEFTPAD=cache_leftpad is not None,
-        HAS_BATCH_IDX=batch_idx is not None, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-        DOT_FP32=dot_in_fp32(q.dtype), num_warps=default_warps(d), num_stages=2,
+        table,
+        slopes,
+        tiles,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        o_split,
+        o_view.stride(0),
+        o_view.stride(1),
+        o_view.stride(2),
+        l_split,
+        l_view.stride(0),
+        l_view.stride(1),
+        table.stride(0) if block_table is not None else 0,
+        stride_sb,
+        hk,
+        sq,
+        d,
+        page,
+        split_size,
+        scale,
+        softcap if softcap > 0 else 1.0,
+        left,
+        right,
+        GROUP=group,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=block_d(d),
+        PAGED=block_table is not None,
+        SPLIT=num_splits > 1,
+        HAS_LEFTPAD=cache_leftpad is not None,
+        HAS_BATCH_IDX=batch_idx is not None,
+        HAS_SOFTCAP=softcap > 0,
+        HAS_ALIBI=alibi_slopes is not None,
+        DOT_FP32=dot_in_fp32(q.dtype),
+        num_warps=default_warps(d),
+        num_stages=2,
     )
     if num_splits > 1:
         out, lse = combine_splits(o_buf, l_buf, q.dtype)
@@ -328,18 +445,35 @@ def combine_splits(out_partial: torch.Tensor, lse_partial: torch.Tensor, out_dty
     if splits > 128:
         raise ArgumentError(f"out_partial holds {splits} splits; at most 128 are combined")
     if tuple(lse_partial.shape) != (splits, b, h, sq):
-        raise ArgumentError(f"lse_partial must have shape (splits, batch, nheads, seqlen_q) = {(splits, b, h, sq)}, "
-                         f"got {tuple(lse_partial.shape)}")
+        raise ArgumentError(
+            f"lse_partial must have shape (splits, batch, nheads, seqlen_q) = {(splits, b, h, sq)}, "
+            f"got {tuple(lse_partial.shape)}"
+        )
     out_partial = out_partial if out_partial.stride(-1) == 1 else out_partial.contiguous()
     out = torch.empty(b, sq, h, d, dtype=output_dtype(out_dtype), device=out_partial.device)
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=out_partial.device)
     combine_kernel[(b * sq * h,)](
-        out_partial, lse_partial, out, lse,
-        out_partial.stride(0), out_partial.stride(1), out_partial.stride(2), out_partial.stride(3),
-        lse_partial.stride(0), lse_partial.stride(1), lse_partial.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
-        splits, h, sq, d,
-        BLOCK_S=max(2, next_pow2(splits)), BLOCK_D=block_d(d),
+        out_partial,
+        lse_partial,
+        out,
+        lse,
+        out_partial.stride(0),
+        out_partial.stride(1),
+        out_partial.stride(2),
+        out_partial.stride(3),
+        lse_partial.stride(0),
+        lse_partial.stride(1),
+        lse_partial.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        splits,
+        h,
+        sq,
+        d,
+        BLOCK_S=max(2, next_pow2(splits)),
+        BLOCK_D=block_d(d),
     )
     return out.to(out_dtype), lse

@@ -63,32 +63,120 @@ def _variants():
         for d in HEADDIMS:
             bm, bn = default_blocks(d, interpreting=False)
             warps = default_warps(d)
-            out.append(("attention_fwd_kernel", "causal+window, GQA 4", attention_fwd_kernel,
-                        {"Q": "T", "K": "T", "V": "T", "O": "T", "LSE": "fp32", "SLOPES": "fp32",
-                         "SEQLENS_K": "i32", "LEFTPAD_K": "i32", "TILES": "i32"}, ("scale", "softcap"),
-                        dict(GROUP=4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, HAS_SOFTCAP=True, HAS_ALIBI=False,
-                             DOT_FP32=False), warps, dtype, d))
-            ptrs = {"Q": "T", "K": "T", "V": "T", "O": "T", "LSE": "fp32", "SEQLENS": "i32", "LEFTPAD": "i32",
-                    "BATCH_IDX": "i32", "BLOCK_TABLE": "i32", "SLOPES": "fp32", "TILES": "i32"}
-            common = dict(GROUP=8, BLOCK_M=16, BLOCK_N=decode_block_n(d, interpreting=False), BLOCK_D=d,
-                          HAS_LEFTPAD=True, HAS_SOFTCAP=False,
-                          HAS_ALIBI=False, DOT_FP32=False)
-            out.append(("decode_kernel", "contiguous, GQA 8", decode_kernel, ptrs, ("scale", "softcap"),
-                        dict(common, PAGED=False, SPLIT=False, HAS_BATCH_IDX=True), warps, dtype, d))
-            out.append(("decode_kernel", "paged + split, GQA 8", decode_kernel, dict(ptrs, O="fp32"),
-                        ("scale", "softcap"), dict(common, PAGED=True, SPLIT=True, HAS_BATCH_IDX=False), warps,
-                        dtype, d))
-            out.append(("combine_kernel", "up to 128 splits", combine_kernel,
-                        {"OACC": "fp32", "LACC": "fp32", "O": "T", "LSE": "fp32"}, (),
-                        dict(BLOCK_S=128, BLOCK_D=d), 4, dtype, d))
+            out.append(
+                (
+                    "attention_fwd_kernel",
+                    "causal+window, GQA 4",
+                    attention_fwd_kernel,
+                    {
+                        "Q": "T",
+                        "K": "T",
+                        "V": "T",
+                        "O": "T",
+                        "LSE": "fp32",
+                        "SLOPES": "fp32",
+                        "SEQLENS_K": "i32",
+                        "LEFTPAD_K": "i32",
+                        "TILES": "i32",
+                    },
+                    ("scale", "softcap"),
+                    dict(GROUP=4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, HAS_SOFTCAP=True, HAS_ALIBI=False, DOT_FP32=False),
+                    warps,
+                    dtype,
+                    d,
+                )
+            )
+            ptrs = {
+                "Q": "T",
+                "K": "T",
+                "V": "T",
+                "O": "T",
+                "LSE": "fp32",
+                "SEQLENS": "i32",
+                "LEFTPAD": "i32",
+                "BATCH_IDX": "i32",
+                "BLOCK_TABLE": "i32",
+                "SLOPES": "fp32",
+                "TILES": "i32",
+            }
+            common = dict(
+                GROUP=8,
+                BLOCK_M=16,
+                BLOCK_N=decode_block_n(d, interpreting=False),
+                BLOCK_D=d,
+                HAS_LEFTPAD=True,
+                HAS_SOFTCAP=False,
+                HAS_ALIBI=False,
+                DOT_FP32=False,
+            )
+            out.append(
+                (
+                    "decode_kernel",
+                    "contiguous, GQA 8",
+                    decode_kernel,
+                    ptrs,
+                    ("scale", "softcap"),
+                    dict(common, PAGED=False, SPLIT=False, HAS_BATCH_IDX=True),
+                    warps,
+                    dtype,
+                    d,
+                )
+            )
+            out.append(
+                (
+                    "decode_kernel",
+                    "paged + split, GQA 8",
+                    decode_kernel,
+                    dict(ptrs, O="fp32"),
+                    ("scale", "softcap"),
+                    dict(common, PAGED=True, SPLIT=True, HAS_BATCH_IDX=False),
+                    warps,
+                    dtype,
+                    d,
+                )
+            )
+            out.append(
+                (
+                    "combine_kernel",
+                    "up to 128 splits",
+                    combine_kernel,
+                    {"OACC": "fp32", "LACC": "fp32", "O": "T", "LSE": "fp32"},
+                    (),
+                    dict(BLOCK_S=128, BLOCK_D=d),
+                    4,
+                    dtype,
+                    d,
+                )
+            )
     from .common import online_softmax_step
     from .forward import simple_attention_kernel
 
-    out.append(("simple_attention_kernel", "teaching version", simple_attention_kernel,
-                {"Q": "fp32", "K": "fp32", "V": "fp32", "O": "fp32"}, ("scale",),
-                dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=64, STEP=online_softmax_step), 4, "fp32", 64))
-    out.append(("_canary_kernel", "fp32", runtime._canary_kernel, {"x_ptr": "fp32", "y_ptr": "fp32"}, (),
-                dict(BLOCK=16), 1, "fp32", 0))
+    out.append(
+        (
+            "simple_attention_kernel",
+            "teaching version",
+            simple_attention_kernel,
+            {"Q": "fp32", "K": "fp32", "V": "fp32", "O": "fp32"},
+            ("scale",),
+            dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=64, STEP=online_softmax_step),
+            4,
+            "fp32",
+            64,
+        )
+    )
+    out.append(
+        (
+            "_canary_kernel",
+            "fp32",
+            runtime._canary_kernel,
+            {"x_ptr": "fp32", "y_ptr": "fp32"},
+            (),
+            dict(BLOCK=16),
+            1,
+            "fp32",
+            0,
+        )
+    )
     return out
 
 
@@ -98,8 +186,9 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
+        text = subprocess.run(
+            [str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     regs = int(re.search(r"REG:(\d+)", text).group(1))
     stack = int(re.search(r"STACK:(\d+)", text).group(1))
     local = int(re.search(r"LOCAL:(\d+)", text).group(1))
@@ -121,8 +210,11 @@ def _compile(index: int, target: int):
             sig[arg] = "fp32"
         else:
             sig[arg] = "i32"
-    return runtime.triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                  target=GPUTarget("cuda", target, 32), options={"num_warps": warps, "num_stages": 2})
+    return runtime.triton.compile(
+        ASTSource(fn=fn, signature=sig, constexprs=consts),
+        target=GPUTarget("cuda", target, 32),
+        options={"num_warps": warps, "num_stages": 2},
+    )
 
 
 def _compile_one(index: int, target: int) -> CompileResult:
@@ -133,11 +225,19 @@ def _compile_one(index: int, target: int) -> CompileResult:
         regs, spills = _resource_usage(compiled.asm["cubin"])
         ptx = compiled.asm["ptx"]
         mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none")
-        return CompileResult(**label, registers=regs, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
-                             mma=mma, ok=True)
+        return CompileResult(
+            **label, registers=regs, spill_bytes=spills, shared_bytes=compiled.metadata.shared, mma=mma, ok=True
+        )
     except Exception as exc:  # report every failure in the table
-        return CompileResult(**label, registers=0, spill_bytes=0, shared_bytes=0, mma="", ok=False,
-                             error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return CompileResult(
+            **label,
+            registers=0,
+            spill_bytes=0,
+            shared_bytes=0,
+            mma="",
+            ok=False,
+            error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+        )
 
 
 def compile_all(workers: int = 2) -> list[CompileResult]:
@@ -160,8 +260,11 @@ def excerpt(kernel: str = "attention_fwd_kernel", dtype: str = "fp16", headdim: 
             f.write(compiled.asm["cubin"])
             f.flush()
             sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-        sass = [re.sub(r"\s+", " ", re.sub(r"^/\*[0-9a-f]+\*/", "", ln.strip()).split(";")[0]).strip() + " ;"
-                for ln in sass.splitlines() if "MMA" in ln]
+        sass = [
+            re.sub(r"\s+", " ", re.sub(r"^/\*[0-9a-f]+\*/", "", ln.strip()).split(";")[0]).strip() + " ;"
+            for ln in sass.splitlines()
+            if "MMA" in ln
+        ]
         text.append(f"sm_{target}: {len(ptx)} PTX mma instructions, {len(sass)} SASS MMA instructions")
         text += [f"  PTX  {ln[:110]}" for ln in ptx[:lines]] + [f"  SASS {ln[:110]}" for ln in sass[:lines]]
     return "\n".join(text)
@@ -169,20 +272,27 @@ def excerpt(kernel: str = "attention_fwd_kernel", dtype: str = "fp16", headdim: 
 
 def format_table(rows) -> str:
     """The results as an aligned text table."""
-    head = f"{'kernel':<22} {'variant':<22} {'dtype':<5} {'d':>4} {'target':<6} {'regs':>5} {'spills':>7} " \
-           f"{'shared':>8} {'mma':<9} ok"
+    head = (
+        f"{'kernel':<22} {'variant':<22} {'dtype':<5} {'d':>4} {'target':<6} {'regs':>5} {'spills':>7} "
+        f"{'shared':>8} {'mma':<9} ok"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         r = r if isinstance(r, dict) else asdict(r)
-        lines.append(f"{r['kernel']:<22} {r['variant']:<22} {r['dtype']:<5} {r['headdim']:>4} {r['target']:<6} "
-                     f"{r['registers']:>5} {r['spill_bytes']:>7} {r['shared_bytes']:>8} {r['mma']:<9} "
-                     f"{'yes' if r['ok'] else 'NO: ' + r['error']}")
+        lines.append(
+            f"{r['kernel']:<22} {r['variant']:<22} {r['dtype']:<5} {r['headdim']:>4} {r['target']:<6} "
+            f"{r['registers']:>5} {r['spill_bytes']:>7} {r['shared_bytes']:>8} {r['mma']:<9} "
+            f"{'yes' if r['ok'] else 'NO: ' + r['error']}"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flashkv_edu.kernels.gpucheck", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m flashkv_edu.kernels.gpucheck",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--json", type=Path, help="also write the table to this JSON file")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--excerpt", metavar="KERNEL", help="print PTX/SASS matrix-multiply lines of one kernel")
@@ -190,8 +300,9 @@ def main(argv=None) -> int:
     runtime.require_triton()
     if runtime.INTERPRET:  # compiling needs real JIT functions: re-run without the interpreter
         env = dict(os.environ, TRITON_INTERPRET="0")
-        return subprocess.run([sys.executable, "-m", "flashkv_edu.kernels.gpucheck", *(argv or sys.argv[1:])],
-                              env=env).returncode
+        return subprocess.run(
+            [sys.executable, "-m", "flashkv_edu.kernels.gpucheck", *(argv or sys.argv[1:])], env=env
+        ).returncode
     if args.excerpt:
         print(excerpt(args.excerpt))
         return 0
@@ -199,8 +310,10 @@ def main(argv=None) -> int:
     rows = compile_all(args.workers)
     print(format_table(rows))
     failed = [r for r in rows if not r.ok]
-    print(f"\n{len(rows) - len(failed)}/{len(rows)} compiled for sm_80 and sm_90 "
-          f"in {time.perf_counter() - start:.0f} s; spills in {sum(r.spill_bytes > 0 for r in rows)} configs")
+    print(
+        f"\n{len(rows) - len(failed)}/{len(rows)} compiled for sm_80 and sm_90 "
+        f"in {time.perf_counter() - start:.0f} s; spills in {sum(r.spill_bytes > 0 for r in rows)} configs"
+    )
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
     return 1 if failed else 0

@@ -65,8 +65,12 @@ def compile_tiny_dot(target: int = 80) -> str:
     interpreter; returns ``"compiled"`` or the compiler's first error line."""
     if runtime.INTERPRET:
         env = dict(os.environ, TRITON_INTERPRET="0")
-        run = subprocess.run([sys.executable, "-m", "flashkv_edu.kernels.pitfalls", "compile-tiny-dot"],
-                             env=env, capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, "-m", "flashkv_edu.kernels.pitfalls", "compile-tiny-dot"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         return run.stdout.strip()
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

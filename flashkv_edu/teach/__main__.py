@@ -20,11 +20,15 @@ def exercise_table() -> str:
     rows = ["| notebook | exercises | Triton | bug hunts | minutes |", "|---|---|---|---|---|"]
     for stem in NOTEBOOKS:
         ex = module_for(stem).EXERCISES
-        rows.append(f"| {stem} | {len(ex)} | {sum(e.triton for e in ex)} | {sum(e.bug_hunt for e in ex)} | "
-                    f"{sum(e.minutes for e in ex)} |")
+        rows.append(
+            f"| {stem} | {len(ex)} | {sum(e.triton for e in ex)} | {sum(e.bug_hunt for e in ex)} | "
+            f"{sum(e.minutes for e in ex)} |"
+        )
     ex = all_exercises()
-    rows.append(f"| **all** | **{len(ex)}** | **{sum(e.triton for e in ex)}** | **{sum(e.bug_hunt for e in ex)}** | "
-                f"**{sum(e.minutes for e in ex)}** |")
+    rows.append(
+        f"| **all** | **{len(ex)}** | **{sum(e.triton for e in ex)}** | **{sum(e.bug_hunt for e in ex)}** | "
+        f"**{sum(e.minutes for e in ex)}** |"
+    )
     return "\n".join(rows)
 
 
@@ -43,7 +47,7 @@ def defined_name(source: str) -> str | None:
 def solution_source(module, name: str) -> str:
     """The source of the teaching module's solution ``name`` (a function or a Triton kernel)."""
     obj = getattr(module, name)
-    fn = getattr(obj, "fn", obj)           # a @triton.jit function keeps the Python one in .fn
+    fn = getattr(obj, "fn", obj)  # a @triton.jit function keeps the Python one in .fn
     return textwrap.dedent(inspect.getsource(fn)).rstrip() + "\n"
 
 
@@ -65,8 +69,9 @@ def solve(notebook: Path, out: Path, execute: bool = True) -> int:
     if execute:
         from nbclient import NotebookClient
 
-        NotebookClient(nb, timeout=600, kernel_name="python3",
-                       resources={"metadata": {"path": str(notebook.parent)}}).execute()
+        NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}
+        ).execute()
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)
     return replaced

@@ -32,13 +32,13 @@ class CaseFailed(Exception):
 class Exercise:
     """One exercise of a notebook, for the README table and the solutions command."""
 
-    notebook: str        # "01"
-    name: str            # the function the learner writes, e.g. "my_gqa_attention"
-    check: str           # the check's name in the teaching file
-    minutes: int         # an estimate for a workshop
+    notebook: str  # "01"
+    name: str  # the function the learner writes, e.g. "my_gqa_attention"
+    check: str  # the check's name in the teaching file
+    minutes: int  # an estimate for a workshop
     triton: bool = False
     bug_hunt: bool = False
-    source: str = ""     # where a bug-hunt's buggy code comes from
+    source: str = ""  # where a bug-hunt's buggy code comes from
 
 
 def _not_implemented(exc: BaseException) -> bool:
@@ -113,8 +113,9 @@ def expect_close(what: str, expected: torch.Tensor, got, atol: float = 1e-4) -> 
     ok = ok | (e == g)
     if not bool(ok.all()):
         idx = tuple((~ok).nonzero()[0].tolist())
-        raise CaseFailed(f"{what}: at index {idx} expected {e[idx].item():.6g}, got {g[idx].item():.6g} "
-                         f"(tolerance {atol:g})")
+        raise CaseFailed(
+            f"{what}: at index {idx} expected {e[idx].item():.6g}, got {g[idx].item():.6g} (tolerance {atol:g})"
+        )
 
 
 def expect_pair(what: str, got) -> tuple:

@@ -18,8 +18,14 @@ from ._exercise import CaseFailed, Exercise, expect_close, expect_equal, run_che
 EXERCISES = [
     Exercise("01", "my_gqa_attention", "check_gqa_attention", 15),
     Exercise("01", "my_bottom_right_mask", "check_bottom_right_mask", 10),
-    Exercise("01", "window_size_for", "check_window_size_for", 10, bug_hunt=True,
-             source="https://github.com/huggingface/transformers/issues/29623"),
+    Exercise(
+        "01",
+        "window_size_for",
+        "check_window_size_for",
+        10,
+        bug_hunt=True,
+        source="https://github.com/huggingface/transformers/issues/29623",
+    ),
 ]
 
 # --- figures ---------------------------------------------------------------------------------
@@ -27,8 +33,7 @@ EXERCISES = [
 MASK_COLORS = ListedColormap(["#f2f2f2", "#2b6cb0"])  # hidden, visible
 
 
-def show_mask(ax, mask: torch.Tensor, title: str, *, xlabel="key position j",
-              ylabel="query row i") -> None:
+def show_mask(ax, mask: torch.Tensor, title: str, *, xlabel="key position j", ylabel="query row i") -> None:
     """Draw a bool ``(seqlen_q, seqlen_k)`` mask: blue = the query sees that key."""
     sq, sk = mask.shape
     ax.imshow(mask.int().numpy(), cmap=MASK_COLORS, vmin=0, vmax=1, aspect="equal")
@@ -43,8 +48,9 @@ def show_mask(ax, mask: torch.Tensor, title: str, *, xlabel="key position j",
     ax.tick_params(which="minor", length=0)
 
 
-def draw_mask_panel(seqlen_q: int = 3, seqlen_k: int = 8, window_left: int = -1,
-                    window_right: int = -1, causal: bool = True):
+def draw_mask_panel(
+    seqlen_q: int = 3, seqlen_k: int = 8, window_left: int = -1, window_right: int = -1, causal: bool = True
+):
     """Three heatmaps side by side: PyTorch's top-left causal mask, FlashAttention's
     bottom-right mask for the chosen ``window_size``/``causal``, and their difference.
     Returns the figure (so a widget can redraw it) and the number of visible entries."""
@@ -101,6 +107,7 @@ def draw_window_softcap_alibi(win: torch.Tensor, window: int, slopes: torch.Tens
 
 # --- exercise 1: attention with shared KV heads ---------------------------------------------
 
+
 def my_gqa_attention(q, k, v):
     """Unmasked attention for ``q (b, s_q, h, d)`` and ``k, v (b, s_k, h_k, d)``, ``h_k`` dividing
     ``h``: query head ``i`` reads KV head ``i // (h // h_k)``."""
@@ -120,13 +127,19 @@ def check_gqa_attention(fn) -> bool | None:
             q = torch.randn(2, 5, h, 16, generator=gen)
             k, v = torch.randn(2, 7, hk, 16, generator=gen), torch.randn(2, 7, hk, 16, generator=gen)
             expect_close("output", attention_ref(q, k, v), f(q, k, v), atol=1e-4)
+
         return f"nheads={h}, nheads_k={hk}", run
 
-    return run_check("check_gqa_attention", fn, [case(4, 4), case(6, 2), case(6, 3), case(8, 1)],
-                     "MHA, GQA and MQA match attention_ref within 1e-4")
+    return run_check(
+        "check_gqa_attention",
+        fn,
+        [case(4, 4), case(6, 2), case(6, 3), case(8, 1)],
+        "MHA, GQA and MQA match attention_ref within 1e-4",
+    )
 
 
 # --- exercise 2: the bottom-right causal mask ------------------------------------------------
+
 
 def my_bottom_right_mask(seqlen_q, seqlen_k):
     """Bool ``(seqlen_q, seqlen_k)``: query row ``i`` sees key ``j`` when ``j <= i + seqlen_k - seqlen_q``."""
@@ -137,16 +150,20 @@ def my_bottom_right_mask(seqlen_q, seqlen_k):
 
 def check_bottom_right_mask(fn) -> bool | None:
     """``fn(seqlen_q, seqlen_k)`` must return FlashAttention's bottom-right causal mask."""
+
     def case(sq, sk):
         return f"seqlen_q={sq}, seqlen_k={sk}", lambda f: expect_equal(
-            "mask", attention_mask(sq, sk, causal=True), torch.as_tensor(f(sq, sk)).bool())
+            "mask", attention_mask(sq, sk, causal=True), torch.as_tensor(f(sq, sk)).bool()
+        )
 
     shapes = [(1, 1), (1, 7), (2, 5), (5, 2), (4, 4), (3, 9), (9, 3), (6, 1)]
-    return run_check("check_bottom_right_mask", fn, [case(sq, sk) for sq, sk in shapes],
-                     "8 shapes, including seqlen_q > seqlen_k")
+    return run_check(
+        "check_bottom_right_mask", fn, [case(sq, sk) for sq, sk in shapes], "8 shapes, including seqlen_q > seqlen_k"
+    )
 
 
 # --- exercise 3 (bug hunt): transformers' sliding_window handed to FlashAttention ------------
+
 
 def window_size_for(sliding_window):
     """FlashAttention's ``window_size`` for a transformers config with ``sliding_window = W``:
@@ -157,6 +174,7 @@ def window_size_for(sliding_window):
 def check_window_size_for(fn) -> bool | None:
     """With ``fn(W)`` as ``window_size`` (causal), the last query must see exactly the ``W``
     most recent keys, every other query the ``W`` most recent up to itself."""
+
     def case(w, sq, sk):
         def run(f):
             window = f(w)
@@ -168,9 +186,16 @@ def check_window_size_for(fn) -> bool | None:
             want = (j <= i) & (j > i - w)
             if not torch.equal(got, want):
                 row = int((got != want).any(1).nonzero()[0])
-                raise CaseFailed(f"query row {row} should see keys {want[row].nonzero().flatten().tolist()}, "
-                                 f"with window_size={window} it sees {got[row].nonzero().flatten().tolist()}")
+                raise CaseFailed(
+                    f"query row {row} should see keys {want[row].nonzero().flatten().tolist()}, "
+                    f"with window_size={window} it sees {got[row].nonzero().flatten().tolist()}"
+                )
+
         return f"sliding_window={w}, {sq} queries over {sk} keys", run
 
-    return run_check("check_window_size_for", fn, [case(4, 1, 9), case(1, 1, 5), case(3, 4, 8), case(6, 6, 6)],
-                     "a W-token window is window_size=(W-1, 0)")
+    return run_check(
+        "check_window_size_for",
+        fn,
+        [case(4, 1, 9), case(1, 1, 5), case(3, 4, 8), case(6, 6, 6)],
+        "a W-token window is window_size=(W-1, 0)",
+    )

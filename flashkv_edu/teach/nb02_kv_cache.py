@@ -17,12 +17,19 @@ from ._exercise import CaseFailed, Exercise, expect_close, expect_equal, run_che
 EXERCISES = [
     Exercise("02", "my_append", "check_append", 15),
     Exercise("02", "decode_positions", "check_decode_positions", 10),
-    Exercise("02", "allocate_cache", "check_allocate_cache", 10, bug_hunt=True,
-             source="https://github.com/Dao-AILab/flash-attention/issues/638"),
+    Exercise(
+        "02",
+        "allocate_cache",
+        "check_allocate_cache",
+        10,
+        bug_hunt=True,
+        source="https://github.com/Dao-AILab/flash-attention/issues/638",
+    ),
 ]
 
 
 # --- exercise 1: append -------------------------------------------------------------------------
+
 
 def my_append(k_cache, v_cache, cache_seqlens, k, v):
     """Write ``k[b], v[b]`` ``(snew, nheads_k, headdim)`` at rows ``cache_seqlens[b] ...`` of
@@ -30,8 +37,8 @@ def my_append(k_cache, v_cache, cache_seqlens, k, v):
     snew = k.shape[1]
     for b in range(k.shape[0]):
         start = int(cache_seqlens[b])
-        k_cache[b, start:start + snew] = k[b]
-        v_cache[b, start:start + snew] = v[b]
+        k_cache[b, start : start + snew] = k[b]
+        v_cache[b, start : start + snew] = v[b]
     return (cache_seqlens + snew).to(torch.int32)
 
 
@@ -52,13 +59,19 @@ def check_append(fn) -> bool | None:
             expect_equal("k_cache after the append", want_k, k_cache)
             expect_equal("v_cache after the append", want_v, v_cache)
             expect_equal("returned lengths", want_lens, got_lens)
+
         return f"batch={batch}, capacity={cap}, {snew} new tokens", run
 
-    return run_check("check_append", fn, [case(1, 8, 1), case(3, 10, 2), case(4, 16, 5)],
-                     "3 ragged batches; cache rows and lengths exact")
+    return run_check(
+        "check_append",
+        fn,
+        [case(1, 8, 1), case(3, 10, 2), case(4, 16, 5)],
+        "3 ragged batches; cache rows and lengths exact",
+    )
 
 
 # --- exercise 2: positions of the new tokens ---------------------------------------------------
+
 
 def decode_positions(cache_seqlens, seqlen_new):
     """Rotary positions ``(batch, seqlen_new)`` (int64) of ``seqlen_new`` new tokens appended
@@ -68,17 +81,25 @@ def decode_positions(cache_seqlens, seqlen_new):
 
 def check_decode_positions(fn) -> bool | None:
     """``fn(cache_seqlens, seqlen_new)`` against ``cache_seqlens + i``."""
+
     def case(lens, snew):
         lens = torch.tensor(lens, dtype=torch.int32)
         want = lens.long()[:, None] + torch.arange(snew)[None, :]
-        return (f"cache_seqlens={lens.tolist()}, {snew} new tokens",
-                lambda f: expect_equal("positions", want, torch.as_tensor(f(lens, snew))))
+        return (
+            f"cache_seqlens={lens.tolist()}, {snew} new tokens",
+            lambda f: expect_equal("positions", want, torch.as_tensor(f(lens, snew))),
+        )
 
-    return run_check("check_decode_positions", fn, [case([0, 0], 3), case([5, 2, 9], 1), case([4, 7], 2)],
-                     "prefill, decode and ragged chunks")
+    return run_check(
+        "check_decode_positions",
+        fn,
+        [case([0, 0], 3), case([5, 2, 9], 1), case([4, 7], 2)],
+        "prefill, decode and ragged chunks",
+    )
 
 
 # --- exercise 3 (bug hunt): a cache sized to the prompt ------------------------------------------
+
 
 def allocate_cache(prompt_lens, max_new_tokens, nheads_k, headdim):
     """Zeroed ``(k_cache, v_cache)`` for ``len(prompt_lens)`` sequences that will each append
@@ -112,16 +133,23 @@ def check_allocate_cache(fn) -> bool | None:
                 q = torch.randn(b, 1, 2, d, generator=gen)
                 k, v = torch.randn(b, 1, hk, d, generator=gen), torch.randn(b, 1, hk, d, generator=gen)
                 if int(lens.max()) + 1 > k_cache.shape[1]:
-                    raise CaseFailed(f"decode step {step} appends at row {int(lens.max())} of a cache with "
-                                     f"capacity {k_cache.shape[1]}: the in-place append would write past its end")
+                    raise CaseFailed(
+                        f"decode step {step} appends at row {int(lens.max())} of a cache with "
+                        f"capacity {k_cache.shape[1]}: the in-place append would write past its end"
+                    )
                 out = fk.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True)
                 for i in range(b):
                     hist_k[i] = torch.cat([hist_k[i], k[i]])
                     hist_v[i] = torch.cat([hist_v[i], v[i]])
-                    want = fk.attention_ref(q[i:i + 1], hist_k[i][None], hist_v[i][None], causal=True)
-                    expect_close(f"decode step {step}, sequence {i}", want, out[i:i + 1], atol=1e-5)
+                    want = fk.attention_ref(q[i : i + 1], hist_k[i][None], hist_v[i][None], causal=True)
+                    expect_close(f"decode step {step}, sequence {i}", want, out[i : i + 1], atol=1e-5)
                 lens += 1
+
         return f"prompts of {list(prompt_lens)} tokens, {new} new tokens each", run
 
-    return run_check("check_allocate_cache", fn, [case((5, 3), 4), case((8,), 6), case((2, 6, 4), 3)],
-                     "every decode step fits and matches attention over the full history")
+    return run_check(
+        "check_allocate_cache",
+        fn,
+        [case((5, 3), 4), case((8,), 6), case((2, 6, 4), 3)],
+        "every decode step fits and matches attention over the full history",
+    )

@@ -17,11 +17,18 @@ from ._exercise import Exercise, expect_equal, expect_pair, run_check
 
 EXERCISES = [
     Exercise("03", "my_window_update", "check_window_update", 15),
-    Exercise("03", "window_cache_update", "check_window_cache_update", 15, bug_hunt=True,
-             source="https://github.com/fla-org/flash-linear-attention/pull/910"),
+    Exercise(
+        "03",
+        "window_cache_update",
+        "check_window_cache_update",
+        15,
+        bug_hunt=True,
+        source="https://github.com/fla-org/flash-linear-attention/pull/910",
+    ),
 ]
 
 # --- figures ---------------------------------------------------------------------------------
+
 
 def draw_window_trace(trace, window, title: str, ax=None):
     """Draw a :class:`~flashkv_edu.window_cache.Trace`: one row per update, one column per
@@ -35,15 +42,28 @@ def draw_window_trace(trace, window, title: str, ax=None):
                 grid[step, pos] = 2
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 0.45 * grid.shape[0] + 1.2))
-    ax.imshow(grid.numpy(), cmap=ListedColormap(["white", "#d9d9d9", "#2b6cb0"]), vmin=0, vmax=2,
-              aspect="auto", interpolation="nearest")
+    ax.imshow(
+        grid.numpy(),
+        cmap=ListedColormap(["white", "#d9d9d9", "#2b6cb0"]),
+        vmin=0,
+        vmax=2,
+        aspect="auto",
+        interpolation="nearest",
+    )
     for step, stored in enumerate(trace.stored):
         ax.text(total - 0.4, step, f" {stored} stored", va="center", fontsize=8)
     if trace.error:
-        ax.text(0, len(trace.seen) - 0.5 if trace.seen else 0, f"  stopped: {trace.error[:60]}",
-                color="crimson", fontsize=8, va="center")
-    ax.set(title=f"{title} (window W={window})", xlabel="token position", ylabel="update #",
-           yticks=range(grid.shape[0]))
+        ax.text(
+            0,
+            len(trace.seen) - 0.5 if trace.seen else 0,
+            f"  stopped: {trace.error[:60]}",
+            color="crimson",
+            fontsize=8,
+            va="center",
+        )
+    ax.set(
+        title=f"{title} (window W={window})", xlabel="token position", ylabel="update #", yticks=range(grid.shape[0])
+    )
     ax.set_xlim(-0.5, total + 2.5)
     return ax
 
@@ -55,8 +75,12 @@ def window_stepper():
 
     from flashkv_edu.window_cache import ReplicaPre910, ReplicaV01, ReplicaV020, SlidingWindowCache, run_chunks
 
-    caches = {"fixed SlidingWindowCache": SlidingWindowCache, "replica v0.1 (equality roll)": ReplicaV01,
-              "replica v0.2.0 (roll drops context)": ReplicaV020, "replica v0.3-0.5 (stuck at W+1)": ReplicaPre910}
+    caches = {
+        "fixed SlidingWindowCache": SlidingWindowCache,
+        "replica v0.1 (equality roll)": ReplicaV01,
+        "replica v0.2.0 (roll drops context)": ReplicaV020,
+        "replica v0.3-0.5 (stuck at W+1)": ReplicaPre910,
+    }
 
     def redraw(cache, window, chunks):
         try:
@@ -90,10 +114,16 @@ def draw_replica_traces(runs: dict, doubling, correct, window: int):
     axes[0].axhline(window, color="gray", linestyle=":", linewidth=1, label=f"W = {window}")
     axes[0].set(title=f"Tokens stored per update, window W={window}", xlabel="update #", ylabel="tokens stored")
     axes[0].legend(fontsize=7)
-    axes[1].semilogy(range(1, len(doubling.stored) + 1), doubling.stored, "o-", color="crimson",
-                     label="caller re-appends the returned cache")
-    axes[1].semilogy(range(1, len(correct.stored) + 1), correct.stored, "s-", color="black",
-                     label="caller passes only new tokens")
+    axes[1].semilogy(
+        range(1, len(doubling.stored) + 1),
+        doubling.stored,
+        "o-",
+        color="crimson",
+        label="caller re-appends the returned cache",
+    )
+    axes[1].semilogy(
+        range(1, len(correct.stored) + 1), correct.stored, "s-", color="black", label="caller passes only new tokens"
+    )
     axes[1].set(title="Full attention (no window): a buggy caller", xlabel="update #", ylabel="tokens stored (log)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
@@ -102,12 +132,13 @@ def draw_replica_traces(runs: dict, doubling, correct, window: int):
 
 # --- exercise 1: one step of the fixed cache ----------------------------------------------------
 
+
 def my_window_update(cached, new, window):
     """``(stored, visible)`` for ``(batch, seqlen, ...)`` tensors: ``stored`` = the last
     ``window`` tokens of ``cached + new``; ``visible`` = the last ``window - 1`` cached tokens
     followed by all of ``new`` (what the new queries may attend to)."""
     keep = min(window - 1, cached.shape[1])
-    visible = torch.cat([cached[:, cached.shape[1] - keep:], new], 1)
+    visible = torch.cat([cached[:, cached.shape[1] - keep :], new], 1)
     return visible[:, -window:].clone(), visible
 
 
@@ -118,6 +149,7 @@ def _positions(x):
 def check_window_update(fn) -> bool | None:
     """``fn(cached, new, window)`` against :func:`flashkv_edu.window_cache.window_update` on
     chunks below, at and above the window (tensors hold their token positions)."""
+
     def case(w, c, n):
         def run(f):
             cached, new = position_chunk(0, c), position_chunk(c, n)
@@ -125,6 +157,7 @@ def check_window_update(fn) -> bool | None:
             got = expect_pair("result", f(cached, new, w))
             expect_equal("positions stored", _positions(want[0]), _positions(got[0]))
             expect_equal("positions visible to the new queries", _positions(want[1]), _positions(got[1]))
+
         return f"window={w}, {c} cached, {n} new", run
 
     cases = [case(w, c, n) for w in (1, 3, 4) for c in (0, 2, 4, 7) for n in (1, 3, 4, 9) if c <= w]
@@ -132,6 +165,7 @@ def check_window_update(fn) -> bool | None:
 
 
 # --- exercise 2 (bug hunt): stuck at W + 1 -------------------------------------------------------
+
 
 def window_cache_update(stored, new, window):
     """The tokens a sliding-window layer keeps after ``new`` arrives: the last ``window`` of
@@ -142,6 +176,7 @@ def window_cache_update(stored, new, window):
 def check_window_cache_update(fn) -> bool | None:
     """Feed chunk sequences through ``fn``; after every update the stored tokens must be exactly
     the ``window`` most recent positions."""
+
     def case(window, chunks):
         def run(f):
             stored = position_chunk(0, 0)
@@ -151,6 +186,7 @@ def check_window_cache_update(fn) -> bool | None:
                 seen += size
                 want = torch.arange(max(0, seen - window), seen)
                 expect_equal(f"positions stored after {seen} tokens", want, _positions(stored))
+
         return f"window={window}, chunks {list(chunks)}", run
 
     cases = [case(4, (3, 2, 1, 1)), case(4, (1, 1, 1, 1, 1, 1)), case(3, (2, 5, 1)), case(5, (7, 2, 2))]

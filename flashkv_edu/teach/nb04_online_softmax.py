@@ -22,6 +22,7 @@ EXERCISES = [
 
 # --- figures ---------------------------------------------------------------------------------
 
+
 def draw_online_softmax(block_size: int = 8, seqlen_k: int = 32, seed: int = 0):
     """Stream one query over ``seqlen_k`` keys in blocks of ``block_size`` and plot the logits
     with block edges, then the running max ``m``, running sum ``l`` and running output after
@@ -71,6 +72,7 @@ def online_softmax_explorer():
 
 # --- exercise 1: one block of the streaming normaliser ------------------------------------------
 
+
 def my_online_update(m, l, block):
     """New ``(m, l)`` after a block of logits ``block (..., n)``: running max ``m (...)`` and
     running sum ``l = sum exp(x - m)``. ``-inf`` logits (masked keys) contribute nothing, and a
@@ -90,25 +92,32 @@ def check_online_update(fn) -> bool | None:
             m = torch.full(x.shape[:-1], float("-inf"))
             l = torch.zeros(x.shape[:-1])
             for start in range(0, x.shape[-1], block):
-                m, l = expect_pair("result", f(m, l, x[..., start:start + block]))
+                m, l = expect_pair("result", f(m, l, x[..., start : start + block]))
             want_m, want_l, _ = online_normalizer(x, block)
             expect_close("running max m", want_m, m, atol=1e-5)
             expect_close("running sum l", want_l, l, atol=1e-4)
+
         return label, run
 
     growing = torch.arange(12.0).repeat(2, 1)
     masked = torch.randn(3, 10, generator=gen) * 4
     masked[0, :6] = float("-inf")
     masked[1] = float("-inf")
-    return run_check("check_online_update", fn, [
-        case("random logits, blocks of 4", torch.randn(2, 3, 16, generator=gen) * 5, 4),
-        case("a max that grows every block", growing, 3),
-        case("masked keys and a fully masked row", masked, 4),
-        case("large logits (1e3), one block", torch.randn(2, 5, generator=gen) * 1e3, 5),
-    ], "growing maxima, masked keys, a fully masked row and large logits")
+    return run_check(
+        "check_online_update",
+        fn,
+        [
+            case("random logits, blocks of 4", torch.randn(2, 3, 16, generator=gen) * 5, 4),
+            case("a max that grows every block", growing, 3),
+            case("masked keys and a fully masked row", masked, 4),
+            case("large logits (1e3), one block", torch.randn(2, 5, generator=gen) * 1e3, 5),
+        ],
+        "growing maxima, masked keys, a fully masked row and large logits",
+    )
 
 
 # --- exercise 2: finishing a state -------------------------------------------------------------
+
 
 def my_finalize(m, l, acc):
     """``(out, lse)`` from a running state: ``out = acc / l`` and ``lse = m + log(l)``; a row that
@@ -126,9 +135,12 @@ def check_finalize(fn) -> bool | None:
 
     def case(label, n_empty):
         def run(f):
-            q, k, v = torch.randn(1, 6, 1, 8, generator=gen), torch.randn(1, 5, 1, 8, generator=gen), \
-                torch.randn(1, 5, 1, 8, generator=gen)
-            out_ref, lse_ref = attention_ref(q, k, v, causal=True, return_lse=True)   # rows 0.. see nothing
+            q, k, v = (
+                torch.randn(1, 6, 1, 8, generator=gen),
+                torch.randn(1, 5, 1, 8, generator=gen),
+                torch.randn(1, 5, 1, 8, generator=gen),
+            )
+            out_ref, lse_ref = attention_ref(q, k, v, causal=True, return_lse=True)  # rows 0.. see nothing
             z = torch.einsum("bihd,bjhd->bhij", q, k)[0, 0] * 8**-0.5
             keep = torch.arange(5)[None, :] <= torch.arange(6)[:, None] - 1
             z = z.masked_fill(~keep, float("-inf"))
@@ -140,13 +152,19 @@ def check_finalize(fn) -> bool | None:
             out, lse = expect_pair("result", f(m[rows], l[rows], acc[rows]))
             expect_close("out", out_ref[0, rows, 0], out, atol=1e-5)
             expect_close("lse", lse_ref[0, 0, rows], lse, atol=1e-5)
+
         return label, run
 
-    return run_check("check_finalize", fn, [case("rows that all see keys", 0), case("row 0 sees no key", 1)],
-                     "out and lse, and 0 / +inf for a row that sees nothing")
+    return run_check(
+        "check_finalize",
+        fn,
+        [case("rows that all see keys", 0), case("row 0 sees no key", 1)],
+        "out and lse, and 0 / +inf for a row that sees nothing",
+    )
 
 
 # --- exercise 3: merging two states -------------------------------------------------------------
+
 
 def my_merge_states(out_a, lse_a, out_b, lse_b):
     """Merge states over disjoint key sets: ``out (batch, seqlen_q, nheads, headdim)``,
@@ -180,6 +198,7 @@ def check_merge_states(fn) -> bool | None:
             out, lse = expect_pair("result", f(out_a, lse_a, out_b, lse_b))
             expect_close("out", want_out, out)
             expect_close("lse", want_lse, lse, atol=1e-4 * max(1.0, scale))
+
         big = f", logits scaled by {scale:g} (LSE in the hundreds)" if scale != 1 else ""
         return f"keys split at {at}{big}", run
 

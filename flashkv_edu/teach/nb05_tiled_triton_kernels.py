@@ -27,8 +27,10 @@ EXERCISES = [
 
 # --- figures ---------------------------------------------------------------------------------
 
-def draw_tile_schedule(seqlen_q: int = 256, seqlen_k: int = 256, block_m: int = 32, block_n: int = 32,
-                       causal: bool = True, window: int = 0):
+
+def draw_tile_schedule(
+    seqlen_q: int = 256, seqlen_k: int = 256, block_m: int = 32, block_n: int = 32, causal: bool = True, window: int = 0
+):
     """Heatmap of :func:`flashkv_edu.kernels.forward.tile_schedule` for causal attention with an
     optional sliding window of ``window`` tokens (0 = none): which (query tile, key tile) pairs
     the forward kernel skips, visits fully visible, or visits partly masked. Returns
@@ -39,19 +41,29 @@ def draw_tile_schedule(seqlen_q: int = 256, seqlen_k: int = 256, block_m: int = 
     sched = tile_schedule(seqlen_q, seqlen_k, block_m, block_n, causal=causal, window_size=window_size)
     visited, total = int((sched > 0).sum()), sched.numel()
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    ax.imshow(sched.numpy(), cmap=ListedColormap(["#f2f2f2", "#2b6cb0", "#90cdf4"]), vmin=0, vmax=2,
-              interpolation="nearest")
-    what = ("causal" if causal else "no mask")
+    ax.imshow(
+        sched.numpy(), cmap=ListedColormap(["#f2f2f2", "#2b6cb0", "#90cdf4"]), vmin=0, vmax=2, interpolation="nearest"
+    )
+    what = "causal" if causal else "no mask"
     if window:
         what += f", window W={window} = window_size=({window - 1}, 0)"
-    ax.set(title=f"Tile schedule: {what}\nvisited {visited} of {total} tiles ({visited / total:.0%})",
-           xlabel=f"key tile ({block_n} keys)", ylabel=f"query tile ({block_m} queries)")
+    ax.set(
+        title=f"Tile schedule: {what}\nvisited {visited} of {total} tiles ({visited / total:.0%})",
+        xlabel=f"key tile ({block_n} keys)",
+        ylabel=f"query tile ({block_m} queries)",
+    )
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color="#2b6cb0", label="visited, all visible"),
-                       Patch(color="#90cdf4", label="visited, partly masked"),
-                       Patch(color="#f2f2f2", label="skipped by loop bounds")],
-              loc="upper right", fontsize=7, framealpha=0.9)
+    ax.legend(
+        handles=[
+            Patch(color="#2b6cb0", label="visited, all visible"),
+            Patch(color="#90cdf4", label="visited, partly masked"),
+            Patch(color="#f2f2f2", label="skipped by loop bounds"),
+        ],
+        loc="upper right",
+        fontsize=7,
+        framealpha=0.9,
+    )
     fig.tight_layout()
     return fig, visited, total
 
@@ -76,14 +88,25 @@ def tile_schedule_explorer():
 # --- notebook 06: paged KV cache -------------------------------------------------------------
 
 
-
 if runtime.HAS_TRITON:
-
     # --- solutions (the learner writes functions of the same names) ------------------------------
 
     @triton.jit
-    def my_step(q, k, v, m_i, l_i, acc, visible, bias, scale, softcap,
-                HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr):
+    def my_step(
+        q,
+        k,
+        v,
+        m_i,
+        l_i,
+        acc,
+        visible,
+        bias,
+        scale,
+        softcap,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+    ):
         """One key tile of the online softmax: returns the new ``(m_i, l_i, acc)``."""
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         s = tl.where(visible, s, float("-inf"))
@@ -96,8 +119,9 @@ if runtime.HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
-    def my_key_range(pid_m, seqlen_q, seqlen_k, window_left, window_right,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def my_key_range(
+        pid_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+    ):
         """``(lo, hi)``: the key range query tile ``pid_m`` must visit; ``lo`` a multiple of
         ``BLOCK_N``. Windows use -1 for infinite; causal is ``window_right = 0``."""
         lo = 0
@@ -128,8 +152,17 @@ if runtime.HAS_TRITON:
     # --- harness kernels ---------------------------------------------------------------------------
 
     @triton.jit
-    def _key_range_harness(LO, HI, seqlen_q, seqlen_k, window_left, window_right,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FN: tl.constexpr):
+    def _key_range_harness(
+        LO,
+        HI,
+        seqlen_q,
+        seqlen_k,
+        window_left,
+        window_right,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        FN: tl.constexpr,
+    ):
         pid_m = tl.program_id(0)
         lo, hi = FN(pid_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N)
         tl.store(LO + pid_m, (lo + pid_m * 0).to(tl.int32))
@@ -154,15 +187,21 @@ def check_inner_loop(step) -> bool | None:
             q, k, v = (torch.randn(n, d, generator=gen) * 2 for n in (sq, sk, sk))
             want = attention_ref(q[None, :, None], k[None, :, None], v[None, :, None])[0, :, 0]
             expect_close("output", want, simple_attention(q, k, v, f), atol=1e-4)
+
         return f"seqlen_q={sq}, seqlen_k={sk}, headdim={d}", run
 
-    return run_check("check_inner_loop", step, [case(1, 7, 16), case(20, 45, 32), case(33, 16, 20)],
-                     "3 ragged shapes through the Triton kernel match attention_ref within 1e-4")
+    return run_check(
+        "check_inner_loop",
+        step,
+        [case(1, 7, 16), case(20, 45, 32), case(33, 16, 20)],
+        "3 ragged shapes through the Triton kernel match attention_ref within 1e-4",
+    )
 
 
 def check_key_range(fn) -> bool | None:
     """Every key a row of the tile can see lies in ``[lo, hi)``, ``lo`` is a multiple of
     ``BLOCK_N``, and no visited key tile is hidden from every row of the query tile."""
+
     def case(sq, sk, bm, bn, window):
         def run(f):
             tiles = triton.cdiv(sq, bm)
@@ -174,47 +213,68 @@ def check_key_range(fn) -> bool | None:
                 where = f"query tile {m} (rows {m * bm}..{min(sq, (m + 1) * bm) - 1})"
                 if a % bn:
                     raise CaseFailed(f"{where}: lo={a} is not a multiple of BLOCK_N={bn}")
-                seen = mask[m * bm:(m + 1) * bm].any(0).nonzero().flatten()
+                seen = mask[m * bm : (m + 1) * bm].any(0).nonzero().flatten()
                 if seen.numel() and (int(seen.min()) < a or int(seen.max()) >= b):
-                    raise CaseFailed(f"{where}: keys {int(seen.min())}..{int(seen.max())} are visible, "
-                                     f"but the range [{a}, {b}) leaves some out")
+                    raise CaseFailed(
+                        f"{where}: keys {int(seen.min())}..{int(seen.max())} are visible, "
+                        f"but the range [{a}, {b}) leaves some out"
+                    )
                 for t in range(a, b, bn):
-                    if not bool(mask[m * bm:(m + 1) * bm, t:t + bn].any()):
-                        raise CaseFailed(f"{where}: [{a}, {b}) visits key tile {t}..{t + bn - 1}, "
-                                         "which no row of the tile can see")
+                    if not bool(mask[m * bm : (m + 1) * bm, t : t + bn].any()):
+                        raise CaseFailed(
+                            f"{where}: [{a}, {b}) visits key tile {t}..{t + bn - 1}, which no row of the tile can see"
+                        )
+
         return f"seqlen_q={sq}, seqlen_k={sk}, tiles {bm}x{bn}, window_size={window}", run
 
-    cases = [case(70, 70, 16, 16, (-1, 0)), case(5, 40, 16, 16, (-1, 0)), case(64, 64, 16, 16, (8, 0)),
-             case(20, 50, 16, 8, (3, 2)), case(10, 33, 16, 16, (-1, -1)), case(40, 10, 16, 16, (-1, 0))]
-    return run_check("check_key_range", fn, cases, "causal, windowed, unmasked and empty rows: no key missed, "
-                     "no hidden tile visited")
+    cases = [
+        case(70, 70, 16, 16, (-1, 0)),
+        case(5, 40, 16, 16, (-1, 0)),
+        case(64, 64, 16, 16, (8, 0)),
+        case(20, 50, 16, 8, (3, 2)),
+        case(10, 33, 16, 16, (-1, -1)),
+        case(40, 10, 16, 16, (-1, 0)),
+    ]
+    return run_check(
+        "check_key_range", fn, cases, "causal, windowed, unmasked and empty rows: no key missed, no hidden tile visited"
+    )
 
 
 def check_copy_tile(fn) -> bool | None:
     """Copy matrices whose sizes are not multiples of the tile through ``fn``: the copy must be
     exact, and nothing outside the matrix may be read or written."""
+
     def case(n_rows, n_cols, br, bc):
         def run(f):
             src = torch.full((n_rows + br, n_cols + bc), 999.0)
             src[:n_rows, :n_cols] = torch.arange(n_rows * n_cols, dtype=torch.float32).view(n_rows, n_cols)
             dst = torch.full((n_rows + br, n_cols + bc), -1.0)
-            f[(triton.cdiv(n_rows, br), triton.cdiv(n_cols, bc))](src, dst, n_rows, n_cols, src.stride(0),
-                                                                  dst.stride(0), BLOCK_R=br, BLOCK_C=bc)
+            f[(triton.cdiv(n_rows, br), triton.cdiv(n_cols, bc))](
+                src, dst, n_rows, n_cols, src.stride(0), dst.stride(0), BLOCK_R=br, BLOCK_C=bc
+            )
             expect_equal("the copied matrix", src[:n_rows, :n_cols], dst[:n_rows, :n_cols])
             outside = dst.clone()
             outside[:n_rows, :n_cols] = -1.0
             if not bool((outside == -1.0).all()):
                 r, c = (outside != -1.0).nonzero()[0].tolist()
-                raise CaseFailed(f"Y[{r}, {c}] lies outside the {n_rows}x{n_cols} matrix but was written "
-                                 f"({outside[r, c].item():g}): mask the stores")
+                raise CaseFailed(
+                    f"Y[{r}, {c}] lies outside the {n_rows}x{n_cols} matrix but was written "
+                    f"({outside[r, c].item():g}): mask the stores"
+                )
+
         return f"a {n_rows}x{n_cols} matrix in {br}x{bc} tiles", run
 
-    return run_check("check_copy_tile", fn, [case(32, 32, 16, 16), case(37, 19, 16, 16), case(5, 70, 8, 32)],
-                     "exact copies with row and column tails, nothing written outside")
+    return run_check(
+        "check_copy_tile",
+        fn,
+        [case(32, 32, 16, 16), case(37, 19, 16, 16), case(5, 70, 8, 32)],
+        "exact copies with row and column tails, nothing written outside",
+    )
 
 
 def check_pack_rows(fn) -> bool | None:
     """``fn(r, kv_head, GROUP)`` for a tile of 32 rows against the decode kernel's layout."""
+
     def case(group, kv_head):
         def run(f):
             tok, head = torch.zeros(32, dtype=torch.int32), torch.zeros(32, dtype=torch.int32)
@@ -222,7 +282,12 @@ def check_pack_rows(fn) -> bool | None:
             r = torch.arange(32)
             expect_equal("query token of each row", (r // group).int(), tok)
             expect_equal("query head of each row", (kv_head * group + r % group).int(), head)
+
         return f"GROUP={group}, kv_head={kv_head}", run
 
-    return run_check("check_pack_rows", fn, [case(4, 0), case(8, 3), case(1, 2), case(2, 5)],
-                     "tokens and heads of every row for groups of 1, 2, 4 and 8")
+    return run_check(
+        "check_pack_rows",
+        fn,
+        [case(4, 0), case(8, 3), case(1, 2), case(2, 5)],
+        "tokens and heads of every row for groups of 1, 2, 4 and 8",
+    )

@@ -19,8 +19,14 @@ from ._exercise import CaseFailed, Exercise, expect_equal, expect_pair, run_chec
 EXERCISES = [
     Exercise("06", "my_paged_rows", "check_paged_rows", 20, triton=True),
     Exercise("06", "blocks_to_append", "check_blocks_to_append", 15),
-    Exercise("06", "last_page_len", "check_last_page_len", 10, bug_hunt=True,
-             source="https://github.com/flashinfer-ai/flashinfer/pull/2079"),
+    Exercise(
+        "06",
+        "last_page_len",
+        "check_last_page_len",
+        10,
+        bug_hunt=True,
+        source="https://github.com/flashinfer-ai/flashinfer/pull/2079",
+    ),
 ]
 
 # --- figures ---------------------------------------------------------------------------------
@@ -72,8 +78,9 @@ def draw_paged_state(snap: dict, title: str = "", names=None):
         users = owner.get(blk, [])
         if users:
             color = SEQ_COLORS[users[0] % len(SEQ_COLORS)]
-            ax_p.add_patch(Rectangle((x, y - 0.45), 0.9, 0.9, color=color, alpha=0.85,
-                                     hatch="///" if len(users) > 1 else None))
+            ax_p.add_patch(
+                Rectangle((x, y - 0.45), 0.9, 0.9, color=color, alpha=0.85, hatch="///" if len(users) > 1 else None)
+            )
         else:
             ax_p.add_patch(Rectangle((x, y - 0.45), 0.9, 0.9, color="#e2e8f0"))
             if blk in snap["cached"]:
@@ -149,8 +156,9 @@ def serving_trace_stepper():
         draw_paged_state(snap, f"event {event}: {text}", names)
         plt.show()
 
-    return widgets.interactive(redraw, event=widgets.IntSlider(value=0, min=0, max=len(states) - 1,
-                                                                 description="event"))
+    return widgets.interactive(
+        redraw, event=widgets.IntSlider(value=0, min=0, max=len(states) - 1, description="event")
+    )
 
 
 # --- notebook 07: split-KV decode ------------------------------------------------------------
@@ -166,8 +174,10 @@ def draw_reservation_vs_paging(finals, current, slots: int = 4096, max_len: int 
         axes[0].barh(0, f - c, left=x + c, color="#90cdf4")
         axes[0].barh(0, max_len - f, left=x + f, color="#feb2b2")
         x += max_len
-    axes[0].set(title="contiguous, max-length reservation: tokens (dark), reserved (light), "
-                      "internal fragmentation (red)", yticks=[])
+    axes[0].set(
+        title="contiguous, max-length reservation: tokens (dark), reserved (light), internal fragmentation (red)",
+        yticks=[],
+    )
     x = 0
     for c in current:
         blocks = -(-c // block) * block
@@ -175,8 +185,11 @@ def draw_reservation_vs_paging(finals, current, slots: int = 4096, max_len: int 
         axes[1].barh(0, blocks - c, left=x + c, color="#feb2b2")
         x += blocks
     axes[1].barh(0, slots - x, left=x, color="#e2e8f0")
-    axes[1].set(title=f"paged, blocks of {block}: tokens, last-block tails, and free memory other requests can use",
-                yticks=[], xlabel="KV slots (tokens)")
+    axes[1].set(
+        title=f"paged, blocks of {block}: tokens, last-block tails, and free memory other requests can use",
+        yticks=[],
+        xlabel="KV slots (tokens)",
+    )
     fig.tight_layout()
     return fig
 
@@ -187,9 +200,12 @@ def draw_simulation(results, paper: dict):
     schemes = [r.scheme for r in results]
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
     bottom = torch.zeros(len(results))
-    for name, color, label in [("token_share", "#2b6cb0", "token states"), ("reserved_share", "#90cdf4", "reserved"),
-                               ("internal_share", "#feb2b2", "internal frag."),
-                               ("external_share", "#cbd5e0", "external frag. / free")]:
+    for name, color, label in [
+        ("token_share", "#2b6cb0", "token states"),
+        ("reserved_share", "#90cdf4", "reserved"),
+        ("internal_share", "#feb2b2", "internal frag."),
+        ("external_share", "#cbd5e0", "external frag. / free"),
+    ]:
         vals = torch.tensor([getattr(r, name) * 100 for r in results])
         axes[0].bar(schemes, vals, bottom=bottom, color=color, label=label)
         bottom += vals
@@ -200,8 +216,13 @@ def draw_simulation(results, paper: dict):
     axes[0].tick_params(axis="x", rotation=30)
     axes[0].legend(fontsize=7, loc="lower right")
     axes[1].bar(schemes, [r.concurrent for r in results], color="#2b6cb0", label="this simulation")
-    axes[1].scatter([s for s in schemes if s in paper], [paper[s][1] for s in schemes if s in paper], color="black",
-                    zorder=3, label="vLLM paper")
+    axes[1].scatter(
+        [s for s in schemes if s in paper],
+        [paper[s][1] for s in schemes if s in paper],
+        color="black",
+        zorder=3,
+        label="vLLM paper",
+    )
     axes[1].set(title="Average concurrent requests", ylabel="requests")
     axes[1].tick_params(axis="x", rotation=30)
     axes[1].legend(fontsize=8)
@@ -222,8 +243,21 @@ if runtime.HAS_TRITON:
         return K + page.to(tl.int64) * stride_kb + (pos % page_size) * stride_ks
 
     @triton.jit
-    def _paged_harness(K, BLOCK_TABLE, OUT, SEQLENS, stride_btb, page_size, stride_kb, stride_ks, stride_ob,
-                       stride_os, D: tl.constexpr, BLOCK_N: tl.constexpr, FN: tl.constexpr):
+    def _paged_harness(
+        K,
+        BLOCK_TABLE,
+        OUT,
+        SEQLENS,
+        stride_btb,
+        page_size,
+        stride_kb,
+        stride_ks,
+        stride_ob,
+        stride_os,
+        D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        FN: tl.constexpr,
+    ):
         b = tl.program_id(0)
         seqlen = tl.load(SEQLENS + b)
         dims = tl.arange(0, D)
@@ -247,19 +281,37 @@ def check_paged_rows(fn) -> bool | None:
             table = torch.randperm(pool.shape[0], generator=gen)[: b * max_blocks].view(b, max_blocks).int()
             seqlens = torch.tensor(lens, dtype=torch.int32)
             out = torch.zeros(b, max_blocks * page, 1, d)
-            _paged_harness[(b,)](pool, table, out, seqlens, table.stride(0), page, pool.stride(0), pool.stride(1),
-                                 out.stride(0), out.stride(1), D=d, BLOCK_N=16, FN=f)
+            _paged_harness[(b,)](
+                pool,
+                table,
+                out,
+                seqlens,
+                table.stride(0),
+                page,
+                pool.stride(0),
+                pool.stride(1),
+                out.stride(0),
+                out.stride(1),
+                D=d,
+                BLOCK_N=16,
+                FN=f,
+            )
             want = gather_paged(pool, table)
             for i, n in enumerate(lens):
                 expect_equal(f"keys of sequence {i}", want[i, :n], out[i, :n])
+
         return f"page size {page}, lengths {list(lens)}", run
 
-    return run_check("check_paged_rows", fn, [case(4, (9, 30)), case(1, (7,)), case(16, (16, 40, 3)),
-                                              case(5, (23, 1))],
-                     "page sizes 1, 4, 5 and 16 with shuffled block tables")
+    return run_check(
+        "check_paged_rows",
+        fn,
+        [case(4, (9, 30)), case(1, (7,)), case(16, (16, 40, 3)), case(5, (23, 1))],
+        "page sizes 1, 4, 5 and 16 with shuffled block tables",
+    )
 
 
 # --- exercise 2: blocks for an append ------------------------------------------------------------
+
 
 def blocks_to_append(length, n, block_size, last_block_shared):
     """``(new_blocks, copy_last)`` for appending ``n`` tokens to a sequence of ``length``
@@ -274,6 +326,7 @@ def blocks_to_append(length, n, block_size, last_block_shared):
 def check_blocks_to_append(fn) -> bool | None:
     """Against a real :class:`~flashkv_edu.paged.PagedKVCache`: blocks taken from the pool and
     copy-on-write copies made by ``reserve``."""
+
     def case(length, n, bs, shared):
         def run(f):
             cache = PagedKVCache(64, bs, 1, 2, max_batch=2, max_blocks_per_seq=32)
@@ -286,14 +339,24 @@ def check_blocks_to_append(fn) -> bool | None:
             want = (free - cache.allocator.num_free, cache.cow_copies - copies == 1)
             got = expect_pair("result", f(length, n, bs, shared))
             expect_equal("(new_blocks, copy_last)", want, (int(got[0]), bool(got[1])))
+
         return f"length={length}, n={n}, block_size={bs}, shared={shared}", run
 
-    cases = [case(0, 5, 4, False), case(3, 1, 4, False), case(4, 1, 4, False), case(6, 7, 4, False),
-             case(6, 1, 4, True), case(8, 3, 4, True), case(5, 0, 4, True), case(17, 40, 16, True)]
+    cases = [
+        case(0, 5, 4, False),
+        case(3, 1, 4, False),
+        case(4, 1, 4, False),
+        case(6, 7, 4, False),
+        case(6, 1, 4, True),
+        case(8, 3, 4, True),
+        case(5, 0, 4, True),
+        case(17, 40, 16, True),
+    ]
     return run_check("check_blocks_to_append", fn, cases, "partial, full and shared last blocks")
 
 
 # --- exercise 3 (bug hunt): the last page's length -----------------------------------------------
+
 
 def last_page_len(kv_lens, page_size):
     """Tokens in each sequence's last page (FlashInfer's ``kv_last_page_len``), for int32
@@ -303,6 +366,7 @@ def last_page_len(kv_lens, page_size):
 
 def check_last_page_len(fn) -> bool | None:
     """Full pages plus the last page must add up to each length, and a last page is never empty."""
+
     def case(page, lens):
         def run(f):
             kv = torch.tensor(lens, dtype=torch.int32)
@@ -311,10 +375,16 @@ def check_last_page_len(fn) -> bool | None:
             want = kv - (pages - 1) * page
             for i, n in enumerate(lens):
                 if not 1 <= int(got[i]) <= page or int(got[i]) != int(want[i]):
-                    raise CaseFailed(f"a sequence of {n} tokens in pages of {page} fills {int(pages[i])} pages, "
-                                     f"the last holding {int(want[i])} tokens; got {int(got[i])}")
+                    raise CaseFailed(
+                        f"a sequence of {n} tokens in pages of {page} fills {int(pages[i])} pages, "
+                        f"the last holding {int(want[i])} tokens; got {int(got[i])}"
+                    )
+
         return f"page size {page}, lengths {lens}", run
 
-    return run_check("check_last_page_len", fn, [case(16, [1, 15, 17, 40]), case(16, [16, 32, 48]),
-                                                 case(1, [1, 5]), case(4, [3, 4, 5, 8])],
-                     "lengths below, at and above page boundaries")
+    return run_check(
+        "check_last_page_len",
+        fn,
+        [case(16, [1, 15, 17, 40]), case(16, [16, 32, 48]), case(1, [1, 5]), case(4, [3, 4, 5, 8])],
+        "lengths below, at and above page boundaries",
+    )

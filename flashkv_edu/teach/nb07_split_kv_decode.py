@@ -24,10 +24,19 @@ EXERCISES = [
 
 # --- figures ---------------------------------------------------------------------------------
 
-def draw_sm_timeline(batch: int = 1, nheads_k: int = 8, context: int = 32768, num_splits: int = 1,
-                     gpu_name: str = "H100", headdim: int = 128):
+
+def draw_sm_timeline(
+    batch: int = 1,
+    nheads_k: int = 8,
+    context: int = 32768,
+    num_splits: int = 1,
+    gpu_name: str = "H100",
+    headdim: int = 128,
+    time_max_us: float | None = None,
+):
     """SMs over time for one decode attention step under :func:`flashkv_edu.split.model_decode`:
-    each program is a bar on its SM, programs run in waves. Returns ``(fig, model)``."""
+    each program is a bar on its SM, programs run in waves. ``time_max_us`` fixes the time
+    axis, so that two figures can be compared on one scale. Returns ``(fig, model)``."""
     from flashkv_edu.split import A100, H100, model_decode
 
     gpu = {"H100": H100, "A100": A100}[gpu_name]
@@ -40,15 +49,19 @@ def draw_sm_timeline(batch: int = 1, nheads_k: int = 8, context: int = 32768, nu
         remaining -= busy
         ax.broken_barh([(w * per_program * 1e6, per_program * 1e6 * 0.97)], (0, busy), color="#2b6cb0")
         if busy < gpu.num_sms:
-            ax.broken_barh([(w * per_program * 1e6, per_program * 1e6 * 0.97)], (busy, gpu.num_sms - busy),
-                           color="#fed7d7")
+            ax.broken_barh(
+                [(w * per_program * 1e6, per_program * 1e6 * 0.97)], (busy, gpu.num_sms - busy), color="#fed7d7"
+            )
     ax.axvline(m.roofline_s * 1e6, color="black", linestyle="--", linewidth=1)
     ax.text(m.roofline_s * 1e6, gpu.num_sms * 1.02, " roofline", fontsize=8)
     ax.set_ylim(0, gpu.num_sms * 1.1)
-    ax.set_xlim(0, max(m.modelled_s, m.roofline_s) * 1e6 * 1.05)
-    ax.set(title=f"{gpu.name}: batch {batch}, {nheads_k} KV heads, {context} tokens, {num_splits} split(s): "
-                 f"{m.programs} programs, {m.waves} wave(s), {m.sm_utilization:.0%} of SMs busy",
-           xlabel="time (us, modelled)", ylabel="SM (blue busy, red idle)")
+    ax.set_xlim(0, (time_max_us or max(m.modelled_s, m.roofline_s) * 1e6) * 1.05)
+    ax.set(
+        title=f"{gpu.name}: batch {batch}, {nheads_k} KV heads, {context} tokens, {num_splits} split(s): "
+        f"{m.programs} programs, {m.waves} wave(s), {m.sm_utilization:.0%} of SMs busy",
+        xlabel="time (us, modelled)",
+        ylabel="SM (blue busy, red idle)",
+    )
     fig.tight_layout()
     return fig, m
 
@@ -91,15 +104,18 @@ def draw_split_efficiency(batch_nheads_mblocks: int, num_sms: int, num_n_blocks:
     ax.bar(xs, effs, color=["#2b6cb0" if o else "#cbd5e0" for o in ok])
     ax.axhline(0.85 * best, color="crimson", linestyle="--", linewidth=1, label="85% of the best")
     ax.bar([chosen], [effs[chosen - 1]], color="#dd6b20", label=f"chosen: {chosen} splits")
-    ax.set(title=f"wave efficiency: {batch_nheads_mblocks} programs, {num_sms} slots, {num_n_blocks} key blocks "
-                 "(grey: same chunk size as s-1)", xlabel="num_splits s", ylabel="eff(s) = w / ceil(w)")
+    ax.set(
+        title=f"wave efficiency: {batch_nheads_mblocks} programs, {num_sms} slots, {num_n_blocks} key blocks "
+        "(grey: same chunk size as s-1)",
+        xlabel="num_splits s",
+        ylabel="eff(s) = w / ceil(w)",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig, chosen
 
 
 if runtime.HAS_TRITON:
-
     # --- solutions --------------------------------------------------------------------------------
 
     @triton.jit
@@ -122,13 +138,30 @@ if runtime.HAS_TRITON:
         return out, lse
 
     @triton.jit
-    def my_combine_kernel(OACC, LACC, O, LSE,
-                          stride_as, stride_ab, stride_aq, stride_ah,
-                          stride_ls, stride_lb, stride_lh,
-                          stride_ob, stride_oq, stride_oh,
-                          stride_fb, stride_fh,
-                          num_splits, nheads, seqlen_q, headdim,
-                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    def my_combine_kernel(
+        OACC,
+        LACC,
+        O,
+        LSE,
+        stride_as,
+        stride_ab,
+        stride_aq,
+        stride_ah,
+        stride_ls,
+        stride_lb,
+        stride_lh,
+        stride_ob,
+        stride_oq,
+        stride_oh,
+        stride_fb,
+        stride_fh,
+        num_splits,
+        nheads,
+        seqlen_q,
+        headdim,
+        BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         """One program per (batch, query token, head) row: merge ``num_splits`` partial states
         ``OACC[s, b, t, h, :]`` / ``LACC[s, b, h, t]`` into ``O[b, t, h, :]`` and ``LSE[b, h, t]``;
         a row whose splits are all empty gets out 0 and LSE +inf."""
@@ -144,8 +177,11 @@ if runtime.HAS_TRITON:
         top = tl.where(top == float("-inf"), 0.0, top)
         w = tl.exp(lse - top)
         total = tl.sum(w, 0)
-        parts = tl.load(OACC + s[:, None] * stride_as + b * stride_ab + t * stride_aq + h * stride_ah + dims[None, :],
-                        mask=s_ok[:, None] & (dims[None, :] < headdim), other=0.0)
+        parts = tl.load(
+            OACC + s[:, None] * stride_as + b * stride_ab + t * stride_aq + h * stride_ah + dims[None, :],
+            mask=s_ok[:, None] & (dims[None, :] < headdim),
+            other=0.0,
+        )
         out = tl.sum(w[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
         final = tl.where(total == 0.0, float("inf"), top + tl.log(tl.where(total == 0.0, 1.0, total)))
         tl.store(O + b * stride_ob + t * stride_oq + h * stride_oh + dims, out, mask=dims < headdim)
@@ -171,6 +207,7 @@ if runtime.HAS_TRITON:
 
 def check_split_range(fn) -> bool | None:
     """Each split's ``(lo, hi)`` for caches that fill all splits and that leave some empty."""
+
     def case(splits, size, sk):
         def run(f):
             lo, hi = torch.zeros(splits, dtype=torch.int32), torch.zeros(splits, dtype=torch.int32)
@@ -179,14 +216,21 @@ def check_split_range(fn) -> bool | None:
                 a, b = s * size, min(sk, (s + 1) * size)
                 if a >= sk:
                     if min(int(hi[s]), sk) > int(lo[s]):
-                        raise CaseFailed(f"split {s} starts at key {a}, past the {sk} keys: it must be empty, got "
-                                         f"[{int(lo[s])}, {int(hi[s])})")
+                        raise CaseFailed(
+                            f"split {s} starts at key {a}, past the {sk} keys: it must be empty, got "
+                            f"[{int(lo[s])}, {int(hi[s])})"
+                        )
                     continue
                 expect_equal(f"split {s}'s range", (a, b), (int(lo[s]), int(hi[s])))
+
         return f"{splits} splits of {size} keys over {sk} keys", run
 
-    return run_check("check_split_range", fn, [case(4, 32, 128), case(4, 32, 100), case(8, 64, 70), case(3, 16, 1)],
-                     "full, ragged and empty splits")
+    return run_check(
+        "check_split_range",
+        fn,
+        [case(4, 32, 128), case(4, 32, 100), case(8, 64, 70), case(3, 16, 1)],
+        "full, ragged and empty splits",
+    )
 
 
 def check_finish_split(fn) -> bool | None:
@@ -205,10 +249,15 @@ def check_finish_split(fn) -> bool | None:
             want_lse = torch.where(l > 0, m + torch.log(l.clamp_min(1e-30)), float("-inf"))
             expect_close("out", want_out, out, atol=1e-5)
             expect_close("lse", want_lse, lse, atol=1e-5)
+
         return f"empty rows {empty_rows}", run
 
-    return run_check("check_finish_split", fn, [case([]), case([0, 5]), case(list(range(16)))],
-                     "full rows, some empty rows and an all-empty split (lse -inf)")
+    return run_check(
+        "check_finish_split",
+        fn,
+        [case([]), case([0, 5]), case(list(range(16)))],
+        "full rows, some empty rows and an all-empty split (lse -inf)",
+    )
 
 
 def check_combine_kernel(kernel) -> bool | None:
@@ -224,22 +273,45 @@ def check_combine_kernel(kernel) -> bool | None:
             kc = torch.randn(b, 70, 1, 16, generator=gen) * scale
             q = torch.randn(b, 1, 4, 16, generator=gen) * scale
             seqlens = torch.tensor(lens, dtype=torch.int32)
-            _, _, o_part, l_part = decode_attention_triton(q, kc, kc, seqlens, num_splits=splits, return_lse=True,
-                                                           return_partials=True)
+            _, _, o_part, l_part = decode_attention_triton(
+                q, kc, kc, seqlens, num_splits=splits, return_lse=True, return_partials=True
+            )
             want_out, want_lse = merge_many(o_part, l_part)
             n, _, sq, h, d = o_part.shape
             out, lse = torch.full((b, sq, h, d), float("nan")), torch.full((b, h, sq), float("nan"))
-            f[(b * sq * h,)](o_part, l_part, out, lse,
-                             o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
-                             l_part.stride(0), l_part.stride(1), l_part.stride(2),
-                             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-                             n, h, sq, d, BLOCK_S=max(2, triton.next_power_of_2(n)), BLOCK_D=16)
+            f[(b * sq * h,)](
+                o_part,
+                l_part,
+                out,
+                lse,
+                o_part.stride(0),
+                o_part.stride(1),
+                o_part.stride(2),
+                o_part.stride(3),
+                l_part.stride(0),
+                l_part.stride(1),
+                l_part.stride(2),
+                out.stride(0),
+                out.stride(1),
+                out.stride(2),
+                lse.stride(0),
+                lse.stride(1),
+                n,
+                h,
+                sq,
+                d,
+                BLOCK_S=max(2, triton.next_power_of_2(n)),
+                BLOCK_D=16,
+            )
             expect_close("out", want_out, out, atol=1e-4)
             expect_close("lse", want_lse, lse, atol=1e-4)
+
         return label, run
 
-    cases = [case("2 splits, both full", [70, 64], 2, 1.0),
-             case("5 splits, sequence 2 leaves some empty", [70, 9], 5, 1.0),
-             case("a sequence with no keys (all splits empty)", [40, 0], 3, 1.0),
-             case("large logits (LSE in the hundreds)", [70, 33], 4, 12.0)]
+    cases = [
+        case("2 splits, both full", [70, 64], 2, 1.0),
+        case("5 splits, sequence 2 leaves some empty", [70, 9], 5, 1.0),
+        case("a sequence with no keys (all splits empty)", [40, 0], 3, 1.0),
+        case("large logits (LSE in the hundreds)", [70, 33], 4, 12.0),
+    ]
     return run_check("check_combine_kernel", kernel, cases, "full, empty and all-empty splits, large logits")

@@ -18,10 +18,22 @@ from ._exercise import CaseFailed, Exercise, expect_close, expect_equal, expect_
 
 EXERCISES = [
     Exercise("08", "my_decode_step", "check_decode_step", 15),
-    Exercise("08", "attention_step", "check_attention_step", 20, bug_hunt=True,
-             source="https://github.com/Dao-AILab/flash-attention/issues/638"),
-    Exercise("08", "rotary_decode", "check_rotary_decode", 10, bug_hunt=True,
-             source="https://github.com/Dao-AILab/flash-attention/issues/862"),
+    Exercise(
+        "08",
+        "attention_step",
+        "check_attention_step",
+        20,
+        bug_hunt=True,
+        source="https://github.com/Dao-AILab/flash-attention/issues/638",
+    ),
+    Exercise(
+        "08",
+        "rotary_decode",
+        "check_rotary_decode",
+        10,
+        bug_hunt=True,
+        source="https://github.com/Dao-AILab/flash-attention/issues/862",
+    ),
 ]
 
 
@@ -36,19 +48,22 @@ def draw_serving_trace(trace):
     for step, ev in enumerate(trace.events):
         if ev:
             ax.annotate(ev, (step, trace.blocks_used[step]), fontsize=7, xytext=(0, 6), textcoords="offset points")
-    ax.set(title="Continuous batching over a paged cache (+slot joins, -slot leaves)", xlabel="decode step",
-           ylabel="count")
+    ax.set(
+        title="Continuous batching over a paged cache (+slot joins, -slot leaves)", xlabel="decode step", ylabel="count"
+    )
     ax.legend()
     return fig
 
 
 # --- exercise 1: one decode step ------------------------------------------------------------------
 
+
 def my_decode_step(q, k, v, k_cache, v_cache, cache_seqlens, block_table):
     """Append ``k, v`` ``(batch, 1, nheads_k, headdim)`` through ``block_table``, attend causally,
     and return ``(out, new_cache_seqlens)``: the call does not advance the lengths."""
-    out = fk.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens,
-                                     block_table=block_table, causal=True)
+    out = fk.flash_attn_with_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table, causal=True
+    )
     return out, (cache_seqlens + k.shape[1]).to(torch.int32)
 
 
@@ -68,18 +83,25 @@ def check_decode_step(fn) -> bool | None:
             for b in range(2):
                 state["seen"][b, int(lens[b])] = k[b, 0]
             expect_equal("keys in the cache", state["seen"], gather_paged(pool_k, table))
-            want = fk.attention_ref(q, gather_paged(pool_k, table), gather_paged(pool_v, table), causal=True,
-                                    seqlens_k=lens + 1)
+            want = fk.attention_ref(
+                q, gather_paged(pool_k, table), gather_paged(pool_v, table), causal=True, seqlens_k=lens + 1
+            )
             expect_close("output", want, out, atol=1e-5)
             expect_equal("returned cache_seqlens", lens + 1, torch.as_tensor(new_lens).to(torch.int32))
             state["lens"] = lens + 1
+
         return f"decode step {i}", run
 
-    return run_check("check_decode_step", fn, [step(0), step(1), step(2)],
-                     "3 steps on a paged cache; keys, outputs and lengths right")
+    return run_check(
+        "check_decode_step",
+        fn,
+        [step(0), step(1), step(2)],
+        "3 steps on a paged cache; keys, outputs and lengths right",
+    )
 
 
 # --- exercise 2 (bug hunt): a generation snippet from the wild ----------------------------------
+
 
 def attention_step(x, wq, wk, wv, k_cache, v_cache, cache_seqlens):
     """One decode step of one attention layer: project ``q, k, v`` from the layer input ``x``
@@ -110,26 +132,43 @@ def check_attention_step(fn) -> bool | None:
             out, lens = expect_pair("result", f(x, wq, wk, wv, k_cache, v_cache, state["lens"].clone()))
             xs = torch.cat([state["xs"], x], 1)
             n = xs.shape[1]
-            want = fk.attention_ref((x @ wq).view(b, 1, h, d), (xs @ wk).view(b, n, hk, d),
-                                    (xs @ wv).view(b, n, hk, d), causal=True)
+            want = fk.attention_ref(
+                (x @ wq).view(b, 1, h, d), (xs @ wk).view(b, n, hk, d), (xs @ wv).view(b, n, hk, d), causal=True
+            )
             if not isinstance(out, torch.Tensor) or out.shape != want.shape:
                 raise CaseFailed(f"output should have shape {tuple(want.shape)}")
             expect_close("attention output (it must see every earlier token and this one)", want, out, atol=1e-4)
             expect_equal("returned cache_seqlens", state["lens"] + 1, torch.as_tensor(lens).to(torch.int32))
             state["lens"], state["xs"] = state["lens"] + 1, xs
+
         return f"decode step {i} after a 5-token prompt", run
 
-    return run_check("check_attention_step", fn, [step(i) for i in range(4)],
-                     "4 steps: new keys appended in place, projected from the layer input, attended")
+    return run_check(
+        "check_attention_step",
+        fn,
+        [step(i) for i in range(4)],
+        "4 steps: new keys appended in place, projected from the layer input, attended",
+    )
 
 
 # --- exercise 3 (bug hunt): rotary layout ---------------------------------------------------------
 
+
 def rotary_decode(q, k, v, k_cache, v_cache, cache_seqlens, cos, sin):
     """A decode step of a Llama-style model (rotary in the rotate-half / GPT-NeoX layout),
     rotary applied by ``flash_attn_with_kvcache`` at position ``cache_seqlens``."""
-    return fk.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin,
-                                      cache_seqlens=cache_seqlens, causal=True, rotary_interleaved=False)
+    return fk.flash_attn_with_kvcache(
+        q,
+        k_cache,
+        v_cache,
+        k,
+        v,
+        rotary_cos=cos,
+        rotary_sin=sin,
+        cache_seqlens=cache_seqlens,
+        causal=True,
+        rotary_interleaved=False,
+    )
 
 
 def check_rotary_decode(fn) -> bool | None:
@@ -151,15 +190,21 @@ def check_rotary_decode(fn) -> bool | None:
             at = seqlens.long()[:, None]
             want_k = k_cache.clone()
             for i, n in enumerate(lens):
-                want_k[i, n] = apply_rotary(k[i:i + 1], cos, sin, at[i:i + 1], interleaved=False)[0, 0]
+                want_k[i, n] = apply_rotary(k[i : i + 1], cos, sin, at[i : i + 1], interleaved=False)[0, 0]
             want_v = v_cache.clone()
             want_v[torch.arange(b), seqlens.long()] = v[:, 0]
-            want = fk.attention_ref(apply_rotary(q, cos, sin, at, interleaved=False), want_k, want_v,
-                                    seqlens_k=seqlens + 1, causal=True)
+            want = fk.attention_ref(
+                apply_rotary(q, cos, sin, at, interleaved=False), want_k, want_v, seqlens_k=seqlens + 1, causal=True
+            )
             out = f(q, k, v, k_cache, v_cache, seqlens, cos, sin)
             expect_close("the appended, rotated key", want_k, k_cache, atol=1e-5)
             expect_close("attention output", want, out, atol=1e-4)
+
         return f"cache_seqlens={lens}", run
 
-    return run_check("check_rotary_decode", fn, [case([7]), case([3, 11])],
-                     "keys and queries rotated in the rotate-half layout at the right positions")
+    return run_check(
+        "check_rotary_decode",
+        fn,
+        [case([7]), case([3, 11])],
+        "keys and queries rotated in the rotate-half layout at the right positions",
+    )

@@ -22,8 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 WIDGET_MANAGER = "@jupyter-widgets/jupyterlab-manager"
 
 
@@ -56,11 +64,27 @@ class JupyterLab:
             (labconfig / "page_config.json").write_text(json.dumps({"disabledExtensions": {WIDGET_MANAGER: True}}))
         self.log = open(state_dir / "jupyterlab.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter", "lab", "--allow-root", "--no-browser", "--ip=127.0.0.1",
-             f"--port={self.port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
-             f"--ServerApp.root_dir={root_dir}", "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
-             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "jupyter",
+                "lab",
+                "--allow-root",
+                "--no-browser",
+                "--ip=127.0.0.1",
+                f"--port={self.port}",
+                "--ServerApp.port_retries=0",
+                f"--IdentityProvider.token={self.token}",
+                f"--ServerApp.root_dir={root_dir}",
+                "--LabApp.expose_app_in_browser=True",
+                "--LabApp.news_url=None",
+                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 90.0) -> None:
@@ -148,8 +172,9 @@ class NotebookReport:
         return self.live_widgets > 0 and self.loading_widgets == 0 and self.widget_reprs == 0
 
 
-def run_notebook(page, lab: JupyterLab, notebook: str, screenshot: Path | None = None,
-                 timeout_ms: int = 240_000) -> NotebookReport:
+def run_notebook(
+    page, lab: JupyterLab, notebook: str, screenshot: Path | None = None, timeout_ms: int = 240_000
+) -> NotebookReport:
     """Open ``notebook``, clear and run all cells, and report errors, widgets and images."""
     page.set_default_timeout(timeout_ms)
     page.goto(lab.url(notebook))

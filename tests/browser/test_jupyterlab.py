@@ -25,7 +25,8 @@ def widget_notebooks():
         nb = json.loads((ROOT / "notebooks" / name).read_text())
         for cell in nb["cells"]:
             if cell["cell_type"] == "code" and any(
-                    "application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in cell.get("outputs", [])):
+                "application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in cell.get("outputs", [])
+            ):
                 found.add(name)
     return found
 
@@ -81,8 +82,7 @@ def test_a_widget_that_cannot_render_is_caught(tmp_path, page):
     copy_notebooks(ROOT / "notebooks", tmp_path / "notebooks")
     server = JupyterLab(tmp_path / "notebooks", tmp_path / "state", widgets=False)
     try:
-        report = run_notebook(page, server, "01_naive_attention.ipynb",
-                              screenshot=ARTIFACTS / "broken_widgets_01.png")
+        report = run_notebook(page, server, "01_naive_attention.ipynb", screenshot=ARTIFACTS / "broken_widgets_01.png")
     finally:
         server.stop()
     assert report.errors == [] and report.images > 0
