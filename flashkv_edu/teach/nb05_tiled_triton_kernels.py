@@ -68,6 +68,64 @@ def draw_tile_schedule(
     return fig, visited, total
 
 
+# --- the IO argument and occupancy ------------------------------------------------------------
+
+#: Per-SM limits of the two targets the compile check builds for (CUDA C Programming Guide,
+#: "Technical Specifications per Compute Capability"): 32-bit registers, shared memory usable
+#: by resident programs, and resident warps.
+SM_LIMITS = {
+    "sm_80": dict(gpu="A100", registers=65536, shared_bytes=164 * 1024, warps=64),
+    "sm_90": dict(gpu="H100", registers=65536, shared_bytes=228 * 1024, warps=64),
+}
+
+
+def hbm_bytes(n: int, d: int, block_m: int, elem: int = 2, score_elem: int = 4) -> dict:
+    """HBM bytes of one attention head over ``n`` queries and ``n`` keys of head dim ``d``.
+
+    ``naive``: read Q and K, write the ``n x n`` scores, read them for the softmax, write the
+    probabilities, read them and V, write O (scores and probabilities in fp32,
+    ``score_elem`` bytes). ``tiled``: read Q once, read all of K and V once per query tile of
+    ``block_m`` rows, write O once; the scores never leave the chip."""
+    io = n * d * elem
+    naive = 2 * io + 4 * n * n * score_elem + 2 * io
+    tiled = io + (n // block_m) * 2 * io + io
+    return dict(naive=naive, tiled=tiled)
+
+
+def occupancy(registers: int, shared_bytes: int, num_warps: int, target: str) -> dict:
+    """Programs (CTAs) of one kernel resident on one SM, limited by registers (allocated per
+    warp in units of 256, i.e. per thread rounded up to 8), by shared memory and by warps."""
+    lim = SM_LIMITS[target]
+    regs_per_warp = -(-registers // 8) * 8 * 32
+    by_regs = lim["registers"] // (regs_per_warp * num_warps)
+    by_shared = lim["shared_bytes"] // shared_bytes if shared_bytes else lim["warps"] // num_warps
+    by_warps = lim["warps"] // num_warps
+    ctas = min(by_regs, by_shared, by_warps)
+    return dict(by_registers=by_regs, by_shared=by_shared, by_warps=by_warps, programs=ctas,
+                warps=ctas * num_warps, occupancy=ctas * num_warps / lim["warps"])
+
+
+def occupancy_table(rows, dtype: str = "fp16", headdim: int = 128) -> list[dict]:
+    """The compile table's rows for one dtype and head dim, with the warps each kernel is
+    compiled with and :func:`occupancy` added. Printed as a table too."""
+    from flashkv_edu.kernels.gpucheck import _variants
+
+    warps = {(v[0], v[1], v[7], v[8]): v[6] for v in _variants()}
+    out = []
+    print(f"{'kernel':<22} {'variant':<22} {'target':<6} {'regs':>4} {'warps':>5} {'shared':>7} "
+          f"{'by regs':>7} {'by smem':>7} {'programs/SM':>11} {'occupancy':>9}")
+    for r in rows:
+        if r["dtype"] != dtype or r["headdim"] != headdim:
+            continue
+        w = warps[(r["kernel"], r["variant"], r["dtype"], r["headdim"])]
+        occ = occupancy(r["registers"], r["shared_bytes"], w, r["target"])
+        out.append(dict(r, num_warps=w, **occ))
+        print(f"{r['kernel']:<22} {r['variant']:<22} {r['target']:<6} {r['registers']:>4} {w:>5} "
+              f"{r['shared_bytes'] // 1024:>5}KB {occ['by_registers']:>7} {occ['by_shared']:>7} "
+              f"{occ['programs']:>11} {occ['occupancy']:>9.0%}")
+    return out
+
+
 def tile_schedule_explorer():
     """A widget over sequence length, tile sizes, causal and window for :func:`draw_tile_schedule`."""
     import ipywidgets as widgets
