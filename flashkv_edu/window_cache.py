@@ -109,21 +109,16 @@ class ReplicaV020(_LayeredCache):
 
 
 class ReplicaPre910(_LayeredCache):
-    """FLA v0.3.1-v0.5.0 per-layer cache.
+    """FLA v0.3.1-v0.5.0 per-layer cache (``FLALayer`` before PR #910).
 
-    The window now sticks to the layer, and ``>=`` triggers the roll, but a chunk that
-    carries a short cache past W is concatenated without trimming, and a roll keeps the
-    length it found: the cache is stuck at W + 1 (or more) tokens.
+    The window is read from ``cache_kwargs`` on every call and ``>=`` triggers the roll, but a
+    chunk that carries a short cache past W is concatenated without trimming, and a roll keeps
+    the length it found (writing at most the chunk's last W tokens into its tail): the cache is
+    stuck at W + 1 (or more) tokens.
     """
 
-    def __init__(self):
-        super().__init__()
-        self.windows: dict[int, int | None] = {}
-
     def update(self, key_states, value_states, layer_idx=0, cache_kwargs=None):
-        cache_kwargs = cache_kwargs or {}
-        window = cache_kwargs.get("window_size", self.windows.get(layer_idx))
-        self.windows[layer_idx] = window
+        window = (cache_kwargs or {}).get("window_size")
         self._count(layer_idx, key_states.shape[1])
         n = key_states.shape[1]
         if layer_idx not in self.states:
@@ -132,13 +127,12 @@ class ReplicaPre910(_LayeredCache):
             self.states[layer_idx] = (key_states, value_states)
             return self.states[layer_idx]
         k, v = self.states[layer_idx]
-        if window is None or k.shape[1] < window:
-            k, v = torch.cat([k, key_states], 1), torch.cat([v, value_states], 1)  # no trim: the bug
-        elif n >= window:
-            k, v = key_states[:, -window:], value_states[:, -window:]
+        if window is not None and k.shape[1] >= window:
+            k, v = k.roll(-n, 1), v.roll(-n, 1)  # the length found is kept: the bug
+            k_tail, v_tail = key_states[:, -window:], value_states[:, -window:]
+            k[:, -k_tail.shape[1] :], v[:, -v_tail.shape[1] :] = k_tail, v_tail
         else:
-            k, v = k.roll(-n, 1), v.roll(-n, 1)
-            k[:, -n:], v[:, -n:] = key_states, value_states
+            k, v = torch.cat([k, key_states], 1), torch.cat([v, value_states], 1)  # no trim: the bug
         self.states[layer_idx] = (k, v)
         return self.states[layer_idx]
 
@@ -260,12 +254,14 @@ def position_chunk(start: int, n: int, *, nheads_k: int = 1, headdim: int = 2) -
 
 @dataclass
 class Trace:
-    """What a cache held after each update: stored lengths, seen counts, stored positions,
-    and the error that stopped the run (if any)."""
+    """What a cache held after each update: stored lengths, seen counts, stored positions, the
+    positions ``update`` returned for the new queries to attend over, and the error that
+    stopped the run (if any)."""
 
     stored: list[int] = field(default_factory=list)
     seen: list[int] = field(default_factory=list)
     contents: list[list[int]] = field(default_factory=list)
+    visible: list[list[int]] = field(default_factory=list)
     error: str | None = None
 
 
@@ -295,4 +291,5 @@ def run_chunks(cache, chunks, window: int | None, *, pass_window: str = "always"
         trace.stored.append(cache.stored_length(0))
         trace.seen.append(cache.get_seq_length(0))
         trace.contents.append(cache.states[0][0][0, :, 0, 0].long().tolist())
+        trace.visible.append(returned[0, :, 0, 0].long().tolist())
     return trace

@@ -194,11 +194,10 @@ def window_drops_context(cached, new, window):  # roll: the chunk's early querie
 def stuck_at_w_plus_1(stored, new, window):  # flash-linear-attention before PR #910
     if stored.shape[1] < window:
         return torch.cat([stored, new], 1)
-    if new.shape[1] >= window:
-        return new[:, -window:]
-    stored = stored.roll(-new.shape[1], 1)
-    stored[:, -new.shape[1] :] = new
-    return stored
+    rolled = stored.roll(-new.shape[1], 1)
+    tail = new[:, -window:]
+    rolled[:, -tail.shape[1] :] = tail
+    return rolled
 
 
 def keeps_w_minus_1(stored, new, window):

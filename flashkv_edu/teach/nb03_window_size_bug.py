@@ -1,7 +1,7 @@
 """Notebook 03 (the window_size bug): its figures, its widget, and its exercises.
 
 Exercises: ``my_window_update`` (one step of the fixed sliding-window cache) and the bug hunt
-``window_cache_update`` (flash-linear-attention v0.3-v0.5's per-layer update, stuck at W + 1
+``window_cache_update`` (flash-linear-attention v0.3.1-v0.5.0 per-layer update, stuck at W + 1
 tokens until PR #910).
 """
 
@@ -32,39 +32,45 @@ EXERCISES = [
 
 def draw_window_trace(trace, window, title: str, ax=None):
     """Draw a :class:`~flashkv_edu.window_cache.Trace`: one row per update, one column per
-    token position; dark = stored, light = seen but evicted, white = not yet seen."""
+    token position. Dark blue = stored and returned to the new queries, orange = returned to
+    the new queries but not stored, pale blue = stored but not returned, grey = seen and
+    evicted, white = not yet seen. The new chunk's own positions are outlined."""
+    from matplotlib.patches import Patch, Rectangle
+    from matplotlib.ticker import MaxNLocator
+
     total = max(trace.seen) if trace.seen else 1
     grid = torch.zeros(max(len(trace.seen), 1), total)
     for step, (seen, contents) in enumerate(zip(trace.seen, trace.contents, strict=True)):
         grid[step, :seen] = 1
-        for pos in contents:
+        visible = set(trace.visible[step]) if step < len(trace.visible) else set()
+        stored = set(contents)
+        for pos in stored | visible:
             if 0 <= pos < total:
-                grid[step, pos] = 2
+                grid[step, pos] = 2 if pos in stored and pos in visible else (3 if pos in visible else 4)
     if ax is None:
-        _, ax = plt.subplots(figsize=(8, 0.45 * grid.shape[0] + 1.2))
-    ax.imshow(
-        grid.numpy(),
-        cmap=ListedColormap(["white", "#d9d9d9", "#2b6cb0"]),
-        vmin=0,
-        vmax=2,
-        aspect="auto",
-        interpolation="nearest",
-    )
+        _, ax = plt.subplots(figsize=(9, 0.45 * grid.shape[0] + 1.6))
+    colours = ["white", "#d9d9d9", "#2b6cb0", "#ed8936", "#90cdf4"]
+    ax.imshow(grid.numpy(), cmap=ListedColormap(colours), vmin=0, vmax=4, aspect="auto", interpolation="nearest")
+    for step in range(len(trace.seen)):
+        first_new = trace.seen[step - 1] if step else 0
+        ax.add_patch(Rectangle((first_new - 0.5, step - 0.5), trace.seen[step] - first_new, 1,
+                               fill=False, edgecolor="black", linewidth=1.2))
     for step, stored in enumerate(trace.stored):
         ax.text(total - 0.4, step, f" {stored} stored", va="center", fontsize=8)
     if trace.error:
-        ax.text(
-            0,
-            len(trace.seen) - 0.5 if trace.seen else 0,
-            f"  stopped: {trace.error[:60]}",
-            color="crimson",
-            fontsize=8,
-            va="center",
-        )
-    ax.set(
-        title=f"{title} (window W={window})", xlabel="token position", ylabel="update #", yticks=range(grid.shape[0])
-    )
+        ax.text(0, len(trace.seen) - 0.5 if trace.seen else 0, f"  stopped: {trace.error[:60]}",
+                color="crimson", fontsize=8, va="center")
+    ax.set(title=f"{title} (window W={window})", xlabel="token position", ylabel="update #",
+           yticks=range(grid.shape[0]))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(-0.5, total + 2.5)
+    legend = [Patch(color=colours[2], label="stored, seen by the new queries"),
+              Patch(color=colours[3], label="seen by the new queries, not stored"),
+              Patch(color=colours[4], label="stored, not seen by the new queries"),
+              Patch(color=colours[1], label="evicted"),
+              Patch(facecolor="white", edgecolor="black", label="the new chunk (the queries)")]
+    ax.legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.figure.tight_layout()
     return ax
 
 
@@ -77,9 +83,9 @@ def window_stepper():
 
     caches = {
         "fixed SlidingWindowCache": SlidingWindowCache,
-        "replica v0.1 (equality roll)": ReplicaV01,
-        "replica v0.2.0 (roll drops context)": ReplicaV020,
-        "replica v0.3-0.5 (stuck at W+1)": ReplicaPre910,
+        "replica v0.1.x (equality roll)": ReplicaV01,
+        "replica v0.2.0-0.2.1 (roll drops context)": ReplicaV020,
+        "replica v0.3.1-0.5.0 (stuck at W+1)": ReplicaPre910,
     }
 
     def redraw(cache, window, chunks):
@@ -107,12 +113,17 @@ def draw_replica_traces(runs: dict, doubling, correct, window: int):
     """Left: tokens stored per update for each replica and the fix. Right: a caller that
     re-appends the returned cache (doubling) against one that passes only new tokens.
     Returns the figure."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     for name, trace in runs.items():
         style = dict(color="black", linewidth=2.5) if name.startswith("fixed") else {}
         axes[0].plot(range(1, len(trace.stored) + 1), trace.stored, marker=".", label=name, **style)
     axes[0].axhline(window, color="gray", linestyle=":", linewidth=1, label=f"W = {window}")
     axes[0].set(title=f"Tokens stored per update, window W={window}", xlabel="update #", ylabel="tokens stored")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=7)
     axes[1].semilogy(
         range(1, len(doubling.stored) + 1),
