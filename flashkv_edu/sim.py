@@ -224,6 +224,15 @@ def simulate(
 
 PAPER = {"max": (20.4, 7.00), "pow2": (26.8, 9.81), "oracle": (38.2, 13.62), "paged, block 16": (96.3, 30.42)}
 
+#: The vLLM paper's Fig. 2, per contiguous scheme: % of KV memory holding tokens, reserved for
+#: future tokens, internal fragmentation, and "external fragmentation & others" (the split
+#: between segments read from the figure's stacking order).
+PAPER_FIG2 = {
+    "max": (20.4, 13.3, 57.3, 8.9),
+    "pow2": (26.8, 17.9, 13.6, 41.6),
+    "oracle": (38.2, 25.2, 0.0, 36.6),
+}
+
 
 def compare(rate: float = 2.0, n: int = 20000, seed: int = 0, block_sizes=(16, 64, 256)) -> list[SimResult]:
     """Run every scheme on the same workload (``rate`` requests per decode step saturates the

@@ -42,6 +42,7 @@ def paged_snapshot(cache) -> dict:
         "ref_count": list(cache.allocator.ref_count),
         "cached": set(cache.allocator.hash_of),
         "seqs": {slot: (list(s.blocks), s.length) for slot, s in sorted(cache.seqs.items())},
+        "cow_copies": cache.cow_copies,
     }
 
 
@@ -92,7 +93,16 @@ def draw_paged_state(snap: dict, title: str = "", names=None):
     ax_p.set_xticks([])
     ax_p.set_yticks([])
     free = sum(1 for r in snap["ref_count"] if r == 0)
-    ax_p.set(title=f"physical pool: {nb - free} used, {free} free (hatched: shared, xN: ref count)")
+    ax_p.set(title=f"physical pool: {nb - free} used, {free} free (xN: ref count)")
+    from matplotlib.patches import Patch
+
+    legend = [
+        Patch(facecolor=SEQ_COLORS[0], alpha=0.85, label="in use (colour of its sequence)"),
+        Patch(facecolor=SEQ_COLORS[0], alpha=0.85, hatch="///", label="shared by several sequences"),
+        Patch(facecolor="#e2e8f0", label="free"),
+        Patch(facecolor="#e2e8f0", edgecolor="#2b6cb0", linewidth=1.5, label="free, still in the prefix cache"),
+    ]
+    ax_p.legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
@@ -117,21 +127,19 @@ def serving_trace(block_size: int = 4, num_blocks: int = 24):
     a, _ = cache.add_sequence(prompt_a)
     cache.append(a, *kv(7), tokens=prompt_a)
     names[a] = "A"
-    event("A arrives: 7-token prompt -> 2 blocks")
+    event("A arrives: 7-token prompt -> 2 blocks, the 2nd one 3/4 full")
     prompt_b = [9] * 10
     b, _ = cache.add_sequence(prompt_b)
     cache.append(b, *kv(10), tokens=prompt_b)
     names[b] = "B"
     event("B arrives: 10-token prompt -> 3 blocks")
-    cache.append(a, *kv(1), tokens=[7])
-    event("A decodes 1 token: fills its 2nd block")
     a2 = cache.fork(a)
     names[a2] = "A'"
-    event("A forks into A' (parallel sampling): blocks shared, ref count 2")
+    event("A forks into A' (parallel sampling): both blocks shared, ref count 2")
     cache.append(a2, *kv(1), tokens=[8])
-    event("A' decodes: needs a new block (its own)")
-    cache.append(a, *kv(1), tokens=[11])
-    event("A decodes: its own new block")
+    event("A' decodes into the shared, partly filled block: copy-on-write")
+    cache.append(a, *kv(1), tokens=[7])
+    event("A decodes: its 2nd block is its own again, no copy")
     for _ in range(3):
         cache.append(b, *kv(1), tokens=[9])
     event("B decodes 3 tokens: a 4th block")
