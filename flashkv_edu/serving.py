@@ -133,7 +133,9 @@ def paged_step(
 
 @dataclass
 class Request:
-    """A prompt that arrives at decode step ``arrival`` and wants ``max_new_tokens``."""
+    """A prompt that arrives at decode step ``arrival`` and wants ``max_new_tokens``. ``serve``
+    fills ``output``, ``slot``, ``cached_tokens`` (prefix-cache hit) and the steps at which the
+    request was ``admitted`` (prefilled) and ``finished`` (left, its blocks freed)."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -141,6 +143,8 @@ class Request:
     output: list[int] = field(default_factory=list)
     slot: int | None = None
     cached_tokens: int = 0
+    admitted: int | None = None
+    finished: int | None = None
 
 
 @dataclass
@@ -178,8 +182,8 @@ def serve(model: TinyDecoder, requests: list[Request], cache: PagedKVCache, back
                 f"requests[{i}]: prompt ({len(prompt)}) + max_new_tokens ({r.max_new_tokens}) "
                 f"exceeds the {limit} tokens a sequence can hold"
             )
-        if r.slot is not None or r.output:
-            raise ArgumentError(f"requests[{i}] has already been served (slot or output set)")
+        if r.slot is not None or r.output or r.admitted is not None:
+            raise ArgumentError(f"requests[{i}] has already been served (slot, output or admitted set)")
     if len({id(r) for r in requests}) != len(requests):
         raise ArgumentError("requests must not list the same Request twice")
     opened: list[int] = []
@@ -202,6 +206,7 @@ def _serve_loop(model, requests, cache, backend, opened) -> ServeTrace:
         while pending and pending[0].arrival <= step and len(cache.seqs) < cache.max_batch:
             r = pending.pop(0)
             r.slot, r.cached_tokens = cache.add_sequence(r.prompt)
+            r.admitted = step
             opened.append(r.slot)
             logits = paged_step(model, cache, [r.slot], [r.prompt[r.cached_tokens :]], backend)
             r.output.append(int(logits[0].argmax()))
@@ -215,6 +220,7 @@ def _serve_loop(model, requests, cache, backend, opened) -> ServeTrace:
         for r in [r for r in running if len(r.output) >= r.max_new_tokens]:
             cache.free(r.slot)
             running.remove(r)
+            r.finished = step
             events.append(f"-{r.slot}")
         used = cache.allocator.num_blocks - cache.allocator.num_free
         trace.running.append(len(running))

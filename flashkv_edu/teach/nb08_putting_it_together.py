@@ -37,21 +37,35 @@ EXERCISES = [
 ]
 
 
-def draw_serving_trace(trace):
-    """Blocks in use and running requests per decode step of :func:`flashkv_edu.serving.serve`,
-    with its join (+slot) and leave (-slot) events. Returns the figure."""
+def draw_serving_trace(trace, requests, labels=None):
+    """A per-request timeline of :func:`flashkv_edu.serving.serve` (top: one row per request,
+    waiting from arrival to admission, then prefill and decoding until it leaves) above the
+    blocks in use and running requests per decode step (bottom), on one step axis. Returns
+    the figure."""
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    fig, ax = plt.subplots(figsize=(9, 3.2))
-    ax.step(range(len(trace.blocks_used)), trace.blocks_used, where="post", label="blocks in use")
-    ax.step(range(len(trace.running)), trace.running, where="post", label="running requests")
-    for step, ev in enumerate(trace.events):
-        if ev:
-            ax.annotate(ev, (step, trace.blocks_used[step]), fontsize=7, xytext=(0, 6), textcoords="offset points")
-    ax.set(
-        title="Continuous batching over a paged cache (+slot joins, -slot leaves)", xlabel="decode step", ylabel="count"
-    )
-    ax.legend()
+    steps = len(trace.running)
+    fig, (ax_r, ax_b) = plt.subplots(2, 1, figsize=(11, 5), sharex=True, gridspec_kw={"height_ratios": [1.4, 1]})
+    for row, r in enumerate(requests):
+        y = len(requests) - 1 - row
+        if r.admitted > r.arrival:
+            ax_r.barh(y, r.admitted - r.arrival, left=r.arrival, color="#e2e8f0", edgecolor="gray")
+        ax_r.barh(y, 1, left=r.admitted, color="#ed8936")
+        ax_r.barh(y, r.finished - r.admitted, left=r.admitted + 1, color="#2b6cb0")
+        note = f"slot {r.slot}" + (f", prefix hit {r.cached_tokens}" if r.cached_tokens else "")
+        ax_r.text(r.finished + 1.3, y, note, va="center", fontsize=7)
+    ax_r.set_yticks(range(len(requests)))
+    ax_r.set_yticklabels(list(reversed(labels or [f"request {i}" for i in range(len(requests))])), fontsize=7)
+    ax_r.set(title="Continuous batching: each request's life on the decode-step axis")
+    legend = [Patch(color="#e2e8f0", label="waiting for a slot"), Patch(color="#ed8936", label="prefill (joins)"),
+              Patch(color="#2b6cb0", label="decoding, one token per step")]
+    ax_r.legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax_b.step(range(steps), trace.blocks_used, where="post", label="blocks in use")
+    ax_b.step(range(steps), trace.running, where="post", label="running requests")
+    ax_b.set(title="Blocks in use and running requests", xlabel="decode step", ylabel="count")
+    ax_b.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
     return fig
 
 
