@@ -1,8 +1,9 @@
 """A tiny decoder-only transformer that decodes with or without a KV cache (notebook 02).
 
-Pre-norm blocks (RMSNorm, GQA attention with rotary or learned positions, SiLU MLP). Attention
-goes through :func:`flashkv_edu.attention_ref` with a bottom-right causal mask, so a step of
-``s`` new tokens against ``L`` cached ones is exactly the last ``s`` rows of full attention.
+Pre-norm blocks (RMSNorm, GQA attention with rotary or learned positions, SiLU MLP). With a
+cache, attention goes through :func:`flashkv_edu.attention_ref` with a bottom-right causal mask,
+so a step of ``s`` new tokens against ``L`` cached ones is exactly the last ``s`` rows of full
+attention; without one, through PyTorch's fused causal SDPA (the fastest uncached path).
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ class Attention(nn.Module):
 
 
 class _FullContext:
-    """No cache: the tokens are a whole sequence from position 0. Differentiable (SDPA) when
-    training, the oracle otherwise."""
+    """No cache: the tokens are a whole sequence from position 0, attended with PyTorch's
+    fused ``scaled_dot_product_attention`` (causal), the fastest uncached path and the honest
+    baseline for the cache (differentiable, so training uses it too)."""
 
     def __init__(self, positions, rope, training: bool):
         self.positions, self.rope, self.training = positions, rope, training
@@ -77,12 +79,10 @@ class _FullContext:
     def attend(self, layer, q, k, v):
         if self.rope is not None:
             q, k = apply_rotary(q, *self.rope, self.positions), apply_rotary(k, *self.rope, self.positions)
-        if self.training:
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-            )
-            return out.transpose(1, 2)  # top-left causal == bottom-right here: seqlen_q == seqlen_k
-        return attention_ref(q, k, v, causal=True)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+        return out.transpose(1, 2)  # top-left causal == bottom-right here: seqlen_q == seqlen_k
 
 
 class _CacheContext:

@@ -12,7 +12,7 @@ def package_lines(obj, first: str, last: str) -> str:
     name and returned so the notebook can assert on it (no line numbers: they would change the
     notebook's output with every edit elsewhere in the file).
     Raises ``LookupError`` when either marker is missing: the notebook's text would be stale."""
-    fn = getattr(obj, "fn", obj)  # a Triton JITFunction wraps the Python function
+    fn = inspect.unwrap(getattr(obj, "fn", obj))  # a Triton JITFunction or a decorator wraps the function
     lines, _ = inspect.getsourcelines(fn)
     try:
         i = next(n for n, line in enumerate(lines) if first in line)
@@ -22,7 +22,9 @@ def package_lines(obj, first: str, last: str) -> str:
     chosen = lines[i : j + 1]
     indent = min(len(line) - len(line.lstrip()) for line in chosen if line.strip())
     path = Path(inspect.getsourcefile(fn))
-    shown = path.relative_to(path.parents[2]) if "flashkv_edu" in path.parts else path.name
+    parts = path.parts
+    top = len(parts) - 1 - parts[::-1].index("flashkv_edu") if "flashkv_edu" in parts else len(parts) - 1
+    shown = Path(*parts[top:])
     text = "".join(line[indent:] for line in chosen)
     print(f"# from {fn.__qualname__} in {shown.as_posix()}\n{text.rstrip()}")
     return text
