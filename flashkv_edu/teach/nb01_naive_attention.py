@@ -33,10 +33,14 @@ EXERCISES = [
 MASK_COLORS = ListedColormap(["#f2f2f2", "#2b6cb0"])  # hidden, visible
 
 
-def show_mask(ax, mask: torch.Tensor, title: str, *, xlabel="key position j", ylabel="query row i") -> None:
-    """Draw a bool ``(seqlen_q, seqlen_k)`` mask: blue = the query sees that key."""
+DIFF_COLORS = ListedColormap(["#f2f2f2", "#e53e3e"])  # same, different
+
+
+def show_mask(ax, mask: torch.Tensor, title: str, *, xlabel="key position j", ylabel="query row i", cmap=None) -> None:
+    """Draw a bool ``(seqlen_q, seqlen_k)`` mask: blue = the query sees that key (or True in
+    ``cmap``'s second colour)."""
     sq, sk = mask.shape
-    ax.imshow(mask.int().numpy(), cmap=MASK_COLORS, vmin=0, vmax=1, aspect="equal")
+    ax.imshow(mask.int().numpy(), cmap=cmap or MASK_COLORS, vmin=0, vmax=1, aspect="equal")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -60,7 +64,12 @@ def draw_mask_panel(
     show_mask(axes[0], tl, f"top-left causal (is_causal=True)\n{seqlen_q} queries, {seqlen_k} keys")
     window = f"window_size=({window_left}, {window_right})" + (", causal" if causal else "")
     show_mask(axes[1], fa, f"FlashAttention bottom-right\n{window}")
-    show_mask(axes[2], fa ^ tl, "where they differ")
+    show_mask(axes[2], fa ^ tl, "where they differ", cmap=DIFF_COLORS)
+    from matplotlib.patches import Patch
+
+    legend = [Patch(color=MASK_COLORS(1), label="visible"), Patch(color=MASK_COLORS(0), label="hidden"),
+              Patch(color=DIFF_COLORS(1), label="the two masks disagree")]
+    axes[2].legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     return fig, int(fa.sum())
 
