@@ -67,8 +67,11 @@ def draw_mask_panel(
     show_mask(axes[2], fa ^ tl, "where they differ", cmap=DIFF_COLORS)
     from matplotlib.patches import Patch
 
-    legend = [Patch(color=MASK_COLORS(1), label="visible"), Patch(color=MASK_COLORS(0), label="hidden"),
-              Patch(color=DIFF_COLORS(1), label="the two masks disagree")]
+    legend = [
+        Patch(color=MASK_COLORS(1), label="visible"),
+        Patch(color=MASK_COLORS(0), label="hidden"),
+        Patch(color=DIFF_COLORS(1), label="the two masks disagree"),
+    ]
     axes[2].legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     return fig, int(fa.sum())

@@ -53,22 +53,39 @@ def draw_window_trace(trace, window, title: str, ax=None):
     ax.imshow(grid.numpy(), cmap=ListedColormap(colours), vmin=0, vmax=4, aspect="auto", interpolation="nearest")
     for step in range(len(trace.seen)):
         first_new = trace.seen[step - 1] if step else 0
-        ax.add_patch(Rectangle((first_new - 0.5, step - 0.5), trace.seen[step] - first_new, 1,
-                               fill=False, edgecolor="black", linewidth=1.2))
+        ax.add_patch(
+            Rectangle(
+                (first_new - 0.5, step - 0.5),
+                trace.seen[step] - first_new,
+                1,
+                fill=False,
+                edgecolor="black",
+                linewidth=1.2,
+            )
+        )
     for step, stored in enumerate(trace.stored):
         ax.text(total - 0.4, step, f" {stored} stored", va="center", fontsize=8)
     if trace.error:
-        ax.text(0, len(trace.seen) - 0.5 if trace.seen else 0, f"  stopped: {trace.error[:60]}",
-                color="crimson", fontsize=8, va="center")
-    ax.set(title=f"{title} (window W={window})", xlabel="token position", ylabel="update #",
-           yticks=range(grid.shape[0]))
+        ax.text(
+            0,
+            len(trace.seen) - 0.5 if trace.seen else 0,
+            f"  stopped: {trace.error[:60]}",
+            color="crimson",
+            fontsize=8,
+            va="center",
+        )
+    ax.set(
+        title=f"{title} (window W={window})", xlabel="token position", ylabel="update #", yticks=range(grid.shape[0])
+    )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(-0.5, total + 2.5)
-    legend = [Patch(color=colours[2], label="stored, seen by the new queries"),
-              Patch(color=colours[3], label="seen by the new queries, not stored"),
-              Patch(color=colours[4], label="stored, not seen by the new queries"),
-              Patch(color=colours[1], label="evicted"),
-              Patch(facecolor="white", edgecolor="black", label="the new chunk (the queries)")]
+    legend = [
+        Patch(color=colours[2], label="stored, seen by the new queries"),
+        Patch(color=colours[3], label="seen by the new queries, not stored"),
+        Patch(color=colours[4], label="stored, not seen by the new queries"),
+        Patch(color=colours[1], label="evicted"),
+        Patch(facecolor="white", edgecolor="black", label="the new chunk (the queries)"),
+    ]
     ax.legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.figure.tight_layout()
     return ax

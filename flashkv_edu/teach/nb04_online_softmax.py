@@ -54,11 +54,24 @@ def draw_online_softmax(block_size: int = 8, seqlen_k: int = 32, seed: int = 0):
     axes[2].set(title="running sum l = sum exp(z - m)", xlabel="keys seen", ylabel="l")
     for i in range(1, len(ms)):  # where the max rose, the old sum was rescaled before adding
         if ms[i] > ms[i - 1]:
-            axes[1].annotate("max rises", (ends[i], ms[i]), textcoords="offset points", xytext=(-10, -22),
-                             fontsize=7, color="crimson", arrowprops=dict(arrowstyle="->", color="crimson"))
-            axes[2].annotate(f"old l x e^(m-m') = x{math.exp(ms[i - 1] - ms[i]):.2f}", (ends[i], ls[i]),
-                             textcoords="offset points", xytext=(6, 16), fontsize=7, color="crimson",
-                             arrowprops=dict(arrowstyle="->", color="crimson"))
+            axes[1].annotate(
+                "max rises",
+                (ends[i], ms[i]),
+                textcoords="offset points",
+                xytext=(-10, -22),
+                fontsize=7,
+                color="crimson",
+                arrowprops=dict(arrowstyle="->", color="crimson"),
+            )
+            axes[2].annotate(
+                f"old l x e^(m-m') = x{math.exp(ms[i - 1] - ms[i]):.2f}",
+                (ends[i], ls[i]),
+                textcoords="offset points",
+                xytext=(6, 16),
+                fontsize=7,
+                color="crimson",
+                arrowprops=dict(arrowstyle="->", color="crimson"),
+            )
     axes[3].plot(ends, outs, marker="o", label="running output")
     exact = float(torch.softmax(logits, 0) @ v[0, :, 0, 0])
     axes[3].axhline(exact, color="k", linestyle=":", linewidth=1, label="exact")

@@ -101,8 +101,14 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int, target: str) ->
     by_shared = lim["shared_bytes"] // shared_bytes if shared_bytes else lim["warps"] // num_warps
     by_warps = lim["warps"] // num_warps
     ctas = min(by_regs, by_shared, by_warps)
-    return dict(by_registers=by_regs, by_shared=by_shared, by_warps=by_warps, programs=ctas,
-                warps=ctas * num_warps, occupancy=ctas * num_warps / lim["warps"])
+    return dict(
+        by_registers=by_regs,
+        by_shared=by_shared,
+        by_warps=by_warps,
+        programs=ctas,
+        warps=ctas * num_warps,
+        occupancy=ctas * num_warps / lim["warps"],
+    )
 
 
 def occupancy_table(rows, dtype: str = "fp16", headdim: int = 128) -> list[dict]:
@@ -112,17 +118,21 @@ def occupancy_table(rows, dtype: str = "fp16", headdim: int = 128) -> list[dict]
 
     warps = {(v[0], v[1], v[7], v[8]): v[6] for v in _variants()}
     out = []
-    print(f"{'kernel':<22} {'variant':<22} {'target':<6} {'regs':>4} {'warps':>5} {'shared':>7} "
-          f"{'by regs':>7} {'by smem':>7} {'programs/SM':>11} {'occupancy':>9}")
+    print(
+        f"{'kernel':<22} {'variant':<22} {'target':<6} {'regs':>4} {'warps':>5} {'shared':>7} "
+        f"{'by regs':>7} {'by smem':>7} {'programs/SM':>11} {'occupancy':>9}"
+    )
     for r in rows:
         if r["dtype"] != dtype or r["headdim"] != headdim:
             continue
         w = warps[(r["kernel"], r["variant"], r["dtype"], r["headdim"])]
         occ = occupancy(r["registers"], r["shared_bytes"], w, r["target"])
         out.append(dict(r, num_warps=w, **occ))
-        print(f"{r['kernel']:<22} {r['variant']:<22} {r['target']:<6} {r['registers']:>4} {w:>5} "
-              f"{r['shared_bytes'] // 1024:>5}KB {occ['by_registers']:>7} {occ['by_shared']:>7} "
-              f"{occ['programs']:>11} {occ['occupancy']:>9.0%}")
+        print(
+            f"{r['kernel']:<22} {r['variant']:<22} {r['target']:<6} {r['registers']:>4} {w:>5} "
+            f"{r['shared_bytes'] // 1024:>5}KB {occ['by_registers']:>7} {occ['by_shared']:>7} "
+            f"{occ['programs']:>11} {occ['occupancy']:>9.0%}"
+        )
     return out
 
 
