@@ -29,6 +29,19 @@ def best_time(fn, repeats: int = 3) -> float:
     return best
 
 
+def interleaved_medians(fns: dict, rounds: int, calls: int = 1) -> dict:
+    """Median seconds of each function in ``fns`` (name -> callable): one warm-up call each,
+    then ``rounds`` rounds that time every function in turn (best of ``calls`` calls), so a
+    slow moment of the machine hits every column alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(best_time(fn, calls))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def decode_tokens_per_second(model: TinyDecoder, context: int, steps: int = 8, repeats: int = 5) -> tuple[float, float]:
     """Tokens/s of greedy decode steps at a ``context``-token history, with the KV cache (one
     new token per step) and without (the whole sequence re-run per step through PyTorch's
@@ -52,13 +65,8 @@ def decode_tokens_per_second(model: TinyDecoder, context: int, steps: int = 8, r
         for _ in range(steps):
             seq = torch.cat([seq, model(seq)[:, -1:].argmax(-1)], dim=1)
 
-    cached(), uncached()  # warm up
-    times = {"cached": [], "uncached": []}
-    for _ in range(repeats):
-        times["cached"].append(best_time(cached, 1))
-        times["uncached"].append(best_time(uncached, 1))
-    t_cached, t_uncached = (sorted(t)[len(t) // 2] for t in (times["cached"], times["uncached"]))
-    return steps / t_cached, steps / t_uncached
+    t = interleaved_medians({"cached": cached, "uncached": uncached}, repeats)
+    return steps / t["cached"], steps / t["uncached"]
 
 
 def bench_decode(contexts=(128, 256, 512, 1024), steps: int = 8) -> list[dict]:
@@ -112,13 +120,7 @@ def _time_decode_shape(b, L, nheads, nheads_k, headdim, page, repeats):
         "auto": call("auto"),
         "paged": call("torch", paged=True),
     }
-    for fn in fns.values():  # warm up
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):  # interleaved, so a slow moment of the machine hits every column
-        for name, fn in fns.items():
-            times[name].append(best_time(fn, 3))
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return interleaved_medians(fns, repeats, calls=3)
 
 
 def bench_api(
