@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from . import runtime
+from .quant import quantize_fp8
 from .reference import attention_core
 from .rotary import apply_rotary
 from .validation import (
@@ -26,6 +27,7 @@ from .validation import (
     check_alibi_slopes,
     check_block_table,
     check_bool,
+    check_cache_descales,
     check_cache_shapes,
     check_lengths,
     check_num_splits,
@@ -59,6 +61,7 @@ class CacheCall:
     is_local: bool  # a window other than plain causal
     num_splits: int
     backend: str  # "triton" or "torch"
+    descales: tuple | None = None  # fp8 cache: (k_descale, v_descale) fp32 (batch, nheads_k)
 
 
 def _validate(
@@ -82,12 +85,14 @@ def _validate(
     num_splits,
     return_softmax_lse,
     backend,
+    k_descale=None,
+    v_descale=None,
 ) -> CacheCall:
     """Check every argument before anything is written; return the normalised call."""
     check_tensor("q", q, ndim=4, dtypes=CACHE_DTYPES)
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=CACHE_DTYPES)
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=CACHE_DTYPES)
-    tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=CACHE_DTYPES + (torch.float8_e4m3fn,))
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=CACHE_DTYPES + (torch.float8_e4m3fn,))
+    tensors = {"q": q}
     if (k is None) != (v is None):
         raise ArgumentError("k and v must be given together (both or neither)")
     if k is not None:
@@ -103,6 +108,7 @@ def _validate(
         check_tensor("rotary_sin", rotary_sin, ndim=2)
         tensors.update(rotary_cos=rotary_cos, rotary_sin=rotary_sin)
     check_same(tuple(tensors), tuple(tensors.values()), "dtype")
+    tensors.update(k_cache=k_cache, v_cache=v_cache)
     check_same(tuple(tensors), tuple(tensors.values()), "device")
     check_bool("rotary_interleaved", rotary_interleaved)
     check_bool("return_softmax_lse", return_softmax_lse)
@@ -195,6 +201,9 @@ def _validate(
         if alibi_slopes.device != q.device:
             raise ArgumentError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
     num_splits = check_num_splits(num_splits)
+    fp8 = check_cache_descales(
+        q, k_cache, v_cache, k_descale, v_descale, batch=b, paged=block_table is not None, per_token=False
+    )
     backend = runtime.resolve_backend(backend, q.device)
     return CacheCall(
         capacity,
@@ -212,6 +221,7 @@ def _validate(
         is_local,
         num_splits,
         backend,
+        (k_descale, v_descale) if fp8 else None,
     )
 
 
@@ -281,6 +291,18 @@ class _PagedHeads:
         return out.view(b, s, d)
 
 
+class _Descaled:
+    """An fp8 cache read one KV head at a time as fp32 real values, ``stored * descale[b, j]``
+    (``descale`` ``(batch, nheads_k)``); ``shape`` is the cache's."""
+
+    def __init__(self, cache, descale: torch.Tensor):
+        self.cache, self.descale, self.shape = cache, descale, cache.shape
+
+    def head(self, j: int) -> torch.Tensor:
+        part = self.cache.head(j) if hasattr(self.cache, "head") else self.cache[:, :, j]
+        return part.float() * self.descale[:, j, None, None]
+
+
 def attention_over_cache_torch(q, k_cache, v_cache, call: CacheCall, ends: torch.Tensor):
     """The PyTorch path: :func:`flashkv_edu.reference.attention_core` over each sequence's keys
     ``[leftpad, ends)``, read in place from a contiguous cache, or gathered from a paged pool
@@ -295,6 +317,8 @@ def attention_over_cache_torch(q, k_cache, v_cache, call: CacheCall, ends: torch
         k_dense, v_dense = k_cache[call.batch_rows.long(), :used], v_cache[call.batch_rows.long(), :used]
     else:
         k_dense, v_dense = k_cache[:b, :used], v_cache[:b, :used]
+    if call.descales is not None:
+        k_dense, v_dense = _Descaled(k_dense, call.descales[0]), _Descaled(v_dense, call.descales[1])
     return attention_core(
         q,
         k_dense,
@@ -330,6 +354,8 @@ def flash_attn_with_kvcache(
     num_splits=0,
     return_softmax_lse=False,
     *,
+    k_descale=None,
+    v_descale=None,
     backend="auto",
 ):
     """Attention of ``q`` over a KV cache, appending ``k``/``v`` first, as FlashAttention's
@@ -358,6 +384,13 @@ def flash_attn_with_kvcache(
         num_splits: 0 = FlashAttention 2's heuristic (on the present GPU, or as if on an H100),
             1 = no split, up to 128.
         return_softmax_lse: also return the fp32 natural-log LSE ``(batch, nheads, seqlen_q)``.
+        k_descale, v_descale: fp32 ``(batch, nheads_k)``, required with (and only with) an fp8
+            e4m3 ``k_cache``/``v_cache``: the real value of a cached element is ``stored *
+            descale[b, kv_head]``, as in FlashAttention 3. New ``k``/``v`` (in q's dtype) are
+            quantized on append with the same descales, ``e4m3(k / descale)`` saturating at
+            +-448. Unlike FA3 (sm90 only, q, k and v all fp8, bf16 output) q stays in its own
+            dtype, the output is in q's dtype, any device works, and there is no
+            ``q_descale``. Integer caches go through :class:`flashkv_edu.quant.QuantizedKVCache`.
         backend: ``"auto"`` (default): the fastest correct path on q's device, compiled Triton
             for a CUDA tensor, PyTorch otherwise; ``"triton"``: the kernels (through Triton's
             interpreter on a CPU, slow but exact, as notebooks 05-07 use them); ``"torch"``.
@@ -392,6 +425,8 @@ def flash_attn_with_kvcache(
         num_splits,
         return_softmax_lse,
         backend,
+        k_descale,
+        v_descale,
     )
     b, sq, h, d = q.shape
     # Everything is checked: from here on nothing can fail on the caller's input.
@@ -399,6 +434,8 @@ def flash_attn_with_kvcache(
         if call.rotary_dim:
             positions = call.seqlens.long()[:, None] + torch.arange(call.snew, device=q.device)[None, :]
             k = apply_rotary(k, rotary_cos, rotary_sin, positions, interleaved=rotary_interleaved)
+        if call.descales is not None:
+            k, v = quantize_fp8(k, call.descales[0]), quantize_fp8(v, call.descales[1])
         _append(k_cache, v_cache, k, v, call.seqlens, call.batch_rows, call.block_table)
     if call.rotary_dim:
         offsets = torch.arange(sq, device=q.device)[None, :] if (call.is_causal or call.is_local) else 0
@@ -434,6 +471,8 @@ def flash_attn_with_kvcache(
             alibi_slopes=call.alibi_slopes,
             num_splits=splits,
             return_lse=True,
+            k_descale=None if call.descales is None else call.descales[0],
+            v_descale=None if call.descales is None else call.descales[1],
         )
     else:
         out, lse = attention_over_cache_torch(q, k_cache, v_cache, call, ends)

@@ -279,3 +279,59 @@ def check_num_splits(num_splits, *, allow_zero: bool = True) -> int:
         what = "0 = heuristic, or 1 .. 128" if allow_zero else "1 .. 128"
         raise ArgumentError(f"num_splits must be an int ({what}), got {num_splits!r}")
     return int(num_splits)
+
+
+QUANTIZED_CACHE_DTYPES = (torch.float8_e4m3fn, torch.int8)
+
+
+def check_cache_descales(
+    q, k_cache, v_cache, k_descale, v_descale, *, batch: int, paged: bool, per_token: bool = True
+) -> int:
+    """The cache dtype and its scales, checked together; returns the scale mode.
+
+    * 0: a cache in q's dtype, no scales.
+    * 1: an fp8 e4m3 or int8 cache with ``k_descale``/``v_descale`` fp32 ``(batch, nheads_k)``,
+      one positive finite factor per sequence and KV head (FlashAttention 3's descales).
+    * 2 (``per_token``): an int8 cache with fp32/fp16 scales of the cache's shape without the
+      head dim, ``(batch_cache, capacity, nheads_k)`` or paged ``(num_blocks, page, nheads_k)``.
+
+    The real value of a cached element is ``stored * scale``.
+    """
+    check_same(("k_cache", "v_cache"), (k_cache, v_cache), "dtype")
+    if (k_descale is None) != (v_descale is None):
+        raise ArgumentError("k_descale and v_descale must be given together (both or neither)")
+    if k_cache.dtype not in QUANTIZED_CACHE_DTYPES:
+        check_same(("q", "k_cache", "v_cache"), (q, k_cache, v_cache), "dtype")
+        if k_descale is not None:
+            raise ArgumentError(
+                f"k_descale/v_descale apply to fp8 e4m3 or int8 caches; k_cache is {_dtype_name(k_cache.dtype)}"
+            )
+        return 0
+    if k_descale is None:
+        raise ArgumentError(
+            f"a {_dtype_name(k_cache.dtype)} cache needs k_descale and v_descale (real value = stored * descale)"
+        )
+    hk = k_cache.shape[2]
+    mode = None
+    for name, t in (("k_descale", k_descale), ("v_descale", v_descale)):
+        check_tensor(name, t, dtypes=(torch.float32, torch.float16))
+        if t.device != k_cache.device:
+            raise ArgumentError(f"{name} must be on the cache's device {k_cache.device}, got {t.device}")
+        if t.dim() == 2 and t.dtype == torch.float32 and tuple(t.shape) == (batch, hk):
+            this = 1
+            if not bool((torch.isfinite(t) & (t > 0)).all()):
+                raise ArgumentError(f"{name} must be positive and finite")
+        elif per_token and k_cache.dtype == torch.int8 and tuple(t.shape) == tuple(k_cache.shape[:3]):
+            this = 2
+            if not bool((torch.isfinite(t) & (t >= 0)).all()):
+                raise ArgumentError(f"{name} must be non-negative and finite")
+        else:
+            shapes = f"fp32 (batch, nheads_k) = {(batch, hk)}"
+            if per_token and k_cache.dtype == torch.int8:
+                where = "(num_blocks, page, nheads_k)" if paged else "(batch_cache, capacity, nheads_k)"
+                shapes += f", or per token {where} = {tuple(k_cache.shape[:3])}"
+            raise ArgumentError(f"{name} must have shape {shapes}; got {_dtype_name(t.dtype)} {tuple(t.shape)}")
+        if mode is not None and this != mode:
+            raise ArgumentError("k_descale and v_descale must have the same granularity")
+        mode = this
+    return mode

@@ -91,6 +91,18 @@ if runtime.HAS_TRITON:
         return softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
 
     @triton.jit
+    def e4m3_to_float(bits):
+        """float8 e4m3 (``torch.float8_e4m3fn``) bit patterns, loaded as uint8, to fp32 in
+        software: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal
+        (``m * 2^-9``), ``S.1111.111`` is NaN. For GPUs without fp8 conversion (sm_80)."""
+        b = bits.to(tl.int32)
+        e = (b >> 3) & 15
+        m = (b & 7).to(tl.float32)
+        val = tl.where(e == 0, m * 0.001953125, (1.0 + m * 0.125) * tl.exp2((e - 7).to(tl.float32)))
+        val = tl.where((e == 15) & ((b & 7) == 7), float("nan"), val)
+        return tl.where((b & 128) != 0, -val, val)
+
+    @triton.jit
     def online_softmax_step(
         q,
         k,

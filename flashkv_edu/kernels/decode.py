@@ -18,11 +18,13 @@ import torch
 from .. import runtime
 from ..runtime import tl, triton
 from ..validation import (
+    QUANTIZED_CACHE_DTYPES,
     ArgumentError,
     ArgumentTypeError,
     check_alibi_slopes,
     check_block_table,
     check_bool,
+    check_cache_descales,
     check_cache_shapes,
     check_lengths,
     check_num_splits,
@@ -47,7 +49,7 @@ from .common import (
 )
 
 if runtime.HAS_TRITON:
-    from .common import online_softmax_step
+    from .common import e4m3_to_float, online_softmax_step
 
     @triton.jit
     def decode_kernel(
@@ -62,6 +64,8 @@ if runtime.HAS_TRITON:
         BLOCK_TABLE,
         SLOPES,
         TILES,
+        K_SCALE,
+        V_SCALE,
         stride_qb,
         stride_qs,
         stride_qh,
@@ -80,6 +84,12 @@ if runtime.HAS_TRITON:
         stride_lh,
         stride_btb,
         stride_sb,
+        stride_ksb,
+        stride_kss,
+        stride_ksh,
+        stride_vsb,
+        stride_vss,
+        stride_vsh,
         nheads_k,
         seqlen_q,
         headdim,
@@ -100,6 +110,8 @@ if runtime.HAS_TRITON:
         HAS_SOFTCAP: tl.constexpr,
         HAS_ALIBI: tl.constexpr,
         DOT_FP32: tl.constexpr,
+        KV_SCALE: tl.constexpr = 0,
+        FP8_BITS: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -145,6 +157,9 @@ if runtime.HAS_TRITON:
         slope = tl.zeros([BLOCK_M], tl.float32)
         if HAS_ALIBI:
             slope = tl.load(SLOPES + b * stride_sb + head, mask=row_ok, other=0.0)
+        if KV_SCALE == 1:  # one descale per (sequence, KV head): FlashAttention 3's fp8 cache
+            k_descale = tl.load(K_SCALE + b64 * stride_ksb + kvh * stride_ksh)
+            v_descale = tl.load(V_SCALE + b64 * stride_vsb + kvh * stride_vsh)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -158,12 +173,30 @@ if runtime.HAS_TRITON:
                 page = page.to(tl.int64)  # the pool can hold more than 2^31 elements
                 k_rows = K_head + page * stride_kb + (pos % page_size) * stride_ks
                 v_rows = V_head + page * stride_vb + (pos % page_size) * stride_vs
+                scale_row, slot = page, pos % page_size
             else:
                 k_rows = K_seq + pos * stride_ks
                 v_rows = V_seq + pos * stride_vs
+                scale_row, slot = cache_row, pos
             kv_mask = col_ok[:, None] & dim_ok[None, :]
             k = tl.load(k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+            # A quantized cache is dequantized here, one tile at a time, in registers.
+            if KV_SCALE == 1:
+                if FP8_BITS:  # e4m3 bytes decoded in software (no fp8 conversion on sm_80)
+                    k = e4m3_to_float(k) * k_descale
+                    v = e4m3_to_float(v) * v_descale
+                else:
+                    k = k.to(tl.float32) * k_descale
+                    v = v.to(tl.float32) * v_descale
+            if KV_SCALE == 2:  # one scale per cached token and KV head (int8, symmetric)
+                k_scale = tl.load(K_SCALE + scale_row * stride_ksb + slot * stride_kss + kvh * stride_ksh, mask=col_ok)
+                v_scale = tl.load(V_SCALE + scale_row * stride_vsb + slot * stride_vss + kvh * stride_vsh, mask=col_ok)
+                k = k.to(tl.float32) * k_scale[:, None].to(tl.float32)
+                v = v.to(tl.float32) * v_scale[:, None].to(tl.float32)
+            if KV_SCALE != 0 and not DOT_FP32:  # tensor cores take q's 16-bit type
+                k = k.to(Q.dtype.element_ty)
+                v = v.to(Q.dtype.element_ty)
             visible = row_ok[:, None] & col_ok[None, :]
             if window_right >= 0:
                 visible = visible & (cols[None, :] <= diag[:, None] + window_right)
@@ -242,18 +275,20 @@ if runtime.HAS_TRITON:
         tl.store(LSE + b * stride_fb + h * stride_fh + t, final)
 
 
-def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, cache_leftpad, cache_batch_idx, block_table, alibi_slopes):
+def _check_decode_inputs(
+    q, k_cache, v_cache, cache_seqlens, cache_leftpad, cache_batch_idx, block_table, alibi_slopes, k_descale, v_descale
+):
     """Validate decode arguments; return ``(capacity, page_size, start, end, batch_idx,
-    block_table, alibi_slopes)`` with every index tensor contiguous int32."""
+    block_table, alibi_slopes, scale_mode)`` with every index tensor contiguous int32."""
     check_tensor("q", q, ndim=4, dtypes=SUPPORTED_DTYPES)
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=SUPPORTED_DTYPES)
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=SUPPORTED_DTYPES)
-    check_same(("q", "k_cache", "v_cache"), (q, k_cache, v_cache), "dtype")
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=SUPPORTED_DTYPES + QUANTIZED_CACHE_DTYPES)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=SUPPORTED_DTYPES + QUANTIZED_CACHE_DTYPES)
     check_same(("q", "k_cache", "v_cache"), (q, k_cache, v_cache), "device")
     b, sq, h, d = q.shape
     if b == 0 or sq == 0:
         raise ArgumentError(f"q must have batch >= 1 and seqlen_q >= 1, got shape {tuple(q.shape)}")
     check_cache_shapes(q, k_cache, v_cache, MAX_HEADDIM)
+    scale_mode = check_cache_descales(q, k_cache, v_cache, k_descale, v_descale, batch=b, paged=block_table is not None)
     if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
         raise ArgumentError(f"k_cache must hold at least one sequence and one row, got {tuple(k_cache.shape)}")
     if block_table is not None:
@@ -275,7 +310,25 @@ def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, cache_leftpad, cach
         raise ArgumentError(f"k_cache has {k_cache.shape[0]} cache rows for a batch of {b}; pass cache_batch_idx")
     if alibi_slopes is not None:
         alibi_slopes = check_alibi_slopes(alibi_slopes, b, h)
-    return capacity, page, start, end, batch_idx, block_table, alibi_slopes
+    return capacity, page, start, end, batch_idx, block_table, alibi_slopes, scale_mode
+
+
+def _needs_fp8_bits(device: torch.device) -> bool:
+    """Whether fp8 e4m3 must be decoded in software: GPUs before sm_89 have no conversion
+    instruction (Triton refuses the type there). The interpreter converts natively."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) < (8, 9)
+
+
+def _scale_strides(t: torch.Tensor, mode: int) -> tuple[int, int, int]:
+    """(row, slot, KV head) strides of a scale tensor: ``(batch, nheads_k)`` descales have no
+    slot stride; per-token scales are ``(rows, slots, nheads_k)``."""
+    if mode == 1:
+        return t.stride(0), 0, t.stride(1)
+    if mode == 2:
+        return t.stride(0), t.stride(1), t.stride(2)
+    return 0, 0, 0
 
 
 def split_size_for(capacity: int, num_splits: int, block_n: int) -> int:
@@ -304,6 +357,8 @@ def decode_attention_triton(
     return_lse=False,
     return_tile_counts=False,
     return_partials=False,
+    k_descale=None,
+    v_descale=None,
 ):
     """Attention of ``q`` ``(batch, seqlen_q, nheads, headdim)`` against a KV cache, through
     :func:`decode_kernel` (and :func:`combine_kernel` when ``num_splits > 1``).
@@ -315,6 +370,11 @@ def decode_attention_triton(
     cache ``(num_blocks, page, nheads_k, headdim)`` (any page size). Masks, softcap, ALiBi and
     the empty-row rule are :func:`flashkv_edu.attention_ref`'s.
 
+    A quantized cache (notebook 09) is dequantized tile by tile inside the kernel, real value =
+    stored x scale: an fp8 e4m3 or int8 cache with ``k_descale``/``v_descale`` fp32 ``(batch,
+    nheads_k)`` (FlashAttention 3's descales), or an int8 cache with one scale per cached token
+    and KV head, ``k_descale``/``v_descale`` of the cache's shape without the head dim.
+
     Returns ``out`` (q's dtype), plus fp32 ``lse`` ``(batch, nheads, seqlen_q)`` with
     ``return_lse``, plus the int32 ``(num_splits, batch * nheads_k, row tiles)`` count of key
     tiles each program visited with ``return_tile_counts``, plus the per-split states
@@ -323,8 +383,17 @@ def decode_attention_triton(
     ``num_splits > 1``.
     """
     runtime.resolve_backend("triton", q.device if isinstance(q, torch.Tensor) else "cpu")
-    capacity, page, start, end, batch_idx, block_table, alibi_slopes = _check_decode_inputs(
-        q, k_cache, v_cache, cache_seqlens, cache_leftpad, cache_batch_idx, block_table, alibi_slopes
+    capacity, page, start, end, batch_idx, block_table, alibi_slopes, scale_mode = _check_decode_inputs(
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        cache_leftpad,
+        cache_batch_idx,
+        block_table,
+        alibi_slopes,
+        k_descale,
+        v_descale,
     )
     num_splits = check_num_splits(num_splits, allow_zero=False)
     left, right = normalize_window(window_size, causal)
@@ -363,6 +432,13 @@ def decode_attention_triton(
     slopes = alibi_slopes if alibi_slopes is not None else torch.zeros(1, device=dev)
     stride_sb = slopes.stride(0) if slopes.dim() == 2 else 0
     table = block_table if block_table is not None else dummy_i32
+    fp8_bits = k_cache.dtype == torch.float8_e4m3fn and _needs_fp8_bits(dev)
+    if fp8_bits:
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+    k_sc = k_descale if scale_mode else slopes
+    v_sc = v_descale if scale_mode else slopes
+    k_st = _scale_strides(k_sc, scale_mode)
+    v_st = _scale_strides(v_sc, scale_mode)
     decode_kernel[(b * hk, num_splits, row_tiles)](
         q,
         k_cache,
@@ -375,6 +451,8 @@ def decode_attention_triton(
         table,
         slopes,
         tiles,
+        k_sc,
+        v_sc,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -393,6 +471,8 @@ def decode_attention_triton(
         l_view.stride(1),
         table.stride(0) if block_table is not None else 0,
         stride_sb,
+        *k_st,
+        *v_st,
         hk,
         sq,
         d,
@@ -413,6 +493,8 @@ def decode_attention_triton(
         HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None,
         DOT_FP32=dot_in_fp32(q.dtype),
+        KV_SCALE=scale_mode,
+        FP8_BITS=fp8_bits,
         num_warps=default_warps(d),
         num_stages=2,
     )

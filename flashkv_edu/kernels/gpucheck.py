@@ -98,6 +98,8 @@ def _variants():
                 "BLOCK_TABLE": "i32",
                 "SLOPES": "fp32",
                 "TILES": "i32",
+                "K_SCALE": "fp32",
+                "V_SCALE": "fp32",
             }
             common = dict(
                 GROUP=8,
@@ -108,6 +110,8 @@ def _variants():
                 HAS_SOFTCAP=False,
                 HAS_ALIBI=False,
                 DOT_FP32=False,
+                KV_SCALE=0,
+                FP8_BITS=False,
             )
             out.append(
                 (
@@ -135,6 +139,46 @@ def _variants():
                     d,
                 )
             )
+            if d == 128:  # quantized caches (notebook 09), dequantized in the kernel's loop
+                out.append(
+                    (
+                        "decode_kernel",
+                        "fp8 cache, descales",
+                        decode_kernel,
+                        dict(ptrs, K="fp8e4nv", V="fp8e4nv", K_SCALE="fp32", V_SCALE="fp32"),
+                        ("scale", "softcap"),
+                        dict(common, PAGED=False, SPLIT=False, HAS_BATCH_IDX=True, KV_SCALE=1),
+                        warps,
+                        dtype,
+                        d,
+                    )
+                )
+                out.append(
+                    (
+                        "decode_kernel",
+                        "fp8 as bytes, descales",
+                        decode_kernel,
+                        dict(ptrs, K="u8", V="u8", K_SCALE="fp32", V_SCALE="fp32"),
+                        ("scale", "softcap"),
+                        dict(common, PAGED=False, SPLIT=False, HAS_BATCH_IDX=True, KV_SCALE=1, FP8_BITS=True),
+                        warps,
+                        dtype,
+                        d,
+                    )
+                )
+                out.append(
+                    (
+                        "decode_kernel",
+                        "int8 paged, token scales",
+                        decode_kernel,
+                        dict(ptrs, K="i8", V="i8", K_SCALE="fp16", V_SCALE="fp16", O="fp32"),
+                        ("scale", "softcap"),
+                        dict(common, PAGED=True, SPLIT=True, HAS_BATCH_IDX=False, KV_SCALE=2),
+                        warps,
+                        dtype,
+                        d,
+                    )
+                )
             out.append(
                 (
                     "combine_kernel",
@@ -240,9 +284,14 @@ def _compile_one(index: int, target: int) -> CompileResult:
         )
 
 
+# Variants built for some targets only: Triton has no fp8 e4m3 type before sm_89, where the
+# kernel reads the cache as bytes and decodes them in software instead.
+ONLY_ON = {"fp8 cache, descales": (90,), "fp8 as bytes, descales": (80,)}
+
+
 def compile_all(workers: int = 2) -> list[CompileResult]:
-    """Compile every kernel variant for every target; returns one result per compile."""
-    jobs = [(i, t) for i in range(len(_variants())) for t in TARGETS]
+    """Compile every kernel variant for each of its targets; returns one result per compile."""
+    jobs = [(i, t) for i, v in enumerate(_variants()) for t in ONLY_ON.get(v[1], TARGETS)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(_compile_one, *zip(*jobs, strict=True)))
 
