@@ -2,6 +2,8 @@
 
     python -m flashkv_edu.bench decode    # tokens/s with and without the KV cache
     python -m flashkv_edu.bench api       # flash_attn_with_kvcache (PyTorch path) vs SDPA; trained model
+    python -m flashkv_edu.bench quant     # quantized caches: memory, attention error, model loss
+    python -m flashkv_edu.bench gpu       # decode on a CUDA GPU vs HBM roofline and SDPA (needs a GPU)
 
 Timings vary from run to run (and a 2-core laptop is noisy); each number is the best of a few
 repeats, and the ratio compares two numbers taken in the same run.
@@ -183,6 +185,39 @@ def bench_trained_model(new_tokens: int = 48, prompt_chars: int = 600) -> dict:
     return dict(cached=new_tokens / t_cached, uncached=new_tokens / t_uncached, identical=same)
 
 
+def bench_quant(sequences: int = 16) -> list[dict]:
+    """Memory, attention error and the trained model's validation loss for every scheme of
+    :data:`flashkv_edu.quant.SCHEMES` (notebook 09). No timing: the numbers are deterministic."""
+    from . import charlm
+    from . import quant as Q
+    from .cache import MODEL_SHAPES
+
+    model, _ = charlm.load()
+    text = torch.tensor(charlm.encode(charlm.stdlib_text()))
+    val = text[int(0.98 * len(text)) :]
+    seqs = torch.stack([val[i * 700 : i * 700 + 257] for i in range(sequences)])
+    calib = Q.calibrate_fp8(model, torch.stack([text[i * 40_000 : i * 40_000 + 256] for i in range(8)]))
+    k, v = Q.outlier_keys()
+    q = torch.randn(1, k.shape[1], 4, k.shape[3], generator=torch.Generator().manual_seed(1))
+    layers, _, hk, d = MODEL_SHAPES["Llama-3-8B (GQA)"]
+    rows, base = [], None
+    print(f"{'scheme':<36} {'KiB/token':>10} {'attn error':>11} {'val loss':>9} {'vs fp32':>8}")
+    print(f"{'':<36} {'Llama-3-8B':>10} {'(outliers)':>11} {'nats/ch':>9}")
+    for name, scheme in Q.SCHEMES.items():
+        loss = Q.model_loss(model, seqs, scheme, calib)
+        base = loss if base is None else base
+        row = dict(
+            scheme=name,
+            kib_per_token=Q.bytes_per_token(scheme, layers, hk, d) / 1024,
+            attention_error=Q.attention_error(q, k, v, scheme),
+            val_loss=loss,
+        )
+        rows.append(row)
+        err, kib = row["attention_error"], row["kib_per_token"]
+        print(f"{name:<36} {kib:>10.1f} {err:>11.2e} {loss:>9.4f} {loss - base:>+8.4f}")
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m flashkv_edu.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -192,9 +227,18 @@ def main(argv=None) -> None:
     dec.add_argument("--contexts", type=int, nargs="+", default=[128, 256, 512, 1024])
     dec.add_argument("--steps", type=int, default=8)
     sub.add_parser("api", help="flash_attn_with_kvcache (PyTorch path) vs SDPA, and the trained model")
+    sub.add_parser("quant", help="quantized caches: memory, attention error, trained model's loss")
+    gpu = sub.add_parser("gpu", help="decode on a CUDA GPU: time, HBM bandwidth, roofline fraction, vs SDPA")
+    gpu.add_argument("--out", default=None, help="write the results JSON here (default: the package's data file)")
     args = parser.parse_args(argv)
     if args.what == "decode":
         bench_decode(args.contexts, args.steps)
+    elif args.what == "quant":
+        bench_quant()
+    elif args.what == "gpu":
+        from .gpu_bench import main as gpu_main
+
+        raise SystemExit(gpu_main(args.out))
     else:
         bench_api()
         bench_trained_model()

@@ -306,6 +306,24 @@ def attention_through_cache(q, k, v, scheme: Scheme, *, k_descale=None, v_descal
     return out.transpose(1, 2).to(q.dtype)
 
 
+def outlier_keys(seed: int = 0, b: int = 1, s: int = 256, hk: int = 2, d: int = 64, channels=(5, 40), factor=20.0):
+    """Keys ``(b, s, hk, d)`` with a few **outlier channels** ``factor`` times larger than the
+    rest, as KIVI observed in real models' keys; values without outliers."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, s, hk, d, generator=g)
+    k[..., list(channels)] *= factor
+    v = torch.randn(b, s, hk, d, generator=g)
+    return k, v
+
+
+def attention_error(q, k, v, scheme: Scheme) -> float:
+    """Mean absolute error of causal attention's output when K and V are read through
+    ``scheme`` (every token quantized, as after a long generation), against fp32."""
+    exact = attention_ref(q, k, v, causal=True)
+    got = attention_ref(q, roundtrip(k, scheme, "k"), roundtrip(v, scheme, "v"), causal=True)
+    return float((got - exact).abs().mean())
+
+
 # --- the trained model of notebook 08 through a quantized cache ----------------------------------
 
 
@@ -542,3 +560,18 @@ class QuantizedKVCache:
             q.float(), k, v, cache_seqlens=self.cache_seqlens, backend=backend, num_splits=1, **kwargs
         )
         return out.to(q.dtype)
+
+
+@torch.no_grad()
+def greedy_choices(model, tokens: torch.Tensor, prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced greedy choices for positions ``prompt - 1 .. s - 2`` of ``tokens``
+    ``(n, s)``: ``(uncached, cached)`` argmax ids ``(n, s - prompt)``. Uncached: one forward
+    over the whole sequence. Cached: prefill ``prompt`` tokens, then one token per step through
+    the KV cache. Same tokens, same model; only the GEMM shapes differ."""
+    n, s = tokens.shape
+    uncached = model(tokens)[:, prompt - 1 : s - 1].argmax(-1)
+    cache = model.new_cache(n, s)
+    steps = [model(tokens[:, :prompt], cache)[:, -1]]
+    for t in range(prompt, s - 1):
+        steps.append(model(tokens[:, t : t + 1], cache)[:, -1])
+    return uncached, torch.stack(steps, 1).argmax(-1)

@@ -23,6 +23,7 @@ from flashkv_edu.teach import nb05_tiled_triton_kernels as nb05
 from flashkv_edu.teach import nb06_paged_block_tables as nb06
 from flashkv_edu.teach import nb07_split_kv_decode as nb07
 from flashkv_edu.teach import nb08_putting_it_together as nb08
+from flashkv_edu.teach import nb09_precision_and_quantized_caches as nb09
 from flashkv_edu.teach.__main__ import exercise_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -513,6 +514,32 @@ def rotary_queries_only(q, k, v, k_cache, v_cache, lens, cos, sin):
     return fk.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True)
 
 
+def quantize_unsigned_range(x, bits):  # 2^bits - 1 levels on each side: codes overflow the type
+    qmax = 2**bits - 1
+    scale = x.abs().amax(-1, keepdim=True) / qmax
+    return torch.round(x / scale), scale
+
+
+def quantize_floor(x, bits):  # truncates instead of rounding: errors up to a whole step
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(-1, keepdim=True) / qmax
+    return torch.floor(x / scale), scale
+
+
+def quantize_per_tensor(x, bits):  # one scale for everything
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.abs().amax() / qmax
+    return torch.round(x / scale), scale
+
+
+def bytes_keys_only(n_layers, nheads_k, headdim, bits, group, asymmetric):
+    return n_layers * nheads_k * (headdim * bits / 8 + headdim // group * 2 * (2 if asymmetric else 1))
+
+
+def bytes_no_zero_point(n_layers, nheads_k, headdim, bits, group, asymmetric):
+    return 2 * n_layers * nheads_k * (headdim * bits / 8 + headdim // group * 2)
+
+
 MISTAKES = {
     (nb01, "check_gqa_attention"): [gqa_no_scale, gqa_wrong_pairing],
     (nb01, "check_bottom_right_mask"): [mask_top_left, mask_strict],
@@ -538,6 +565,8 @@ MISTAKES = {
     (nb08, "check_decode_step"): [decode_step_no_advance, decode_step_no_append],
     (nb08, "check_attention_step"): [snippet_as_found, snippet_projects_output, snippet_sliced_cache],
     (nb08, "check_rotary_decode"): [rotary_default_layout, rotary_queries_only],
+    (nb09, "check_quantize_symmetric"): [quantize_unsigned_range, quantize_floor, quantize_per_tensor],
+    (nb09, "check_cache_bytes_per_token"): [bytes_keys_only, bytes_no_zero_point],
 }
 
 EXERCISES = [(module_for(stem), e) for stem in NOTEBOOKS for e in module_for(stem).EXERCISES]

@@ -20,6 +20,7 @@ NOTEBOOKS = {
     "06_paged_block_tables": "nb06_paged_block_tables",
     "07_split_kv_decode": "nb07_split_kv_decode",
     "08_putting_it_together": "nb08_putting_it_together",
+    "09_precision_and_quantized_caches": "nb09_precision_and_quantized_caches",
 }
 
 

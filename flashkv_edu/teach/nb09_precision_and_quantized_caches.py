@@ -1,0 +1,205 @@
+"""Notebook 09: figures, the quantization explorer, exercise checks and their solutions."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import torch
+
+from .. import quant as Q
+from ._exercise import CaseFailed, Exercise, expect_equal, expect_pair, run_check
+
+EXERCISES = [
+    Exercise("09", "quantize_symmetric", "check_quantize_symmetric", 15),
+    Exercise("09", "cache_bytes_per_token", "check_cache_bytes_per_token", 15),
+]
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+outlier_keys = Q.outlier_keys
+attention_error = Q.attention_error
+
+
+# --- figures ---------------------------------------------------------------------------------
+
+
+def draw_memory(shape_name: str, kib: dict):
+    """Horizontal bars: KV-cache KiB per token of one model under each scheme."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = list(kib)
+    ax.barh(names, [kib[n] for n in names], color=["tab:gray"] * 3 + ["tab:orange"] * 3 + ["tab:blue"] * 6)
+    ax.invert_yaxis()
+    ax.set_xlabel("KiB per token (K and V, all layers, scales included, 4K context)")
+    ax.set_title(f"KV-cache memory per token: {shape_name}")
+    for i, n in enumerate(names):
+        ax.text(kib[n], i, f" {kib[n]:.1f}", va="center", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def draw_channel_absmax(k: torch.Tensor, title: str):
+    """Bar chart of each channel's largest |key| (over tokens), one KV head."""
+    amax = k[0, :, 0].abs().amax(0)
+    fig, ax = plt.subplots(figsize=(8, 2.6))
+    ax.bar(range(len(amax)), amax.tolist(), color="tab:blue")
+    ax.set_xlabel("channel (head dim index)")
+    ax.set_ylabel("max |k| over tokens")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def draw_error_vs_bits(errors: dict):
+    """``errors[label] = {bits: error}``: attention-output error against bits per element."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, by_bits in errors.items():
+        bits = sorted(by_bits)
+        ax.plot(bits, [by_bits[b] for b in bits], "o-", label=label)
+    ax.set_yscale("log")
+    ax.set_xticks([2, 4, 8])
+    ax.set_xlabel("bits per stored element")
+    ax.set_ylabel("mean |attention output error|")
+    ax.set_title("Attention error vs bits (keys with outlier channels)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def explore(kind: str = "int per token", bits: int = 4, group: int = 32, seed: int = 0):
+    """One picture of a scheme: histogram of the round-trip error of outlier keys, with the
+    attention-output error and memory in the title. Returns ``(fig, error, kib_per_token)``."""
+    k, v = outlier_keys(seed)
+    q = torch.randn(1, k.shape[1], 4, k.shape[3], generator=torch.Generator().manual_seed(seed + 1))
+    if kind == "fp8 e4m3":
+        scheme = Q.SCHEMES["fp8 e4m3, per-(batch, head) scale"]
+    else:
+        axis = "channel" if kind == "int KIVI" else "token"
+        scheme = Q.Scheme(
+            kind,
+            "int",
+            bits,
+            k_axis=axis,
+            group=group,
+            symmetric=False,
+            residual=0,
+        )
+    err = attention_error(q, k, v, scheme)
+    kib = Q.bytes_per_token(scheme, 32, 8, 128) / 1024
+    diff = (Q.roundtrip(k, scheme, "k") - k).flatten()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(diff.tolist(), bins=60, color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored - true key value")
+    ax.set_ylabel("elements")
+    label = kind if kind == "fp8 e4m3" else f"{kind}, {bits} bits, groups of {group}"
+    ax.set_title(f"{label}: attention error {err:.2e}, {kib:.1f} KiB/token (Llama-3-8B)")
+    fig.tight_layout()
+    return fig, err, kib
+
+
+def quant_explorer():
+    """Widget: scheme, bits and group size -> the error histogram of :func:`explore`."""
+    import ipywidgets as w
+
+    kind = w.Dropdown(options=["int per token", "int KIVI", "fp8 e4m3"], description="scheme")
+    bits = w.Dropdown(options=[8, 4, 2], value=4, description="bits")
+    group = w.Dropdown(options=[16, 32, 64], value=32, description="group")
+    out = w.Output()
+
+    def redraw(*_):
+        with out:
+            out.clear_output(wait=True)
+            fig, _, _ = explore(kind.value, bits.value, group.value)
+            plt.show()
+
+    for c in (kind, bits, group):
+        c.observe(redraw, "value")
+    redraw()
+    return w.VBox([w.HBox([kind, bits, group]), out])
+
+
+# --- exercise 1: symmetric per-token quantization ----------------------------------------------
+
+
+def quantize_symmetric(x, bits):
+    """Per-token symmetric quantization of ``x`` ``(..., d)``: returns ``(codes, scale)`` with
+    integer-valued ``codes`` like ``x`` in ``[-(2^(bits-1) - 1), 2^(bits-1) - 1]`` and ``scale``
+    ``(..., 1)`` = absmax over the last dim / (2^(bits-1) - 1)."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = x.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    return torch.round(x / scale).clamp(-qmax, qmax), scale
+
+
+def check_quantize_symmetric(fn) -> bool | None:
+    """Codes in range and integer, scale = absmax / qmax per token, error <= scale / 2."""
+
+    def case(bits, shape, seed, spread):
+        def run(f):
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(shape, generator=g) * spread
+            x[..., 0] *= 10  # one large channel per token
+            codes, scale = expect_pair("result", f(x.clone(), bits))
+            codes, scale = torch.as_tensor(codes).float(), torch.as_tensor(scale).float()
+            qmax = 2 ** (bits - 1) - 1
+            want_scale = x.abs().amax(-1, keepdim=True) / qmax
+            expect_equal("codes shape", tuple(x.shape), tuple(codes.shape))
+            if tuple(scale.shape) != tuple(want_scale.shape):
+                raise CaseFailed(
+                    f"scale: expected one per token, shape {tuple(want_scale.shape)}, got {tuple(scale.shape)}"
+                )
+            if not torch.allclose(scale, want_scale, rtol=1e-5):
+                raise CaseFailed(
+                    f"scale: expected absmax / {qmax} per token, e.g. {want_scale.flatten()[0].item():.5g}, "
+                    f"got {scale.flatten()[0].item():.5g}"
+                )
+            if not torch.equal(codes, codes.round()) or codes.abs().max() > qmax:
+                raise CaseFailed(
+                    f"codes must be integers in [-{qmax}, {qmax}], got range "
+                    f"[{codes.min().item():g}, {codes.max().item():g}]"
+                )
+            err = (codes * scale - x).abs() - scale / 2
+            if err.max() > 1e-5 * float(x.abs().max()):
+                idx = tuple(int(i) for i in (err == err.max()).nonzero()[0])
+                raise CaseFailed(
+                    f"at {idx}: x = {x[idx].item():.5g} came back as "
+                    f"{(codes * scale)[idx].item():.5g}, more than scale / 2 away (round to nearest)"
+                )
+
+        return f"bits={bits}, x of shape {shape}", run
+
+    cases = [case(8, (4, 16), 0, 1.0), case(4, (2, 3, 32), 1, 0.1), case(2, (5, 8), 2, 3.0)]
+    return run_check("check_quantize_symmetric", fn, cases, "8, 4 and 2 bits: range, scale and rounding")
+
+
+# --- exercise 2: bytes per token -----------------------------------------------------------------
+
+
+def cache_bytes_per_token(n_layers, nheads_k, headdim, bits, group, asymmetric):
+    """KV-cache bytes per token of a whole model storing ``bits``-bit integers per token with
+    one fp16 scale (and, if ``asymmetric``, one fp16 zero point) per ``group`` channels."""
+    per_head = headdim * bits / 8 + (headdim // group) * 2 * (2 if asymmetric else 1)
+    return 2 * n_layers * nheads_k * per_head
+
+
+def check_cache_bytes_per_token(fn) -> bool | None:
+    """Against :func:`flashkv_edu.quant.bytes_per_token` for per-token integer schemes."""
+
+    def case(layers, hk, d, bits, group, asym):
+        def run(f):
+            scheme = Q.Scheme("x", "int", bits, group=group, symmetric=not asym)
+            want = Q.bytes_per_token(scheme, layers, hk, d)
+            got = f(layers, hk, d, bits, group, asym)
+            if not isinstance(got, (int, float)) or abs(got - want) > 1e-6:
+                raise CaseFailed(f"expected {want:g} bytes (K and V, every layer, scales included), got {got!r}")
+
+        return f"layers={layers}, nheads_k={hk}, headdim={d}, bits={bits}, group={group}, asymmetric={asym}", run
+
+    cases = [
+        case(1, 1, 128, 8, 128, False),
+        case(32, 8, 128, 8, 128, False),
+        case(32, 8, 128, 4, 32, True),
+        case(80, 8, 128, 2, 32, True),
+    ]
+    return run_check("check_cache_bytes_per_token", fn, cases, "8, 4 and 2 bits, symmetric and asymmetric")
