@@ -66,7 +66,7 @@ def setup() -> None:
     # torch first, so that the package's own "torch>=..." is already satisfied and pip does not
     # pull a multi-GB CUDA build on a CPU-only machine.
     sh(PY, "-m", "pip", "install", *quiet, torch_spec)
-    sh(PY, "-m", "pip", "install", *quiet, "-e", ".[dev]")
+    sh(PY, "-m", "pip", "install", *quiet, "-e", ".[dev,hf]")
     STAMP.write_text(wanted)
 
 

@@ -24,15 +24,19 @@ import torch
 HAS_CUDA: bool = torch.cuda.is_available()
 
 _TRITON_ALREADY_IMPORTED = "triton.language" in sys.modules
-if not HAS_CUDA:
-    if _TRITON_ALREADY_IMPORTED and "TRITON_INTERPRET" not in os.environ:
-        # triton.language decorated its own helpers (tl.zeros, tl.sum, ...) for a GPU; kernels
-        # that use them would fail under the interpreter with a confusing error.
-        raise RuntimeError(
-            "Triton was imported before flashkv_edu on a machine without a GPU, so Triton's "
-            "interpreter could not be switched on in time. Import flashkv_edu first (before "
-            "`import triton`), or start Python with TRITON_INTERPRET=1 in the environment."
-        )
+LATE_TRITON_HINT = (
+    "Triton was imported before flashkv_edu on a machine without a GPU (transformers does this), "
+    "so Triton's interpreter could not be switched on in time: the PyTorch paths work, the Triton "
+    "kernels do not. Import flashkv_edu first (before `import triton` or transformers), or start "
+    "Python with TRITON_INTERPRET=1 in the environment."
+)
+# triton.language has decorated its own helpers (tl.zeros, tl.sum, ...) for a GPU: kernels that
+# use them would fail under the interpreter, so the interpreter stays off and backend="triton"
+# says why (backend="auto" is PyTorch on a CPU anyway).
+TRITON_TOO_LATE: bool = not HAS_CUDA and _TRITON_ALREADY_IMPORTED and "TRITON_INTERPRET" not in os.environ
+if TRITON_TOO_LATE:
+    warnings.warn(LATE_TRITON_HINT, stacklevel=2)
+elif not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Triton warns on every compile unless this is set explicitly; FMA fusion is its default.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -83,6 +87,8 @@ def resolve_backend(backend, device) -> str:
         return "triton" if (HAS_TRITON and on_cuda and not INTERPRET) else "torch"
     if backend == "triton":
         require_triton()
+        if TRITON_TOO_LATE:
+            raise RuntimeError(LATE_TRITON_HINT)
         if not INTERPRET and not on_cuda:
             from .validation import ArgumentError
 

@@ -1,0 +1,167 @@
+"""flashkv_edu inside transformers: tiny random Llama, Qwen2 (GQA), Mistral (sliding window) and
+Gemma-2 (alternating windows + softcap) models generate token for token what transformers'
+eager attention with its DynamicCache generates, logits within 1e-4 in fp32, for one prompt and
+a left-padded batch of 3, with contiguous and paged FlashKVCache. No downloads: models are built
+from small configs with random weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    Gemma2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+from flashkv_edu import hf
+from flashkv_edu.validation import ArgumentError
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=8),
+    "gemma2": lambda: Gemma2Config(
+        **COMMON, head_dim=16, sliding_window=8, attn_logit_softcapping=5.0, query_pre_attn_scalar=16
+    ),
+}
+NEW_TOKENS = 24
+
+
+def _pair(name):
+    """(eager model, flashkv_edu model) with the same random weights."""
+    hf.register("torch")
+    cfg = CONFIGS[name]()
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    ours = AutoModelForCausalLM.from_config(cfg, attn_implementation="flashkv_edu").eval()
+    ours.load_state_dict(eager.state_dict())
+    return eager, ours
+
+
+def _prompts(batch):
+    ids = torch.randint(3, 128, (batch, 12), generator=torch.Generator().manual_seed(batch))
+    mask = torch.ones_like(ids)
+    if batch == 3:  # left padding, as generate() pads a ragged batch
+        mask[1, :4] = 0
+        mask[2, :7] = 0
+        ids[mask == 0] = 0
+    return ids, mask
+
+
+def _generate(model, ids, mask, cache):
+    return model.generate(
+        ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+
+
+@pytest.mark.parametrize("batch", [1, 3], ids=["one-prompt", "left-padded-3"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_generation_equals_eager_attention_with_a_dynamic_cache(name, batch):
+    eager, ours = _pair(name)
+    ids, mask = _prompts(batch)
+    want = _generate(eager, ids, mask, DynamicCache(config=eager.config))
+    caches = {
+        "contiguous": hf.FlashKVCache(ours.config, batch, 64),
+        "paged": hf.FlashKVCache(ours.config, batch, 64, page_size=4),
+        "DynamicCache": DynamicCache(config=ours.config),
+    }
+    for label, cache in caches.items():
+        got = _generate(ours, ids, mask, cache)
+        assert torch.equal(got.sequences, want.sequences), label
+        err = max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits, strict=True))
+        assert err < 1e-4, (label, err)
+
+
+def test_the_window_is_honoured_and_an_off_by_one_is_caught(monkeypatch):
+    """Mistral's window of 8 matters over 36 tokens: widening it by one changes the logits."""
+    eager, ours = _pair("mistral")
+    ids, mask = _prompts(1)
+    want = _generate(eager, ids, mask, DynamicCache(config=eager.config))
+    right = hf.attention
+
+    def w_plus_one(module, q, k, v, m, sliding_window=None, **kw):
+        return right(module, q, k, v, m, sliding_window=sliding_window + 1, **kw)
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("flashkv_edu", w_plus_one)
+    try:
+        got = _generate(ours, ids, mask, hf.FlashKVCache(ours.config, 1, 64))
+    finally:
+        AttentionInterface.register("flashkv_edu", right)
+    assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits, strict=True)) > 1e-3
+
+
+def test_triton_backend_generates_the_same_tokens():
+    eager, ours = _pair("gemma2")
+    ids, mask = _prompts(3)
+    want = _generate(eager, ids, mask, DynamicCache(config=eager.config))
+    hf.register("triton")
+    try:
+        got = _generate(ours, ids, mask, hf.FlashKVCache(ours.config, 3, 64, page_size=16))
+    finally:
+        hf.register("torch")
+    assert torch.equal(got.sequences, want.sequences)
+
+
+def test_paged_cache_holds_only_the_blocks_it_needs():
+    _, ours = _pair("llama")
+    ids, mask = _prompts(3)
+    contiguous = hf.FlashKVCache(ours.config, 3, 256)
+    paged = hf.FlashKVCache(ours.config, 3, 256, page_size=4)
+    _generate(ours, ids, mask, contiguous)
+    _generate(ours, ids, mask, paged)
+    d, hk, layers = 16, 2, 2
+    per_token = 2 * layers * hk * d * 4
+    assert contiguous.bytes_in_use() == 3 * 256 * per_token
+    lengths = [12 + NEW_TOKENS - 1 - p for p in (0, 4, 7)]  # the last token is never appended
+    assert paged.bytes_in_use() == sum(-(-n // 4) * 4 for n in lengths) * per_token
+
+
+def test_right_padding_and_dropout_are_refused():
+    eager, ours = _pair("llama")
+    ids, mask = _prompts(3)
+    mask = mask.flip(1)
+    with pytest.raises(ArgumentError, match="left padding only"):
+        _generate(ours, ids, mask, hf.FlashKVCache(ours.config, 3, 64))
+    with pytest.raises(ArgumentError, match="dropout"):
+        hf.attention(
+            None, torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), None, dropout=0.1
+        )
+    with pytest.raises(ArgumentError, match="max_cache_len"):
+        _generate(ours, *_prompts(1), hf.FlashKVCache(ours.config, 1, 20))
+
+
+def test_without_transformers_the_package_imports_and_hf_says_how_to_install():
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import flashkv_edu\n"
+        "try:\n    import flashkv_edu.hf\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'flashkv_edu[hf]'" in out.stdout
