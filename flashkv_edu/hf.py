@@ -85,8 +85,14 @@ def attention(
     layer = getattr(key, "_flashkv_layer", None)
     if layer is not None and layer.paged:  # ragged rows in a pool: padding was dropped from the cache
         layer.drop_left_padding(_left_padding(attention_mask, b, layer.length, q.device))
+        rows = layer.active_rows()
         out = flash_attn_with_kvcache(
-            q, layer.k_pool, layer.v_pool, cache_seqlens=layer.seqlens, block_table=layer.block_table, **common
+            q,
+            layer.k_pool,
+            layer.v_pool,
+            cache_seqlens=layer.seqlens[rows],
+            block_table=layer.block_table[rows],
+            **common,
         )
     elif layer is not None:  # the contiguous cache, read in place
         pad = _left_padding(attention_mask, b, layer.length, q.device)
@@ -157,25 +163,27 @@ class FlashKVLayer(CacheLayerMixin):
         self.length = 0
         self.paged = page_size is not None
         self.pad = None  # paged: left padding dropped per row, once known
+        self.rows = None  # paged: the cache rows this forward pass reads and writes (None: all)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         b, hk, _, d = key_states.shape
         if b > self.batch:
             raise ArgumentError(f"batch of {b} sequences exceeds max_batch_size {self.batch}")
-        self.batch = b
+        if self.rows is None:  # generate(): the rows are the batch; serve(): all max_batch_size rows
+            self.batch = b
         self.dtype = self.dtype or key_states.dtype
         self.device = self.device or key_states.device
         kw = dict(dtype=self.dtype, device=self.device)
         if self.paged:
             blocks_per_seq = -(-self.capacity // self.page)
-            self.allocator = BlockAllocator(b * blocks_per_seq, self.page)
-            self.k_pool = torch.zeros(b * blocks_per_seq, self.page, hk, d, **kw)
+            self.allocator = BlockAllocator(self.batch * blocks_per_seq, self.page)
+            self.k_pool = torch.zeros(self.batch * blocks_per_seq, self.page, hk, d, **kw)
             self.v_pool = torch.zeros_like(self.k_pool)
-            self.block_table = torch.zeros(b, blocks_per_seq, dtype=torch.int32, device=self.device)
-            self.blocks = [[] for _ in range(b)]
-            self.seqlens = torch.zeros(b, dtype=torch.int32, device=self.device)
+            self.block_table = torch.zeros(self.batch, blocks_per_seq, dtype=torch.int32, device=self.device)
+            self.blocks = [[] for _ in range(self.batch)]
+            self.seqlens = torch.zeros(self.batch, dtype=torch.int32, device=self.device)
         else:
-            self.k_cache = torch.zeros(b, self.capacity, hk, d, **kw)
+            self.k_cache = torch.zeros(self.batch, self.capacity, hk, d, **kw)
             self.v_cache = torch.zeros_like(self.k_cache)
         self.is_initialized = True
 
@@ -186,10 +194,12 @@ class FlashKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, _, s, _ = key_states.shape
-        if b != self.batch:
-            raise ArgumentError(f"cache holds {self.batch} sequences, update has {b}")
-        if self.length + s > self.capacity:
-            raise ArgumentError(f"cache overflow: {self.length} + {s} tokens > max_cache_len {self.capacity}")
+        rows = self.active_rows()
+        if b != len(rows):
+            raise ArgumentError(f"this step covers {len(rows)} cache rows, update has {b} sequences")
+        longest = int(self.seqlens[rows].max()) if self.paged else self.length
+        if longest + s > self.capacity:
+            raise ArgumentError(f"cache overflow: {longest} + {s} tokens > max_cache_len {self.capacity}")
         k, v = key_states.transpose(1, 2).to(self.dtype), value_states.transpose(1, 2).to(self.dtype)
         if self.paged:
             self._append_paged(k, v)
@@ -201,32 +211,49 @@ class FlashKVLayer(CacheLayerMixin):
         keys._flashkv_layer = self
         return keys, values
 
+    def active_rows(self) -> torch.Tensor:
+        """The cache rows of this step, as a long tensor."""
+        if self.rows is None:
+            return torch.arange(self.batch, device=self.device)
+        return self.rows
+
     def _append_paged(self, k, v) -> None:
         s = k.shape[1]
-        needed = [-(-(int(n) + s) // self.page) - len(blks) for n, blks in zip(self.seqlens, self.blocks, strict=True)]
-        for row, n in enumerate(needed):
+        rows = self.active_rows()
+        for row in rows.tolist():
+            n = -(-(int(self.seqlens[row]) + s) // self.page) - len(self.blocks[row])
             if n > 0:
                 new = self.allocator.allocate(n)
                 self.block_table[row, len(self.blocks[row]) : len(self.blocks[row]) + n] = torch.tensor(new)
                 self.blocks[row] += new
-        pos = self.seqlens.long()[:, None] + torch.arange(s, device=k.device)[None, :]
-        blocks = self.block_table.long().gather(1, pos // self.page)
+        pos = self.seqlens[rows].long()[:, None] + torch.arange(s, device=k.device)[None, :]
+        blocks = self.block_table[rows].long().gather(1, pos // self.page)
         self.k_pool[blocks, pos % self.page] = k
         self.v_pool[blocks, pos % self.page] = v
-        self.seqlens += s
+        self.seqlens[rows] += s
 
     def _history(self):
         if not self.paged:
             return self.k_cache[:, : self.length].transpose(1, 2), self.v_cache[:, : self.length].transpose(1, 2)
+        rows = self.active_rows()
+        longest = max(self.length, int(self.seqlens[rows].max()))
         out = []
         for pool in (self.k_pool, self.v_pool):
-            dense = gather_paged(pool, self.block_table)
-            hist = torch.zeros(self.batch, self.length, *pool.shape[2:], dtype=pool.dtype, device=pool.device)
-            for row in range(self.batch):
+            dense = gather_paged(pool, self.block_table[rows])
+            hist = torch.zeros(len(rows), longest, *pool.shape[2:], dtype=pool.dtype, device=pool.device)
+            for i, row in enumerate(rows.tolist()):
                 n = int(self.seqlens[row])
-                hist[row, self.length - n :] = dense[row, :n]
+                hist[i, longest - n :] = dense[i, :n]
             out.append(hist.transpose(1, 2))
         return out[0], out[1]
+
+    def release(self, row: int) -> None:
+        """Free a paged row's blocks and empty it, for the next request (continuous batching)."""
+        for block in self.blocks[row]:
+            self.allocator.free(block)
+        self.blocks[row] = []
+        self.block_table[row] = 0
+        self.seqlens[row] = 0
 
     def drop_left_padding(self, pad) -> None:
         """Paged rows store no padding: shift each row's tokens left by its padding (once, at
@@ -314,6 +341,71 @@ class FlashKVCache(Cache):
         return sum(layer.bytes_in_use() for layer in self.layers)
 
 
+@torch.no_grad()
+def serve(model, prompts: list[list[int]], max_new_tokens, *, max_batch: int = 4, page_size: int = 16):
+    """Continuous batching over a transformers model with a paged :class:`FlashKVCache`:
+    between decode steps, finished requests leave (their blocks return to the pool) and waiting
+    ones join (prefilled alone into a free row). Each step decodes every running request
+    together, each at its own length: the attention reads rows ``block_table[rows]`` with
+    their own ``cache_seqlens``, and each row's positions are its own.
+
+    ``max_new_tokens``: one int, or one per prompt. Returns ``(outputs, trace)``: the greedy new
+    tokens of each prompt, and one ``(step, running request ids, blocks in use)`` tuple per
+    decode step."""
+    if model.config._attn_implementation != NAME:
+        raise ArgumentError(f'serve() needs a model built with attn_implementation="{NAME}" (after register())')
+    budget = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budget) != len(prompts) or min(budget) < 1:
+        raise ArgumentError("max_new_tokens must be a positive int or one positive int per prompt")
+    longest = max(len(p) + n for p, n in zip(prompts, budget, strict=True))
+    cache = FlashKVCache(model.config, max_batch, longest, page_size=page_size)
+    device = next(model.parameters()).device
+    waiting = list(range(len(prompts)))
+    running: dict[int, int] = {}  # cache row -> request
+    outputs: list[list[int]] = [[] for _ in prompts]
+    trace = []
+
+    def forward(rows, ids, positions):
+        for layer in cache.layers:
+            layer.rows = torch.tensor(rows, device=device)
+        logits = model(
+            input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, attention_mask=None
+        ).logits[:, -1]
+        return logits.argmax(-1).tolist()
+
+    step = 0
+    while waiting or running:
+        for row in range(max_batch):  # admit: prefill new requests into free rows
+            if row not in running and waiting:
+                req = waiting.pop(0)
+                ids = torch.tensor([prompts[req]], device=device)
+                outputs[req].append(forward([row], ids, torch.arange(ids.shape[1], device=device)[None])[0])
+                running[row] = req
+        for row, req in list(running.items()):  # leave: done after the prefill token
+            if len(outputs[req]) >= budget[req]:
+                _release(cache, row)
+                del running[row]
+        if not running:
+            continue
+        rows = sorted(running)
+        ids = torch.tensor([[outputs[running[r]][-1]] for r in rows], device=device)
+        positions = cache.layers[0].seqlens[rows].long()[:, None]
+        for r, token in zip(rows, forward(rows, ids, positions), strict=True):
+            outputs[running[r]].append(token)
+        trace.append((step, [running[r] for r in rows], sum(len(b) for b in cache.layers[0].blocks)))
+        step += 1
+        for row, req in list(running.items()):
+            if len(outputs[req]) >= budget[req]:
+                _release(cache, row)
+                del running[row]
+    return outputs, trace
+
+
+def _release(cache: FlashKVCache, row: int) -> None:
+    for layer in cache.layers:
+        layer.release(row)
+
+
 def load_local(path, attn_implementation: str = NAME, dtype=torch.float32):
     """A causal LM from a local checkpoint directory (``config.json`` + weights), no download,
     with the flashkv_edu attention registered."""
@@ -326,4 +418,4 @@ def load_local(path, attn_implementation: str = NAME, dtype=torch.float32):
     ).eval()
 
 
-__all__ = ["FlashKVCache", "FlashKVLayer", "attention", "load_local", "register", "transformers"]
+__all__ = ["FlashKVCache", "FlashKVLayer", "attention", "load_local", "register", "serve", "transformers"]

@@ -165,3 +165,31 @@ def test_without_transformers_the_package_imports_and_hf_says_how_to_install():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install 'flashkv_edu[hf]'" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_continuous_batching_equals_generating_each_request_alone(name):
+    """Requests join and leave between steps; every output equals eager generate() alone."""
+    eager, ours = _pair(name)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 12, 3)]
+    budget = [20, 6, 25, 9, 14, 24]
+    outputs, trace = hf.serve(ours, prompts, budget, max_batch=3, page_size=4)
+    for p, n, out in zip(prompts, budget, outputs, strict=True):
+        want = eager.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert out == want[0, len(p) :].tolist()
+    running = [set(r) for _, r, _ in trace]
+    assert max(len(r) for r in running) == 3 and any(a != b for a, b in zip(running, running[1:], strict=False))
+    assert trace[-1][2] <= 3 * -(-(30 + 25) // 4)  # blocks are returned when requests leave
+
+
+def test_the_readme_example_runs(tmp_path):
+    """The README's transformers example, as a user would paste it into a fresh Python."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## In a Hugging Face transformers model") :]
+    code = section[section.index("```python\n") + 10 : section.index("```", section.index("```python\n") + 10)]
+    code += "\nassert out.shape == (2, 5 + 24)\nprint('ok')\n"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]

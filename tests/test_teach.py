@@ -24,6 +24,7 @@ from flashkv_edu.teach import nb06_paged_block_tables as nb06
 from flashkv_edu.teach import nb07_split_kv_decode as nb07
 from flashkv_edu.teach import nb08_putting_it_together as nb08
 from flashkv_edu.teach import nb09_precision_and_quantized_caches as nb09
+from flashkv_edu.teach import nb10_transformers_model as nb10
 from flashkv_edu.teach.__main__ import exercise_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -540,6 +541,28 @@ def bytes_no_zero_point(n_layers, nheads_k, headdim, bits, group, asymmetric):
     return 2 * n_layers * nheads_k * (headdim * bits / 8 + headdim // group * 2)
 
 
+def window_w(sliding_window):  # the off-by-one: W keys back instead of W - 1
+    return (-1, -1) if sliding_window is None else (sliding_window, 0)
+
+
+def window_centered(sliding_window):  # a local window centred on the query, as in Longformer
+    return (-1, -1) if sliding_window is None else (sliding_window // 2, sliding_window // 2)
+
+
+def hf_attention_no_padding(query, key, value, attention_mask, scaling, sliding_window, softcap):
+    return nb10.my_hf_attention(query, key, value, None, scaling, sliding_window, softcap)
+
+
+def hf_attention_heads_first(query, key, value, attention_mask, scaling, sliding_window, softcap):
+    return nb10.my_hf_attention(query, key, value, attention_mask, scaling, sliding_window, softcap).transpose(1, 2)
+
+
+def hf_attention_window_w(query, key, value, attention_mask, scaling, sliding_window, softcap):
+    return nb10.my_hf_attention(
+        query, key, value, attention_mask, scaling, None if sliding_window is None else sliding_window + 1, softcap
+    )
+
+
 MISTAKES = {
     (nb01, "check_gqa_attention"): [gqa_no_scale, gqa_wrong_pairing],
     (nb01, "check_bottom_right_mask"): [mask_top_left, mask_strict],
@@ -567,6 +590,8 @@ MISTAKES = {
     (nb08, "check_rotary_decode"): [rotary_default_layout, rotary_queries_only],
     (nb09, "check_quantize_symmetric"): [quantize_unsigned_range, quantize_floor, quantize_per_tensor],
     (nb09, "check_cache_bytes_per_token"): [bytes_keys_only, bytes_no_zero_point],
+    (nb10, "check_hf_window_size"): [window_w, window_centered],
+    (nb10, "check_my_hf_attention"): [hf_attention_no_padding, hf_attention_heads_first, hf_attention_window_w],
 }
 
 EXERCISES = [(module_for(stem), e) for stem in NOTEBOOKS for e in module_for(stem).EXERCISES]

@@ -21,6 +21,7 @@ NOTEBOOKS = {
     "07_split_kv_decode": "nb07_split_kv_decode",
     "08_putting_it_together": "nb08_putting_it_together",
     "09_precision_and_quantized_caches": "nb09_precision_and_quantized_caches",
+    "10_transformers_model": "nb10_transformers_model",
 }
 
 
