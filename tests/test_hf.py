@@ -11,46 +11,20 @@ import sys
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    DynamicCache,
-    Gemma2Config,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-)
+from transformers import DynamicCache
 
 from flashkv_edu import hf
+from flashkv_edu.teach import nb10_transformers_model as nb10
 from flashkv_edu.validation import ArgumentError
 
-COMMON = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
-CONFIGS = {
-    "llama": lambda: LlamaConfig(**COMMON),
-    "qwen2": lambda: Qwen2Config(**COMMON),
-    "mistral": lambda: MistralConfig(**COMMON, sliding_window=8),
-    "gemma2": lambda: Gemma2Config(
-        **COMMON, head_dim=16, sliding_window=8, attn_logit_softcapping=5.0, query_pre_attn_scalar=16
-    ),
-}
+CONFIGS = ("llama", "qwen2", "mistral", "gemma2")  # tiny random-weight configs of notebook 10
 NEW_TOKENS = 24
 
 
 def _pair(name):
-    """(eager model, flashkv_edu model) with the same random weights."""
+    """(eager model, flashkv_edu model) with the same random weights, PyTorch backend."""
+    eager, ours = nb10.model_pair(name)
     hf.register("torch")
-    cfg = CONFIGS[name]()
-    torch.manual_seed(0)
-    eager = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    ours = AutoModelForCausalLM.from_config(cfg, attn_implementation="flashkv_edu").eval()
-    ours.load_state_dict(eager.state_dict())
     return eager, ours
 
 
@@ -79,7 +53,7 @@ def _generate(model, ids, mask, cache):
 
 
 @pytest.mark.parametrize("batch", [1, 3], ids=["one-prompt", "left-padded-3"])
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", CONFIGS)
 def test_generation_equals_eager_attention_with_a_dynamic_cache(name, batch):
     eager, ours = _pair(name)
     ids, mask = _prompts(batch)

@@ -99,24 +99,19 @@ def explore(kind: str = "int per token", bits: int = 4, group: int = 32, seed: i
 
 
 def quant_explorer():
-    """Widget: scheme, bits and group size -> the error histogram of :func:`explore`."""
+    """Widget: bits (slider), group size and scheme -> the error histogram of :func:`explore`."""
     import ipywidgets as w
 
-    kind = w.Dropdown(options=["int per token", "int KIVI", "fp8 e4m3"], description="scheme")
-    bits = w.Dropdown(options=[8, 4, 2], value=4, description="bits")
-    group = w.Dropdown(options=[16, 32, 64], value=32, description="group")
-    out = w.Output()
+    def redraw(bits, group, kind):
+        explore(kind, bits, group)
+        plt.show()
 
-    def redraw(*_):
-        with out:
-            out.clear_output(wait=True)
-            fig, _, _ = explore(kind.value, bits.value, group.value)
-            plt.show()
-
-    for c in (kind, bits, group):
-        c.observe(redraw, "value")
-    redraw()
-    return w.VBox([w.HBox([kind, bits, group]), out])
+    return w.interactive(
+        redraw,
+        bits=w.SelectionSlider(options=[2, 4, 8], value=4, description="bits"),
+        group=w.SelectionSlider(options=[16, 32, 64], value=32, description="group"),
+        kind=w.Dropdown(options=["int per token", "int KIVI", "fp8 e4m3"], description="scheme"),
+    )
 
 
 # --- exercise 1: symmetric per-token quantization ----------------------------------------------

@@ -6,8 +6,9 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import torch
 
+import flashkv_edu as fk
+
 from .. import hf
-from ..api import flash_attn_with_kvcache
 from ..reference import attention_mask
 from ._exercise import CaseFailed, Exercise, expect_equal, run_check
 
@@ -193,7 +194,7 @@ def my_hf_attention(query, key, value, attention_mask, scaling, sliding_window, 
     pad = None
     if attention_mask is not None:
         pad = (attention_mask.int().cumsum(-1) == 0).sum(-1).to(torch.int32)
-    return flash_attn_with_kvcache(
+    return fk.flash_attn_with_kvcache(
         q,
         k,
         v,
@@ -201,7 +202,7 @@ def my_hf_attention(query, key, value, attention_mask, scaling, sliding_window, 
         cache_leftpad=pad,
         softmax_scale=scaling,
         causal=True,
-        window_size=hf_window_size(sliding_window),
+        window_size=(-1, -1) if sliding_window is None else (sliding_window - 1, 0),
         softcap=softcap or 0.0,
     )
 
