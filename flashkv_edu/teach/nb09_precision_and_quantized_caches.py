@@ -66,10 +66,11 @@ def draw_error_vs_bits(errors: dict):
     return fig
 
 
-def explore(kind: str = "int per token", bits: int = 4, group: int = 32, seed: int = 0):
-    """One picture of a scheme: histogram of the round-trip error of outlier keys, with the
-    attention-output error and memory in the title. Returns ``(fig, error, kib_per_token)``."""
-    k, v = outlier_keys(seed)
+def explore(kind: str = "int per token", bits: int = 4, group: int = 32, outlier: float = 20.0, seed: int = 0):
+    """One picture of a scheme: histogram of the round-trip error of keys whose outlier
+    channels are ``outlier`` times larger, with the attention-output error and memory in the
+    title. Returns ``(fig, error, kib_per_token)``."""
+    k, v = outlier_keys(seed, factor=outlier)
     q = torch.randn(1, k.shape[1], 4, k.shape[3], generator=torch.Generator().manual_seed(seed + 1))
     if kind == "fp8 e4m3":
         scheme = Q.SCHEMES["fp8 e4m3, per-(batch, head) scale"]
@@ -99,17 +100,18 @@ def explore(kind: str = "int per token", bits: int = 4, group: int = 32, seed: i
 
 
 def quant_explorer():
-    """Widget: bits (slider), group size and scheme -> the error histogram of :func:`explore`."""
+    """Widget: outlier size (slider), bits, group size and scheme -> :func:`explore`'s picture."""
     import ipywidgets as w
 
-    def redraw(bits, group, kind):
-        explore(kind, bits, group)
+    def redraw(outlier, bits, group, kind):
+        explore(kind, bits, group, outlier)
         plt.show()
 
     return w.interactive(
         redraw,
-        bits=w.SelectionSlider(options=[2, 4, 8], value=4, description="bits"),
-        group=w.SelectionSlider(options=[16, 32, 64], value=32, description="group"),
+        outlier=w.IntSlider(value=20, min=1, max=40, description="outlier x"),
+        bits=w.Dropdown(options=[2, 4, 8], value=4, description="bits"),
+        group=w.Dropdown(options=[16, 32, 64], value=32, description="group"),
         kind=w.Dropdown(options=["int per token", "int KIVI", "fp8 e4m3"], description="scheme"),
     )
 
