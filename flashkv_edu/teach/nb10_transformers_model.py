@@ -140,7 +140,7 @@ def draw_serving(trace, n_requests: int):
     ax.set_title("Continuous batching over a transformers model (paged FlashKVCache)")
     ax2.plot([t[0] for t in trace], [t[2] for t in trace], color="tab:orange")
     ax2.set_xlabel("decode step")
-    ax2.set_ylabel("blocks in use")
+    ax2.set_ylabel("blocks per layer")
     fig.tight_layout()
     return fig
 
