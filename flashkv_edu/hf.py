@@ -350,7 +350,7 @@ def serve(model, prompts: list[list[int]], max_new_tokens, *, max_batch: int = 4
     their own ``cache_seqlens``, and each row's positions are its own.
 
     ``max_new_tokens``: one int, or one per prompt. Returns ``(outputs, trace)``: the greedy new
-    tokens of each prompt, and one ``(step, running request ids, blocks in use)`` tuple per
+    tokens of each prompt, and one ``(step, running request ids, blocks in use per layer)`` tuple per
     decode step."""
     if model.config._attn_implementation != NAME:
         raise ArgumentError(f'serve() needs a model built with attn_implementation="{NAME}" (after register())')
