@@ -167,3 +167,24 @@ def test_the_readme_example_runs(tmp_path):
     code += "\nassert out.shape == (2, 5 + 24)\nprint('ok')\n"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_batch_size=0, max_cache_len=64), "max_batch_size"),
+        (dict(max_batch_size=1, max_cache_len=0), "max_cache_len"),
+        (dict(max_batch_size=1, max_cache_len=64, page_size=0), "page_size"),
+    ],
+)
+def test_flashkv_cache_arguments_are_checked(kwargs, match):
+    with pytest.raises(ArgumentError, match=match):
+        hf.FlashKVCache(nb10.tiny_config("llama"), **kwargs)
+
+
+def test_register_refuses_an_unknown_backend_and_serve_needs_the_implementation():
+    with pytest.raises(ArgumentError, match="backend"):
+        hf.register("cuda")
+    eager, _ = _pair("llama")
+    with pytest.raises(ArgumentError, match="attn_implementation"):
+        hf.serve(eager, [[1, 2, 3]], 2)

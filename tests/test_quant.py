@@ -274,3 +274,39 @@ def test_attention_through_cache_matches_the_streaming_cache_row_by_row():
         cache.append(k[:, t : t + 1], v[:, t : t + 1])
         step = cache.attention(q[:, t : t + 1], causal=True)
         assert _close(step, full[:, t : t + 1]), t
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: Q.Scheme("x", "int4"), "kind must be"),
+        (lambda: Q.Scheme("x", "int", 3), "bits must be 8, 4 or 2"),
+        (lambda: Q.Scheme("x", "int", 4, k_axis="channel"), "needs group > 0"),
+        (lambda: Q.Scheme("x", "fp8", fp8_scale="row"), "fp8_scale must be"),
+        (lambda: Q.quantize_int(torch.randn(1, 4, 1, 16), 4, group=5), "must divide the head dim"),
+        (lambda: Q.quantize_int(torch.randn(1, 5, 1, 16), 4, axis="channel", group=4), "must divide seqlen"),
+        (lambda: Q.quantize_int(torch.randn(1, 4, 1, 16), 9), "bits"),
+        (lambda: Q.fp8_descales(torch.randn(1, 4, 1, 16), "row"), "granularity must be"),
+        (lambda: Q.QuantizedKVCache(1, 64, 1, 16, Q.SCHEMES["fp16"]), "stores integer schemes"),
+        (lambda: Q.QuantizedKVCache(1, 50, 1, 16, Q.SCHEMES["int2 KIVI"]), "multiple of the token group"),
+    ],
+)
+def test_bad_quantization_arguments_are_refused_with_their_name(make, match):
+    with pytest.raises(ArgumentError, match=match):
+        make()
+
+
+def test_a_refused_append_leaves_the_quantized_cache_unchanged():
+    cache = Q.QuantizedKVCache(2, 64, 2, 16, Q.SCHEMES["int4 KIVI"])
+    cache.append(torch.randn(2, 40, 2, 16), torch.randn(2, 40, 2, 16))
+    before = [t.clone() for t in (*cache.codes.values(), *cache.scales.values(), *cache.pending.values())]
+    for k, v in [
+        (torch.randn(2, 3, 1, 16), torch.randn(2, 3, 1, 16)),  # wrong KV heads
+        (torch.randn(2, 3, 2, 16), torch.randn(2, 4, 2, 16)),  # k and v differ
+        (torch.randn(2, 25, 2, 16), torch.randn(2, 25, 2, 16)),  # overflow
+    ]:
+        with pytest.raises(ArgumentError):
+            cache.append(k, v)
+    after = [*cache.codes.values(), *cache.scales.values(), *cache.pending.values()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert cache.cache_seqlens.tolist() == [40, 40]
