@@ -47,11 +47,12 @@ def model_pair(kind: str = "gemma2", seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     hf.register()
-    cfg = tiny_config(kind)
     torch.manual_seed(seed)
-    eager = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    ours = AutoModelForCausalLM.from_config(cfg, attn_implementation=hf.NAME).eval()
+    # One config object each: from_config records the implementation on the config it is given.
+    eager = AutoModelForCausalLM.from_config(tiny_config(kind), attn_implementation="eager").eval()
+    ours = AutoModelForCausalLM.from_config(tiny_config(kind), attn_implementation=hf.NAME).eval()
     ours.load_state_dict(eager.state_dict())
+    assert eager.config._attn_implementation == "eager" and ours.config._attn_implementation == hf.NAME
     return eager, ours
 
 
