@@ -193,19 +193,15 @@ def bench_quant(sequences: int = 16) -> list[dict]:
     from .cache import MODEL_SHAPES
 
     model, _ = charlm.load()
-    text = torch.tensor(charlm.encode(charlm.stdlib_text()))
-    val = text[int(0.98 * len(text)) :]
-    seqs = torch.stack([val[i * 700 : i * 700 + 257] for i in range(sequences)])
-    calib = Q.calibrate_fp8(model, torch.stack([text[i * 40_000 : i * 40_000 + 256] for i in range(8)]))
+    losses = Q.scheme_losses(model, sequences)
     k, v = Q.outlier_keys()
     q = torch.randn(1, k.shape[1], 4, k.shape[3], generator=torch.Generator().manual_seed(1))
     layers, _, hk, d = MODEL_SHAPES["Llama-3-8B (GQA)"]
-    rows, base = [], None
+    rows, base = [], losses["fp32"]
     print(f"{'scheme':<36} {'KiB/token':>10} {'attn error':>11} {'val loss':>9} {'vs fp32':>8}")
     print(f"{'':<36} {'Llama-3-8B':>10} {'(outliers)':>11} {'nats/ch':>9}")
     for name, scheme in Q.SCHEMES.items():
-        loss = Q.model_loss(model, seqs, scheme, calib)
-        base = loss if base is None else base
+        loss = losses[name]
         row = dict(
             scheme=name,
             kib_per_token=Q.bytes_per_token(scheme, layers, hk, d) / 1024,

@@ -416,6 +416,22 @@ def gather_paged(k_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tens
     return dense.reshape(b, nblk * k_cache.shape[1], *k_cache.shape[2:])
 
 
+def scatter_to_pages(x: torch.Tensor, block_table: torch.Tensor, num_blocks: int | None = None) -> torch.Tensor:
+    """The inverse of :func:`gather_paged`: a contiguous ``(batch, max_blocks * page, ...)``
+    tensor (a cache, or per-token scales) laid out in a pool ``(num_blocks, page, ...)``, row
+    ``p`` of sequence ``b`` at ``[block_table[b, p // page], p % page]``. Blocks no sequence
+    uses are zero. ``num_blocks`` defaults to the largest block id + 1."""
+    check_tensor("x", x)
+    b, nblk = block_table.shape
+    if x.dim() < 2 or x.shape[0] != b or x.shape[1] % nblk:
+        raise ArgumentError(f"x must be (batch={b}, a multiple of {nblk} rows, ...), got {tuple(x.shape)}")
+    page = x.shape[1] // nblk
+    num_blocks = int(block_table.max()) + 1 if num_blocks is None else num_blocks
+    pool = torch.zeros(num_blocks, page, *x.shape[2:], dtype=x.dtype, device=x.device)
+    pool[block_table.long().reshape(-1)] = x.reshape(b * nblk, page, *x.shape[2:])
+    return pool
+
+
 def paged_attention_torch(q, k_cache, v_cache, block_table, cache_seqlens, **kwargs):
     """Decode attention over a paged cache in PyTorch: gather each sequence's pages into a
     dense tensor, then :func:`flashkv_edu.attention_ref` with ``seqlens_k=cache_seqlens``."""

@@ -288,22 +288,21 @@ def attention_through_cache(q, k, v, scheme: Scheme, *, k_descale=None, v_descal
     s = q.shape[1]
     if scheme.kind != "int" or (scheme.residual == 0 and scheme.token_group == 1):
         return attention_ref(q, k_hat, v_hat, causal=True, softmax_scale=softmax_scale).to(q.dtype)
-    # Mixed: which keys are quantized differs per query row.
-    nq = torch.tensor([scheme.quantized_length(t + 1) for t in range(s)], device=q.device)
-    quantized = torch.arange(s, device=q.device)[None, :] < nq[:, None]  # (s_q, s_k)
-    half = k.to(torch.float16).float(), v.to(torch.float16).float()
-    b, _, h, d = q.shape
-    hk = k.shape[2]
-    rep = h // hk
-    scale = d**-0.5 if softmax_scale is None else softmax_scale
-    qf = q.float().transpose(1, 2)  # (b, h, s, d)
-    kq, kf = (t.repeat_interleave(rep, 2).transpose(1, 2) for t in (k_hat, half[0]))
-    vq, vf = (t.repeat_interleave(rep, 2).transpose(1, 2) for t in (v_hat, half[1]))
-    z = torch.where(quantized, qf @ kq.transpose(-1, -2), qf @ kf.transpose(-1, -2)) * scale
-    z = z.masked_fill(~torch.ones(s, s, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-    p = torch.softmax(z, -1)
-    out = (p * quantized) @ vq + (p * ~quantized) @ vf
-    return out.transpose(1, 2).to(q.dtype)
+    # Queries that find the same number n of quantized keys read one cache: keys [0, n) as
+    # stored, the rest in 16 bits. Each such run of queries is one bottom-right causal call.
+    half_k, half_v = k.to(torch.float16).float(), v.to(torch.float16).float()
+    out = torch.empty_like(q)
+    t = 0
+    while t < s:
+        n = scheme.quantized_length(t + 1)
+        end = t + 1
+        while end < s and scheme.quantized_length(end + 1) == n:
+            end += 1
+        keys = torch.cat([k_hat[:, :n], half_k[:, n:end]], 1)
+        values = torch.cat([v_hat[:, :n], half_v[:, n:end]], 1)
+        out[:, t:end] = attention_ref(q[:, t:end], keys, values, causal=True, softmax_scale=softmax_scale)
+        t = end
+    return out
 
 
 def outlier_keys(seed: int = 0, b: int = 1, s: int = 256, hk: int = 2, d: int = 64, channels=(5, 40), factor=20.0):
@@ -349,16 +348,23 @@ class _ThroughCache:
 
 
 @torch.no_grad()
-def calibrate_fp8(model, tokens: torch.Tensor) -> dict:
-    """fp8 descales per layer from a calibration batch ``tokens`` ``(n, s)``, as vLLM's
-    calibrated scales: ``{"one" | "tensor" | "head": [(k_descale (1, hk), v_descale (1, hk)) per
-    layer]}``, ``absmax / 448`` over the whole batch (per KV head for ``"head"``)."""
+def record_kv(model, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's keys (after rotary) and values, ``(n, s, nheads_k, headdim)``, for a
+    whole-sequence forward pass of ``tokens`` ``(n, s)``."""
     n, s = tokens.shape
     positions = torch.arange(s).expand(n, s)
     ctx = _ThroughCache(positions, model.rope(), None)
     model.run(tokens, positions, ctx)
+    return ctx.recorded
+
+
+@torch.no_grad()
+def calibrate_fp8(model, tokens: torch.Tensor) -> dict:
+    """fp8 descales per layer from a calibration batch ``tokens`` ``(n, s)``, as vLLM's
+    calibrated scales: ``{"one" | "tensor" | "head": [(k_descale (1, hk), v_descale (1, hk)) per
+    layer]}``, ``absmax / 448`` over the whole batch (per KV head for ``"head"``)."""
     out = {"one": [], "tensor": [], "head": []}
-    for k, v in ctx.recorded:
+    for k, v in record_kv(model, tokens):
         pair = {g: [] for g in out}
         for x in (k, v):
             amax = x.float().abs().amax(dim=(0, 1, 3))[None]  # (1, hk)
@@ -381,6 +387,19 @@ def model_loss(model, tokens: torch.Tensor, scheme: Scheme, descales: dict | Non
     return float(
         torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
     )
+
+
+def scheme_losses(model, sequences: int, length: int = 257) -> dict[str, float]:
+    """Validation loss (nats per character) of the character model of notebook 08 through every
+    scheme of :data:`SCHEMES`: ``sequences`` pieces of ``length`` characters of its validation
+    text; fp8 descales calibrated on 8 pieces of its training text."""
+    from . import charlm
+
+    text = torch.tensor(charlm.encode(charlm.stdlib_text()))
+    val = text[int(0.98 * len(text)) :]  # charlm's validation split
+    seqs = torch.stack([val[i * 700 : i * 700 + length] for i in range(sequences)])
+    calib = calibrate_fp8(model, torch.stack([text[i * 40_000 : i * 40_000 + 256] for i in range(8)]))
+    return {name: model_loss(model, seqs, scheme, calib) for name, scheme in SCHEMES.items()}
 
 
 @torch.no_grad()

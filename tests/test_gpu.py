@@ -57,7 +57,7 @@ def test_forward_kernel_on_cuda(dtype, headdim, causal, window, sq, sk):
 @pytest.mark.parametrize("page", [None, 1, 16, 256])
 def test_decode_kernel_split_and_paged_on_cuda(dtype, num_splits, page):
     from flashkv_edu.kernels.decode import decode_attention_triton
-    from flashkv_edu.paged import gather_paged
+    from flashkv_edu.paged import gather_paged, scatter_to_pages
 
     b, cap, hk, h, d = 3, 1024, 8, 32, 128
     k, v = _rand(b, cap, hk, d, dtype=dtype, seed=4), _rand(b, cap, hk, d, dtype=dtype, seed=5)
@@ -67,12 +67,8 @@ def test_decode_kernel_split_and_paged_on_cuda(dtype, num_splits, page):
     table = None
     if page is not None:
         blocks = cap // page
-        perm = torch.randperm(b * blocks, device=DEV)
-        table = perm.view(b, blocks).to(torch.int32)
-        pool_k = torch.empty(b * blocks, page, hk, d, dtype=dtype, device=DEV)
-        pool_v = torch.empty_like(pool_k)
-        pool_k[perm] = k.reshape(b * blocks, page, hk, d)
-        pool_v[perm] = v.reshape(b * blocks, page, hk, d)
+        table = torch.randperm(b * blocks, device=DEV).view(b, blocks).to(torch.int32)
+        pool_k, pool_v = scatter_to_pages(k, table), scatter_to_pages(v, table)
         assert torch.equal(gather_paged(pool_k, table), k)
         k, v = pool_k, pool_v
     out = decode_attention_triton(q, k, v, lens, block_table=table, causal=True, num_splits=num_splits)
@@ -99,6 +95,7 @@ def test_api_on_cuda_appends_and_attends(dtype, backend):
 @pytest.mark.parametrize("paged", [False, True])
 def test_quantized_decode_on_cuda(kind, paged):
     from flashkv_edu.kernels.decode import decode_attention_triton
+    from flashkv_edu.paged import scatter_to_pages
 
     b, cap, hk, h, d, page = 2, 512, 8, 32, 128, 16
     k, v = _rand(b, cap, hk, d, seed=12), _rand(b, cap, hk, d, seed=13)
@@ -118,14 +115,9 @@ def test_quantized_decode_on_cuda(kind, paged):
     table = None
     if paged:
         table = torch.arange(b * cap // page, device=DEV).flip(0).view(b, cap // page).to(torch.int32)
-        order = table.flatten().argsort()
-
-        def pool(x):
-            return x.reshape(b * cap // page, page, *x.shape[2:])[order]
-
-        kc, vc = pool(kc), pool(vc)
+        kc, vc = scatter_to_pages(kc, table), scatter_to_pages(vc, table)
         if kind == "int8":
-            ks, vs = pool(ks), pool(vs)
+            ks, vs = scatter_to_pages(ks, table), scatter_to_pages(vs, table)
     out = decode_attention_triton(q, kc, vc, lens, block_table=table, k_descale=ks, v_descale=vs, num_splits=4)
     assert within_fa_tolerance(out, ref, lowp), max_abs_err(out, ref)
 

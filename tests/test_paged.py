@@ -18,6 +18,7 @@ from flashkv_edu.paged import (
 from flashkv_edu.reference import attention_ref
 from flashkv_edu.sim import BuddyAllocator, FirstFitAllocator, compare, format_results
 from flashkv_edu.testing import max_abs_err
+from flashkv_edu.validation import ArgumentError
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 9, 9], [5, 5, 5, 5, 5, 5, 5, 5, 5]]
 
@@ -256,3 +257,18 @@ def test_simulation_meets_the_vllm_targets():
 def test_slot_mapping_matches_the_vllm_paper_layout():
     blocks, offsets = slot_mapping(torch.tensor([0, 3, 4, 9]), torch.tensor([7, 1, 3], dtype=torch.int32), 4)
     assert blocks.tolist() == [7, 7, 1, 3] and offsets.tolist() == [0, 3, 0, 1]
+
+
+def test_scatter_to_pages_is_the_inverse_of_gather_paged():
+    from flashkv_edu.paged import scatter_to_pages
+
+    table = torch.randperm(11)[:8].view(2, 4).to(torch.int32)
+    for x in (torch.randn(2, 12, 2, 3), torch.rand(2, 12, 2)):  # a cache, per-token scales
+        pool = scatter_to_pages(x, table, num_blocks=11)
+        assert pool.shape[:2] == (11, 3)
+        dense = gather_paged(pool if pool.dim() == 4 else pool[..., None], table)
+        assert torch.equal(dense if x.dim() == 4 else dense[..., 0], x)
+        unused = sorted(set(range(11)) - set(table.flatten().tolist()))
+        assert not pool[unused].any()
+    with pytest.raises(ArgumentError, match="multiple of 4 rows"):
+        scatter_to_pages(torch.randn(2, 10, 2, 3), table)

@@ -13,7 +13,7 @@ from flashkv_edu import quant as Q
 from flashkv_edu.cache import MODEL_SHAPES
 from flashkv_edu.kernels import decode as D
 from flashkv_edu.kernels.common import e4m3_to_float
-from flashkv_edu.paged import gather_paged
+from flashkv_edu.paged import gather_paged, scatter_to_pages
 from flashkv_edu.runtime import tl, triton
 from flashkv_edu.testing import max_abs_err
 from flashkv_edu.validation import ArgumentError
@@ -101,16 +101,6 @@ def _quantized_cache(kind, b, L, hk, d, seed):
     return ki, vi, ks, vs, ki.float() * ks[..., None], vi.float() * vs[..., None]
 
 
-def _page(x, tbl, page):
-    """A contiguous (b, L, ...) tensor laid out in a pool through ``tbl``."""
-    b, L = x.shape[:2]
-    pool = torch.zeros((int(tbl.max()) + 2, page, *x.shape[2:]), dtype=x.dtype)
-    for i in range(b):
-        for j in range(L // page):
-            pool[int(tbl[i, j])] = x[i, j * page : (j + 1) * page]
-    return pool
-
-
 @settings(max_examples=12, deadline=None)
 @given(
     seed=st.integers(0, 2**20),
@@ -129,9 +119,9 @@ def test_quantized_decode_kernel_equals_the_dequantized_oracle(seed, kind, paged
     if paged:
         tbl = torch.randperm(b * L // page + 1, generator=torch.Generator().manual_seed(seed))[: b * L // page]
         tbl = tbl.view(b, L // page).to(torch.int32)
-        kc, vc = _page(kc, tbl, page), _page(vc, tbl, page)
+        kc, vc = scatter_to_pages(kc, tbl), scatter_to_pages(vc, tbl)
         if kind == "int8":
-            ks, vs = _page(ks, tbl, page), _page(vs, tbl, page)
+            ks, vs = scatter_to_pages(ks, tbl), scatter_to_pages(vs, tbl)
     got = D.decode_attention_triton(
         q, kc, vc, lens, block_table=tbl, causal=True, num_splits=splits, k_descale=ks, v_descale=vs
     )
@@ -170,7 +160,7 @@ def test_api_fp8_cache_appends_with_the_descales_and_equals_the_oracle(seed, bac
     tbl = None
     if paged:
         tbl = torch.arange(b * L // page).flip(0).view(b, L // page).to(torch.int32)
-        kc, vc = _page(kc, tbl, page), _page(vc, tbl, page)
+        kc, vc = scatter_to_pages(kc, tbl), scatter_to_pages(vc, tbl)
     got = fk.flash_attn_with_kvcache(
         q, kc, vc, k, v, cache_seqlens=lens, block_table=tbl, causal=True, k_descale=ks, v_descale=vs, backend=backend
     )
