@@ -1,30 +1,52 @@
 #!/usr/bin/env python3
 """Set up flashkv_edu in ./.venv and either open JupyterLab or run the whole test suite.
 
-    python3 run.py lab     # set up, then open JupyterLab on notebooks/
-    python3 run.py test    # set up, then run unit tests, property tests and nbval
+    python3 run.py lab             # set up from the lock, then open JupyterLab on notebooks/
+    python3 run.py test            # set up from the lock, then run unit tests, property tests and nbval
+    python3 run.py test --latest   # the upgrade lane: ./.venv-latest with the newest releases
+                                   # pyproject.toml allows (torch as locked), then the same suite
+    python3 run.py test --oldest   # ./.venv-oldest: the lock, but transformers at the oldest
+                                   # release pyproject.toml allows, then the same suite
+    python3 run.py lock            # refresh constraints.txt (maintainers; see README)
 
-Needs only Python >= 3.10 and pip. PyTorch is installed first, pinned to 2.13.0 (set
-FLASHKV_TORCH to choose another spec, for example "torch==2.13.0+cpu" with a CPU index).
-Extra arguments after ``test`` go to pytest, after ``lab`` to JupyterLab. As root (a container,
-a cloud VM) JupyterLab is started with --allow-root, and run.py says so. A .venv left without
-pip is repaired with ensurepip, or created afresh.
+Needs only Python >= 3.11 and pip. Everything is installed with ``pip install -c constraints.txt``,
+the lock: the exact versions CI tested, so a fresh clone gets what CI ran. PyTorch comes first,
+pinned by the lock (set FLASHKV_TORCH to choose another spec, for example "torch==2.13.0+cpu"
+with a CPU index; the lock's torch line is then left out). Extra arguments after ``test`` go to
+pytest, after ``lab`` to JupyterLab. As root (a container, a cloud VM) JupyterLab is started with
+--allow-root, and run.py says so. A .venv left without pip is repaired with ensurepip, or created
+afresh.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-VENV = ROOT / ".venv"
-BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
-PY = BIN / ("python.exe" if os.name == "nt" else "python")
-STAMP = VENV / ".flashkv_setup"
+LOCK = ROOT / "constraints.txt"
+VENVS = {"locked": ROOT / ".venv", "latest": ROOT / ".venv-latest", "oldest": ROOT / ".venv-oldest"}
+OLDEST = ("transformers",)  # installed at their lowest allowed release by the lane "oldest"
+EXTRAS = ("dev", "hf")
+# The Python versions the lock is resolved for (CI runs 3.11); every one has a torch wheel.
+LOCK_PYTHONS = ("3.11", "3.12", "3.13", "3.14")
+QUIET = ("--quiet", "--disable-pip-version-check")
+
+
+def bin_dir(venv_dir: Path) -> Path:
+    return venv_dir / ("Scripts" if os.name == "nt" else "bin")
+
+
+def python_in(venv_dir: Path) -> Path:
+    return bin_dir(venv_dir) / ("python.exe" if os.name == "nt" else "python")
 
 
 def sh(*cmd: str | Path) -> None:
@@ -51,23 +73,225 @@ def ensure_pip(venv_dir: Path, python: Path) -> None:
     venv.EnvBuilder(with_pip=True, clear=True).create(venv_dir)
 
 
-def setup() -> None:
-    if sys.version_info < (3, 10):  # noqa: UP036 - run.py may be started by an older Python
-        sys.exit("flashkv_edu needs Python >= 3.10")
-    if not PY.exists():
-        print(f"creating {VENV}", flush=True)
-        venv.EnvBuilder(with_pip=True).create(VENV)
-    torch_spec = os.environ.get("FLASHKV_TORCH", "torch==2.13.0")
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + torch_spec.encode()).hexdigest()
-    if STAMP.exists() and STAMP.read_text() == wanted:
-        return
-    ensure_pip(VENV, PY)
-    quiet = ["--quiet", "--disable-pip-version-check"]
+# --- the lock ------------------------------------------------------------------------------------
+
+
+def read_lock(path: Path = LOCK) -> list[tuple[str, str, str]]:
+    """The lock's pins as ``(name, version, marker)`` (marker "" when it applies everywhere)."""
+    pins = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        spec, _, marker = line.partition(";")
+        name, _, version = spec.strip().partition("==")
+        pins.append((name.strip(), version.strip(), marker.strip()))
+    return pins
+
+
+def locked_torch(path: Path = LOCK) -> str:
+    """The lock's torch requirement, e.g. ``torch==2.13.0``."""
+    versions = {v for name, v, _ in read_lock(path) if name == "torch"}
+    if len(versions) != 1:
+        raise SystemExit(
+            f"{path.name} must pin torch exactly once (found {sorted(versions)}): run `python3 run.py lock`"
+        )
+    return f"torch=={versions.pop()}"
+
+
+def constraints_for(torch_spec: str, workdir: Path, drop: tuple[str, ...] = ()) -> Path:
+    """The lock; or a copy without the packages in ``drop`` and, when FLASHKV_TORCH asks for
+    another torch, without torch."""
+    drop = tuple(canonical(n) for n in drop) + (() if torch_spec == locked_torch() else ("torch",))
+    if not drop:
+        return LOCK
+    workdir.mkdir(parents=True, exist_ok=True)
+    copy = workdir / "constraints-adjusted.txt"
+    kept = [line for line in LOCK.read_text().splitlines() if canonical(line.split("==")[0].strip()) not in drop]
+    copy.write_text("\n".join(kept) + "\n")
+    return copy
+
+
+def lowest_pins() -> list[str]:
+    """``name==X`` for each package of OLDEST, X the lower bound of its range in pyproject.toml."""
+    pins = []
+    for req in project_requirements():
+        name = canonical(re.split(r"[<>=!~;\[ ]", req)[0])
+        if name in OLDEST:
+            low = re.search(r">=\s*([\w.]+)", req)
+            if not low:
+                raise SystemExit(f"pyproject.toml gives {name} no lower bound (>=): {req!r}")
+            pins.append(f"{name}=={low.group(1)}")
+    return pins
+
+
+def install_commands(python: Path, torch_spec: str, lane: str, constraints: Path | None = None) -> list[list]:
+    """The pip commands that set a lane's environment up. "locked": torch first, then the package
+    with its extras, both ``-c constraints.txt``. "oldest": the same, the packages of OLDEST at
+    their lowest allowed release. "latest": the newest releases pyproject allows (``--upgrade
+    --upgrade-strategy eager``), torch as given."""
+    package = f".[{','.join(EXTRAS)}]"
+    pip = [python, "-m", "pip", "install", *QUIET]
+    if lane == "latest":  # constraints: torch alone, so that the eager upgrade leaves it as pinned
+        hold = ["-c", constraints] if constraints else []
+        return [[*pip, torch_spec], [*pip, *hold, "--upgrade", "--upgrade-strategy", "eager", "-e", package]]
+    lock = ["-c", constraints or LOCK]
+    extra = lowest_pins() if lane == "oldest" else []
     # torch first, so that the package's own "torch>=..." is already satisfied and pip does not
     # pull a multi-GB CUDA build on a CPU-only machine.
-    sh(PY, "-m", "pip", "install", *quiet, torch_spec)
-    sh(PY, "-m", "pip", "install", *quiet, "-e", ".[dev,hf]")
-    STAMP.write_text(wanted)
+    return [[*pip, *lock, torch_spec], [*pip, *lock, "-e", package, *extra]]
+
+
+def setup(lane: str = "locked") -> Path:
+    """Create or refresh the lane's virtual environment; return its Python."""
+    if sys.version_info < (3, 11):  # noqa: UP036 - run.py may be started by an older Python
+        sys.exit("flashkv_edu needs Python >= 3.11 (Triton 3.9 ships wheels for 3.11 and newer)")
+    venv_dir = VENVS[lane]
+    python = python_in(venv_dir)
+    if not python.exists():
+        print(f"creating {venv_dir}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(venv_dir)
+    torch_spec = os.environ.get("FLASHKV_TORCH") or locked_torch()
+    py_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if lane != "latest" and py_version not in LOCK_PYTHONS:
+        print(f"note: constraints.txt is resolved for Python {', '.join(LOCK_PYTHONS)}, not {py_version}", flush=True)
+    stamp = venv_dir / ".flashkv_setup"
+    wanted = hashlib.sha256(
+        (ROOT / "pyproject.toml").read_bytes() + LOCK.read_bytes() + torch_spec.encode() + lane.encode()
+    ).hexdigest()
+    if lane != "latest" and stamp.exists() and stamp.read_text() == wanted:
+        return python  # the lane "latest" always looks for new releases
+    ensure_pip(venv_dir, python)
+    if lane == "latest":
+        constraints = venv_dir / "constraints-torch.txt"
+        constraints.write_text(torch_spec + "\n")
+    else:
+        constraints = constraints_for(torch_spec, venv_dir, OLDEST if lane == "oldest" else ())
+    for cmd in install_commands(python, torch_spec, lane, constraints):
+        sh(*cmd)
+    if lane == "latest":
+        report_drift(python)
+    stamp.write_text(wanted)
+    return python
+
+
+def installed_versions(python: Path) -> dict[str, str]:
+    out = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=json", "--exclude-editable", "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {canonical(p["name"]): p["version"] for p in json.loads(out)}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def report_drift(python: Path) -> None:
+    """Print what the upgrade lane installed that differs from the lock."""
+    py = subprocess.run(
+        [str(python), "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    locked = {}
+    for name, version, marker in read_lock():
+        if not marker or marker == f'python_version == "{py}"':
+            locked[canonical(name)] = version
+    changed = [
+        f"{name} {locked[name]} -> {version}"
+        for name, version in sorted(installed_versions(python).items())
+        if name in locked and locked[name] != version.split("+")[0]
+    ]
+    print("newer than constraints.txt: " + (", ".join(changed) if changed else "nothing"), flush=True)
+
+
+def project_requirements() -> list[str]:
+    """pyproject.toml's dependencies and the extras run.py installs."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in EXTRAS:
+        reqs += project["optional-dependencies"][extra]
+    return reqs
+
+
+def resolve(python_version: str, requirements: list[str], workdir: Path) -> dict[str, dict]:
+    """What pip installs for ``requirements`` on Linux under ``python_version`` today (a dry-run
+    resolution from wheels): ``{name: metadata}`` (``version``, ``requires_dist``, ...)."""
+    report = workdir / f"report-{python_version}.json"
+    cmd = [sys.executable, "-m", "pip", "install", *QUIET, "--dry-run", "--ignore-installed"]
+    cmd += ["--python-version", python_version, "--only-binary=:all:", "--target", str(workdir / "target")]
+    cmd += ["--report", str(report), *requirements]
+    print(f"+ resolving for Python {python_version}", flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    items = json.loads(report.read_text())["install"]
+    return {canonical(i["metadata"]["name"]): i["metadata"] for i in items}
+
+
+def resolve_all(torch_spec: str, workdir: Path) -> dict[str, dict[str, str]]:
+    """``{python: {name: version}}`` for every Python of LOCK_PYTHONS. The torch build run.py
+    installs (the CPU build where one is on the index, as on the machine CI runs on) is resolved
+    with the first Python; the others get torch's own dependencies as that build declares them
+    (the CUDA build on PyPI pins another Triton and several GB of CUDA libraries)."""
+    requirements = [r for r in project_requirements() if canonical(re.split(r"[<>=!~;\[ ]", r)[0]) != "torch"]
+    first = resolve(LOCK_PYTHONS[0], [torch_spec, *requirements], workdir)
+    torch_deps = [d for d in first["torch"].get("requires_dist") or [] if "extra ==" not in d]
+    if any(canonical(re.split(r"[<>=!~;\[ ]", d)[0]) == "triton" for d in torch_deps):
+        raise SystemExit(
+            f"{torch_spec} resolved to a CUDA build (it pins its own Triton); lock with torch's CPU build "
+            "reachable, e.g. PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu"
+        )
+    out = {LOCK_PYTHONS[0]: {n: m["version"] for n, m in first.items()}}
+    for py in LOCK_PYTHONS[1:]:
+        versions = {n: m["version"] for n, m in resolve(py, [*torch_deps, *requirements], workdir).items()}
+        versions["torch"] = out[LOCK_PYTHONS[0]]["torch"]
+        out[py] = versions
+    for versions in out.values():
+        versions["torch"] = versions["torch"].split("+")[0]  # the lock pins the public version
+    return out
+
+
+def lock_text(resolved: dict[str, dict[str, str]], torch_spec: str, today: str) -> str:
+    """constraints.txt from per-Python resolutions: one line per package where every Python
+    gets the same version, else one line per Python with a ``python_version`` marker."""
+    lines = [
+        "# The lock: exact versions of everything run.py installs (transitive dependencies included),",
+        "# resolved from pyproject.toml's ranges (dependencies + the extras "
+        + " and ".join(EXTRAS)
+        + ") and "
+        + torch_spec
+        + ",",
+        f"# for Linux wheels of Python {', '.join(resolved)}, on {today}. CI tests Python 3.11.",
+        "# Made by `python3 run.py lock`; do not edit by hand. run.py installs with `pip install -c constraints.txt`.",
+    ]
+    names = sorted({n for versions in resolved.values() for n in versions})
+    for name in names:
+        per_python = {py: versions.get(name) for py, versions in resolved.items()}
+        if len(set(per_python.values())) == 1:
+            lines.append(f"{name}=={per_python[next(iter(per_python))]}")
+            continue
+        for py, version in per_python.items():
+            if version is not None:
+                lines.append(f'{name}=={version} ; python_version == "{py}"')
+    return "\n".join(lines) + "\n"
+
+
+def lock() -> int:
+    """Refresh constraints.txt: resolve pyproject's ranges (torch as locked, or FLASHKV_TORCH)
+    for every Python of LOCK_PYTHONS."""
+    torch_spec = os.environ.get("FLASHKV_TORCH") or (locked_torch() if LOCK.exists() else "torch==2.13.0")
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = resolve_all(torch_spec, Path(tmp))
+    LOCK.write_text(lock_text(resolved, torch_spec, datetime.date.today().isoformat()))
+    print(f"wrote {LOCK.name}: {sum(1 for _ in read_lock())} pins; now run `python3 run.py test`", flush=True)
+    return 0
+
+
+# --- commands ------------------------------------------------------------------------------------
 
 
 def lab_arguments(extra: list[str], euid: int | None) -> list[str]:
@@ -81,15 +305,25 @@ def lab_arguments(extra: list[str], euid: int | None) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("lab", "test"):
+    if not argv or argv[0] not in ("lab", "test", "lock"):
         print(__doc__)
         return 2
-    setup()
+    if argv[0] == "lock":
+        return lock()
     if argv[0] == "lab":
+        python = setup("locked")
         euid = os.geteuid() if hasattr(os, "geteuid") else None
-        sh(BIN / "jupyter", "lab", *lab_arguments(argv[1:], euid))
-    else:
-        sh(PY, "-m", "pytest", *argv[1:])
+        sh(python.parent / "jupyter", "lab", *lab_arguments(argv[1:], euid))
+        return 0
+    args = argv[1:]
+    lanes = [a[2:] for a in args if a in ("--latest", "--oldest")]
+    if len(lanes) > 1:
+        print("choose one of --latest and --oldest")
+        return 2
+    lane = lanes[0] if lanes else "locked"
+    args = [a for a in args if a not in ("--latest", "--oldest")]
+    python = setup(lane)
+    sh(python, "-m", "pytest", *args)
     return 0
 
 

@@ -4,9 +4,13 @@
     hf.register()                                   # attn_implementation="flashkv_edu"
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="flashkv_edu")
     cache = hf.FlashKVCache(model.config, max_batch_size=4, max_cache_len=512, page_size=16)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=32)
+    out = model.generate(ids, attention_mask=mask, **hf.cache_kwargs(cache), max_new_tokens=32)
 
-What transformers passes to an attention function (after RoPE, after ``past_key_values.update``):
+transformers 5.24 renamed the cache argument of ``forward`` and ``generate`` from ``past_key_values``
+to ``cache`` (the old name warns, and goes in 5.40 and 6.0): :func:`cache_kwargs` passes it under the
+name the installed version takes.
+
+What transformers passes to an attention function (after RoPE, after ``cache.update``):
 ``query`` ``(batch, heads, q_len, head_dim)``, ``key``/``value`` ``(batch, kv_heads, kv_len,
 head_dim)``, the padding ``attention_mask`` (2-D ``(batch, kv_len)`` bool, or None when nothing
 is padded, built by the same mask function as FlashAttention 2's integration), ``scaling``,
@@ -28,7 +32,12 @@ from .api import flash_attn_with_kvcache
 from .paged import BlockAllocator, gather_paged
 from .validation import ArgumentError, check_int
 
-NAME = "flashkv_edu"
+NAME = "fkv_edu"
+"""The attention implementation :func:`register` adds. Not "flashkv_edu": transformers treats any
+name that contains "flash" as a FlashAttention kernel and takes other code paths for it (Falcon
+and gpt-oss fail there), so the name leaves that word out."""
+ALIAS = "flashkv_edu"
+"""The earlier name, still registered where this transformers allows it (see :func:`register`)."""
 INSTALL_HINT = (
     "flashkv_edu.hf needs Hugging Face transformers: pip install 'flashkv_edu[hf]' "
     "(or: pip install transformers). `python3 run.py lab` and `python3 run.py test` install it."
@@ -41,6 +50,23 @@ except ImportError as exc:  # the rest of the package works without transformers
     raise ImportError(INSTALL_HINT) from exc
 
 _BACKEND = {"name": "auto"}
+
+
+def _release(version: str) -> tuple[int, ...]:
+    from packaging.version import Version
+
+    return Version(version).release
+
+
+CACHE_ARGUMENT = "cache" if _release(transformers.__version__) >= (5, 24) else "past_key_values"
+"""The keyword under which the installed transformers' ``forward`` and ``generate`` take a cache."""
+
+
+def cache_kwargs(cache) -> dict:
+    """``{CACHE_ARGUMENT: cache}``: ``model.generate(ids, **hf.cache_kwargs(cache))`` passes the cache
+    under the name the installed transformers takes (``cache`` from 5.24, ``past_key_values`` before),
+    so neither end of the supported range warns."""
+    return {CACHE_ARGUMENT: cache}
 
 
 def _left_padding(attention_mask, batch: int, kv_len: int, device) -> torch.Tensor | None:
@@ -121,16 +147,18 @@ def register(backend: str = "auto") -> str:
     if backend not in BACKENDS:
         raise ArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _BACKEND["name"] = backend
-    AttentionInterface.register(NAME, attention)
-    AttentionMaskInterface.register(NAME, flash_attention_mask)
+    for name in (NAME, ALIAS):
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, flash_attention_mask)
     _skip_flash_kernel_preload()
     return NAME
 
 
 def _skip_flash_kernel_preload() -> None:
-    """transformers treats every implementation whose name contains "flash" as a FlashAttention
-    kernel and preloads one (from the ``flash_attn`` package or its kernel hub) when a model is
-    built. flashkv_edu brings its own function: its loader is told to load nothing for it."""
+    """For the alias "flashkv_edu" only: transformers treats every implementation whose name
+    contains "flash" as a FlashAttention kernel and preloads one (from the ``flash_attn`` package
+    or its kernel hub) when a model is built; its loader is told to load nothing for the alias.
+    :data:`NAME` needs none of this."""
     from transformers import modeling_flash_attention_utils as fa_utils
 
     load = fa_utils._lazy_imports
@@ -138,7 +166,7 @@ def _skip_flash_kernel_preload() -> None:
         return
 
     def lazy_imports(implementation, *args, **kwargs):
-        if implementation == NAME:
+        if implementation == ALIAS:
             return None, None, None, fa_utils._pad_input, fa_utils._unpad_input
         return load(implementation, *args, **kwargs)
 
@@ -352,7 +380,7 @@ def serve(model, prompts: list[list[int]], max_new_tokens, *, max_batch: int = 4
     ``max_new_tokens``: one int, or one per prompt. Returns ``(outputs, trace)``: the greedy new
     tokens of each prompt, and one ``(step, running request ids, blocks in use per layer)`` tuple per
     decode step."""
-    if model.config._attn_implementation != NAME:
+    if model.config._attn_implementation not in (NAME, ALIAS):
         raise ArgumentError(f'serve() needs a model built with attn_implementation="{NAME}" (after register())')
     budget = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budget) != len(prompts) or min(budget) < 1:
@@ -369,7 +397,7 @@ def serve(model, prompts: list[list[int]], max_new_tokens, *, max_batch: int = 4
         for layer in cache.layers:
             layer.rows = torch.tensor(rows, device=device)
         logits = model(
-            input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, attention_mask=None
+            input_ids=ids, position_ids=positions, use_cache=True, attention_mask=None, **cache_kwargs(cache)
         ).logits[:, -1]
         return logits.argmax(-1).tolist()
 
@@ -411,11 +439,21 @@ def load_local(path, attn_implementation: str = NAME, dtype=torch.float32):
     with the flashkv_edu attention registered."""
     from transformers import AutoModelForCausalLM
 
-    if attn_implementation == NAME:
+    if attn_implementation in (NAME, ALIAS):
         register(_BACKEND["name"])
     return AutoModelForCausalLM.from_pretrained(
         path, attn_implementation=attn_implementation, dtype=dtype, local_files_only=True
     ).eval()
 
 
-__all__ = ["FlashKVCache", "FlashKVLayer", "attention", "load_local", "register", "serve", "transformers"]
+__all__ = [
+    "CACHE_ARGUMENT",
+    "FlashKVCache",
+    "FlashKVLayer",
+    "attention",
+    "cache_kwargs",
+    "load_local",
+    "register",
+    "serve",
+    "transformers",
+]

@@ -42,7 +42,7 @@ def _generate(model, ids, mask, cache):
     return model.generate(
         ids,
         attention_mask=mask,
-        past_key_values=cache,
+        **hf.cache_kwargs(cache),
         max_new_tokens=NEW_TOKENS,
         do_sample=False,
         pad_token_id=0,
@@ -82,11 +82,11 @@ def test_the_window_is_honoured_and_an_off_by_one_is_caught(monkeypatch):
 
     from transformers import AttentionInterface
 
-    AttentionInterface.register("flashkv_edu", w_plus_one)
+    AttentionInterface.register(hf.NAME, w_plus_one)
     try:
         got = _generate(ours, ids, mask, hf.FlashKVCache(ours.config, 1, 64))
     finally:
-        AttentionInterface.register("flashkv_edu", right)
+        AttentionInterface.register(hf.NAME, right)
     assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits, strict=True)) > 1e-3
 
 
@@ -165,8 +165,41 @@ def test_the_readme_example_runs(tmp_path):
     section = readme[readme.index("## In a Hugging Face transformers model") :]
     code = section[section.index("```python\n") + 10 : section.index("```", section.index("```python\n") + 10)]
     code += "\nassert out.shape == (2, 5 + 24)\nprint('ok')\n"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+    assert "deprecated" not in run.stderr.lower(), run.stderr[-2000:]  # transformers' own logger warnings too
+
+
+def test_the_cache_goes_under_the_name_the_installed_transformers_takes():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in
+    5.40); ``hf.cache_kwargs`` uses the installed version's name, and no call warns: not as a
+    FutureWarning (an error here) and not through transformers' own logger."""
+    import io
+    import logging
+    import warnings
+
+    from packaging.version import Version
+
+    installed = Version(hf.transformers.__version__)
+    assert hf.CACHE_ARGUMENT == ("cache" if installed >= Version("5.24") else "past_key_values")
+    _, ours = _pair("llama")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            cache = hf.FlashKVCache(ours.config, 1, 64)
+            out = ours(input_ids=torch.tensor([[3, 4, 5]]), use_cache=True, **hf.cache_kwargs(cache))
+            assert getattr(out, hf.CACHE_ARGUMENT) is cache
+            _generate(ours, *_prompts(1), hf.FlashKVCache(ours.config, 1, 64))
+            hf.serve(ours, [[3, 4, 5]], 3)
+    finally:
+        logger.removeHandler(handler)
+    assert "deprecated" not in stream.getvalue().lower(), stream.getvalue()
 
 
 @pytest.mark.parametrize(

@@ -5,17 +5,16 @@ import importlib.util
 import re
 import subprocess
 import sys
+import tomllib
 import venv
 from pathlib import Path
 
 import pytest
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 import flashkv_edu
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    from pip._vendor import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,27 +30,111 @@ def _norm(req: str) -> str:
     return re.sub(r"\s+", "", req).replace('"', "'")
 
 
-def test_environment_yml_matches_pyproject():
+def _lock_for(python: str) -> dict[str, str]:
+    """The lock's pins that apply under ``python`` ("3.11"): ``{canonical name: version}``."""
+    run = _run_py()
+    pins = {}
+    for name, version, marker in run.read_lock():
+        if not marker or Marker(marker).evaluate({"python_version": python}):
+            assert run.canonical(name) not in pins, f"constraints.txt pins {name} twice for Python {python}"
+            pins[run.canonical(name)] = version
+    return pins
+
+
+def _requirements() -> list[Requirement]:
+    return [Requirement(r) for r in _run_py().project_requirements()]
+
+
+@pytest.mark.parametrize("python", _run_py().LOCK_PYTHONS)
+def test_every_pin_of_the_lock_lies_in_pyprojects_ranges(python):
+    run = _run_py()
+    pins = _lock_for(python)
+    env = {"python_version": python, "platform_system": "Linux", "sys_platform": "linux"}
+    for req in _requirements():
+        if req.marker is not None and not req.marker.evaluate(env):
+            continue
+        name = run.canonical(req.name)
+        assert name in pins, f"constraints.txt has no pin of {req.name} for Python {python}"
+        assert pins[name] in req.specifier, f"{name}=={pins[name]} is outside pyproject's {req}"
+    assert all(re.fullmatch(r"[\w.]+", v) for v in pins.values()), "every pin is an exact version"
+
+
+def test_the_lock_covers_every_python_the_package_accepts():
+    run = _run_py()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = {
-        _norm(r)
-        for r in project["dependencies"]
-        + project["optional-dependencies"]["dev"]
-        + project["optional-dependencies"]["hf"]
-    }
+    lowest = re.fullmatch(r">=(3\.\d+).*", project["requires-python"].split("#")[0].strip()).group(1)
+    assert run.LOCK_PYTHONS[0] == lowest
+    assert f"{sys.version_info[0]}.{sys.version_info[1]}" in run.LOCK_PYTHONS
+
+
+def test_this_environment_is_what_its_lane_installs():
+    """The locked lane (``python3 run.py test``, CI) runs exactly the lock; the oldest lane the lock
+    with transformers at its lowest allowed release; any other environment (the latest lane, a
+    user's own) at least versions inside pyproject's ranges."""
+    run = _run_py()
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    installed = {run.canonical(d.metadata["Name"]): d.version.split("+")[0] for d in importlib.metadata.distributions()}
+    for req in _requirements():
+        if req.marker is None or req.marker.evaluate():
+            assert installed.get(run.canonical(req.name)) in req.specifier, (req, installed.get(req.name))
+    lane = next((name for name, path in run.VENVS.items() if Path(sys.prefix).resolve() == path.resolve()), None)
+    if lane not in ("locked", "oldest"):
+        return
+    want = _lock_for(python)
+    if lane == "oldest":
+        want.update(dict(pin.split("==") for pin in run.lowest_pins()))
+    ignored = {"pip", "setuptools", "wheel", "flashkv-edu"}
+    unlocked = sorted(set(installed) - set(want) - ignored)
+    assert not unlocked, f"installed but not in constraints.txt: {unlocked}; run `python3 run.py lock`"
+    differ = {n: (want[n], v) for n, v in installed.items() if n in want and Version(v) != Version(want[n])}
+    assert not differ, f"(locked, installed) differ: {differ}"
+
+
+def test_run_py_installs_from_the_lock_and_the_latest_lane_from_the_ranges(tmp_path):
+    run = _run_py()
+    torch = run.locked_torch()
+    assert re.fullmatch(r"torch==[\d.]+", torch)
+    for lane in ("locked", "oldest"):
+        commands = run.install_commands(Path("python"), torch, lane)
+        assert all(["-c", run.LOCK] == cmd[cmd.index("-c") : cmd.index("-c") + 2] for cmd in commands)
+        assert commands[0][-1] == torch and commands[1][-2:] != ["-e", "."]
+    assert run.install_commands(Path("python"), torch, "oldest")[1][-1] == "transformers==5.20"
+    latest = run.install_commands(Path("python"), torch, "latest", tmp_path / "hold.txt")
+    assert latest[0][-1] == torch and {"--upgrade", "--upgrade-strategy", "eager"} <= set(latest[1])
+    assert run.LOCK not in latest[1] and tmp_path / "hold.txt" in latest[1]  # torch held, the rest free
+    # FLASHKV_TORCH: the lock without its torch line, nothing else changed.
+    adjusted = run.constraints_for("torch==2.13.0+cpu", tmp_path)
+    dropped = set(run.LOCK.read_text().splitlines()) - set(adjusted.read_text().splitlines())
+    assert dropped == {line for line in run.LOCK.read_text().splitlines() if line.startswith("torch==")}
+
+
+def test_lock_text_writes_one_line_per_package_or_one_per_python():
+    run = _run_py()
+    text = run.lock_text({"3.11": {"a": "1", "b": "2"}, "3.12": {"a": "1", "b": "3", "c": "4"}}, "torch==2", "today")
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    assert lines == ["a==1", 'b==2 ; python_version == "3.11"', 'b==3 ; python_version == "3.12"',
+                     'c==4 ; python_version == "3.12"']  # fmt: skip
+    assert "python3 run.py lock" in text
+
+
+def test_environment_yml_installs_from_the_lock():
+    run = _run_py()
     lines = (ROOT / "environment.yml").read_text().splitlines()
+    python = next(line.split("=", 1)[1] for line in lines if line.strip().startswith("- python="))
+    assert python in run.LOCK_PYTHONS
     start = next(i for i, line in enumerate(lines) if line.strip() == "- pip:")
     pip = [line.strip()[2:] for line in lines[start + 1 :] if line.strip().startswith("- ")]
-    got = {_norm(r) for r in pip if r != "-e ."}
-    assert got == wanted, f"environment.yml drifted from pyproject.toml: {got ^ wanted}"
-    assert "-e ." in pip
+    assert "-c constraints.txt" in pip and run.locked_torch() in pip
+    assert f"-e .[{','.join(run.EXTRAS)}]" in pip
 
 
-def test_readme_has_exactly_the_two_commands_and_ci_runs_the_test_one():
+def test_readme_has_the_two_commands_the_lanes_and_ci_runs_the_test_one():
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"^python3 run\.py (\w+)$", readme, flags=re.M)
-    assert sorted(set(commands)) == ["lab", "test"]
-    assert "python3 run.py test" in (ROOT / ".ci" / "run").read_text()
+    assert sorted(set(commands)) == ["lab", "lock", "test"]
+    for lane in ("python3 run.py test --latest", "python3 run.py test --oldest"):
+        assert lane in readme
+    assert re.search(r"^python3 run\.py test$", (ROOT / ".ci" / "run").read_text(), flags=re.M)
 
 
 def test_ruff_is_clean():

@@ -79,9 +79,9 @@ def record_calls(model, ids, mask, cache):
 
     AttentionInterface.register(hf.NAME, spy)
     try:
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, **hf.cache_kwargs(cache), use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
-        model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), past_key_values=cache)
+        model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), **hf.cache_kwargs(cache))
     finally:
         AttentionInterface.register(hf.NAME, hf.attention)
     return seen
@@ -109,7 +109,7 @@ def memory_over_generation(model, ids, mask, steps: int, capacity: int, page_siz
     for name, cache in caches.items():
         cur, m, out = ids, mask, []
         for _ in range(steps):
-            logits = model(input_ids=cur, attention_mask=m, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=cur, attention_mask=m, **hf.cache_kwargs(cache), use_cache=True).logits
             cur = logits[:, -1:].argmax(-1)
             out.append(cur)
             m = torch.cat([m, torch.ones_like(cur)], 1)
