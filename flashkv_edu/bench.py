@@ -191,10 +191,11 @@ def bench_quant(sequences: int = 16) -> list[dict]:
     from . import charlm
     from . import quant as Q
     from .cache import MODEL_SHAPES
+    from .teach import nb09_precision_and_quantized_caches as nb09  # notebook 09's experiments
 
     model, _ = charlm.load()
-    losses = Q.scheme_losses(model, sequences)
-    k, v = Q.outlier_keys()
+    losses = nb09.scheme_losses(model, sequences)
+    k, v = nb09.outlier_keys()
     q = torch.randn(1, k.shape[1], 4, k.shape[3], generator=torch.Generator().manual_seed(1))
     layers, _, hk, d = MODEL_SHAPES["Llama-3-8B (GQA)"]
     rows, base = [], losses["fp32"]
@@ -205,7 +206,7 @@ def bench_quant(sequences: int = 16) -> list[dict]:
         row = dict(
             scheme=name,
             kib_per_token=Q.bytes_per_token(scheme, layers, hk, d) / 1024,
-            attention_error=Q.attention_error(q, k, v, scheme),
+            attention_error=nb09.attention_error(q, k, v, scheme),
             val_loss=loss,
         )
         rows.append(row)

@@ -51,40 +51,48 @@ def check_seq_idx(seq_idx, batch: int, device=None, name: str = "seq_idx") -> to
     return idx
 
 
-def write_rows(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    start: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rows: torch.Tensor,
-    num_new: torch.Tensor | None = None,
-) -> None:
-    """Write new tokens into the caches in place: ``k[i, t]`` goes to
-    ``k_cache[rows[i], start[i] + t]`` for ``t < num_new[i]`` (default: all ``k.shape[1]``).
+def scatter_rows(dst, src, start, *, rows=None, block_table=None, counts=None) -> None:
+    """Write ``src[i, t]`` (``src`` ``(n, snew, ...)``) at token position ``start[i] + t`` of
+    sequence ``i``, for ``t < counts[i]`` (default: all ``snew``), in place:
 
-    ``start`` and ``rows`` are ``(n,)`` integer tensors; the caller has checked that everything
-    fits. No other cache row changes.
-    """
-    n, snew = k.shape[:2]
-    if snew == 0 or n == 0:
+    * contiguous ``dst`` ``(batch_cache, capacity, ...)``: at ``dst[rows[i], start[i] + t]``
+      (``rows`` default ``0 .. n-1``);
+    * paged ``dst`` ``(num_blocks, page, ...)`` with ``block_table`` ``(n, max_blocks)``: position
+      ``p`` at ``dst[block_table[i, p // page], p % page]``.
+
+    ``start``, ``rows``, ``counts`` are ``(n,)`` integer tensors. The caller has checked that every
+    position fits; no other element of ``dst`` changes. This is the one place where keys, values
+    and their scales are written into a cache."""
+    n, snew = src.shape[:2]
+    if n == 0 or snew == 0:
         return
-    t = torch.arange(snew, device=k.device)
-    keep = torch.ones(n, snew, dtype=torch.bool, device=k.device)
-    if num_new is not None:
-        keep = t[None, :] < num_new.to(k.device)[:, None]
-    pos = start.long().to(k.device)[:, None] + t[None, :]  # (n, snew) target rows
-    seq = rows.to(k.device)[:, None].expand(n, snew)
-    k_cache[seq[keep], pos[keep]] = k[keep]
-    v_cache[seq[keep], pos[keep]] = v[keep]
+    device = dst.device
+    pos = start.long().to(device)[:, None] + torch.arange(snew, device=device)[None, :]  # (n, snew)
+    if block_table is not None:
+        page = dst.shape[1]
+        first, second = block_table.long().to(device).gather(1, pos // page), pos % page
+    else:
+        seq = torch.arange(n, device=device) if rows is None else rows.long().to(device)
+        first, second = seq[:, None].expand(n, snew), pos
+    if counts is None:
+        dst[first, second] = src.to(dst.dtype)
+    else:
+        keep = torch.arange(snew, device=device)[None, :] < counts.to(device)[:, None]
+        dst[first[keep], second[keep]] = src[keep].to(dst.dtype)
+
+
+def write_kv(k_cache, v_cache, k, v, start, *, rows=None, block_table=None, counts=None) -> None:
+    """:func:`scatter_rows` for keys and values together (``k``, ``v`` ``(n, snew, nheads_k,
+    headdim)``): the append of every cache in the package, contiguous or paged."""
+    scatter_rows(k_cache, k, start, rows=rows, block_table=block_table, counts=counts)
+    scatter_rows(v_cache, v, start, rows=rows, block_table=block_table, counts=counts)
 
 
 def append_to_cache(k_cache, v_cache, cache_seqlens, k, v) -> torch.Tensor:
     """Write ``k, v`` ``(batch, snew, nheads_k, headdim)`` after each sequence's
     ``cache_seqlens`` tokens, in place, and return the new lengths (int32 ``(batch,)``).
     The bare operation; :meth:`KVCache.append` adds the checks."""
-    rows = torch.arange(k.shape[0], device=k_cache.device)
-    write_rows(k_cache, v_cache, cache_seqlens, k, v, rows)
+    write_kv(k_cache, v_cache, k, v, cache_seqlens)
     return (cache_seqlens + k.shape[1]).to(torch.int32)
 
 
@@ -194,7 +202,7 @@ class KVCache:
                     f"of length {start.tolist()} needs {needed} rows, capacity is {self.capacity}"
                 )
             self._grow(needed)
-        write_rows(self.k_cache, self.v_cache, start, k, v, rows, counts)
+        write_kv(self.k_cache, self.v_cache, k, v, start, rows=rows, counts=counts)
         self.cache_seqlens[rows] = (start + counts).to(torch.int32)
 
     def _grow(self, needed: int) -> None:

@@ -20,9 +20,10 @@ import math
 
 import torch
 
-from .reference import _zero_invalid_rows, alibi_distance_bias, check_attention_inputs, repeat_kv, visible_keys
+from .reference import alibi_distance_bias, repeat_kv, visible_keys
 from .validation import (
     ArgumentError,
+    check_attention_inputs,
     check_bool,
     check_float_tensor,
     check_int,
@@ -118,7 +119,11 @@ def blockwise_attention(
     start, end = key_range(seqlens_k, leftpad_k, b, sk, device=q.device)
     keep = visible_keys(sq, sk, window, start, end)[:, None]  # (b, 1, sq, sk)
     bias = None if slopes is None else alibi_distance_bias(slopes, sq, sk, start, end)
-    v = _zero_invalid_rows(v, start, end)  # 0 * NaN would leak
+    cols = torch.arange(sk, device=q.device)[None, :, None, None]
+    owned = (cols >= start.long()[:, None, None, None]) & (cols < end.long()[:, None, None, None])
+    v = torch.where(
+        owned, v, torch.zeros((), dtype=v.dtype, device=v.device)
+    )  # rows no sequence owns: 0 * NaN would leak
     qf = q.float().transpose(1, 2)  # (b, h, sq, d)
     kf = repeat_kv(k.float(), h // k.shape[2]).transpose(1, 2)  # (b, h, sk, d)
     vf = repeat_kv(v.float(), h // v.shape[2]).transpose(1, 2)

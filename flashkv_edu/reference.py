@@ -25,11 +25,9 @@ import torch
 from .validation import (
     ArgumentError,
     check_alibi_slopes,
+    check_attention_inputs,
     check_bool,
-    check_float_tensor,
     check_int,
-    check_qkv_shapes,
-    check_same,
     check_softcap,
     key_range,
     normalize_window,
@@ -180,127 +178,6 @@ def gqa_attention(q, k, v, *, mask=None, softmax_scale=None):
     )
 
 
-def check_attention_inputs(
-    q, k, v, alibi_slopes=None, *, max_headdim: int | None = None, value_headdim_may_differ: bool = True
-):
-    """The shared checks of ``attention_ref``-style entry points: q ``(batch, seqlen_q, nheads,
-    headdim)``, k ``(batch, seqlen_k, nheads_k, headdim)`` and v ``(batch, seqlen_k, nheads_k,
-    headdim_v)`` floating tensors of one dtype and device, ``nheads_k`` dividing ``nheads``.
-    Returns the contiguous ALiBi slopes (or None)."""
-    check_float_tensor("q", q, ndim=4)
-    check_float_tensor("k", k, ndim=4)
-    check_float_tensor("v", v, ndim=4)
-    check_same(("q", "k", "v"), (q, k, v), "dtype")
-    check_same(("q", "k", "v"), (q, k, v), "device")
-    b = q.shape[0]
-    if b == 0:
-        raise ArgumentError("q must have batch size >= 1, got 0")
-    if k.shape[0] != b or v.shape[0] != b:
-        raise ArgumentError(f"q, k, v must share the batch size; got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
-    check_qkv_shapes(q, k, v, max_headdim=max_headdim, value_headdim_may_differ=value_headdim_may_differ)
-    if alibi_slopes is None:
-        return None
-    return check_alibi_slopes(alibi_slopes, b, q.shape[2])
-
-
-def _valid_rows(seqlen_k: int, start: torch.Tensor, end: torch.Tensor):
-    """bool ``(batch, seqlen_k)``: which key rows lie in each sequence's ``[start, end)``; None
-    when all of them do."""
-    cols = torch.arange(seqlen_k, device=start.device)[None, :]
-    valid = (cols >= start.long()[:, None]) & (cols < end.long()[:, None])
-    return None if bool(valid.all()) else valid
-
-
-def _zero_invalid_rows(v: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-    """``v`` ``(batch, seqlen_k, ...)`` with the rows outside each sequence's ``[start, end)``
-    set to 0 (a new tensor only when some row is invalid). Masked keys get probability 0, but
-    0 * NaN is NaN: rows that hold no token (a cache made with ``torch.empty``) must never
-    reach the output."""
-    valid = _valid_rows(v.shape[1], start, end)
-    if valid is None:
-        return v
-    valid = valid.view(*valid.shape, *[1] * (v.dim() - 2))
-    return torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=v.device))
-
-
-def _kv_head(x, j: int, lo: int, s: int, dtype) -> torch.Tensor:
-    """KV head ``j`` of ``x`` over key columns ``[lo, lo + s)``: ``(batch, s, headdim)`` in
-    ``dtype``. ``x`` is a ``(batch, seqlen_k, nheads_k, headdim)`` tensor, read in place, or an
-    object with ``shape`` and ``head(j)`` that produces one head on demand (the API's paged
-    pool, gathered one head at a time)."""
-    part = x.head(j) if hasattr(x, "head") else x[:, :, j]
-    return part[:, lo : lo + s].to(dtype)  # no copy when equal
-
-
-def attention_core(
-    q,
-    k,
-    v,
-    *,
-    scale: float,
-    window: tuple[int, int],
-    softcap: float,
-    alibi_slopes,
-    start: torch.Tensor,
-    end: torch.Tensor,
-    compute_dtype=torch.float32,
-):
-    """The one PyTorch attention computation, on arguments already checked and normalised.
-
-    q ``(batch, seqlen_q, nheads, headdim)``; k ``(batch, seqlen_k, nheads_k, headdim)``, v
-    ``(batch, seqlen_k, nheads_k, headdim_v)`` (any strides, or head-at-a-time readers, see
-    :func:`_kv_head`); row ``b`` reads only keys ``[start[b], end[b])``; ``window`` is
-    ``(left, right)`` with causal folded in. Logits ``scale * q.k``, then
-    ``softcap * tanh(z / softcap)`` when ``softcap > 0``, then ALiBi ``-slope * |diag - j'|``,
-    then the mask.
-
-    Each KV head's group of query heads is one batched matmul over that head's keys, read in
-    place. Only the columns ``[min start, max end)`` are touched; when every query sees every
-    one of them (a plain decode step) no mask is built. Returns ``out`` (q's dtype) and ``lse``
-    ``(batch, nheads, seqlen_q)`` in ``compute_dtype``; a row that sees no key gives out 0 and
-    lse +inf.
-    """
-    b, sq, h, d = q.shape
-    hk, dv = k.shape[2], v.shape[3]
-    g = h // hk
-    lo, hi = int(start.min()), int(end.max())
-    s = max(hi - lo, 0)
-    start, end = start - lo, end - lo
-    sees_all = (
-        s > 0
-        and int(start.max()) == 0
-        and int(end.min()) == s
-        and (window[0] < 0 or window[0] >= s - 1)
-        and (window[1] < 0 or window[1] >= sq - 1)
-    )
-    valid = None if sees_all else _valid_rows(s, start, end)
-
-    def v_head(j):
-        vj = _kv_head(v, j, lo, s, compute_dtype)
-        return vj if valid is None else torch.where(valid[:, :, None], vj, torch.zeros((), dtype=vj.dtype))
-
-    # Rows of one KV head's group are (query head, query token) pairs.
-    qf = q.to(compute_dtype).view(b, sq, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * sq, d)
-    z = torch.stack([torch.bmm(qf[:, j], _kv_head(k, j, lo, s, compute_dtype).transpose(1, 2)) for j in range(hk)], 1)
-    z = z.view(b, hk, g, sq, s) * scale
-    if softcap > 0:
-        z = softcap * torch.tanh(z / softcap)
-    if alibi_slopes is not None:
-        bias = alibi_distance_bias(alibi_slopes, sq, s, start, end, torch.promote_types(compute_dtype, torch.float32))
-        z = z + bias.to(compute_dtype).view(b, hk, g, sq, s)
-    if not sees_all:
-        keep = visible_keys(sq, s, window, start, end)  # (b, sq, s)
-        z = z.masked_fill(~keep[:, None, None], float("-inf"))
-    lse = torch.logsumexp(z, dim=-1)  # -inf where a row sees nothing
-    empty = None if sees_all else torch.isneginf(lse)
-    p = torch.exp(z - (lse if sees_all else lse.masked_fill(empty, 0.0))[..., None]).view(b, hk, g * sq, s)
-    out = torch.stack([torch.bmm(p[:, j], v_head(j)) for j in range(hk)], 1).view(b, hk, g, sq, dv)
-    out = out.permute(0, 3, 1, 2, 4).reshape(b, sq, h, dv).to(q.dtype)
-    if not sees_all:
-        lse = lse.masked_fill(empty, float("inf"))
-    return out, lse.reshape(b, h, sq)
-
-
 def attention_ref(
     q,
     k,
@@ -344,24 +221,33 @@ def attention_ref(
         raise ArgumentError(f"compute_dtype must be a floating dtype, got {compute_dtype}")
     check_bool("return_lse", return_lse)
     b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
     scale = softmax_scale_for(d, softmax_scale)
     softcap = check_softcap(softcap)
     window = normalize_window(window_size, causal)
-    start, end = key_range(seqlens_k, leftpad_k, b, k.shape[1], device=q.device)
-    out, lse = attention_core(
-        q,
-        k,
-        v,
-        scale=scale,
-        window=window,
-        softcap=softcap,
-        alibi_slopes=slopes,
-        start=start,
-        end=end,
-        compute_dtype=compute_dtype,
-    )
+    start, end = key_range(seqlens_k, leftpad_k, b, sk, device=q.device)
+    keep = visible_keys(sq, sk, window, start, end)  # (batch, seqlen_q, seqlen_k)
+
+    # Every query head meets its KV head; rows outside [start, end) are not keys of the sequence
+    # (they may hold anything, NaN included) and are zeroed before they can touch a product.
+    cols = torch.arange(sk, device=q.device)[None, :]
+    owned = ((cols >= start.long()[:, None]) & (cols < end.long()[:, None]))[:, :, None, None]
+    k_all = torch.where(owned, repeat_kv(k, h // hk).to(compute_dtype), 0.0)
+    v_all = torch.where(owned, repeat_kv(v, h // hk).to(compute_dtype), 0.0)
+
+    scores = torch.einsum("bihd,bjhd->bhij", q.to(compute_dtype), k_all) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if slopes is not None:
+        scores = scores + alibi_distance_bias(slopes, sq, sk, start, end, compute_dtype)
+    scores = scores.masked_fill(~keep[:, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (batch, nheads, seqlen_q); -inf for a row that sees nothing
+    finite_lse = torch.where(torch.isneginf(lse), 0.0, lse)
+    probs = torch.where(keep[:, None], torch.exp(scores - finite_lse[..., None]), 0.0)
+    out = torch.einsum("bhij,bjhd->bihd", probs, v_all).to(q.dtype)
     if not return_lse:
         return out
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
     return out, lse.to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
 
 

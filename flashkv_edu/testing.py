@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -13,15 +11,6 @@ def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
     same = (a64 == b64) | (torch.isnan(a64) & torch.isnan(b64))
     diff = (a64 - b64).abs().masked_fill(same, 0.0)
     return float(diff.max()) if diff.numel() else 0.0
-
-
-def error_bucket(err: float) -> str:
-    """An error rounded up to a power of ten (``'<1e-06'``), stable across runs and machines."""
-    if err == 0:
-        return "0"
-    if not math.isfinite(err):
-        return str(err)
-    return f"<1e{math.ceil(math.log10(err)):+03d}".replace("+", "")
 
 
 def within_fa_tolerance(

@@ -12,8 +12,9 @@ plain offsets never depend on the strides of a view the caller passed.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -26,6 +27,65 @@ class ArgumentError(ValueError, RuntimeError):
 
 class ArgumentTypeError(TypeError, RuntimeError):
     """An argument of the wrong type or dtype. A ``TypeError``, and a ``RuntimeError``."""
+
+
+# --- checks that read tensor values: one device-to-host read per call ----------------------------
+
+_VALUE_CHECKS = {"on": True}
+
+
+@contextlib.contextmanager
+def skip_value_checks():
+    """Within this block, public calls skip the checks that read tensor **values** (lengths in
+    range, block-table entries, finite slopes and scales, ...): they read nothing back from the
+    device, as CUDA-graph capture requires. Shapes, dtypes and devices are still checked. Inputs
+    are then trusted: out-of-range values give undefined results, as in FlashAttention. The PyTorch
+    path reads every row up to the capacity in this mode (it cannot ask how long the sequences are)."""
+    before = _VALUE_CHECKS["on"]
+    _VALUE_CHECKS["on"] = False
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS["on"] = before
+
+
+def value_checks_on() -> bool:
+    """Whether checks that read tensor values run (see :func:`skip_value_checks`)."""
+    return _VALUE_CHECKS["on"]
+
+
+class DeviceChecks:
+    """Checks and numbers that need tensor values, gathered so that one call reads the device once.
+
+    ``require(ok, message)`` takes a 0-d bool tensor that must be True; ``stat(name, value,
+    default)`` a 0-d integer tensor whose value the caller needs on the host (``default`` is used
+    when value checks are skipped). :meth:`run` stacks them all and reads them with a single
+    ``tolist()``; on a failure it raises the first failing check's error (building its message may
+    read more, only on that error path)."""
+
+    def __init__(self):
+        self._checks: list[tuple[torch.Tensor, Callable[[], str], type]] = []
+        self._stats: list[tuple[str, torch.Tensor, int]] = []
+
+    def require(self, ok: torch.Tensor, message: Callable[[], str], error: type = None) -> None:
+        self._checks.append((ok, message, error or ArgumentError))
+
+    def stat(self, name: str, value: torch.Tensor, default: int) -> None:
+        self._stats.append((name, value, default))
+
+    def run(self) -> dict[str, int]:
+        """Raise the first failing check's error, else return ``{name: value}`` of the stats."""
+        if not value_checks_on():
+            return {name: default for name, _, default in self._stats}
+        items = [ok for ok, _, _ in self._checks] + [value for _, value, _ in self._stats]
+        if not items:
+            return {}
+        device = items[0].device
+        values = torch.stack([t.reshape(()).to(device=device, dtype=torch.int64) for t in items]).tolist()
+        for (_, message, error), ok in zip(self._checks, values, strict=False):
+            if not ok:
+                raise error(message())
+        return {name: int(v) for (name, _, _), v in zip(self._stats, values[len(self._checks) :], strict=True)}
 
 
 def _dtype_name(dtype) -> str:
@@ -131,14 +191,18 @@ def check_window(window_size) -> tuple[int, int]:
 
 
 def normalize_window(window_size, causal=False, *, seqlen_k: int | None = None) -> tuple[int, int]:
-    """The mask every path applies: ``causal`` sets ``right = 0``; with ``seqlen_k`` (the cache
-    capacity) a side ``>= seqlen_k`` becomes -1, as ``flash_attn_with_kvcache`` does."""
+    """The mask every path applies: ``causal`` sets ``right = 0``. With ``seqlen_k`` (the cache
+    capacity) it follows FlashAttention's ``set_params_fprop``: a side ``>= seqlen_k`` becomes -1,
+    then a window with a finite left side and an infinite right side gets ``right = seqlen_k``,
+    a finite bound (it matters when ``seqlen_q > seqlen_k + 1``: early query rows see nothing)."""
     left, right = check_window(window_size)
     if check_bool("causal", causal):
         right = 0
     if seqlen_k is not None:
         left = -1 if left >= seqlen_k else left
         right = -1 if right >= seqlen_k else right
+        if left >= 0 and right < 0:
+            right = seqlen_k
     return left, right
 
 
@@ -154,16 +218,35 @@ def check_softcap(softcap) -> float:
     return check_positive("softcap", softcap, allow_zero=True)
 
 
+def _run(checks: DeviceChecks | None, local: DeviceChecks) -> None:
+    """Run ``local`` when the caller gave no :class:`DeviceChecks` to gather into."""
+    if checks is None:
+        local.run()
+
+
 def check_lengths(
-    name: str, lengths, batch: int, *, low: int = 0, high: int | None = None, device=None, int32_only: bool = False
+    name: str,
+    lengths,
+    batch: int,
+    *,
+    low: int = 0,
+    high: int | None = None,
+    device=None,
+    int32_only: bool = False,
+    checks: DeviceChecks | None = None,
 ) -> torch.Tensor:
     """Turn ``lengths`` (int or ``(batch,)`` integer tensor) into a contiguous int32 ``(batch,)``
     tensor on ``device``. Every value lies in ``[low, high]`` (``high`` inclusive, when given).
-    ``int32_only``: a tensor must already be int32 (FlashAttention's rule for its arguments)."""
+    ``int32_only``: a tensor must already be int32 (FlashAttention's rule for its arguments).
+    The value checks join ``checks`` when given (read later, together), else run here."""
     if isinstance(lengths, bool):
         raise ArgumentTypeError(f"{name} must be an int or an integer tensor, got bool")
     if isinstance(lengths, numbers.Integral):
-        lengths = torch.full((batch,), int(lengths), dtype=torch.int32, device=device)
+        value = int(lengths)
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if value < low else f"<= {high}"
+            raise ArgumentError(f"{name} must be {bound}, got {value}")
+        return torch.full((batch,), value, dtype=torch.int32, device=device)
     check_tensor(name, lengths, ndim=1)
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise ArgumentTypeError(f"{name} must be an integer tensor (int32), got {_dtype_name(lengths.dtype)}")
@@ -173,10 +256,12 @@ def check_lengths(
         raise ArgumentError(f"{name} must have shape ({batch},), got {tuple(lengths.shape)}")
     if device is not None and lengths.device != torch.device(device):
         raise ArgumentError(f"{name} must be on {torch.device(device)}, got {lengths.device}")
-    if batch and int(lengths.min()) < low:
-        raise ArgumentError(f"{name} must be >= {low}, got {lengths.tolist()}")
-    if high is not None and batch and int(lengths.max()) > high:
-        raise ArgumentError(f"{name} must be <= {high}, got {lengths.tolist()}")
+    local = checks or DeviceChecks()
+    if batch:
+        local.require((lengths >= low).all(), lambda: f"{name} must be >= {low}, got {lengths.tolist()}")
+        if high is not None:
+            local.require((lengths <= high).all(), lambda: f"{name} must be <= {high}, got {lengths.tolist()}")
+    _run(checks, local)
     return lengths.to(torch.int32).contiguous()
 
 
@@ -189,20 +274,32 @@ def key_range(
     device=None,
     names=("seqlens_k", "leftpad_k"),
     int32_only: bool = False,
+    checks: DeviceChecks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's valid key columns ``[start, end)``: ``end = seqlens`` (default ``capacity``),
     ``start = leftpad`` (default 0), ``0 <= start <= end <= capacity``. Returns contiguous int32
     ``(start, end)``, each ``(batch,)``."""
+    local = checks or DeviceChecks()
     end = check_lengths(
-        names[0], capacity if seqlens is None else seqlens, batch, high=capacity, device=device, int32_only=int32_only
+        names[0],
+        capacity if seqlens is None else seqlens,
+        batch,
+        high=capacity,
+        device=device,
+        int32_only=int32_only,
+        checks=local,
     )
-    start = check_lengths(names[1], 0 if leftpad is None else leftpad, batch, device=end.device, int32_only=int32_only)
-    if bool((start > end).any()):
-        raise ArgumentError(f"{names[1]} must be <= {names[0]}, got {start.tolist()} > {end.tolist()}")
+    start = check_lengths(
+        names[1], 0 if leftpad is None else leftpad, batch, device=end.device, int32_only=int32_only, checks=local
+    )
+    local.require(
+        (start <= end).all(), lambda: f"{names[1]} must be <= {names[0]}, got {start.tolist()} > {end.tolist()}"
+    )
+    _run(checks, local)
     return start, end
 
 
-def check_block_table(block_table, batch: int, num_blocks: int) -> torch.Tensor:
+def check_block_table(block_table, batch: int, num_blocks: int, checks: DeviceChecks | None = None) -> torch.Tensor:
     """A paged-cache ``block_table``: int32 ``(batch, max_blocks)`` with entries in
     ``[0, num_blocks)``. Returned contiguous."""
     check_tensor("block_table", block_table, ndim=2)
@@ -212,20 +309,25 @@ def check_block_table(block_table, batch: int, num_blocks: int) -> torch.Tensor:
         raise ArgumentError(f"block_table must have {batch} rows (one per sequence), got {block_table.shape[0]}")
     if block_table.shape[1] == 0:
         raise ArgumentError("block_table must have at least one column (max_blocks_per_seq >= 1)")
-    if int(block_table.min()) < 0 or int(block_table.max()) >= num_blocks:
-        raise ArgumentError(f"block_table entries must lie in [0, {num_blocks}) (num_blocks of k_cache)")
+    local = checks or DeviceChecks()
+    local.require(
+        ((block_table >= 0) & (block_table < num_blocks)).all(),
+        lambda: f"block_table entries must lie in [0, {num_blocks}) (num_blocks of k_cache)",
+    )
+    _run(checks, local)
     return block_table.contiguous()
 
 
-def check_alibi_slopes(alibi_slopes, batch: int, nheads: int) -> torch.Tensor:
+def check_alibi_slopes(alibi_slopes, batch: int, nheads: int, checks: DeviceChecks | None = None) -> torch.Tensor:
     """ALiBi slopes: fp32 ``(nheads,)`` or ``(batch, nheads)``, finite. Returned contiguous."""
     check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,))
     if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
         raise ArgumentError(
             f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got {tuple(alibi_slopes.shape)}"
         )
-    if not bool(torch.isfinite(alibi_slopes).all()):
-        raise ArgumentError("alibi_slopes must be finite")
+    local = checks or DeviceChecks()
+    local.require(torch.isfinite(alibi_slopes).all(), lambda: "alibi_slopes must be finite")
+    _run(checks, local)
     return alibi_slopes.contiguous()
 
 
@@ -282,18 +384,33 @@ def check_num_splits(num_splits, *, allow_zero: bool = True) -> int:
 
 
 QUANTIZED_CACHE_DTYPES = (torch.float8_e4m3fn, torch.int8)
+SCALE_NONE, SCALE_PER_HEAD, SCALE_PER_TOKEN = 0, 1, 2
+"""How a cache's stored values become real ones (the decode kernel's ``KV_SCALE``): not at all, times
+one descale per (sequence, KV head) (FlashAttention 3's fp8 descales), times one scale per cached
+token and KV head (int8)."""
 
 
 def check_cache_descales(
-    q, k_cache, v_cache, k_descale, v_descale, *, batch: int, paged: bool, per_token: bool = True
+    q,
+    k_cache,
+    v_cache,
+    k_descale,
+    v_descale,
+    *,
+    batch: int,
+    paged: bool,
+    per_token: bool = True,
+    checks: DeviceChecks | None = None,
 ) -> int:
     """The cache dtype and its scales, checked together; returns the scale mode.
 
-    * 0: a cache in q's dtype, no scales.
-    * 1: an fp8 e4m3 or int8 cache with ``k_descale``/``v_descale`` fp32 ``(batch, nheads_k)``,
-      one positive finite factor per sequence and KV head (FlashAttention 3's descales).
-    * 2 (``per_token``): an int8 cache with fp32/fp16 scales of the cache's shape without the
-      head dim, ``(batch_cache, capacity, nheads_k)`` or paged ``(num_blocks, page, nheads_k)``.
+    * ``SCALE_NONE``: a cache in q's dtype, no scales.
+    * ``SCALE_PER_HEAD``: an fp8 e4m3 or int8 cache with ``k_descale``/``v_descale`` fp32
+      ``(batch, nheads_k)``, one positive finite factor per sequence and KV head (FlashAttention
+      3's descales).
+    * ``SCALE_PER_TOKEN`` (``per_token``): an int8 cache with fp32/fp16 scales of the cache's
+      shape without the head dim, ``(batch_cache, capacity, nheads_k)`` or paged ``(num_blocks,
+      page, nheads_k)``.
 
     The real value of a cached element is ``stored * scale``.
     """
@@ -306,25 +423,26 @@ def check_cache_descales(
             raise ArgumentError(
                 f"k_descale/v_descale apply to fp8 e4m3 or int8 caches; k_cache is {_dtype_name(k_cache.dtype)}"
             )
-        return 0
+        return SCALE_NONE
     if k_descale is None:
         raise ArgumentError(
             f"a {_dtype_name(k_cache.dtype)} cache needs k_descale and v_descale (real value = stored * descale)"
         )
     hk = k_cache.shape[2]
     mode = None
+    local = checks or DeviceChecks()
     for name, t in (("k_descale", k_descale), ("v_descale", v_descale)):
         check_tensor(name, t, dtypes=(torch.float32, torch.float16))
         if t.device != k_cache.device:
             raise ArgumentError(f"{name} must be on the cache's device {k_cache.device}, got {t.device}")
         if t.dim() == 2 and t.dtype == torch.float32 and tuple(t.shape) == (batch, hk):
-            this = 1
-            if not bool((torch.isfinite(t) & (t > 0)).all()):
-                raise ArgumentError(f"{name} must be positive and finite")
+            this = SCALE_PER_HEAD
+            local.require((torch.isfinite(t) & (t > 0)).all(), lambda name=name: f"{name} must be positive and finite")
         elif per_token and k_cache.dtype == torch.int8 and tuple(t.shape) == tuple(k_cache.shape[:3]):
-            this = 2
-            if not bool((torch.isfinite(t) & (t >= 0)).all()):
-                raise ArgumentError(f"{name} must be non-negative and finite")
+            this = SCALE_PER_TOKEN
+            local.require(
+                (torch.isfinite(t) & (t >= 0)).all(), lambda name=name: f"{name} must be non-negative and finite"
+            )
         else:
             shapes = f"fp32 (batch, nheads_k) = {(batch, hk)}"
             if per_token and k_cache.dtype == torch.int8:
@@ -334,4 +452,28 @@ def check_cache_descales(
         if mode is not None and this != mode:
             raise ArgumentError("k_descale and v_descale must have the same granularity")
         mode = this
+    _run(checks, local)
     return mode
+
+
+def check_attention_inputs(
+    q, k, v, alibi_slopes=None, *, max_headdim: int | None = None, value_headdim_may_differ: bool = True
+):
+    """The shared checks of ``attention_ref``-style entry points: q ``(batch, seqlen_q, nheads,
+    headdim)``, k ``(batch, seqlen_k, nheads_k, headdim)`` and v ``(batch, seqlen_k, nheads_k,
+    headdim_v)`` floating tensors of one dtype and device, ``nheads_k`` dividing ``nheads``.
+    Returns the contiguous ALiBi slopes (or None)."""
+    check_float_tensor("q", q, ndim=4)
+    check_float_tensor("k", k, ndim=4)
+    check_float_tensor("v", v, ndim=4)
+    check_same(("q", "k", "v"), (q, k, v), "dtype")
+    check_same(("q", "k", "v"), (q, k, v), "device")
+    b = q.shape[0]
+    if b == 0:
+        raise ArgumentError("q must have batch size >= 1, got 0")
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ArgumentError(f"q, k, v must share the batch size; got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    check_qkv_shapes(q, k, v, max_headdim=max_headdim, value_headdim_may_differ=value_headdim_may_differ)
+    if alibi_slopes is None:
+        return None
+    return check_alibi_slopes(alibi_slopes, b, q.shape[2])

@@ -288,7 +288,6 @@ def _decode(**kw):
 
 case("decode block_n not a power of two", VALUE, "block_n")(lambda: _decode(block_n=24))
 case("decode block_n too small", VALUE, "block_n")(lambda: _decode(block_n=8))
-case("decode num_splits 0", VALUE, "num_splits")(lambda: _decode(num_splits=0))
 case("decode cache_seqlens past capacity", VALUE, "cache_seqlens")(
     lambda: _decode(cache_seqlens=torch.tensor([9], dtype=torch.int32))
 )

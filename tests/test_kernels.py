@@ -4,12 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from flashkv_edu import runtime
 from flashkv_edu.kernels import attention_triton, decode_attention_triton
 from flashkv_edu.kernels.forward import tile_schedule
 from flashkv_edu.kernels.gpucheck import TABLE_PATH
@@ -153,19 +155,28 @@ def test_decode_kernel_reads_each_kv_tile_once_per_group():
         (lambda: attention_triton(*(torch.randn(1, 2, 1, 8, dtype=torch.float64),) * 3), "fp16, bf16 or fp32"),
         (
             lambda: decode_attention_triton(
-                torch.randn(2, 1, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.tensor([1, 1])
+                torch.randn(2, 1, 2, 8),
+                torch.randn(1, 4, 2, 8),
+                torch.randn(1, 4, 2, 8),
+                torch.tensor([1, 1], dtype=torch.int32),
             ),
             "pass cache_batch_idx",
         ),
         (
             lambda: decode_attention_triton(
-                torch.randn(1, 1, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.tensor([5])
+                torch.randn(1, 1, 2, 8),
+                torch.randn(1, 4, 2, 8),
+                torch.randn(1, 4, 2, 8),
+                torch.tensor([5], dtype=torch.int32),
             ),
             "cache_seqlens must be <= 4",
         ),
         (
             lambda: decode_attention_triton(
-                torch.randn(1, 1, 3, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.tensor([1])
+                torch.randn(1, 1, 3, 8),
+                torch.randn(1, 4, 2, 8),
+                torch.randn(1, 4, 2, 8),
+                torch.tensor([1], dtype=torch.int32),
             ),
             "must divide",
         ),
@@ -174,8 +185,8 @@ def test_decode_kernel_reads_each_kv_tile_once_per_group():
                 torch.randn(1, 1, 2, 8),
                 torch.randn(1, 4, 2, 8),
                 torch.randn(1, 4, 2, 8),
-                torch.tensor([1]),
-                num_splits=0,
+                torch.tensor([1], dtype=torch.int32),
+                num_splits=-1,
             ),
             "num_splits",
         ),
@@ -203,4 +214,69 @@ def test_gpu_compile_check_passes_and_matches_the_committed_table(tmp_path):
     assert {r["target"] for r in rows} == {"sm_80", "sm_90"} and all(r["ok"] for r in rows)
     assert {r["kernel"] for r in rows} >= {"attention_fwd_kernel", "decode_kernel", "combine_kernel"}
     assert all(r["spill_bytes"] == 0 for r in rows)
+    # Every feature switch of the kernels is compiled for both GPUs: ALiBi and softcap included.
+    for kernel in ("attention_fwd_kernel", "decode_kernel"):
+        for feature in ("ALiBi", "softcap"):
+            targets = {r["target"] for r in rows if r["kernel"] == kernel and feature in r["variant"]}
+            assert targets == {"sm_80", "sm_90"}, (kernel, feature)
     assert rows == json.loads(TABLE_PATH.read_text()), "re-run gpucheck --json and commit the table"
+
+
+# --- interpreter details ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not runtime.INTERPRET, reason="the interpreter's rounding")
+def test_interpreted_bf16_output_rounds_to_nearest():
+    """Under the interpreter a bf16 kernel computes in fp32 (DOT_FP32); its output must be that
+    fp32 result rounded to nearest, as a GPU stores it, not truncated toward zero."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 4, 32, generator=g).bfloat16()
+    kc = torch.randn(2, 40, 2, 32, generator=g).bfloat16()
+    vc = torch.randn(2, 40, 2, 32, generator=g).bfloat16()
+    lens = torch.tensor([40, 17], dtype=torch.int32)
+    for splits in (1, 3):
+        out16 = decode_attention_triton(q, kc, vc, lens, causal=True, num_splits=splits)
+        out32 = decode_attention_triton(q.float(), kc.float(), vc.float(), lens, causal=True, num_splits=splits)
+        assert torch.equal(out16, out32.to(torch.bfloat16)), f"num_splits={splits}"
+    fwd16 = attention_triton(q, kc, vc, seqlens_k=lens, causal=True)
+    fwd32 = attention_triton(q.float(), kc.float(), vc.float(), seqlens_k=lens, causal=True)
+    assert torch.equal(fwd16, fwd32.to(torch.bfloat16))
+
+
+BIG_OFFSET_SCRIPT = textwrap.dedent("""
+    import torch
+    import flashkv_edu
+    from flashkv_edu.kernels.decode import decode_attention_triton
+    from flashkv_edu.kernels.forward import attention_triton
+    from flashkv_edu.reference import attention_ref
+
+    # Cache row 2 starts 2 * 2^30 = 2^31 elements in: past int32. The storage is virtual
+    # (torch.empty); only the rows written below are ever touched.
+    L, d, stride_b = 64, 16, 2**30
+    def big_cache():
+        store = torch.empty(stride_b * 2 + L * d, dtype=torch.float16)
+        view = store.as_strided((3, L, 1, d), (stride_b, d, d, 1))
+        view[2].normal_()
+        return view
+    kc, vc = big_cache(), big_cache()
+    q = torch.randn(1, 1, 2, d, dtype=torch.float16)
+    lens = torch.tensor([L], dtype=torch.int32)
+    ref = attention_ref(q, kc[2:3].contiguous(), vc[2:3].contiguous())
+    out = decode_attention_triton(q, kc, vc, lens, cache_batch_idx=torch.tensor([2], dtype=torch.int32))
+    assert torch.allclose(out.float(), ref.float(), atol=2e-3), "decode kernel"
+    q3 = torch.randn(3, 1, 2, d, dtype=torch.float16)
+    out = attention_triton(q3, kc, vc)[2:3]
+    ref = attention_ref(q3[2:3], kc[2:3].contiguous(), vc[2:3].contiguous())
+    assert torch.allclose(out.float(), ref.float(), atol=2e-3), "forward kernel"
+    print("64-bit offsets ok")
+""")
+
+
+@pytest.mark.skipif(not runtime.INTERPRET, reason="the interpreter reproduces the overflow on a CPU")
+def test_kernel_addresses_are_64_bit():
+    """``cache_row * stride_kb`` past 2^31 elements: with 32-bit arithmetic the address wraps
+    and the read lands outside the cache (a crash or garbage); with 64-bit base offsets the
+    kernels read the right rows. Run in a subprocess so a wrapped address cannot take pytest
+    down with it."""
+    run = subprocess.run([sys.executable, "-c", BIG_OFFSET_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "64-bit offsets ok" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]

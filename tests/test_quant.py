@@ -15,6 +15,7 @@ from flashkv_edu.kernels import decode as D
 from flashkv_edu.kernels.common import e4m3_to_float
 from flashkv_edu.paged import gather_paged, scatter_to_pages
 from flashkv_edu.runtime import tl, triton
+from flashkv_edu.teach import nb09_precision_and_quantized_caches as nb09
 from flashkv_edu.testing import max_abs_err
 from flashkv_edu.validation import ArgumentError
 
@@ -258,7 +259,7 @@ def test_attention_through_cache_matches_the_streaming_cache_row_by_row():
     b, L, hk, h, d = 1, 80, 2, 4, 32
     q, k, v = _x(4, (b, L, h, d)) / 4, _x(5, (b, L, hk, d)), _x(6, (b, L, hk, d))
     k, v = k.half().float(), v.half().float()
-    full = Q.attention_through_cache(q, k, v, s)
+    full = nb09.attention_through_cache(q, k, v, s)
     cache = Q.QuantizedKVCache(b, 96, hk, d, s)
     for t in range(L):
         cache.append(k[:, t : t + 1], v[:, t : t + 1])

@@ -1,5 +1,6 @@
 """The runtime switch: device, interpreter, canary, notebook setup."""
 
+import os
 import subprocess
 import sys
 
@@ -52,3 +53,32 @@ def test_importing_triton_first_on_cpu_warns_and_keeps_the_pytorch_paths():
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("True") and "Import flashkv_edu first" in run.stdout
     assert "Import flashkv_edu first" in run.stderr  # the warning
+
+
+# --- who decides where code runs ---------------------------------------------------------------
+
+
+def test_auto_is_pytorch_on_a_cpu_and_triton_on_a_gpu():
+    assert runtime.resolve_backend("auto", "cpu") == "torch"
+    expected = "triton" if (runtime.HAS_TRITON and not runtime.INTERPRET) else "torch"
+    assert runtime.resolve_backend("auto", "cuda") == expected
+    assert runtime.resolve_backend("torch", "cpu") == "torch"
+
+
+def _runtime_report(env_extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")}
+    env.update(env_extra)
+    code = "import flashkv_edu.runtime as r; print(r.INTERPRET, r.HAS_CUDA, r.run_canary())"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.split()
+
+
+@pytest.mark.skipif(runtime.HAS_CUDA, reason="what a CPU-only machine decides")
+def test_runtime_alone_decides_on_a_cpu():
+    """Without a GPU the interpreter is on whatever CUDA_VISIBLE_DEVICES says, and the canary
+    really runs; in a compile-only process (TRITON_INTERPRET=0) it says it did not run."""
+    assert _runtime_report({}) == ["True", "False", "True"]
+    assert _runtime_report({"CUDA_VISIBLE_DEVICES": "-1"}) == ["True", "False", "True"]
+    assert _runtime_report({"CUDA_VISIBLE_DEVICES": "0"}) == ["True", "False", "True"]
+    assert _runtime_report({"TRITON_INTERPRET": "0"}) == ["False", "False", "False"]

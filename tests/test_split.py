@@ -77,9 +77,10 @@ def test_empty_splits_write_zero_and_minus_inf_and_combine_equals_merge_states()
 
 def test_num_splits_limits():
     kc = torch.randn(1, 8, 1, 16)
-    for bad in (0, 129, 2.0, True):
+    lens = torch.tensor([8], dtype=torch.int32)
+    for bad in (-1, 129, 2.0, True):  # 0 is FlashAttention's heuristic, as in the API
         with pytest.raises(ValueError, match="num_splits"):
-            decode_attention_triton(torch.randn(1, 1, 1, 16), kc, kc, torch.tensor([8]), num_splits=bad)
+            decode_attention_triton(torch.randn(1, 1, 1, 16), kc, kc, lens, num_splits=bad)
 
 
 @pytest.mark.parametrize(

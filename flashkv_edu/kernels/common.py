@@ -82,6 +82,14 @@ def default_warps(headdim: int) -> int:
 
 
 if runtime.HAS_TRITON:
+    from ..validation import SCALE_NONE as _NONE
+    from ..validation import SCALE_PER_HEAD as _PER_HEAD
+    from ..validation import SCALE_PER_TOKEN as _PER_TOKEN
+
+    # The decode kernel's scale modes (``KV_SCALE``), named for use inside kernels.
+    SCALE_NONE = tl.constexpr(_NONE)
+    SCALE_PER_HEAD = tl.constexpr(_PER_HEAD)
+    SCALE_PER_TOKEN = tl.constexpr(_PER_TOKEN)
 
     @triton.jit
     def tanh_softcap(s, softcap):

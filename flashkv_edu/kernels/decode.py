@@ -16,25 +16,17 @@ from __future__ import annotations
 import torch
 
 from .. import runtime
+from ..call import KVCacheCall, check_kvcache_call
 from ..runtime import tl, triton
+from ..validation import SCALE_PER_HEAD as SCALE_PER_HEAD_MODE
+from ..validation import SCALE_PER_TOKEN as SCALE_PER_TOKEN_MODE
 from ..validation import (
-    QUANTIZED_CACHE_DTYPES,
     ArgumentError,
     ArgumentTypeError,
-    check_alibi_slopes,
-    check_block_table,
     check_bool,
-    check_cache_descales,
-    check_cache_shapes,
-    check_lengths,
-    check_num_splits,
     check_power_of_two,
     check_same,
-    check_softcap,
     check_tensor,
-    key_range,
-    normalize_window,
-    softmax_scale_for,
 )
 from .common import (
     MAX_HEADDIM,
@@ -49,56 +41,62 @@ from .common import (
 )
 
 if runtime.HAS_TRITON:
-    from .common import e4m3_to_float, online_softmax_step
+    from .common import SCALE_NONE, SCALE_PER_HEAD, SCALE_PER_TOKEN, e4m3_to_float, online_softmax_step
+
+    @triton.jit
+    def split_range(split, split_size, seqlen_k):
+        """``(lo, hi)``: split ``split`` covers keys ``[split * split_size, (split + 1) *
+        split_size)`` cut at ``seqlen_k``; a split past the end is empty (``hi <= lo``)."""
+        lo = split * split_size
+        hi = tl.minimum(seqlen_k, lo + split_size)
+        return lo, hi
+
+    @triton.jit
+    def kv_row_pointers(
+        K_head, V_head, BLOCK_TABLE, b64, cache_row, pos, col_ok, stride_btb, stride_kb, stride_ks, stride_vb,
+        stride_vs, page_size, PAGED: tl.constexpr,
+    ):  # fmt: skip
+        """Pointers to the key and value rows at absolute cache positions ``pos`` of this sequence,
+        and where a per-token scale of each sits (``row``, ``slot``): cache row ``cache_row`` of a
+        contiguous cache, or block ``block_table[b, pos // page]`` at ``pos % page`` of a pool."""
+        if PAGED:
+            row = tl.load(BLOCK_TABLE + b64 * stride_btb + pos // page_size, mask=col_ok, other=0).to(tl.int64)
+            slot = pos % page_size
+        else:
+            row = cache_row
+            slot = pos
+        return K_head + row * stride_kb + slot * stride_ks, V_head + row * stride_vb + slot * stride_vs, row, slot
+
+    @triton.jit
+    def dequantize(x, scale, FP8_BITS: tl.constexpr):
+        """A quantized tile's real values, ``stored * scale`` in fp32; ``FP8_BITS``: the tile holds
+        e4m3 bit patterns (uint8) decoded in software (GPUs without fp8 conversion, sm_80)."""
+        if FP8_BITS:
+            x = e4m3_to_float(x)
+        return x.to(tl.float32) * scale
+
+    @triton.jit
+    def finish_split(m_i, l_i, acc):
+        """A program's partial state from its running max ``m_i``, sum ``l_i`` (``[M]``) and
+        accumulator ``acc`` (``[M, D]``): ``out = acc / l_i`` and ``lse = m_i + log(l_i)``; a row
+        that saw no key gives ``out = 0`` and ``lse = -inf``, so that it drops out of a combine."""
+        empty = l_i == 0.0
+        out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
+        lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+        return out, lse
 
     @triton.jit
     def decode_kernel(
-        Q,
-        K,
-        V,
-        O,
-        LSE,
-        SEQLENS,
-        LEFTPAD,
-        BATCH_IDX,
-        BLOCK_TABLE,
-        SLOPES,
-        TILES,
-        K_SCALE,
-        V_SCALE,
-        stride_qb,
-        stride_qs,
-        stride_qh,
-        stride_kb,
-        stride_ks,
-        stride_kh,
-        stride_vb,
-        stride_vs,
-        stride_vh,
-        stride_osplit,
-        stride_ob,
-        stride_os,
-        stride_oh,
-        stride_lsplit,
-        stride_lb,
-        stride_lh,
-        stride_btb,
-        stride_sb,
-        stride_ksb,
-        stride_kss,
-        stride_ksh,
-        stride_vsb,
-        stride_vss,
-        stride_vsh,
-        nheads_k,
-        seqlen_q,
-        headdim,
-        page_size,
-        split_size,
-        scale,
-        softcap,
-        window_left,
-        window_right,
+        Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, SLOPES, TILES, K_SCALE, V_SCALE,
+        stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh,
+        stride_osplit, stride_ob, stride_os, stride_oh,
+        stride_lsplit, stride_lb, stride_lh,
+        stride_btb, stride_sb,
+        stride_ksb, stride_kss, stride_ksh,
+        stride_vsb, stride_vss, stride_vsh,
+        nheads_k, seqlen_q, headdim, page_size, split_size, scale, softcap, window_left, window_right,
         GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -112,7 +110,10 @@ if runtime.HAS_TRITON:
         DOT_FP32: tl.constexpr,
         KV_SCALE: tl.constexpr = 0,
         FP8_BITS: tl.constexpr = False,
-    ):
+    ):  # fmt: skip
+        """One program per (sequence x KV head, split, row tile); rows are (query token, query
+        head) pairs of one KV head's group. ``KV_SCALE``: ``SCALE_NONE``, ``SCALE_PER_HEAD`` (one
+        descale per sequence and KV head) or ``SCALE_PER_TOKEN`` (one scale per cached token)."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -130,36 +131,36 @@ if runtime.HAS_TRITON:
             cache_row = tl.load(BATCH_IDX + b).to(tl.int64)
         K_head = K + kvh * stride_kh
         V_head = V + kvh * stride_vh
-        K_seq = K_head + cache_row * stride_kb
-        V_seq = V_head + cache_row * stride_vb
-        # Row r of the tile is query token r // GROUP of query head kvh * GROUP + r % GROUP.
+
+        # The tile's rows: row r is query token r // GROUP of query head kvh * GROUP + r % GROUP.
         r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         tok = r // GROUP
         head = kvh * GROUP + r % GROUP
         dims = tl.arange(0, BLOCK_D)
         row_ok = tok < seqlen_q
         dim_ok = dims < headdim
-        q = tl.load(
-            Q + b64 * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh + dims[None, :],
-            mask=row_ok[:, None] & dim_ok[None, :],
-            other=0.0,
-        )
-        diag = tok + sk - seqlen_q
+        q_ptrs = Q + b64 * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh + dims[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        diag = tok + sk - seqlen_q  # bottom-right alignment
+
         # This split's key range, narrowed to the tiles some row of this tile can see.
+        lo, hi = split_range(split, split_size, sk)
         first_tok = (pid_m * BLOCK_M) // GROUP
         last_tok = tl.minimum(seqlen_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // GROUP)
-        lo = split * split_size
-        hi = tl.minimum(sk, lo + split_size)
         if window_right >= 0:
             hi = tl.minimum(hi, last_tok + sk - seqlen_q + window_right + 1)
         if window_left >= 0:
             lo = tl.maximum(lo, (tl.maximum(0, first_tok + sk - seqlen_q - window_left) // BLOCK_N) * BLOCK_N)
+
         slope = tl.zeros([BLOCK_M], tl.float32)
         if HAS_ALIBI:
             slope = tl.load(SLOPES + b * stride_sb + head, mask=row_ok, other=0.0)
-        if KV_SCALE == 1:  # one descale per (sequence, KV head): FlashAttention 3's fp8 cache
-            k_descale = tl.load(K_SCALE + b64 * stride_ksb + kvh * stride_ksh)
-            v_descale = tl.load(V_SCALE + b64 * stride_vsb + kvh * stride_vsh)
+        k_scale = 1.0
+        v_scale = 1.0
+        if KV_SCALE == SCALE_PER_HEAD:  # FlashAttention 3's descales, one per (sequence, KV head)
+            k_scale = tl.load(K_SCALE + b64 * stride_ksb + kvh * stride_ksh)
+            v_scale = tl.load(V_SCALE + b64 * stride_vsb + kvh * stride_vsh)
+
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -167,34 +168,23 @@ if runtime.HAS_TRITON:
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)  # compacted key index j'
             col_ok = cols < hi
-            pos = start + cols  # absolute cache row
-            if PAGED:
-                page = tl.load(BLOCK_TABLE + b64 * stride_btb + pos // page_size, mask=col_ok, other=0)
-                page = page.to(tl.int64)  # the pool can hold more than 2^31 elements
-                k_rows = K_head + page * stride_kb + (pos % page_size) * stride_ks
-                v_rows = V_head + page * stride_vb + (pos % page_size) * stride_vs
-                scale_row, slot = page, pos % page_size
-            else:
-                k_rows = K_seq + pos * stride_ks
-                v_rows = V_seq + pos * stride_vs
-                scale_row, slot = cache_row, pos
+            k_rows, v_rows, row, slot = kv_row_pointers(
+                K_head, V_head, BLOCK_TABLE, b64, cache_row, start + cols, col_ok, stride_btb, stride_kb, stride_ks,
+                stride_vb, stride_vs, page_size, PAGED,
+            )  # fmt: skip
             kv_mask = col_ok[:, None] & dim_ok[None, :]
             k = tl.load(k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
             # A quantized cache is dequantized here, one tile at a time, in registers.
-            if KV_SCALE == 1:
-                if FP8_BITS:  # e4m3 bytes decoded in software (no fp8 conversion on sm_80)
-                    k = e4m3_to_float(k) * k_descale
-                    v = e4m3_to_float(v) * v_descale
-                else:
-                    k = k.to(tl.float32) * k_descale
-                    v = v.to(tl.float32) * v_descale
-            if KV_SCALE == 2:  # one scale per cached token and KV head (int8, symmetric)
-                k_scale = tl.load(K_SCALE + scale_row * stride_ksb + slot * stride_kss + kvh * stride_ksh, mask=col_ok)
-                v_scale = tl.load(V_SCALE + scale_row * stride_vsb + slot * stride_vss + kvh * stride_vsh, mask=col_ok)
-                k = k.to(tl.float32) * k_scale[:, None].to(tl.float32)
-                v = v.to(tl.float32) * v_scale[:, None].to(tl.float32)
-            if KV_SCALE != 0 and not DOT_FP32:  # tensor cores take q's 16-bit type
+            if KV_SCALE == SCALE_PER_TOKEN:
+                k_tok = tl.load(K_SCALE + row * stride_ksb + slot * stride_kss + kvh * stride_ksh, mask=col_ok)
+                v_tok = tl.load(V_SCALE + row * stride_vsb + slot * stride_vss + kvh * stride_vsh, mask=col_ok)
+                k = dequantize(k, k_tok.to(tl.float32)[:, None], FP8_BITS)
+                v = dequantize(v, v_tok.to(tl.float32)[:, None], FP8_BITS)
+            elif KV_SCALE == SCALE_PER_HEAD:
+                k = dequantize(k, k_scale, FP8_BITS)
+                v = dequantize(v, v_scale, FP8_BITS)
+            if KV_SCALE != SCALE_NONE and not DOT_FP32:  # tensor cores take q's 16-bit type
                 k = k.to(Q.dtype.element_ty)
                 v = v.to(Q.dtype.element_ty)
             visible = row_ok[:, None] & col_ok[None, :]
@@ -207,12 +197,10 @@ if runtime.HAS_TRITON:
                 q, k, v, m_i, l_i, acc, visible, bias, scale, softcap, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32
             )
             tiles += 1
-        empty = l_i == 0.0
-        out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
-        if SPLIT:
-            lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-        else:
-            lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+
+        out, lse = finish_split(m_i, l_i, acc)
+        if not SPLIT:  # the final answer: a row that saw no key at all has LSE +inf
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
         O_seq = O + split.to(tl.int64) * stride_osplit + b64 * stride_ob
         o_ptrs = O_seq + tok[:, None] * stride_os + head[:, None] * stride_oh
         tl.store(o_ptrs + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
@@ -275,44 +263,6 @@ if runtime.HAS_TRITON:
         tl.store(LSE + b * stride_fb + h * stride_fh + t, final)
 
 
-def _check_decode_inputs(
-    q, k_cache, v_cache, cache_seqlens, cache_leftpad, cache_batch_idx, block_table, alibi_slopes, k_descale, v_descale
-):
-    """Validate decode arguments; return ``(capacity, page_size, start, end, batch_idx,
-    block_table, alibi_slopes, scale_mode)`` with every index tensor contiguous int32."""
-    check_tensor("q", q, ndim=4, dtypes=SUPPORTED_DTYPES)
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=SUPPORTED_DTYPES + QUANTIZED_CACHE_DTYPES)
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=SUPPORTED_DTYPES + QUANTIZED_CACHE_DTYPES)
-    check_same(("q", "k_cache", "v_cache"), (q, k_cache, v_cache), "device")
-    b, sq, h, d = q.shape
-    if b == 0 or sq == 0:
-        raise ArgumentError(f"q must have batch >= 1 and seqlen_q >= 1, got shape {tuple(q.shape)}")
-    check_cache_shapes(q, k_cache, v_cache, MAX_HEADDIM)
-    scale_mode = check_cache_descales(q, k_cache, v_cache, k_descale, v_descale, batch=b, paged=block_table is not None)
-    if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
-        raise ArgumentError(f"k_cache must hold at least one sequence and one row, got {tuple(k_cache.shape)}")
-    if block_table is not None:
-        if cache_batch_idx is not None:
-            raise ArgumentError("cache_batch_idx cannot be used with block_table (paged KV cache)")
-        block_table = check_block_table(block_table, b, k_cache.shape[0])
-        page = k_cache.shape[1]
-        capacity = block_table.shape[1] * page
-    else:
-        page = 1
-        capacity = k_cache.shape[1]
-    start, end = key_range(
-        cache_seqlens, cache_leftpad, b, capacity, device=q.device, names=("cache_seqlens", "cache_leftpad")
-    )
-    batch_idx = None
-    if cache_batch_idx is not None:
-        batch_idx = check_lengths("cache_batch_idx", cache_batch_idx, b, high=k_cache.shape[0] - 1, device=q.device)
-    elif block_table is None and k_cache.shape[0] < b:
-        raise ArgumentError(f"k_cache has {k_cache.shape[0]} cache rows for a batch of {b}; pass cache_batch_idx")
-    if alibi_slopes is not None:
-        alibi_slopes = check_alibi_slopes(alibi_slopes, b, h)
-    return capacity, page, start, end, batch_idx, block_table, alibi_slopes, scale_mode
-
-
 def _needs_fp8_bits(device: torch.device) -> bool:
     """Whether fp8 e4m3 must be decoded in software: GPUs before sm_89 have no conversion
     instruction (Triton refuses the type there). The interpreter converts natively."""
@@ -324,9 +274,9 @@ def _needs_fp8_bits(device: torch.device) -> bool:
 def _scale_strides(t: torch.Tensor, mode: int) -> tuple[int, int, int]:
     """(row, slot, KV head) strides of a scale tensor: ``(batch, nheads_k)`` descales have no
     slot stride; per-token scales are ``(rows, slots, nheads_k)``."""
-    if mode == 1:
+    if mode == SCALE_PER_HEAD_MODE:
         return t.stride(0), 0, t.stride(1)
-    if mode == 2:
+    if mode == SCALE_PER_TOKEN_MODE:
         return t.stride(0), t.stride(1), t.stride(2)
     return 0, 0, 0
 
@@ -363,12 +313,14 @@ def decode_attention_triton(
     """Attention of ``q`` ``(batch, seqlen_q, nheads, headdim)`` against a KV cache, through
     :func:`decode_kernel` (and :func:`combine_kernel` when ``num_splits > 1``).
 
-    Sequence ``b`` sees the keys at absolute cache rows ``[cache_leftpad[b], cache_seqlens[b])``
-    (new keys already appended): in cache row ``cache_batch_idx[b]`` (default ``b``) of a
-    contiguous cache ``(batch_cache, capacity, nheads_k, headdim)``, or, with ``block_table``
-    ``(batch, max_blocks)`` int32, at ``k_cache[block_table[b, p // page], p % page]`` of a paged
-    cache ``(num_blocks, page, nheads_k, headdim)`` (any page size). Masks, softcap, ALiBi and
-    the empty-row rule are :func:`flashkv_edu.attention_ref`'s.
+    The arguments are ``flash_attn_with_kvcache``'s without the append, checked by the same
+    :func:`~flashkv_edu.call.check_kvcache_call`: sequence ``b`` sees the keys at absolute cache
+    rows ``[cache_leftpad[b], cache_seqlens[b])`` in cache row ``cache_batch_idx[b]`` (default
+    ``b``) of a contiguous cache ``(batch_cache, capacity, nheads_k, headdim)``, or, with
+    ``block_table`` ``(batch, max_blocks)`` int32, at ``k_cache[block_table[b, p // page], p %
+    page]`` of a paged cache ``(num_blocks, page, nheads_k, headdim)`` (any page size). Masks,
+    softcap, ALiBi and the empty-row rule are :func:`flashkv_edu.attention_ref`'s.
+    ``num_splits``: 1 .. 128, or 0 for FlashAttention 2's heuristic.
 
     A quantized cache (notebook 09) is dequantized tile by tile inside the kernel, real value =
     stored x scale: an fp8 e4m3 or int8 cache with ``k_descale``/``v_descale`` fp32 ``(batch,
@@ -382,39 +334,89 @@ def decode_attention_triton(
     nheads, seqlen_q))`` (fp32; empty splits 0 and -inf) with ``return_partials`` and
     ``num_splits > 1``.
     """
-    runtime.resolve_backend("triton", q.device if isinstance(q, torch.Tensor) else "cpu")
-    capacity, page, start, end, batch_idx, block_table, alibi_slopes, scale_mode = _check_decode_inputs(
-        q,
-        k_cache,
-        v_cache,
-        cache_seqlens,
-        cache_leftpad,
-        cache_batch_idx,
-        block_table,
-        alibi_slopes,
-        k_descale,
-        v_descale,
-    )
-    num_splits = check_num_splits(num_splits, allow_zero=False)
-    left, right = normalize_window(window_size, causal)
-    b, sq, h, d = q.shape
-    hk = k_cache.shape[2]
-    group = h // hk
-    scale = softmax_scale_for(d, softmax_scale)
-    softcap = check_softcap(softcap)
     for name, flag in (
         ("return_lse", return_lse),
         ("return_tile_counts", return_tile_counts),
         ("return_partials", return_partials),
     ):
         check_bool(name, flag)
-    q = q if q.stride(-1) == 1 else q.contiguous()
+    if block_n is not None:
+        block_n = check_power_of_two("block_n", block_n)
+    call = check_kvcache_call(
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens=cache_seqlens,
+        cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad,
+        block_table=block_table,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        num_splits=num_splits,
+        return_softmax_lse=return_lse,
+        k_descale=k_descale,
+        v_descale=v_descale,
+        backend="triton",
+        per_token_scales=True,
+        max_headdim=MAX_HEADDIM,
+    )
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_row_offsets(name, t)
-    bn = decode_block_n(d) if block_n is None else check_power_of_two("block_n", block_n)
-    bm = max(16, min(next_pow2(sq * group), 128 if runtime.INTERPRET else 64))
-    row_tiles = triton.cdiv(sq * group, bm)
-    split_size = split_size_for(capacity, num_splits, bn)
+    out, lse, tiles, partials = launch_decode(q, k_cache, v_cache, call, block_n=block_n)
+    result = [out]
+    if return_lse:
+        result.append(lse)
+    if return_tile_counts:
+        result.append(tiles)
+    if return_partials and partials is not None:
+        result += list(partials)
+    return result[0] if len(result) == 1 else tuple(result)
+
+
+def decode_over_cache(q, k_cache, v_cache, call: KVCacheCall):
+    """The Triton backend of ``flash_attn_with_kvcache``: ``(out, lse)`` of a checked call (keys
+    already appended, q already rotated)."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_row_offsets(name, t)
+    out, lse, _, _ = launch_decode(q, k_cache, v_cache, call)
+    return out, lse
+
+
+def splits_for(call: KVCacheCall) -> int:
+    """The call's ``num_splits``, or FlashAttention 2's heuristic for 0 (on the present GPU, or
+    as if on an H100)."""
+    if call.num_splits:
+        return call.num_splits
+    from ..split import choose_num_splits, gpu_for
+
+    return choose_num_splits(
+        call.batch,
+        call.nheads,
+        call.nheads_k,
+        call.seqlen_q,
+        call.capacity,
+        call.headdim,
+        gpu_for(call.seqlens.device),
+        alibi=call.alibi_slopes is not None,
+        local=call.is_local,
+    )
+
+
+def launch_decode(q, k_cache, v_cache, call: KVCacheCall, *, block_n: int | None = None):
+    """Launch :func:`decode_kernel` (and the combine) for a checked call. Returns ``(out, lse,
+    tiles, partials)``: ``partials`` is ``(out_partial, lse_partial)`` with more than one split,
+    else None."""
+    b, sq, h, d = q.shape
+    hk = call.nheads_k
+    num_splits = splits_for(call)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    bn = decode_block_n(d) if block_n is None else block_n
+    bm = max(16, min(next_pow2(sq * (h // hk)), 128 if runtime.INTERPRET else 64))
+    row_tiles = triton.cdiv(sq * (h // hk), bm)
+    split_size = split_size_for(call.capacity, num_splits, bn)
     dev = q.device
     dummy_i32 = torch.zeros(1, dtype=torch.int32, device=dev)
     out = torch.empty(q.shape, dtype=output_dtype(q.dtype), device=dev)
@@ -429,25 +431,24 @@ def decode_attention_triton(
     o_view = o_buf if num_splits == 1 else o_buf[0]
     l_view = l_buf if num_splits == 1 else l_buf[0]
     tiles = torch.zeros(num_splits, b * hk, row_tiles, dtype=torch.int32, device=dev)
-    slopes = alibi_slopes if alibi_slopes is not None else torch.zeros(1, device=dev)
+    slopes = call.alibi_slopes if call.alibi_slopes is not None else torch.zeros(1, device=dev)
     stride_sb = slopes.stride(0) if slopes.dim() == 2 else 0
-    table = block_table if block_table is not None else dummy_i32
+    table = call.block_table if call.paged else dummy_i32
     fp8_bits = k_cache.dtype == torch.float8_e4m3fn and _needs_fp8_bits(dev)
     if fp8_bits:
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
-    k_sc = k_descale if scale_mode else slopes
-    v_sc = v_descale if scale_mode else slopes
-    k_st = _scale_strides(k_sc, scale_mode)
-    v_st = _scale_strides(v_sc, scale_mode)
+    mode = call.scale_mode
+    k_sc = call.k_descale if mode else slopes
+    v_sc = call.v_descale if mode else slopes
     decode_kernel[(b * hk, num_splits, row_tiles)](
         q,
         k_cache,
         v_cache,
         o_buf,
         l_buf,
-        end,
-        start if cache_leftpad is not None else dummy_i32,
-        batch_idx if batch_idx is not None else dummy_i32,
+        call.ends,
+        call.leftpad if call.leftpad is not None else dummy_i32,
+        call.batch_rows if call.batch_rows is not None else dummy_i32,
         table,
         slopes,
         tiles,
@@ -469,45 +470,40 @@ def decode_attention_triton(
         l_split,
         l_view.stride(0),
         l_view.stride(1),
-        table.stride(0) if block_table is not None else 0,
+        table.stride(0) if call.paged else 0,
         stride_sb,
-        *k_st,
-        *v_st,
+        *_scale_strides(k_sc, mode),
+        *_scale_strides(v_sc, mode),
         hk,
         sq,
         d,
-        page,
+        call.page_size or 1,
         split_size,
-        scale,
-        softcap if softcap > 0 else 1.0,
-        left,
-        right,
-        GROUP=group,
+        call.scale,
+        call.softcap if call.softcap > 0 else 1.0,
+        call.window[0],
+        call.window[1],
+        GROUP=h // hk,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_D=block_d(d),
-        PAGED=block_table is not None,
+        PAGED=call.paged,
         SPLIT=num_splits > 1,
-        HAS_LEFTPAD=cache_leftpad is not None,
-        HAS_BATCH_IDX=batch_idx is not None,
-        HAS_SOFTCAP=softcap > 0,
-        HAS_ALIBI=alibi_slopes is not None,
+        HAS_LEFTPAD=call.leftpad is not None,
+        HAS_BATCH_IDX=call.batch_rows is not None,
+        HAS_SOFTCAP=call.softcap > 0,
+        HAS_ALIBI=call.alibi_slopes is not None,
         DOT_FP32=dot_in_fp32(q.dtype),
-        KV_SCALE=scale_mode,
+        KV_SCALE=mode,
         FP8_BITS=fp8_bits,
         num_warps=default_warps(d),
         num_stages=2,
     )
+    partials = None
     if num_splits > 1:
+        partials = (o_buf, l_buf)
         out, lse = combine_splits(o_buf, l_buf, q.dtype)
-    result = [out.to(q.dtype)]
-    if return_lse:
-        result.append(lse)
-    if return_tile_counts:
-        result.append(tiles)
-    if return_partials and num_splits > 1:
-        result += [o_buf, l_buf]
-    return result[0] if len(result) == 1 else tuple(result)
+    return out.to(q.dtype), lse, tiles, partials
 
 
 def combine_splits(out_partial: torch.Tensor, lse_partial: torch.Tensor, out_dtype=torch.float32):

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 
 from .. import runtime
-from ..reference import check_attention_inputs
 from ..runtime import tl, triton
 from ..validation import (
     ArgumentError,
     ArgumentTypeError,
+    check_attention_inputs,
     check_bool,
     check_float_tensor,
     check_int,

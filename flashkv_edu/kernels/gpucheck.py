@@ -66,7 +66,7 @@ def _variants():
             out.append(
                 (
                     "attention_fwd_kernel",
-                    "causal+window, GQA 4",
+                    "softcap, window, GQA 4",
                     attention_fwd_kernel,
                     {
                         "Q": "T",
@@ -81,6 +81,29 @@ def _variants():
                     },
                     ("scale", "softcap"),
                     dict(GROUP=4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, HAS_SOFTCAP=True, HAS_ALIBI=False, DOT_FP32=False),
+                    warps,
+                    dtype,
+                    d,
+                )
+            )
+            out.append(
+                (
+                    "attention_fwd_kernel",
+                    "ALiBi, window, GQA 4",
+                    attention_fwd_kernel,
+                    {
+                        "Q": "T",
+                        "K": "T",
+                        "V": "T",
+                        "O": "T",
+                        "LSE": "fp32",
+                        "SLOPES": "fp32",
+                        "SEQLENS_K": "i32",
+                        "LEFTPAD_K": "i32",
+                        "TILES": "i32",
+                    },
+                    ("scale", "softcap"),
+                    dict(GROUP=4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, HAS_SOFTCAP=False, HAS_ALIBI=True, DOT_FP32=False),
                     warps,
                     dtype,
                     d,
@@ -134,6 +157,19 @@ def _variants():
                     dict(ptrs, O="fp32"),
                     ("scale", "softcap"),
                     dict(common, PAGED=True, SPLIT=True, HAS_BATCH_IDX=False),
+                    warps,
+                    dtype,
+                    d,
+                )
+            )
+            out.append(
+                (
+                    "decode_kernel",
+                    "ALiBi + softcap, paged",
+                    decode_kernel,
+                    dict(ptrs, O="fp32"),
+                    ("scale", "softcap"),
+                    dict(common, PAGED=True, SPLIT=True, HAS_BATCH_IDX=False, HAS_ALIBI=True, HAS_SOFTCAP=True),
                     warps,
                     dtype,
                     d,

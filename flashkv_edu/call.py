@@ -1,0 +1,315 @@
+"""The one checked call behind ``flash_attn_with_kvcache`` and the decode kernel's entry point.
+
+:func:`check_kvcache_call` validates every argument before anything is written and returns a
+:class:`KVCacheCall`: the normalised call (window with causal folded in, default scale, int32
+index tensors, key ranges, scale mode) that the backends take. Checks that read tensor values are
+gathered in one :class:`~flashkv_edu.validation.DeviceChecks` and read from the device once; the
+same read brings back the few numbers the PyTorch path needs on the host (the longest sequence,
+whether every row starts at 0), so no backend reads the device again. Inside
+:func:`~flashkv_edu.validation.skip_value_checks` nothing is read (CUDA-graph capture).
+
+``cache_seqlens`` always means the tokens in the cache **before** this call's append; with no new
+``k``/``v`` that is the number of keys attention reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import runtime
+from .validation import (
+    QUANTIZED_CACHE_DTYPES,
+    SCALE_NONE,
+    ArgumentError,
+    DeviceChecks,
+    check_alibi_slopes,
+    check_block_table,
+    check_bool,
+    check_cache_descales,
+    check_cache_shapes,
+    check_lengths,
+    check_num_splits,
+    check_same,
+    check_softcap,
+    check_tensor,
+    normalize_window,
+    softmax_scale_for,
+)
+
+CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVCacheCall:
+    """A checked, normalised ``flash_attn_with_kvcache`` call (shapes as in its docstring)."""
+
+    batch: int
+    seqlen_q: int
+    nheads: int
+    nheads_k: int
+    headdim: int
+    capacity: int  # keys a sequence can hold (block_table columns x page size when paged)
+    page_size: int  # rows per block of a paged pool; 0 for a contiguous cache
+    seqlens: torch.Tensor  # int32 (batch,): cached tokens before the append
+    ends: torch.Tensor  # int32 (batch,): keys attention reads up to (exclusive), seqlens + snew
+    leftpad: torch.Tensor | None  # int32 (batch,): first valid cache row
+    snew: int  # new tokens appended per sequence
+    batch_rows: torch.Tensor | None  # int32 (batch,): cache row of each sequence
+    block_table: torch.Tensor | None  # int32 (batch, max_blocks), contiguous
+    alibi_slopes: torch.Tensor | None  # fp32 (nheads,) or (batch, nheads), contiguous
+    rotary_dim: int
+    rotary_interleaved: bool
+    scale: float
+    softcap: float
+    window: tuple[int, int]  # (left, right), causal folded in, FlashAttention's capacity rule applied
+    is_causal: bool  # window == (-1, 0)
+    is_local: bool  # any other finite window
+    num_splits: int  # 0 = heuristic
+    backend: str  # "triton" or "torch"
+    scale_mode: int  # validation.SCALE_NONE / SCALE_PER_HEAD / SCALE_PER_TOKEN
+    k_descale: torch.Tensor | None
+    v_descale: torch.Tensor | None
+    return_lse: bool
+    # Read from the device together with the checks (conservative values when checks are skipped):
+    max_end: int  # the longest row's end
+    min_end: int  # the shortest row's end
+    max_start: int  # the latest first valid row (0 without leftpad)
+
+    @property
+    def paged(self) -> bool:
+        return self.block_table is not None
+
+    @property
+    def sees_whole_rows(self) -> bool:
+        """Whether every query row sees every key of ``[0, max_end)``: all rows start at 0 and end
+        together, and the window does not cut into them (a plain decode step)."""
+        s, sq = self.max_end, self.seqlen_q
+        left, right = self.window
+        return (
+            s > 0
+            and self.max_start == 0
+            and self.min_end == s
+            and self.alibi_slopes is None
+            and (left < 0 or left >= s - 1)
+            and (right < 0 or right >= sq - 1)
+        )
+
+
+def check_kvcache_call(
+    q,
+    k_cache,
+    v_cache,
+    *,
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    rotary_interleaved=True,
+    alibi_slopes=None,
+    num_splits=0,
+    return_softmax_lse=False,
+    k_descale=None,
+    v_descale=None,
+    backend="auto",
+    per_token_scales: bool = False,
+    max_headdim: int = 256,
+) -> KVCacheCall:
+    """Check every argument of ``flash_attn_with_kvcache`` (plus ``per_token_scales``: whether an
+    int8 cache may carry one scale per token, as the decode kernel's entry point allows) before
+    anything is written; return the normalised :class:`KVCacheCall`. Errors name the argument."""
+    cache_dtypes = CACHE_DTYPES + QUANTIZED_CACHE_DTYPES if per_token_scales else CACHE_DTYPES + (torch.float8_e4m3fn,)
+    check_tensor("q", q, ndim=4, dtypes=CACHE_DTYPES)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=cache_dtypes)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=cache_dtypes)
+    tensors = {"q": q}
+    if (k is None) != (v is None):
+        raise ArgumentError("k and v must be given together (both or neither)")
+    if k is not None:
+        check_tensor("k", k, ndim=4)
+        check_tensor("v", v, ndim=4)
+        tensors.update(k=k, v=v)
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ArgumentError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is not None:
+        if k is None:
+            raise ArgumentError("rotary_cos/rotary_sin need new keys k and v (rotary is applied on append)")
+        check_tensor("rotary_cos", rotary_cos, ndim=2)
+        check_tensor("rotary_sin", rotary_sin, ndim=2)
+        tensors.update(rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+    check_same(tuple(tensors), tuple(tensors.values()), "dtype")
+    tensors.update(k_cache=k_cache, v_cache=v_cache)
+    check_same(tuple(tensors), tuple(tensors.values()), "device")
+    check_bool("rotary_interleaved", rotary_interleaved)
+    check_bool("return_softmax_lse", return_softmax_lse)
+    b, sq, h, d = q.shape
+    if b == 0:
+        raise ArgumentError("q must have batch size >= 1, got 0")
+    if sq == 0:
+        raise ArgumentError("q must have seqlen_q >= 1, got 0")
+    check_cache_shapes(q, k_cache, v_cache, max_headdim)
+    hk = k_cache.shape[2]
+    if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
+        raise ArgumentError(f"k_cache must hold at least one sequence and one row, got {tuple(k_cache.shape)}")
+    checks = DeviceChecks()
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise ArgumentError("cache_batch_idx cannot be used with block_table (paged KV cache)")
+        if cache_leftpad is not None:
+            raise ArgumentError("cache_leftpad cannot be used with block_table (paged KV cache)")
+        block_table = check_block_table(block_table, b, k_cache.shape[0], checks)
+        page_size = k_cache.shape[1]
+        capacity = block_table.shape[1] * page_size
+    else:
+        page_size = 0
+        capacity = k_cache.shape[1]
+    snew = 0
+    if k is not None:
+        if k.shape != v.shape:
+            raise ArgumentError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.shape[0] != b or k.shape[2] != hk or k.shape[3] != d:
+            raise ArgumentError(f"k must have shape ({b}, seqlen_new, {hk}, {d}), got {tuple(k.shape)}")
+        if cache_seqlens is None:
+            raise ArgumentError("cache_seqlens is required when k and v are given (where to append)")
+        snew = k.shape[1]
+        if snew > capacity:
+            raise ArgumentError(f"k holds {snew} new tokens, more than the cache capacity {capacity}")
+    seqlens = check_lengths(
+        "cache_seqlens",
+        capacity if cache_seqlens is None else cache_seqlens,
+        b,
+        high=capacity,
+        device=q.device,
+        int32_only=True,
+        checks=checks,
+    )
+    if snew:
+        checks.require(
+            (seqlens <= capacity - snew).all(),
+            lambda: (
+                f"cache overflow: cache_seqlens {seqlens.tolist()} + {snew} new tokens exceeds the cache "
+                f"capacity {capacity}" + (" (block_table)" if block_table is not None else "")
+            ),
+        )
+    batch_rows = None
+    if cache_batch_idx is not None:
+        batch_rows = check_lengths(
+            "cache_batch_idx",
+            cache_batch_idx,
+            b,
+            high=k_cache.shape[0] - 1,
+            device=q.device,
+            int32_only=True,
+            checks=checks,
+        )
+        if k is not None and b > 1:
+            checks.require(
+                (batch_rows.sort().values.diff() != 0).all(),
+                lambda: f"cache_batch_idx must not repeat a cache row when k/v are appended, got {batch_rows.tolist()}",
+            )
+    elif block_table is None and k_cache.shape[0] < b:
+        raise ArgumentError(f"k_cache holds {k_cache.shape[0]} sequences for a batch of {b}; pass cache_batch_idx")
+    leftpad = None
+    if cache_leftpad is not None:
+        leftpad = check_lengths("cache_leftpad", cache_leftpad, b, device=q.device, int32_only=True, checks=checks)
+        checks.require(
+            (leftpad <= seqlens).all(),
+            lambda: f"cache_leftpad must be <= cache_seqlens, got {leftpad.tolist()} > {seqlens.tolist()}",
+        )
+    window = normalize_window(window_size, causal, seqlen_k=capacity)
+    is_causal = window[0] < 0 and window[1] == 0
+    is_local = (window[0] >= 0 or window[1] >= 0) and not is_causal
+    rotary_dim = 0
+    if rotary_cos is not None:
+        if rotary_cos.shape != rotary_sin.shape:
+            raise ArgumentError(
+                f"rotary_cos and rotary_sin must have the same shape, got {tuple(rotary_cos.shape)} "
+                f"and {tuple(rotary_sin.shape)}"
+            )
+        rotary_dim = 2 * rotary_cos.shape[1]
+        if rotary_dim == 0 or rotary_dim > d or rotary_dim % 16:
+            raise ArgumentError(
+                f"rotary_dim = 2 * rotary_cos.shape[1] = {rotary_dim} must be a positive multiple of "
+                f"16 and <= head dim {d}"
+            )
+        if rotary_cos.shape[0] < capacity:
+            raise ArgumentError(
+                f"rotary_cos must have at least {capacity} rows (the cache capacity), got {rotary_cos.shape[0]}"
+            )
+        rows = rotary_cos.shape[0]
+        # New keys rotate at cache_seqlens + t; queries at cache_seqlens + i (causal or local) or all at
+        # cache_seqlens: every such row must exist in the table.
+        reach = max(snew, sq if (is_causal or is_local) else 1)
+        checks.require(
+            (seqlens <= rows - reach).all(),
+            lambda: (
+                f"rotary_cos has {rows} rows but rotary positions reach cache_seqlens + {reach - 1} = "
+                f"{(seqlens + reach - 1).tolist()} (new keys at cache_seqlens + t, queries at cache_seqlens"
+                + (" + i)" if (is_causal or is_local) else ")")
+            ),
+        )
+    scale = softmax_scale_for(d, softmax_scale)
+    softcap = check_softcap(softcap)
+    if alibi_slopes is not None:
+        alibi_slopes = check_alibi_slopes(alibi_slopes, b, h, checks)
+        if alibi_slopes.device != q.device:
+            raise ArgumentError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+    num_splits = check_num_splits(num_splits)
+    scale_mode = check_cache_descales(
+        q,
+        k_cache,
+        v_cache,
+        k_descale,
+        v_descale,
+        batch=b,
+        paged=block_table is not None,
+        per_token=per_token_scales,
+        checks=checks,
+    )
+    backend = runtime.resolve_backend(backend, q.device)
+    ends = seqlens + snew if snew else seqlens
+    checks.stat("max_end", ends.max(), capacity)
+    checks.stat("min_end", ends.min(), 0)
+    checks.stat("max_start", leftpad.max() if leftpad is not None else torch.zeros((), device=q.device), capacity)
+    stats = checks.run()
+    return KVCacheCall(
+        batch=b,
+        seqlen_q=sq,
+        nheads=h,
+        nheads_k=hk,
+        headdim=d,
+        capacity=capacity,
+        page_size=page_size,
+        seqlens=seqlens,
+        ends=ends.to(torch.int32),
+        leftpad=leftpad,
+        snew=snew,
+        batch_rows=batch_rows,
+        block_table=block_table,
+        alibi_slopes=alibi_slopes,
+        rotary_dim=rotary_dim,
+        rotary_interleaved=rotary_interleaved,
+        scale=scale,
+        softcap=softcap,
+        window=window,
+        is_causal=is_causal,
+        is_local=is_local,
+        num_splits=num_splits,
+        backend=backend,
+        scale_mode=scale_mode,
+        k_descale=k_descale if scale_mode != SCALE_NONE else None,
+        v_descale=v_descale if scale_mode != SCALE_NONE else None,
+        return_lse=return_softmax_lse,
+        max_end=stats["max_end"],
+        min_end=stats["min_end"],
+        max_start=stats["max_start"],
+    )

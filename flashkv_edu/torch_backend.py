@@ -1,0 +1,270 @@
+"""The PyTorch backend of ``flash_attn_with_kvcache``: the fastest correct path on a CPU.
+
+Two engines, chosen per call from the normalised :class:`~flashkv_edu.call.KVCacheCall`:
+
+* **PyTorch's fused attention** where the features allow it: no softcap, no ALiBi, a cache in
+  q's dtype, enough query rows to fill its tiles (prefill). ``scaled_dot_product_attention`` with
+  ``enable_gqa`` computes the output; when the log-sum-exp is wanted on a CPU, the CPU flash
+  kernel behind it (``aten._scaled_dot_product_flash_attention_for_cpu``) returns it too. Masks
+  are FlashAttention's bottom-right ones, passed as a boolean ``attn_mask`` (or ``is_causal`` when
+  the query and key counts agree).
+* **Its own kernel** for the rest (softcap, ALiBi, scaled fp8 caches, decode steps): for each KV
+  head, its group of query heads is one batched matmul over that head's keys, read in place from
+  a contiguous cache or gathered one head at a time from a paged pool into a small reused
+  workspace. A decode step where every query sees every key builds no mask at all.
+
+Rows outside each sequence's ``[cache_leftpad, cache_seqlens + seqlen_new)`` are never read into
+the result (a cache made with ``torch.empty`` holds NaN there). Nothing here reads the device:
+the host numbers it needs come with the call. The oracle, :func:`flashkv_edu.attention_ref`, is
+not used here; the tests compare this module with it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .call import KVCacheCall
+from .validation import SCALE_NONE
+
+# Query rows (seqlen_q x heads per KV head) from which the fused kernel beats per-head matmuls
+# (measured with `python -m flashkv_edu.bench api` on a 2-core CPU; a decode step stays below).
+FUSED_MIN_ROWS = 32
+
+_WORKSPACE: dict = {}
+
+
+def _workspace(name: str, shape, dtype, device) -> torch.Tensor:
+    """A scratch tensor of ``shape`` reused across calls (grown when too small), like
+    FlashAttention's workspace: a fresh multi-MB allocation per call costs more in page faults
+    than the copy into it. Not shared between threads."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    key = (name, dtype, torch.device(device))
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _WORKSPACE[key] = buf
+    return buf[:numel].view(shape)
+
+
+# --- reading the keys of each sequence ------------------------------------------------------------
+
+
+class _PagedHeads:
+    """The first ``used`` rows of each sequence of a paged pool ``(num_blocks, page, nheads_k,
+    headdim)``, read one KV head at a time: ``head(j)`` gathers head ``j`` into a reused workspace
+    ``(batch, pages * page, headdim)``, small enough to stay in cache while the matmul reads it.
+    ``dense()`` gathers every head at once ``(batch, pages * page, nheads_k, headdim)`` (for the
+    fused kernel). ``shape`` is that of the dense cache."""
+
+    def __init__(self, name: str, pool: torch.Tensor, block_table: torch.Tensor, used: int):
+        nb, page, hk, d = pool.shape
+        pages = max(1, -(-used // page))
+        self.name, self.pool = name, pool
+        self.blocks = block_table[:, :pages].reshape(-1).long()
+        self.shape = (block_table.shape[0], pages * page, hk, d)
+        # Pool rows (block * page + slot) in sequence order: one 2-D row gather per head is the
+        # fastest copy, possible when a head's pages can be viewed as one (rows, headdim) matrix.
+        self.flat = pool.stride(0) == page * pool.stride(1)
+        if self.flat:
+            self.rows = (self.blocks[:, None] * page + torch.arange(page, device=pool.device)).reshape(-1)
+
+    def head(self, j: int) -> torch.Tensor:
+        b, s, _, d = self.shape
+        out = _workspace(self.name, (b * s, d), self.pool.dtype, self.pool.device)
+        part = self.pool[:, :, j]  # (num_blocks, page, headdim)
+        if self.flat:
+            torch.index_select(part.reshape(-1, d), 0, self.rows, out=out)
+        else:
+            torch.index_select(part, 0, self.blocks, out=out.view(-1, part.shape[1], d))
+        return out.view(b, s, d)
+
+    def dense(self) -> torch.Tensor:
+        b, s, hk, d = self.shape
+        return self.pool[self.blocks].reshape(b, s, hk, d)
+
+
+class _Descaled:
+    """A scaled cache (fp8 or int8 with FlashAttention 3's descales ``(batch, nheads_k)``) read one
+    KV head at a time as fp32 real values, ``stored * descale[b, j]``; ``shape`` is the cache's."""
+
+    def __init__(self, cache, descale: torch.Tensor):
+        self.cache, self.descale, self.shape = cache, descale, cache.shape
+
+    def head(self, j: int) -> torch.Tensor:
+        part = self.cache.head(j) if hasattr(self.cache, "head") else self.cache[:, :, j]
+        return part.float() * self.descale[:, j, None, None]
+
+
+def _head(x, j: int, lo: int, s: int, dtype) -> torch.Tensor:
+    """KV head ``j`` of ``x`` over key columns ``[lo, lo + s)``: ``(batch, s, headdim)`` in
+    ``dtype``. ``x`` is a ``(batch, seqlen_k, nheads_k, headdim)`` tensor (read in place) or an
+    object with ``shape`` and ``head(j)``."""
+    part = x.head(j) if hasattr(x, "head") else x[:, :, j]
+    return part[:, lo : lo + s].to(dtype)  # no copy when the dtype is already right
+
+
+def _cache_views(k_cache, v_cache, call: KVCacheCall):
+    """The keys and values of each sequence, columns ``[0, max_end)``: views of a contiguous cache
+    (rows ``cache_batch_idx``), or paged readers."""
+    used = max(call.max_end, 1)
+    if call.paged:
+        return _PagedHeads("k", k_cache, call.block_table, used), _PagedHeads("v", v_cache, call.block_table, used)
+    if call.batch_rows is not None:
+        rows = call.batch_rows.long()
+        return k_cache[rows, :used], v_cache[rows, :used]
+    return k_cache[: call.batch, :used], v_cache[: call.batch, :used]
+
+
+# --- masks -------------------------------------------------------------------------------------------
+
+
+def _keep(sq: int, s: int, window, start: torch.Tensor | None, end: torch.Tensor | None, device) -> torch.Tensor:
+    """Which of the columns ``[0, s)`` each query row sees: bool ``(sq, s)`` when every row has the
+    keys ``[0, s)`` (``start``/``end`` None), else ``(batch, sq, s)`` for per-row ``[start, end)``.
+    Bottom-right aligned: query row ``i`` sits on key ``i + n - sq`` of its ``n`` keys."""
+    left, right = window
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(s, device=device)[None, :]
+    if start is None:
+        offset = j - i - (s - sq)  # key index minus the query's diagonal
+        keep = torch.ones(sq, s, dtype=torch.bool, device=device)
+    else:
+        first = start.long()[:, None, None]
+        n = end.long()[:, None, None] - first
+        offset = j[None] - first - i[None] - (n - sq)
+        keep = (j[None] >= first) & (j[None] < first + n)
+    if right >= 0:
+        keep = keep & (offset <= right)
+    if left >= 0:
+        keep = keep & (offset >= -left)
+    return keep
+
+
+def _alibi(slopes: torch.Tensor, sq: int, s: int, start, end, batch: int) -> torch.Tensor:
+    """ALiBi's ``-slope * |diagonal - key|`` as fp32 ``(batch, nheads, sq, s)``."""
+    first = start.long()[:, None, None]
+    n = end.long()[:, None, None] - first
+    i = torch.arange(sq, device=slopes.device)[None, :, None]
+    j = torch.arange(s, device=slopes.device)[None, None, :]
+    distance = (i + n - sq - (j - first)).abs().float()  # (batch, sq, s)
+    slopes = slopes if slopes.dim() == 2 else slopes[None].expand(batch, -1)
+    return -slopes[:, :, None, None] * distance[:, None]
+
+
+# --- the two engines ----------------------------------------------------------------------------------
+
+
+def _own_kernel(q, k, v, call: KVCacheCall, start, end, s: int):
+    """Per-KV-head batched matmuls over columns ``[0, s)``; returns ``(out, lse)``."""
+    b, sq, h, d = q.shape
+    hk, g = call.nheads_k, h // call.nheads_k
+    dv = v.shape[3]
+    whole = call.sees_whole_rows
+    cd = torch.float32
+    keep = None if whole else _keep(sq, s, call.window, start, end, q.device)
+    if keep is not None and keep.dim() == 2:
+        keep = keep[None].expand(b, sq, s)
+    valid = None
+    if not whole:  # rows outside [start, end) may hold anything, NaN included: they must not reach the output
+        cols = torch.arange(s, device=q.device)[None, :]
+        valid = (cols >= start.long()[:, None]) & (cols < end.long()[:, None])
+
+    def v_head(j):
+        vj = _head(v, j, 0, s, cd)
+        return vj if valid is None else torch.where(valid[:, :, None], vj, torch.zeros((), dtype=cd))
+
+    # Rows of one KV head's group are (query head, query token) pairs.
+    qf = q.to(cd).view(b, sq, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * sq, d)
+    z = torch.stack([torch.bmm(qf[:, j], _head(k, j, 0, s, cd).transpose(1, 2)) for j in range(hk)], 1)
+    z = z.view(b, hk, g, sq, s) * call.scale
+    if call.softcap > 0:
+        z = call.softcap * torch.tanh(z / call.softcap)
+    if call.alibi_slopes is not None:
+        z = z + _alibi(call.alibi_slopes, sq, s, start, end, b).view(b, hk, g, sq, s)
+    if keep is not None:
+        z = z.masked_fill(~keep[:, None, None], float("-inf"))
+    lse = torch.logsumexp(z, dim=-1)  # -inf where a row sees nothing
+    empty = None if whole else torch.isneginf(lse)
+    p = torch.exp(z - (lse if whole else lse.masked_fill(empty, 0.0))[..., None]).view(b, hk, g * sq, s)
+    out = torch.stack([torch.bmm(p[:, j], v_head(j)) for j in range(hk)], 1).view(b, hk, g, sq, dv)
+    out = out.permute(0, 3, 1, 2, 4).reshape(b, sq, h, dv)
+    if not whole:
+        lse = lse.masked_fill(empty, float("inf"))
+    return out, lse.reshape(b, h, sq)
+
+
+def _fused(q, k, v, call: KVCacheCall, start, end, s: int, equal_rows: bool):
+    """PyTorch's fused attention over columns ``[0, s)``; returns ``(out, lse or None)``."""
+    b, sq, h, _ = q.shape
+    cd = torch.float32
+    qt = q.to(cd).transpose(1, 2)
+    if hasattr(k, "dense"):
+        k, v = k.dense(), v.dense()
+    kt, vt = k[:, :s].to(cd), v[:, :s].to(cd)
+    keep = None
+    is_causal = False
+    if not call.sees_whole_rows:
+        if equal_rows and call.is_causal and sq == s:
+            is_causal = True
+        else:
+            keep = _keep(sq, s, call.window, None if equal_rows else start, None if equal_rows else end, q.device)
+            if not equal_rows:  # zero the rows a sequence does not own (they may hold NaN), then mask
+                cols = torch.arange(s, device=q.device)[None, :, None, None]
+                valid = (cols >= start.long()[:, None, None, None]) & (cols < end.long()[:, None, None, None])
+                kt, vt = torch.where(valid, kt, 0.0), torch.where(valid, vt, 0.0)
+                keep = keep[:, None]
+    kt, vt = kt.transpose(1, 2), vt.transpose(1, 2)
+    if call.return_lse and q.device.type == "cpu":
+        mask = (
+            None if keep is None else torch.zeros(keep.shape, dtype=cd, device=q.device).masked_fill(~keep, -torch.inf)
+        )
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qt, kt, vt, 0.0, is_causal, attn_mask=mask, scale=call.scale
+        )[:2]
+    else:
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, attn_mask=keep, is_causal=is_causal, scale=call.scale, enable_gqa=True
+        )
+        lse = None
+    out = out.transpose(1, 2)
+    if keep is not None:  # rows that see no key: output 0 and LSE +inf (the fused kernel leaves NaN)
+        empty = ~keep.any(-1)  # (sq,) or (b, 1, sq)
+        empty = empty.reshape(1, 1, sq) if empty.dim() == 1 else empty
+        out = out.masked_fill(empty.transpose(1, 2)[..., None], 0.0)
+        if lse is not None:
+            lse = lse.masked_fill(empty, float("inf"))
+    return out, lse
+
+
+def uses_fused_kernel(call: KVCacheCall) -> bool:
+    """Whether :func:`attention_over_cache` hands this call to PyTorch's fused attention."""
+    rows = call.seqlen_q * (call.nheads // call.nheads_k)
+    return (
+        call.softcap == 0
+        and call.alibi_slopes is None
+        and call.scale_mode == SCALE_NONE
+        and rows >= FUSED_MIN_ROWS
+        and call.max_end > 0
+    )
+
+
+def attention_over_cache(q, k_cache, v_cache, call: KVCacheCall):
+    """Attention of ``q`` ``(batch, seqlen_q, nheads, headdim)`` over each sequence's keys
+    ``[leftpad, ends)`` of the cache (new keys already appended), computed in fp32. Returns
+    ``(out, lse)``: ``out`` in q's dtype, ``lse`` fp32 ``(batch, nheads, seqlen_q)`` or None when
+    ``call.return_lse`` is False and the fused kernel ran."""
+    k, v = _cache_views(k_cache, v_cache, call)
+    if call.scale_mode != SCALE_NONE:
+        k, v = _Descaled(k, call.k_descale), _Descaled(v, call.v_descale)
+    s = call.max_end
+    start = call.leftpad if call.leftpad is not None else torch.zeros_like(call.ends)
+    end = call.ends
+    equal_rows = call.max_start == 0 and call.min_end == s
+    if uses_fused_kernel(call):
+        out, lse = _fused(q, k, v, call, start, end, s, equal_rows)
+    else:
+        out, lse = _own_kernel(q, k, v, call, start, end, s)
+    return out.to(q.dtype), lse
