@@ -45,10 +45,15 @@ def defined_name(source: str) -> str | None:
 
 
 def solution_source(module, name: str) -> str:
-    """The source of the teaching module's solution ``name`` (a function or a Triton kernel)."""
+    """The source of the teaching module's solution ``name`` (a function or a Triton kernel). A
+    solution may be the package's own function (``my_finish_split = finish_split``): its source is
+    shown under the exercise's name."""
     obj = getattr(module, name)
     fn = getattr(obj, "fn", obj)  # a @triton.jit function keeps the Python one in .fn
-    return textwrap.dedent(inspect.getsource(fn)).rstrip() + "\n"
+    source = textwrap.dedent(inspect.getsource(fn)).rstrip() + "\n"
+    if fn.__name__ != name:
+        source = source.replace(f"def {fn.__name__}(", f"def {name}(", 1)
+    return source
 
 
 def solve(notebook: Path, out: Path, execute: bool = True) -> int:

@@ -118,74 +118,10 @@ def draw_split_efficiency(batch_nheads_mblocks: int, num_sms: int, num_n_blocks:
 if runtime.HAS_TRITON:
     # --- solutions --------------------------------------------------------------------------------
 
-    @triton.jit
-    def my_split_range(split, split_size, seqlen_k):
-        """``(lo, hi)``: split ``split`` covers keys ``[split * split_size, (split + 1) *
-        split_size)`` cut at ``seqlen_k``; a split past the end is empty (``hi <= lo``)."""
-        lo = split * split_size
-        hi = tl.minimum(seqlen_k, lo + split_size)
-        return lo, hi
-
-    @triton.jit
-    def my_finish_split(m_i, l_i, acc):
-        """A split's partial state from its running max ``m_i``, sum ``l_i`` (``[M]``) and
-        accumulator ``acc`` (``[M, D]``): ``out = acc / l_i`` and ``lse = m_i + log(l_i)``; a row
-        that saw no key in this split gives ``out = 0`` and ``lse = -inf``, so that it drops out of
-        the combine."""
-        empty = l_i == 0.0
-        out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
-        lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-        return out, lse
-
-    @triton.jit
-    def my_combine_kernel(
-        OACC,
-        LACC,
-        O,
-        LSE,
-        stride_as,
-        stride_ab,
-        stride_aq,
-        stride_ah,
-        stride_ls,
-        stride_lb,
-        stride_lh,
-        stride_ob,
-        stride_oq,
-        stride_oh,
-        stride_fb,
-        stride_fh,
-        num_splits,
-        nheads,
-        seqlen_q,
-        headdim,
-        BLOCK_S: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        """One program per (batch, query token, head) row: merge ``num_splits`` partial states
-        ``OACC[s, b, t, h, :]`` / ``LACC[s, b, h, t]`` into ``O[b, t, h, :]`` and ``LSE[b, h, t]``;
-        a row whose splits are all empty gets out 0 and LSE +inf."""
-        pid = tl.program_id(0)
-        b = pid // (seqlen_q * nheads)
-        t = (pid // nheads) % seqlen_q
-        h = pid % nheads
-        s = tl.arange(0, BLOCK_S)
-        dims = tl.arange(0, BLOCK_D)
-        s_ok = s < num_splits
-        lse = tl.load(LACC + s * stride_ls + b * stride_lb + h * stride_lh + t, mask=s_ok, other=float("-inf"))
-        top = tl.max(lse, 0)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        w = tl.exp(lse - top)
-        total = tl.sum(w, 0)
-        parts = tl.load(
-            OACC + s[:, None] * stride_as + b * stride_ab + t * stride_aq + h * stride_ah + dims[None, :],
-            mask=s_ok[:, None] & (dims[None, :] < headdim),
-            other=0.0,
-        )
-        out = tl.sum(w[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
-        final = tl.where(total == 0.0, float("inf"), top + tl.log(tl.where(total == 0.0, 1.0, total)))
-        tl.store(O + b * stride_ob + t * stride_oq + h * stride_oh + dims, out, mask=dims < headdim)
-        tl.store(LSE + b * stride_fb + h * stride_fh + t, final)
+    # The package's own kernel pieces are the solutions: the solved notebook shows their source.
+    from ..kernels.decode import combine_kernel as my_combine_kernel  # noqa: F401
+    from ..kernels.decode import finish_split as my_finish_split  # noqa: F401
+    from ..kernels.decode import split_range as my_split_range  # noqa: F401
 
     # --- harness kernels ---------------------------------------------------------------------------
 
