@@ -58,7 +58,10 @@ def flash_attn_with_kvcache(
         q: ``(batch, seqlen_q, nheads, headdim)``, fp16/bf16 (fp32 accepted too).
         k_cache, v_cache: ``(batch_cache, capacity, nheads_k, headdim)``, or with ``block_table``
             a paged pool ``(num_blocks, page_block_size, nheads_k, headdim)``. Updated in place.
-        k, v: optional new keys/values ``(batch, seqlen_new, nheads_k, headdim)``, written at rows
+            ``v_cache`` may have its own head dim ``headdim_v`` (FlashAttention 3, e.g. DeepSeek's
+            MLA); the output then has it. Head dims up to 512 with ``backend="torch"``, 256 (and
+            ``headdim_v == headdim``) in the Triton kernels.
+        k, v: optional new keys/values ``(batch, seqlen_new, nheads_k, headdim / headdim_v)``, written at rows
             ``cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1`` (after rotary on k).
         rotary_cos, rotary_sin: ``(seqlen_ro >= capacity, rotary_dim / 2)``; rotary_dim a multiple
             of 16. New keys rotate at positions ``cache_seqlens + t``; queries at
@@ -89,7 +92,7 @@ def flash_attn_with_kvcache(
             interpreter on a CPU, slow but exact, as notebooks 05-07 use them); ``"torch"``.
 
     Returns:
-        ``out`` ``(batch, seqlen_q, nheads, headdim)`` in q's dtype, and ``softmax_lse`` with
+        ``out`` ``(batch, seqlen_q, nheads, headdim_v)`` in q's dtype, and ``softmax_lse`` with
         ``return_softmax_lse``. A row that sees no key gives 0 and LSE +inf.
 
     Raises :class:`~flashkv_edu.validation.ArgumentError` (a ``ValueError``) or

@@ -126,15 +126,22 @@ class KVCache:
         dtype=torch.float32,
         device=None,
         growable: bool = False,
+        headdim_v: int | None = None,
     ):
-        for name, value in (("batch", batch), ("max_seqlen", max_seqlen), ("nheads_k", nheads_k), ("headdim", headdim)):
+        headdim_v = headdim if headdim_v is None else headdim_v
+        for name, value in (
+            ("batch", batch),
+            ("max_seqlen", max_seqlen),
+            ("nheads_k", nheads_k),
+            ("headdim", headdim),
+            ("headdim_v", headdim_v),
+        ):
             check_int(name, value, low=1)
         if dtype not in FLOAT_DTYPES:
             raise ArgumentTypeError(f"dtype must be a floating dtype, got {dtype}")
         check_bool("growable", growable)
-        shape = (batch, max_seqlen, nheads_k, headdim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_cache = torch.zeros(batch, max_seqlen, nheads_k, headdim, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(batch, max_seqlen, nheads_k, headdim_v, dtype=dtype, device=device)
         self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=self.k_cache.device)
         self.growable = growable
         self.grow_copies = 0
@@ -162,14 +169,19 @@ class KVCache:
         return self.k_cache.dtype
 
     # --- writing --------------------------------------------------------------------------
+    @property
+    def headdim_v(self) -> int:
+        return self.v_cache.shape[3]
+
     def _check_new(self, name: str, x) -> None:
         check_tensor(name, x, ndim=4)
         check_same(("k_cache", name), (self.k_cache, x), "dtype")
         check_same(("k_cache", name), (self.k_cache, x), "device")
         if x.shape[2] != self.nheads_k:
             raise ArgumentError(f"{name} must have nheads_k={self.nheads_k} heads, got {x.shape[2]}")
-        if x.shape[3] != self.headdim:
-            raise ArgumentError(f"{name} must have headdim={self.headdim}, got {x.shape[3]}")
+        want = self.headdim if name == "k" else self.headdim_v
+        if x.shape[3] != want:
+            raise ArgumentError(f"{name} must have head dim {want}, got {x.shape[3]}")
 
     def append(self, k: torch.Tensor, v: torch.Tensor, seq_idx=None, num_new=None) -> None:
         """Append new tokens ``k, v`` ``(n, snew, nheads_k, headdim)`` to ``n`` sequences.
@@ -180,8 +192,8 @@ class KVCache:
         """
         self._check_new("k", k)
         self._check_new("v", v)
-        if k.shape != v.shape:
-            raise ArgumentError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.shape[:3] != v.shape[:3]:
+            raise ArgumentError(f"k and v must agree in (n, snew, nheads_k), got {tuple(k.shape)} and {tuple(v.shape)}")
         rows = check_seq_idx(seq_idx, self.batch, self.k_cache.device)
         if k.shape[0] != rows.numel():
             raise ArgumentError(f"k has {k.shape[0]} rows but seq_idx selects {rows.numel()} sequences")
@@ -211,7 +223,7 @@ class KVCache:
             capacity *= 2
         for name in ("k_cache", "v_cache"):
             old = getattr(self, name)
-            new = old.new_zeros((self.batch, capacity, self.nheads_k, self.headdim))
+            new = old.new_zeros((self.batch, capacity, *old.shape[2:]))
             new[:, : old.shape[1]] = old
             self.grow_bytes_copied += old.numel() * old.element_size()
             setattr(self, name, new)
@@ -233,7 +245,7 @@ class KVCache:
 
     def memory(self) -> CacheMemory:
         """Bytes reserved by both buffers vs bytes holding cached tokens."""
-        per_token = 2 * self.nheads_k * self.headdim * self.k_cache.element_size()
+        per_token = self.nheads_k * (self.headdim + self.headdim_v) * self.k_cache.element_size()
         return CacheMemory(
             reserved_bytes=self.batch * self.capacity * per_token, used_bytes=int(self.cache_seqlens.sum()) * per_token
         )

@@ -39,6 +39,7 @@ from .validation import (
 )
 
 CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEADDIM = {"torch": 512, "triton": 256}  # the kernels' register budget; any size in PyTorch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +51,7 @@ class KVCacheCall:
     nheads: int
     nheads_k: int
     headdim: int
+    headdim_v: int  # v_cache's head dim (FlashAttention 3's headdim_v); the output has it
     capacity: int  # keys a sequence can hold (block_table columns x page size when paged)
     page_size: int  # rows per block of a paged pool; 0 for a contiguous cache
     seqlens: torch.Tensor  # int32 (batch,): cached tokens before the append
@@ -122,11 +124,12 @@ def check_kvcache_call(
     v_descale=None,
     backend="auto",
     per_token_scales: bool = False,
-    max_headdim: int = 256,
 ) -> KVCacheCall:
     """Check every argument of ``flash_attn_with_kvcache`` (plus ``per_token_scales``: whether an
     int8 cache may carry one scale per token, as the decode kernel's entry point allows) before
-    anything is written; return the normalised :class:`KVCacheCall`. Errors name the argument."""
+    anything is written; return the normalised :class:`KVCacheCall`. Errors name the argument.
+    Head dims go up to 512 on the PyTorch backend and 256 in the Triton kernels, which also need
+    ``v_cache``'s head dim to equal ``k_cache``'s."""
     cache_dtypes = CACHE_DTYPES + QUANTIZED_CACHE_DTYPES if per_token_scales else CACHE_DTYPES + (torch.float8_e4m3fn,)
     check_tensor("q", q, ndim=4, dtypes=CACHE_DTYPES)
     check_tensor("k_cache", k_cache, ndim=4, dtypes=cache_dtypes)
@@ -156,8 +159,13 @@ def check_kvcache_call(
         raise ArgumentError("q must have batch size >= 1, got 0")
     if sq == 0:
         raise ArgumentError("q must have seqlen_q >= 1, got 0")
-    check_cache_shapes(q, k_cache, v_cache, max_headdim)
-    hk = k_cache.shape[2]
+    backend = runtime.resolve_backend(backend, q.device)
+    check_cache_shapes(q, k_cache, v_cache, MAX_HEADDIM[backend])
+    hk, dv = k_cache.shape[2], v_cache.shape[3]
+    if backend == "triton" and dv != d:
+        raise ArgumentError(
+            f"backend='triton' needs v_cache's head dim to equal k_cache's ({d}), got {dv}; use backend='torch'"
+        )
     if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
         raise ArgumentError(f"k_cache must hold at least one sequence and one row, got {tuple(k_cache.shape)}")
     checks = DeviceChecks()
@@ -174,10 +182,13 @@ def check_kvcache_call(
         capacity = k_cache.shape[1]
     snew = 0
     if k is not None:
-        if k.shape != v.shape:
-            raise ArgumentError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
         if k.shape[0] != b or k.shape[2] != hk or k.shape[3] != d:
             raise ArgumentError(f"k must have shape ({b}, seqlen_new, {hk}, {d}), got {tuple(k.shape)}")
+        if tuple(v.shape) != (b, k.shape[1], hk, dv):
+            raise ArgumentError(
+                f"k and v must have the same shape but for v's head dim (v_cache's, {dv}): v must be "
+                f"{(b, k.shape[1], hk, dv)}, got {tuple(v.shape)}"
+            )
         if cache_seqlens is None:
             raise ArgumentError("cache_seqlens is required when k and v are given (where to append)")
         snew = k.shape[1]
@@ -275,7 +286,6 @@ def check_kvcache_call(
         per_token=per_token_scales,
         checks=checks,
     )
-    backend = runtime.resolve_backend(backend, q.device)
     ends = seqlens + snew if snew else seqlens
     checks.stat("max_end", ends.max(), capacity)
     checks.stat("min_end", ends.min(), 0)
@@ -287,6 +297,7 @@ def check_kvcache_call(
         nheads=h,
         nheads_k=hk,
         headdim=d,
+        headdim_v=dv,
         capacity=capacity,
         page_size=page_size,
         seqlens=seqlens,

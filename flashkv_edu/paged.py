@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cache import write_kv
 from .validation import (
     FLOAT_DTYPES,
     ArgumentError,
@@ -145,6 +146,13 @@ class BlockAllocator:
             self.block_of[key] = block
             self.hash_of[block] = key
 
+    def forget(self, block: int) -> None:
+        """Drop ``block``'s prefix-cache key (its contents are about to change)."""
+        self._check_block(block)
+        key = self.hash_of.pop(block, None)
+        if key is not None:
+            del self.block_of[key]
+
     def lookup(self, key: bytes) -> int | None:
         """A cached block with this key, now referenced once more (taken off the free list if it
         was free), or None."""
@@ -191,12 +199,15 @@ class PagedKVCache:
         device=None,
         prefix_caching: bool = True,
         num_layers: int = 1,
+        headdim_v: int | None = None,
     ):
         if dtype not in FLOAT_DTYPES:
             raise ArgumentTypeError(f"dtype must be a floating dtype, got {dtype}")
+        headdim_v = headdim if headdim_v is None else headdim_v
         for name, value in (
             ("nheads_k", nheads_k),
             ("headdim", headdim),
+            ("headdim_v", headdim_v),
             ("max_batch", max_batch),
             ("max_blocks_per_seq", max_blocks_per_seq),
             ("num_layers", num_layers),
@@ -204,16 +215,39 @@ class PagedKVCache:
             check_int(name, value, low=1)
         check_bool("prefix_caching", prefix_caching)
         self.allocator = BlockAllocator(num_blocks, block_size)
-        shape = (num_layers, num_blocks, block_size, nheads_k, headdim)
         # One pool pair per layer; all layers share the block tables (a token sits at the same
-        # (block, offset) in every layer).
-        self.k_pools = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_pools = torch.zeros(shape, dtype=dtype, device=device)
+        # (block, offset) in every layer). Layers may differ in shape (resize_layer).
+        self.k_pools = [
+            torch.zeros(num_blocks, block_size, nheads_k, headdim, dtype=dtype, device=device)
+            for _ in range(num_layers)
+        ]
+        self.v_pools = [
+            torch.zeros(num_blocks, block_size, nheads_k, headdim_v, dtype=dtype, device=device)
+            for _ in range(num_layers)
+        ]
         self.block_table = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=self.k_cache.device)
         self.cache_seqlens = torch.zeros(max_batch, dtype=torch.int32, device=self.k_cache.device)
         self.seqs: dict[int, _Sequence] = {}
         self.prefix_caching = prefix_caching
         self.cow_copies = 0
+
+    def resize_layer(self, layer: int, nheads_k: int, headdim: int, headdim_v: int | None = None, dtype=None) -> None:
+        """Give ``layer`` pools of another shape (models whose layers differ in KV heads or head
+        dims). Its stored keys and values are dropped: call it before the layer's first write."""
+        layer = check_int("layer", layer, low=0, high=len(self.k_pools) - 1)
+        headdim_v = headdim if headdim_v is None else headdim_v
+        for name, value in (("nheads_k", nheads_k), ("headdim", headdim), ("headdim_v", headdim_v)):
+            check_int(name, value, low=1)
+        dtype = self.k_pools[layer].dtype if dtype is None else dtype
+        if dtype not in FLOAT_DTYPES:
+            raise ArgumentTypeError(f"dtype must be a floating dtype, got {dtype}")
+        old = self.k_pools[layer]
+        self.k_pools[layer] = torch.zeros(*old.shape[:2], nheads_k, headdim, dtype=dtype, device=old.device)
+        self.v_pools[layer] = torch.zeros(*old.shape[:2], nheads_k, headdim_v, dtype=dtype, device=old.device)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k_pools)
 
     @property
     def k_cache(self) -> torch.Tensor:
@@ -301,22 +335,19 @@ class PagedKVCache:
         ``n`` token ids) feed the prefix cache. Raises (changing nothing) on bad input or when
         the pool has too few free blocks.
         """
-        for name, x in (("k", k), ("v", v)):
+        for name, x, pool in (("k", k, self.k_cache), ("v", v, self.v_cache)):
             check_tensor(name, x, ndim=3)
-            check_same(("k_cache", name), (self.k_cache, x), "dtype")
-            check_same(("k_cache", name), (self.k_cache, x), "device")
-            if tuple(x.shape[1:]) != tuple(self.k_cache.shape[2:]):
+            check_same((f"{name}_cache", name), (pool, x), "dtype")
+            check_same((f"{name}_cache", name), (pool, x), "device")
+            if tuple(x.shape[1:]) != tuple(pool.shape[2:]):
                 raise ArgumentError(
-                    f"{name} must be (n, nheads_k={self.k_cache.shape[2]}, "
-                    f"headdim={self.k_cache.shape[3]}), got {tuple(x.shape)}"
+                    f"{name} must be (n, nheads_k={pool.shape[2]}, headdim={pool.shape[3]}), got {tuple(x.shape)}"
                 )
-        if k.shape != v.shape:
-            raise ArgumentError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.shape[0] != v.shape[0]:
+            raise ArgumentError(f"k and v must hold the same number of tokens, got {k.shape[0]} and {v.shape[0]}")
         start = self.reserve(slot, k.shape[0], tokens)
-        pos = torch.arange(start, start + k.shape[0], device=self.k_cache.device)
-        blocks, offsets = slot_mapping(pos, self.block_table[slot], self.block_size)
-        self.k_cache[blocks, offsets] = k
-        self.v_cache[blocks, offsets] = v
+        first = torch.tensor([start], device=self.k_cache.device)
+        write_kv(self.k_cache, self.v_cache, k[None], v[None], first, block_table=self.block_table[slot : slot + 1])
 
     def reserve(self, slot: int, n: int, tokens=None) -> int:
         """Make room for ``n`` more tokens of ``slot`` in every layer and return the position of
@@ -337,8 +368,9 @@ class PagedKVCache:
         if cow:
             old = seq.blocks[-1]
             new = self.allocator.allocate(1)[0]
-            self.k_pools[:, new] = self.k_pools[:, old]
-            self.v_pools[:, new] = self.v_pools[:, old]
+            for pools in (self.k_pools, self.v_pools):
+                for pool in pools:
+                    pool[new] = pool[old]
             self.allocator.free(old)
             seq.blocks[-1] = new
             self.cow_copies += 1
@@ -373,6 +405,55 @@ class PagedKVCache:
         )
         self._sync_row(child)
         return child
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Roll ``slot`` back to its first ``length`` tokens (checkpoint and rollback; speculative
+        decoding's rejected tokens; transformers' ``crop``): blocks past them are released, and a
+        full block that becomes partial leaves the prefix cache (its hash would describe tokens the
+        sequence no longer has, and the next append writes into it)."""
+        seq = self._slot(slot)
+        length = check_int("length", length, low=0, high=seq.length)
+        keep = -(-length // self.block_size)
+        for block in reversed(seq.blocks[keep:]):
+            self.allocator.free(block)
+        seq.blocks = seq.blocks[:keep]
+        full = length // self.block_size
+        if len(seq.hashes) > full:
+            for block in seq.blocks[full:]:
+                if self.allocator.ref_count[block] == 1:
+                    self.allocator.forget(block)
+            seq.hashes = seq.hashes[:full]
+        seq.length = length
+        if seq.tokens is not None:
+            seq.tokens = seq.tokens[:length]
+        self._sync_row(slot)
+
+    def reorder(self, order) -> None:
+        """Rebuild the slots from ``order`` (ints): new slot ``i`` holds what slot ``order[i]``
+        held, sharing its blocks (a slot may appear several times, as in beam search, or not at all,
+        as when a batch shrinks); every old slot is then released. Nothing is copied: a shared
+        last block is copied on the next write."""
+        order = [check_int(f"order[{i}]", o, low=0) for i, o in enumerate(order)]
+        if len(order) > self.max_batch:
+            raise ArgumentError(f"order holds {len(order)} slots; the cache has {self.max_batch}")
+        for o in order:
+            self._slot(o)
+        new = {}
+        for i, o in enumerate(order):
+            old = self.seqs[o]
+            for block in old.blocks:
+                self.allocator.incref(block)
+            new[i] = _Sequence(
+                blocks=list(old.blocks),
+                length=old.length,
+                tokens=None if old.tokens is None else list(old.tokens),
+                hashes=list(old.hashes),
+            )
+        for slot in list(self.seqs):
+            self.free(slot)
+        self.seqs = new
+        for slot in new:
+            self._sync_row(slot)
 
     def free(self, slot: int) -> None:
         """Release ``slot``; its blocks go to the free list last block first (the blocks that

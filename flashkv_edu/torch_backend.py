@@ -248,6 +248,7 @@ def uses_fused_kernel(call: KVCacheCall) -> bool:
         and call.scale_mode == SCALE_NONE
         and rows >= FUSED_MIN_ROWS
         and call.max_end > 0
+        and not (call.return_lse and call.headdim_v != call.headdim)  # the CPU flash kernel needs one head dim
     )
 
 

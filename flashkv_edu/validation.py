@@ -363,10 +363,15 @@ def check_qkv_shapes(
 
 
 def check_cache_shapes(q, k_cache, v_cache, max_headdim: int = 256) -> None:
-    """A KV cache against ``q``: :func:`check_qkv_shapes` with the cache's names, head dim at
-    most ``max_headdim``, caches contiguous in the last dimension (they are written in place,
-    as FlashAttention requires)."""
-    check_qkv_shapes(q, k_cache, v_cache, k_name="k_cache", v_name="v_cache", max_headdim=max_headdim)
+    """A KV cache against ``q``: :func:`check_qkv_shapes` with the cache's names (``v_cache`` may
+    have its own head dim, FlashAttention 3's ``headdim_v``), head dims at most ``max_headdim``,
+    caches contiguous in the last dimension (they are written in place, as FlashAttention
+    requires)."""
+    check_qkv_shapes(
+        q, k_cache, v_cache, k_name="k_cache", v_name="v_cache", max_headdim=max_headdim, value_headdim_may_differ=True
+    )
+    if v_cache.shape[3] > max_headdim:
+        raise ArgumentError(f"headdim of v_cache must be <= {max_headdim}, got {v_cache.shape[3]}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ArgumentError(
             "k_cache and v_cache must be contiguous in the last dimension (they are updated in "

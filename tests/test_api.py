@@ -300,9 +300,14 @@ def test_bad_arguments_raise_and_leave_caches_untouched(change, match):
     assert torch.equal(args["k_cache"], before[0]) and torch.equal(args["v_cache"], before[1])
 
 
-def test_head_dim_over_256_and_dtype_mismatch():
+def test_head_dims_up_to_512_in_pytorch_and_256_in_the_kernels_and_dtype_mismatch():
+    q, kc, vc = torch.randn(1, 3, 2, 512), torch.randn(1, 6, 1, 512), torch.randn(1, 6, 1, 512)
+    out = flash_attn_with_kvcache(q, kc, vc, causal=True, backend="torch")
+    torch.testing.assert_close(out, attention_ref(q, kc, vc, causal=True), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="headdim of q must be <= 256"):
-        flash_attn_with_kvcache(torch.randn(1, 1, 1, 264), torch.randn(1, 4, 1, 264), torch.randn(1, 4, 1, 264))
+        flash_attn_with_kvcache(q, kc, vc, backend="triton")
+    with pytest.raises(ValueError, match="headdim of q must be <= 512"):
+        flash_attn_with_kvcache(torch.randn(1, 1, 1, 520), torch.randn(1, 4, 1, 520), torch.randn(1, 4, 1, 520))
     with pytest.raises(ValueError, match="share one dtype"):
         flash_attn_with_kvcache(torch.randn(1, 1, 1, 16).half(), torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16))
 

@@ -59,9 +59,9 @@ def test_growable_doubles_and_counts_copies():
     [
         (lambda c: c.append(torch.ones(2, 5, 2, 4), torch.ones(2, 5, 2, 4)), "cache overflow"),
         (lambda c: c.append(torch.ones(2, 1, 3, 4), torch.ones(2, 1, 3, 4)), "nheads_k=2"),
-        (lambda c: c.append(torch.ones(2, 1, 2, 8), torch.ones(2, 1, 2, 8)), "headdim=4"),
+        (lambda c: c.append(torch.ones(2, 1, 2, 8), torch.ones(2, 1, 2, 8)), "k must have head dim 4"),
         (lambda c: c.append(torch.ones(2, 1, 2, 4).half(), torch.ones(2, 1, 2, 4).half()), "share one dtype"),
-        (lambda c: c.append(torch.ones(2, 1, 2, 4), torch.ones(2, 2, 2, 4)), "same shape"),
+        (lambda c: c.append(torch.ones(2, 1, 2, 4), torch.ones(2, 2, 2, 4)), "k and v must agree"),
         (lambda c: c.append(torch.ones(1, 1, 2, 4), torch.ones(1, 1, 2, 4), seq_idx=[5]), "seq_idx entries"),
         (lambda c: c.append(torch.ones(2, 1, 2, 4), torch.ones(2, 1, 2, 4), seq_idx=[1, 1]), "must not repeat"),
         (lambda c: c.append(torch.ones(2, 1, 2, 4), torch.ones(2, 1, 2, 4), seq_idx=[1]), "selects 1"),

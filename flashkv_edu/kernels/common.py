@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 
 from .. import runtime
+from ..call import MAX_HEADDIM as CALL_MAX_HEADDIM
 from ..runtime import tl, triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEADDIM = 256
+MAX_HEADDIM = CALL_MAX_HEADDIM["triton"]
 
 
 def next_pow2(n: int) -> int:

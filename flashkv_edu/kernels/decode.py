@@ -29,7 +29,6 @@ from ..validation import (
     check_tensor,
 )
 from .common import (
-    MAX_HEADDIM,
     SUPPORTED_DTYPES,
     block_d,
     check_row_offsets,
@@ -361,7 +360,6 @@ def decode_attention_triton(
         v_descale=v_descale,
         backend="triton",
         per_token_scales=True,
-        max_headdim=MAX_HEADDIM,
     )
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_row_offsets(name, t)
