@@ -132,7 +132,10 @@ def flash_attn_with_kvcache(
             k = apply_rotary(k, rotary_cos, rotary_sin, positions, interleaved=rotary_interleaved)
         if call.k_descale is not None:
             k, v = quantize_fp8(k, call.k_descale), quantize_fp8(v, call.v_descale)
-        write_kv(k_cache, v_cache, k, v, call.seqlens, rows=call.batch_rows, block_table=call.block_table)
+        same = call.max_end - call.snew if call.min_end == call.max_end else None  # every row as long (host numbers)
+        write_kv(
+            k_cache, v_cache, k, v, call.seqlens, rows=call.batch_rows, block_table=call.block_table, same_start=same
+        )
     if call.rotary_dim:
         offsets = torch.arange(sq, device=q.device)[None, :] if (call.is_causal or call.is_local) else 0
         positions = call.seqlens.long()[:, None] + offsets

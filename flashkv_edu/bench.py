@@ -3,6 +3,7 @@
     python -m flashkv_edu.bench decode    # tokens/s with and without the KV cache
     python -m flashkv_edu.bench api       # flash_attn_with_kvcache (PyTorch path) vs SDPA; trained model
     python -m flashkv_edu.bench quant     # quantized caches: memory, attention error, model loss
+    python -m flashkv_edu.bench hf        # a transformers Llama: eager, sdpa and flashkv_edu (three caches)
     python -m flashkv_edu.bench gpu       # decode on a CUDA GPU vs HBM roofline and SDPA (needs a GPU)
 
 Timings vary from run to run (and a 2-core laptop is noisy); each number is the best of a few
@@ -215,6 +216,92 @@ def bench_quant(sequences: int = 16) -> list[dict]:
     return rows
 
 
+HF_SHAPE = dict(
+    vocab_size=1024,
+    hidden_size=512,
+    intermediate_size=1024,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+)
+
+
+@torch.no_grad()
+def bench_hf(batch: int = 4, prompt: int = 512, new_tokens: int = 32, rounds: int = 5) -> dict:
+    """A small transformers Llama (8 layers, hidden 512, 8 query / 2 KV heads, d=64, fp32) with one
+    set of weights under ``attn_implementation="eager"``, ``"sdpa"`` and flashkv_edu's (with
+    transformers' DynamicCache, and FlashKVCache contiguous and paged by 16): prefill of ``batch x
+    prompt`` tokens, one decode step at that length, and a whole greedy ``generate`` of
+    ``new_tokens``. Interleaved rounds (each the best of 3 calls per column), medians; ratios
+    against sdpa from the same run."""
+    from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+
+    from . import hf
+
+    name = hf.register("auto")
+    torch.manual_seed(0)
+    models = {}
+    for impl in ("eager", "sdpa", name):
+        models[impl] = AutoModelForCausalLM.from_config(LlamaConfig(**HF_SHAPE), attn_implementation=impl).eval()
+        if impl != "eager":
+            models[impl].load_state_dict(models["eager"].state_dict())
+    ids = torch.randint(3, HF_SHAPE["vocab_size"], (batch, prompt), generator=torch.Generator().manual_seed(1))
+    capacity = prompt + new_tokens + 1
+    columns = {
+        "eager": ("eager", lambda m: DynamicCache(config=m.config)),
+        "sdpa": ("sdpa", lambda m: DynamicCache(config=m.config)),
+        "fkv + DynamicCache": (name, lambda m: DynamicCache(config=m.config)),
+        "fkv + FlashKVCache": (name, lambda m: hf.FlashKVCache(m.config, batch, capacity)),
+        "fkv + FlashKVCache paged 16": (name, lambda m: hf.FlashKVCache(m.config, batch, capacity, page_size=16)),
+    }
+    token = ids[:, -1:]
+    fns = {}
+    for label, (impl, new_cache) in columns.items():
+        model = models[impl]
+        warm = new_cache(model)
+        model(input_ids=ids, use_cache=True, **hf.cache_kwargs(warm))  # the cache the decode steps extend
+
+        def prefill(model=model, new_cache=new_cache):
+            model(input_ids=ids, use_cache=True, **hf.cache_kwargs(new_cache(model)))
+
+        def decode(model=model, cache=warm):
+            model(input_ids=token, use_cache=True, **hf.cache_kwargs(cache))
+            cache.crop(-1)  # back to the prompt: every timed step sees the same length
+
+        def generate(model=model, new_cache=new_cache):
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                **hf.cache_kwargs(new_cache(model)),
+            )
+
+        fns[(label, "prefill")], fns[(label, "decode")], fns[(label, "generate")] = prefill, decode, generate
+    print(
+        f"transformers Llama: {HF_SHAPE['num_hidden_layers']} layers, hidden {HF_SHAPE['hidden_size']}, "
+        f"{HF_SHAPE['num_attention_heads']} query / {HF_SHAPE['num_key_value_heads']} KV heads, d=64, fp32; "
+        f"batch {batch}, prompt {prompt}, {new_tokens} new tokens; {torch.get_num_threads()} threads; "
+        f"median of {rounds} interleaved rounds of best-of-3"
+    )
+    times = interleaved_medians(fns, rounds, calls=3)  # each round: the best of 3 calls of every column
+    head = f"{'':<30} {'prefill ms':>11} {'decode ms':>10} {'generate s':>11}"
+    print(f"{head}   {'vs sdpa: prefill':>16} {'decode':>7} {'generate':>9}")
+    rows = {}
+    for label in columns:
+        p, d, g = (times[(label, what)] for what in ("prefill", "decode", "generate"))
+        sp, sd, sg = (times[("sdpa", what)] for what in ("prefill", "decode", "generate"))
+        rows[label] = dict(
+            prefill=p, decode=d, generate=g, prefill_ratio=p / sp, decode_ratio=d / sd, generate_ratio=g / sg
+        )
+        ratios = f"{p / sp:>15.2f}x {d / sd:>6.2f}x {g / sg:>8.2f}x"
+        print(f"{label:<30} {p * 1e3:>11.1f} {d * 1e3:>10.2f} {g:>11.2f}   {ratios}", flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m flashkv_edu.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -225,6 +312,7 @@ def main(argv=None) -> None:
     dec.add_argument("--steps", type=int, default=8)
     sub.add_parser("api", help="flash_attn_with_kvcache (PyTorch path) vs SDPA, and the trained model")
     sub.add_parser("quant", help="quantized caches: memory, attention error, trained model's loss")
+    sub.add_parser("hf", help="a transformers Llama: eager, sdpa and flashkv_edu with three caches")
     gpu = sub.add_parser("gpu", help="decode on a CUDA GPU: time, HBM bandwidth, roofline fraction, vs SDPA")
     gpu.add_argument("--out", default=None, help="write the results JSON here (default: the package's data file)")
     args = parser.parse_args(argv)
@@ -232,6 +320,8 @@ def main(argv=None) -> None:
         bench_decode(args.contexts, args.steps)
     elif args.what == "quant":
         bench_quant()
+    elif args.what == "hf":
+        bench_hf()
     elif args.what == "gpu":
         from .gpu_bench import main as gpu_main
 

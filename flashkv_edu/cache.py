@@ -51,6 +51,29 @@ def check_seq_idx(seq_idx, batch: int, device=None, name: str = "seq_idx") -> to
     return idx
 
 
+def _positions(dst, n: int, snew: int, start, rows, block_table, counts):
+    """Where token ``t`` of sequence ``i`` goes: index tensors ``(first, second)`` into ``dst``
+    (row and position of a contiguous cache, or block and slot of a pool), and the keep-mask of
+    ragged appends (None when every token is written)."""
+    device = dst.device
+    pos = start.long().to(device)[:, None] + torch.arange(snew, device=device)[None, :]  # (n, snew)
+    if block_table is not None:
+        page = dst.shape[1]
+        first, second = block_table.long().to(device).gather(1, pos // page), pos % page
+    else:
+        seq = torch.arange(n, device=device) if rows is None else rows.long().to(device)
+        first, second = seq[:, None].expand(n, snew), pos
+    keep = None if counts is None else torch.arange(snew, device=device)[None, :] < counts.to(device)[:, None]
+    return first, second, keep
+
+
+def _scatter(dst, src, first, second, keep) -> None:
+    if keep is None:
+        dst[first, second] = src.to(dst.dtype)
+    else:
+        dst[first[keep], second[keep]] = src[keep].to(dst.dtype)
+
+
 def scatter_rows(dst, src, start, *, rows=None, block_table=None, counts=None) -> None:
     """Write ``src[i, t]`` (``src`` ``(n, snew, ...)``) at token position ``start[i] + t`` of
     sequence ``i``, for ``t < counts[i]`` (default: all ``snew``), in place:
@@ -66,26 +89,24 @@ def scatter_rows(dst, src, start, *, rows=None, block_table=None, counts=None) -
     n, snew = src.shape[:2]
     if n == 0 or snew == 0:
         return
-    device = dst.device
-    pos = start.long().to(device)[:, None] + torch.arange(snew, device=device)[None, :]  # (n, snew)
-    if block_table is not None:
-        page = dst.shape[1]
-        first, second = block_table.long().to(device).gather(1, pos // page), pos % page
-    else:
-        seq = torch.arange(n, device=device) if rows is None else rows.long().to(device)
-        first, second = seq[:, None].expand(n, snew), pos
-    if counts is None:
-        dst[first, second] = src.to(dst.dtype)
-    else:
-        keep = torch.arange(snew, device=device)[None, :] < counts.to(device)[:, None]
-        dst[first[keep], second[keep]] = src[keep].to(dst.dtype)
+    _scatter(dst, src, *_positions(dst, n, snew, start, rows, block_table, counts))
 
 
-def write_kv(k_cache, v_cache, k, v, start, *, rows=None, block_table=None, counts=None) -> None:
+def write_kv(k_cache, v_cache, k, v, start, *, rows=None, block_table=None, counts=None, same_start=None) -> None:
     """:func:`scatter_rows` for keys and values together (``k``, ``v`` ``(n, snew, nheads_k,
-    headdim)``): the append of every cache in the package, contiguous or paged."""
-    scatter_rows(k_cache, k, start, rows=rows, block_table=block_table, counts=counts)
-    scatter_rows(v_cache, v, start, rows=rows, block_table=block_table, counts=counts)
+    headdim)``, the positions computed once): the append of every cache in the package,
+    contiguous or paged. ``same_start``: a host int when the caller knows that every row starts
+    there (rows ``0 .. n-1`` of a contiguous cache, all tokens): a plain slice copy then."""
+    n, snew = k.shape[:2]
+    if n == 0 or snew == 0:
+        return
+    if same_start is not None and rows is None and block_table is None and counts is None:
+        k_cache[:n, same_start : same_start + snew] = k.to(k_cache.dtype)
+        v_cache[:n, same_start : same_start + snew] = v.to(v_cache.dtype)
+        return
+    where = _positions(k_cache, n, snew, start, rows, block_table, counts)
+    _scatter(k_cache, k, *where)
+    _scatter(v_cache, v, *where)
 
 
 def append_to_cache(k_cache, v_cache, cache_seqlens, k, v) -> torch.Tensor:
@@ -127,6 +148,7 @@ class KVCache:
         device=None,
         growable: bool = False,
         headdim_v: int | None = None,
+        head_major: bool = False,
     ):
         headdim_v = headdim if headdim_v is None else headdim_v
         for name, value in (
@@ -140,12 +162,23 @@ class KVCache:
         if dtype not in FLOAT_DTYPES:
             raise ArgumentTypeError(f"dtype must be a floating dtype, got {dtype}")
         check_bool("growable", growable)
-        self.k_cache = torch.zeros(batch, max_seqlen, nheads_k, headdim, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(batch, max_seqlen, nheads_k, headdim_v, dtype=dtype, device=device)
+        check_bool("head_major", head_major)
+        self.head_major = head_major
+        self.k_cache = self._buffer(batch, max_seqlen, nheads_k, headdim, dtype, device)
+        self.v_cache = self._buffer(batch, max_seqlen, nheads_k, headdim_v, dtype, device)
         self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=self.k_cache.device)
         self.growable = growable
         self.grow_copies = 0
         self.grow_bytes_copied = 0
+
+    def _buffer(self, batch, capacity, nheads_k, headdim, dtype, device) -> torch.Tensor:
+        """Zeros ``(batch, capacity, nheads_k, headdim)``: FlashAttention's layout; with
+        ``head_major`` a view of ``(batch, nheads_k, capacity, headdim)`` storage (still contiguous
+        in the head dim, as FlashAttention asks), where each head's keys are one block of memory
+        for PyTorch's fused attention to stream."""
+        if self.head_major:
+            return torch.zeros(batch, nheads_k, capacity, headdim, dtype=dtype, device=device).transpose(1, 2)
+        return torch.zeros(batch, capacity, nheads_k, headdim, dtype=dtype, device=device)
 
     # --- shape ----------------------------------------------------------------------------
     @property
@@ -223,7 +256,7 @@ class KVCache:
             capacity *= 2
         for name in ("k_cache", "v_cache"):
             old = getattr(self, name)
-            new = old.new_zeros((self.batch, capacity, *old.shape[2:]))
+            new = self._buffer(self.batch, capacity, *old.shape[2:], old.dtype, old.device)
             new[:, : old.shape[1]] = old
             self.grow_bytes_copied += old.numel() * old.element_size()
             setattr(self, name, new)

@@ -35,7 +35,9 @@ from .validation import (
     check_softcap,
     check_tensor,
     normalize_window,
+    range_message,
     softmax_scale_for,
+    value_checks_on,
 )
 
 CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -194,23 +196,23 @@ def check_kvcache_call(
         snew = k.shape[1]
         if snew > capacity:
             raise ArgumentError(f"k holds {snew} new tokens, more than the cache capacity {capacity}")
-    seqlens = check_lengths(
-        "cache_seqlens",
-        capacity if cache_seqlens is None else cache_seqlens,
-        b,
-        high=capacity,
-        device=q.device,
-        int32_only=True,
-        checks=checks,
+    if cache_seqlens is None:
+        seqlens = torch.full((b,), capacity, dtype=torch.int32, device=q.device)
+    else:
+        seqlens = check_lengths("cache_seqlens", cache_seqlens, b, device=q.device, int32_only=True, checks=False)
+    # One aminmax serves the range, the overflow, the rotary reach and the host numbers below.
+    room = capacity - snew
+    seq_min, seq_max = checks.in_range(
+        seqlens,
+        0,
+        room,
+        lambda: (
+            range_message("cache_seqlens", seqlens, 0, capacity)
+            if int(seqlens.max()) > capacity or int(seqlens.min()) < 0
+            else f"cache overflow: cache_seqlens {seqlens.tolist()} + {snew} new tokens exceeds the cache "
+            f"capacity {capacity}" + (" (block_table)" if block_table is not None else "")
+        ),
     )
-    if snew:
-        checks.require(
-            (seqlens <= capacity - snew).all(),
-            lambda: (
-                f"cache overflow: cache_seqlens {seqlens.tolist()} + {snew} new tokens exceeds the cache "
-                f"capacity {capacity}" + (" (block_table)" if block_table is not None else "")
-            ),
-        )
     batch_rows = None
     if cache_batch_idx is not None:
         batch_rows = check_lengths(
@@ -231,9 +233,12 @@ def check_kvcache_call(
         raise ArgumentError(f"k_cache holds {k_cache.shape[0]} sequences for a batch of {b}; pass cache_batch_idx")
     leftpad = None
     if cache_leftpad is not None:
-        leftpad = check_lengths("cache_leftpad", cache_leftpad, b, device=q.device, int32_only=True, checks=checks)
-        checks.require(
-            (leftpad <= seqlens).all(),
+        leftpad = check_lengths("cache_leftpad", cache_leftpad, b, device=q.device, int32_only=True, checks=False)
+        _, pad_max = checks.in_range(leftpad, 0, None, lambda: range_message("cache_leftpad", leftpad, 0, None))
+        checks.in_range(
+            leftpad - seqlens,
+            None,
+            0,
             lambda: f"cache_leftpad must be <= cache_seqlens, got {leftpad.tolist()} > {seqlens.tolist()}",
         )
     window = normalize_window(window_size, causal, seqlen_k=capacity)
@@ -260,8 +265,8 @@ def check_kvcache_call(
         # New keys rotate at cache_seqlens + t; queries at cache_seqlens + i (causal or local) or all at
         # cache_seqlens: every such row must exist in the table.
         reach = max(snew, sq if (is_causal or is_local) else 1)
-        checks.require(
-            (seqlens <= rows - reach).all(),
+        checks.check(
+            lambda v: v[seq_max] <= rows - reach,
             lambda: (
                 f"rotary_cos has {rows} rows but rotary positions reach cache_seqlens + {reach - 1} = "
                 f"{(seqlens + reach - 1).tolist()} (new keys at cache_seqlens + t, queries at cache_seqlens"
@@ -287,10 +292,12 @@ def check_kvcache_call(
         checks=checks,
     )
     ends = seqlens + snew if snew else seqlens
-    checks.stat("max_end", ends.max(), capacity)
-    checks.stat("min_end", ends.min(), 0)
-    checks.stat("max_start", leftpad.max() if leftpad is not None else torch.zeros((), device=q.device), capacity)
-    stats = checks.run()
+    values = checks.run()
+    if value_checks_on():
+        max_end, min_end = values[seq_max] + snew, values[seq_min] + snew
+        max_start = values[pad_max] if leftpad is not None else 0
+    else:  # nothing read: the backends assume the worst (every row may reach the capacity)
+        max_end, min_end, max_start = capacity, 0, capacity
     return KVCacheCall(
         batch=b,
         seqlen_q=sq,
@@ -320,7 +327,7 @@ def check_kvcache_call(
         k_descale=k_descale if scale_mode != SCALE_NONE else None,
         v_descale=v_descale if scale_mode != SCALE_NONE else None,
         return_lse=return_softmax_lse,
-        max_end=stats["max_end"],
-        min_end=stats["min_end"],
-        max_start=stats["max_start"],
+        max_end=max_end,
+        min_end=min_end,
+        max_start=max_start,
     )

@@ -317,6 +317,7 @@ class FlashKVCache(Cache):
         self.kv: list[KVCache | None] = [None] * layers  # contiguous
         self.store: PagedKVCache | None = None  # paged
         self.step_starts = self.step_counts = self.step_pads = None  # paged: this forward pass's appends
+        self.step_longest = 0
 
     # --- storage -------------------------------------------------------------------------------------
 
@@ -338,7 +339,7 @@ class FlashKVCache(Cache):
             self.device = self.device or key_states.device
         kw = dict(dtype=self.dtype, device=self.device)
         if not self.paged:
-            self.kv[i] = KVCache(self.batch, self.max_cache_len, hk, d, headdim_v=dv, **kw)
+            self.kv[i] = KVCache(self.batch, self.max_cache_len, hk, d, headdim_v=dv, head_major=True, **kw)
             return
         if self.store is None:
             blocks_per_seq = -(-self.max_cache_len // self.page_size)
@@ -383,8 +384,11 @@ class FlashKVCache(Cache):
             if key_states.device != device:
                 raise ArgumentError(f"layer {i} lives on {device}, the update on {key_states.device}")
         if self.paged and self.store is not None:  # later layers of a pass: the lengths before it
-            before = self.step_starts if (i > 0 and self.step_starts is not None) else self._lengths()
-            longest = int(before.max())
+            if i > 0 and self.step_starts is not None:
+                longest = self.step_longest
+            else:
+                lengths = [self.store.seqs[r].length for r in self._rows().tolist() if r in self.store.seqs]
+                longest = max(lengths, default=0)
         else:
             longest = self.layers[i].length
         if longest + s > self.max_cache_len:
@@ -428,11 +432,14 @@ class FlashKVCache(Cache):
         padding ``pad``); return each row's key count after it (int32)."""
         b, s = k.shape[:2]
         layer = self.layers[i]
-        if not self.paged:
+        if not self.paged:  # every row holds layer.length tokens (left padding included)
             kv = self.kv[i]
-            kv.append(k.to(kv.dtype), v.to(kv.dtype), seq_idx=self._rows())
+            starts = torch.full((b,), layer.length, dtype=torch.int32, device=kv.k_cache.device)
+            rows = None if self.rows is None else self.rows
+            write_kv(kv.k_cache, kv.v_cache, k, v, starts, rows=rows, same_start=layer.length)
             layer.length += s
-            return kv.cache_seqlens[self._rows()]
+            self._set_lengths(i)
+            return starts + s
         if i == 0 or self.step_starts is None:  # the first layer of a pass reserves for all layers
             self._begin_step(b, s, pad)
         counts, pads = self.step_counts, self.step_pads
@@ -441,7 +448,7 @@ class FlashKVCache(Cache):
             k = k.gather(1, index[:, :, None, None].expand_as(k))
             v = v.gather(1, index[:, :, None, None].expand_as(v))
         pool, vpool = self.store.k_pools[i], self.store.v_pools[i]
-        table = self.store.block_table[self._rows()]
+        table = self._table()
         write_kv(pool, vpool, k.to(pool.dtype), v.to(vpool.dtype), self.step_starts, block_table=table, counts=counts)
         layer.length += s
         return self.step_starts + counts
@@ -465,6 +472,7 @@ class FlashKVCache(Cache):
         need = sum(store._plan(store._slot(r), int(n))[0] for r, n in zip(rows, counts.tolist(), strict=True))
         if need > store.allocator.num_free:
             raise OutOfBlocksError(f"this step needs {need} free blocks, {store.allocator.num_free} are free")
+        self.step_longest = max((store.seqs[r].length for r in rows), default=0)
         starts = torch.tensor([store.reserve(r, int(n)) for r, n in zip(rows, counts.tolist(), strict=True)])
         self.step_starts = starts.to(device=self.device, dtype=torch.int32)
         self.step_counts, self.step_pads = counts, pads
@@ -482,31 +490,60 @@ class FlashKVCache(Cache):
         )
 
     def _attend(self, i: int, q, key_states, value_states, attention_mask, options):
-        """Write layer ``i``'s new keys and attend over the cache in place (called by :func:`attention`)."""
+        """Write layer ``i``'s new keys and attend over the cache in place (called by :func:`attention`).
+
+        A decode step (one new token per row, a cache in q's dtype) is one ``flash_attn_with_kvcache``
+        call that appends and attends, as FlashAttention serves it; a prefill writes first (its left
+        padding may exceed what is cached, and paged rows drop it), then attends."""
         b, s = q.shape[0], key_states.shape[2]
         layer = self.layers[i]
         pad = _left_padding(attention_mask, b, layer.length + s, q.device)
-        new_pad = None
-        if self.paged and pad is not None:  # only the new tokens' padding is dropped (earlier steps dropped theirs)
-            new_pad = (pad - layer.length).clamp(0, s).to(torch.int32)
-            new_pad = new_pad if bool(new_pad.any()) else None
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
-        ends = self._write(i, k, v, new_pad)
-        if not self.paged:
-            kv = self.kv[i]
-            rows = self._rows()
-            return flash_attn_with_kvcache(
-                q, kv.k_cache, kv.v_cache, cache_seqlens=ends, cache_batch_idx=rows.to(torch.int32), cache_leftpad=pad,
-                **options,
-            )  # fmt: skip
-        return flash_attn_with_kvcache(
-            q,
-            self.store.k_pools[i],
-            self.store.v_pools[i],
-            cache_seqlens=ends.to(torch.int32),
-            block_table=self.store.block_table[self._rows()],
-            **options,
+        pools = (
+            (self.store.k_pools[i], self.store.v_pools[i]) if self.paged else (self.kv[i].k_cache, self.kv[i].v_cache)
         )
+        one_call = s == 1 and layer.length > 0 and k.dtype == pools[0].dtype == q.dtype
+        if self.paged:
+            if one_call:
+                if i == 0 or self.step_starts is None:
+                    self._begin_step(b, s, None)
+                layer.length += s
+                return flash_attn_with_kvcache(
+                    q, *pools, k, v, cache_seqlens=self.step_starts, block_table=self._table(), **options
+                )
+            new_pad = None  # only the new tokens' padding is dropped (earlier steps dropped theirs)
+            if pad is not None:
+                new_pad = (pad - layer.length).clamp(0, s).to(torch.int32)
+                new_pad = new_pad if bool(new_pad.any()) else None
+            ends = self._write(i, k, v, new_pad)
+            return flash_attn_with_kvcache(
+                q, *pools, cache_seqlens=ends.to(torch.int32), block_table=self._table(), **options
+            )
+        rows = None if self.rows is None else self.rows.to(torch.int32)  # generate(): rows 0 .. batch-1
+        if one_call:
+            starts = torch.full((b,), layer.length, dtype=torch.int32, device=q.device)
+            out = flash_attn_with_kvcache(
+                q, *pools, k, v, cache_seqlens=starts, cache_batch_idx=rows, cache_leftpad=pad, **options
+            )
+            layer.length += s
+            self._set_lengths(i)
+            return out
+        ends = self._write(i, k, v, None)
+        return flash_attn_with_kvcache(
+            q, *pools, cache_seqlens=ends, cache_batch_idx=rows, cache_leftpad=pad, **options
+        )
+
+    def _table(self) -> torch.Tensor:
+        """Paged: the block-table rows of this step (read after the step's blocks were reserved)."""
+        return self.store.block_table[: self.batch] if self.rows is None else self.store.block_table[self.rows]
+
+    def _set_lengths(self, i: int) -> None:
+        """Contiguous: the package cache's lengths follow the layer's (every row the same)."""
+        kv = self.kv[i]
+        if self.rows is None:
+            kv.cache_seqlens[: self.batch] = self.layers[i].length
+        else:
+            kv.cache_seqlens[self.rows] = self.layers[i].length
 
     # --- rows: serving, beam search, assisted generation -----------------------------------------------
 

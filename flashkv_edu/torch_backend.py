@@ -27,9 +27,15 @@ import torch.nn.functional as F
 from .call import KVCacheCall
 from .validation import SCALE_NONE
 
-# Query rows (seqlen_q x heads per KV head) from which the fused kernel beats per-head matmuls
-# (measured with `python -m flashkv_edu.bench api` on a 2-core CPU; a decode step stays below).
+# When PyTorch's fused kernel beats per-KV-head matmuls on a 2-core CPU (fp32; measured side by side,
+# see `python -m flashkv_edu.bench api` and `bench hf`): from 32 query rows per KV head (prefill), or
+# for a decode step over a short cache (<= 768 keys); per-head matmuls win a decode step
+# over long caches (1.3-1.7x at 1-8K keys) and over paged ones whose gathered copy would outgrow the
+# CPU's cache (16 MB at 4 x 512 keys, 32 x 128 heads: 1.1x), where they gather one head at a time into
+# a reused workspace instead.
 FUSED_MIN_ROWS = 32
+FUSED_MAX_DECODE_KEYS = 768
+FUSED_MAX_PAGED_GATHER_BYTES = 4 << 20
 
 _WORKSPACE: dict = {}
 
@@ -68,14 +74,16 @@ class _PagedHeads:
         # Pool rows (block * page + slot) in sequence order: one 2-D row gather per head is the
         # fastest copy, possible when a head's pages can be viewed as one (rows, headdim) matrix.
         self.flat = pool.stride(0) == page * pool.stride(1)
-        if self.flat:
-            self.rows = (self.blocks[:, None] * page + torch.arange(page, device=pool.device)).reshape(-1)
+        self.rows = None
 
     def head(self, j: int) -> torch.Tensor:
         b, s, _, d = self.shape
         out = _workspace(self.name, (b * s, d), self.pool.dtype, self.pool.device)
         part = self.pool[:, :, j]  # (num_blocks, page, headdim)
         if self.flat:
+            if self.rows is None:
+                page = self.pool.shape[1]
+                self.rows = (self.blocks[:, None] * page + torch.arange(page, device=self.pool.device)).reshape(-1)
             torch.index_select(part.reshape(-1, d), 0, self.rows, out=out)
         else:
             torch.index_select(part, 0, self.blocks, out=out.view(-1, part.shape[1], d))
@@ -83,6 +91,8 @@ class _PagedHeads:
 
     def dense(self) -> torch.Tensor:
         b, s, hk, d = self.shape
+        if self.pool.is_contiguous():  # whole blocks as rows: a row gather copies at memcpy speed
+            return torch.index_select(self.pool.view(self.pool.shape[0], -1), 0, self.blocks).view(b, s, hk, d)
         return self.pool[self.blocks].reshape(b, s, hk, d)
 
 
@@ -217,6 +227,8 @@ def _fused(q, k, v, call: KVCacheCall, start, end, s: int, equal_rows: bool):
                 kt, vt = torch.where(valid, kt, 0.0), torch.where(valid, vt, 0.0)
                 keep = keep[:, None]
     kt, vt = kt.transpose(1, 2), vt.transpose(1, 2)
+    # PyTorch's kernels read the head dim as contiguous (the CPU flash kernel silently assumes it).
+    qt, kt, vt = (x if x.stride(-1) == 1 else x.contiguous() for x in (qt, kt, vt))
     if call.return_lse and q.device.type == "cpu":
         mask = (
             None if keep is None else torch.zeros(keep.shape, dtype=cd, device=q.device).masked_fill(~keep, -torch.inf)
@@ -239,6 +251,14 @@ def _fused(q, k, v, call: KVCacheCall, start, end, s: int, equal_rows: bool):
     return out, lse
 
 
+def _small_gather(call: KVCacheCall) -> bool:
+    """A contiguous cache (read in place), or pages whose gathered copy stays cache-sized."""
+    if not call.paged:
+        return True
+    gathered = call.batch * call.max_end * call.nheads_k * (call.headdim + call.headdim_v) * 4
+    return gathered <= FUSED_MAX_PAGED_GATHER_BYTES
+
+
 def uses_fused_kernel(call: KVCacheCall) -> bool:
     """Whether :func:`attention_over_cache` hands this call to PyTorch's fused attention."""
     rows = call.seqlen_q * (call.nheads // call.nheads_k)
@@ -246,7 +266,7 @@ def uses_fused_kernel(call: KVCacheCall) -> bool:
         call.softcap == 0
         and call.alibi_slopes is None
         and call.scale_mode == SCALE_NONE
-        and rows >= FUSED_MIN_ROWS
+        and (rows >= FUSED_MIN_ROWS or (call.max_end <= FUSED_MAX_DECODE_KEYS and _small_gather(call)))
         and call.max_end > 0
         and not (call.return_lse and call.headdim_v != call.headdim)  # the CPU flash kernel needs one head dim
     )

@@ -57,35 +57,49 @@ def value_checks_on() -> bool:
 class DeviceChecks:
     """Checks and numbers that need tensor values, gathered so that one call reads the device once.
 
-    ``require(ok, message)`` takes a 0-d bool tensor that must be True; ``stat(name, value,
-    default)`` a 0-d integer tensor whose value the caller needs on the host (``default`` is used
-    when value checks are skipped). :meth:`run` stacks them all and reads them with a single
-    ``tolist()``; on a failure it raises the first failing check's error (building its message may
-    read more, only on that error path)."""
+    :meth:`read` registers a 0-d tensor and returns a handle into the list :meth:`run` returns;
+    :meth:`check` a predicate over that list that must hold (else its message becomes an
+    :class:`ArgumentError`); :meth:`require` and :meth:`in_range` are the two common checks. :meth:`run`
+    stacks every registered tensor and reads them with a single ``tolist()``, then evaluates the
+    predicates in order (building a failure's message may read more, only on that error path).
+    Inside :func:`skip_value_checks` nothing is read: the handles give their ``default``."""
 
     def __init__(self):
-        self._checks: list[tuple[torch.Tensor, Callable[[], str], type]] = []
-        self._stats: list[tuple[str, torch.Tensor, int]] = []
+        self._tensors: list[torch.Tensor] = []
+        self._defaults: list[int] = []
+        self._checks: list[tuple[Callable[[list], bool], Callable[[], str], type]] = []
+
+    def read(self, value: torch.Tensor, default: int = 0) -> int:
+        self._tensors.append(value)
+        self._defaults.append(default)
+        return len(self._tensors) - 1
+
+    def check(self, holds: Callable[[list], bool], message: Callable[[], str], error: type = None) -> None:
+        self._checks.append((holds, message, error or ArgumentError))
 
     def require(self, ok: torch.Tensor, message: Callable[[], str], error: type = None) -> None:
-        self._checks.append((ok, message, error or ArgumentError))
+        """``ok``: a 0-d bool tensor that must be True."""
+        i = self.read(ok, 1)
+        self.check(lambda v: bool(v[i]), message, error)
 
-    def stat(self, name: str, value: torch.Tensor, default: int) -> None:
-        self._stats.append((name, value, default))
+    def in_range(self, t: torch.Tensor, low, high, message: Callable[[], str]) -> tuple[int, int]:
+        """Every element of the non-empty integer tensor ``t`` lies in ``[low, high]`` (None: no
+        bound); one ``aminmax``. Returns the handles of its min and max."""
+        lo, hi = torch.aminmax(t)
+        i, j = self.read(lo, 0 if low is None else low), self.read(hi, 0 if high is None else high)
+        self.check(lambda v: (low is None or v[i] >= low) and (high is None or v[j] <= high), message)
+        return i, j
 
-    def run(self) -> dict[str, int]:
-        """Raise the first failing check's error, else return ``{name: value}`` of the stats."""
-        if not value_checks_on():
-            return {name: default for name, _, default in self._stats}
-        items = [ok for ok, _, _ in self._checks] + [value for _, value, _ in self._stats]
-        if not items:
-            return {}
-        device = items[0].device
-        values = torch.stack([t.reshape(()).to(device=device, dtype=torch.int64) for t in items]).tolist()
-        for (_, message, error), ok in zip(self._checks, values, strict=False):
-            if not ok:
+    def run(self) -> list[int]:
+        """Raise the first failing check's error, else return the values of :meth:`read`."""
+        if not value_checks_on() or not self._tensors:
+            return list(self._defaults)
+        device = self._tensors[0].device
+        values = torch.stack([t.reshape(()).to(device=device, dtype=torch.int64) for t in self._tensors]).tolist()
+        for holds, message, error in self._checks:
+            if not holds(values):
                 raise error(message())
-        return {name: int(v) for (name, _, _), v in zip(self._stats, values[len(self._checks) :], strict=True)}
+        return values
 
 
 def _dtype_name(dtype) -> str:
@@ -220,8 +234,16 @@ def check_softcap(softcap) -> float:
 
 def _run(checks: DeviceChecks | None, local: DeviceChecks) -> None:
     """Run ``local`` when the caller gave no :class:`DeviceChecks` to gather into."""
-    if checks is None:
+    if not checks:
         local.run()
+
+
+def range_message(name: str, t: torch.Tensor, low, high) -> str:
+    values = t.tolist()
+    flat = values if t.dim() <= 1 else t.flatten().tolist()
+    if low is not None and min(flat) < low:
+        return f"{name} must be >= {low}, got {values}"
+    return f"{name} must be <= {high}, got {values}"
 
 
 def check_lengths(
@@ -233,12 +255,13 @@ def check_lengths(
     high: int | None = None,
     device=None,
     int32_only: bool = False,
-    checks: DeviceChecks | None = None,
+    checks: DeviceChecks | None | bool = None,
 ) -> torch.Tensor:
     """Turn ``lengths`` (int or ``(batch,)`` integer tensor) into a contiguous int32 ``(batch,)``
     tensor on ``device``. Every value lies in ``[low, high]`` (``high`` inclusive, when given).
     ``int32_only``: a tensor must already be int32 (FlashAttention's rule for its arguments).
-    The value checks join ``checks`` when given (read later, together), else run here."""
+    The value checks join ``checks`` when given (read later, together), else run here; with
+    ``checks=False`` the caller checks the values itself."""
     if isinstance(lengths, bool):
         raise ArgumentTypeError(f"{name} must be an int or an integer tensor, got bool")
     if isinstance(lengths, numbers.Integral):
@@ -256,11 +279,11 @@ def check_lengths(
         raise ArgumentError(f"{name} must have shape ({batch},), got {tuple(lengths.shape)}")
     if device is not None and lengths.device != torch.device(device):
         raise ArgumentError(f"{name} must be on {torch.device(device)}, got {lengths.device}")
+    if checks is False:  # the caller checks the values itself
+        return lengths.to(torch.int32).contiguous()
     local = checks or DeviceChecks()
     if batch:
-        local.require((lengths >= low).all(), lambda: f"{name} must be >= {low}, got {lengths.tolist()}")
-        if high is not None:
-            local.require((lengths <= high).all(), lambda: f"{name} must be <= {high}, got {lengths.tolist()}")
+        local.in_range(lengths, low, high, lambda: range_message(name, lengths, low, high))
     _run(checks, local)
     return lengths.to(torch.int32).contiguous()
 
@@ -310,8 +333,10 @@ def check_block_table(block_table, batch: int, num_blocks: int, checks: DeviceCh
     if block_table.shape[1] == 0:
         raise ArgumentError("block_table must have at least one column (max_blocks_per_seq >= 1)")
     local = checks or DeviceChecks()
-    local.require(
-        ((block_table >= 0) & (block_table < num_blocks)).all(),
+    local.in_range(
+        block_table,
+        0,
+        num_blocks - 1,
         lambda: f"block_table entries must lie in [0, {num_blocks}) (num_blocks of k_cache)",
     )
     _run(checks, local)

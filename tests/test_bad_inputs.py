@@ -218,13 +218,13 @@ api_case("headdim zero", VALUE, "headdim")(
         v_cache=a["v_cache"][..., :0],
     )
 )
-api_case("headdim over 256", VALUE, "headdim")(
+api_case("headdim over 512", VALUE, "headdim")(
     lambda a: a.update(
-        q=torch.randn(2, 1, 4, 264),
+        q=torch.randn(2, 1, 4, 520),
         k=None,
         v=None,
-        k_cache=torch.randn(2, 8, 2, 264),
-        v_cache=torch.randn(2, 8, 2, 264),
+        k_cache=torch.randn(2, 8, 2, 520),
+        v_cache=torch.randn(2, 8, 2, 520),
     )
 )
 api_case("nheads_k does not divide nheads", VALUE, "nheads_k")(lambda a: a.update(q=torch.randn(2, 1, 3, 16)))

@@ -146,16 +146,43 @@ def test_prefill_calls_match_the_oracle(cfg):
     torch.testing.assert_close(lse, ref_lse, rtol=2e-5, atol=2e-5)
 
 
-def test_both_engines_are_used_by_the_grid_and_prefill():
-    """The grid's decode calls use the own kernel; a prefill-sized call uses the fused one."""
+def test_each_call_goes_to_the_engine_that_is_faster_for_it():
+    """Prefill-sized calls and decode steps over short caches use the fused kernel; decode steps
+    over long caches, softcap and ALiBi use the per-head kernel."""
     q = torch.randn(2, 40, 4, 16)
-    kc = torch.randn(2, 64, 2, 16)
-    lens = torch.tensor([40, 40], dtype=torch.int32)
-    prefill = check_kvcache_call(q, kc, kc, cache_seqlens=lens, causal=True, backend="torch")
-    decode = check_kvcache_call(q[:, :1], kc, kc, cache_seqlens=lens, causal=True, backend="torch")
-    capped = check_kvcache_call(q, kc, kc, cache_seqlens=lens, causal=True, softcap=2.0, backend="torch")
-    assert torch_backend.uses_fused_kernel(prefill)
-    assert not torch_backend.uses_fused_kernel(decode) and not torch_backend.uses_fused_kernel(capped)
+    kc = torch.randn(2, 1024, 2, 16)
+    short, long = torch.tensor([40, 40], dtype=torch.int32), torch.tensor([1000, 900], dtype=torch.int32)
+    check = lambda q, lens, **kw: check_kvcache_call(q, kc, kc, cache_seqlens=lens, causal=True, backend="torch", **kw)
+    assert torch_backend.uses_fused_kernel(check(q, short))
+    assert torch_backend.uses_fused_kernel(check(q[:, :1], short))
+    assert not torch_backend.uses_fused_kernel(check(q[:, :1], long))
+    assert not torch_backend.uses_fused_kernel(check(q, short, softcap=2.0))
+    assert not torch_backend.uses_fused_kernel(check(q, short, alibi_slopes=torch.rand(4)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lens=st.lists(st.integers(0, 1000), min_size=1, max_size=3),
+    window=st.sampled_from([(-1, -1), (100, 0), (0, 0)]),
+    seed=st.integers(0, 10**6),
+)
+def test_decode_over_long_caches_matches_the_oracle(lens, window, seed):
+    """The per-head kernel's decode steps over long, ragged caches (NaN past each row)."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(lens)
+    q = torch.randn(b, 1, 4, 16, generator=g)
+    kc, vc = torch.full((b, 1000, 2, 16), float("nan")), torch.full((b, 1000, 2, 16), float("nan"))
+    for i, n in enumerate(lens):
+        kc[i, :n], vc[i, :n] = torch.randn(n, 2, 16, generator=g), torch.randn(n, 2, 16, generator=g)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    out, lse = flash_attn_with_kvcache(
+        q, kc, vc, cache_seqlens=seqlens, window_size=window, causal=True, return_softmax_lse=True, backend="torch"
+    )
+    ref, ref_lse = attention_ref(
+        q, kc.nan_to_num(0.0), vc.nan_to_num(0.0), seqlens_k=seqlens, window_size=window, causal=True, return_lse=True
+    )
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=2e-5, atol=2e-5)
 
 
 # --- what the backend reads -------------------------------------------------------------------------
