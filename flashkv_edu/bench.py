@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from .cli import file_to_write, int_in
 from .model import ModelConfig, TinyDecoder
 
 BENCH_CONFIG = ModelConfig(vocab_size=256, dim=128, n_layers=4, n_heads=8, n_kv_heads=2, max_seqlen=4096)
@@ -308,14 +309,19 @@ def main(argv=None) -> None:
     )
     sub = parser.add_subparsers(dest="what", required=True)
     dec = sub.add_parser("decode", help="tokens/s with and without the KV cache")
-    dec.add_argument("--contexts", type=int, nargs="+", default=[128, 256, 512, 1024])
-    dec.add_argument("--steps", type=int, default=8)
+    longest = BENCH_CONFIG.max_seqlen
+    dec.add_argument("--contexts", type=int_in(1, longest - 1), nargs="+", default=[128, 256, 512, 1024])
+    dec.add_argument("--steps", type=int_in(1, 1024), default=8)
     sub.add_parser("api", help="flash_attn_with_kvcache (PyTorch path) vs SDPA, and the trained model")
     sub.add_parser("quant", help="quantized caches: memory, attention error, trained model's loss")
     sub.add_parser("hf", help="a transformers Llama: eager, sdpa and flashkv_edu with three caches")
     gpu = sub.add_parser("gpu", help="decode on a CUDA GPU: time, HBM bandwidth, roofline fraction, vs SDPA")
-    gpu.add_argument("--out", default=None, help="write the results JSON here (default: the package's data file)")
+    gpu.add_argument(
+        "--out", type=file_to_write, default=None, help="write the results JSON here (default: the package's data file)"
+    )
     args = parser.parse_args(argv)
+    if args.what == "decode" and max(args.contexts) + args.steps > longest:
+        parser.error(f"--contexts + --steps must stay within the model's {longest} positions")
     if args.what == "decode":
         bench_decode(args.contexts, args.steps)
     elif args.what == "quant":

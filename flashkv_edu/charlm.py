@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import float_in
 from .model import ModelConfig, TinyDecoder
 
 CHECKPOINT = Path(__file__).with_name("data") / "char_model.pt"
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
         prog="python -m flashkv_edu.charlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("what", choices=["train"])
-    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--minutes", type=float_in(0.0, 24 * 60.0), default=10.0, help="training time (default 10)")
     args = parser.parse_args(argv)
     train(args.minutes)
 

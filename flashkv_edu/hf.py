@@ -371,6 +371,8 @@ class FlashKVCache(Cache):
             )
         if key_states.device != value_states.device:
             raise ArgumentError("key_states and value_states must be on one device")
+        if self.batch is None and b > self.max_batch_size:
+            raise ArgumentError(f"a batch of {b} sequences exceeds max_batch_size {self.max_batch_size}")
         rows = self.rows.numel() if self.rows is not None else (self.batch or b)
         if b != rows:
             raise ArgumentError(f"this step covers {rows} cache rows, the update has {b} sequences")
@@ -415,14 +417,14 @@ class FlashKVCache(Cache):
         """transformers' ``cache.update``. With this module's attention: nothing is written, the new
         keys go to :func:`attention` unchanged. Otherwise: written now, the whole history returned."""
         self._check_states(i, key_states, value_states)
-        if not self.layers[i].is_initialized:
-            self.layers[i].lazy_initialization(key_states, value_states)
-        if self._ours():
+        if self._ours():  # the attention initializes and writes, once it has checked the mask
             for key, entry in list(_PENDING.items()):  # a pass that never reached attention
                 if entry[0] is self and entry[3] == i:
                     del _PENDING[key]
             _PENDING[id(key_states)] = (self, key_states, value_states, i)
             return key_states, value_states
+        if not self.layers[i].is_initialized:
+            self.layers[i].lazy_initialization(key_states, value_states)
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
         self._write(i, k, v, None)
         return self._history(i)
@@ -498,6 +500,8 @@ class FlashKVCache(Cache):
         b, s = q.shape[0], key_states.shape[2]
         layer = self.layers[i]
         pad = _left_padding(attention_mask, b, layer.length + s, q.device)
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
         pools = (
             (self.store.k_pools[i], self.store.v_pools[i]) if self.paged else (self.kv[i].k_cache, self.kv[i].v_cache)
@@ -578,7 +582,10 @@ class FlashKVCache(Cache):
 
     def reorder_cache(self, beam_idx) -> None:
         """Row ``j`` becomes what row ``beam_idx[j]`` was (beam search); paged rows share blocks."""
-        order = self._order("beam_idx", beam_idx)
+        self._reorder("beam_idx", beam_idx)
+
+    def _reorder(self, name: str, order) -> None:
+        order = self._order(name, order)
         if self.paged:
             if self.store is not None:
                 self.store.reorder(order.tolist())
@@ -592,13 +599,13 @@ class FlashKVCache(Cache):
 
     def batch_select_indices(self, indices) -> None:
         """Keep rows ``indices`` (in that order)."""
-        self.reorder_cache(indices)
+        self._reorder("indices", indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat each row ``repeats`` times in place (row ``r`` becomes rows ``r * repeats ...``)."""
         repeats = check_int("repeats", repeats, low=1)
         if self.batch is not None:
-            self.reorder_cache(torch.arange(self.batch).repeat_interleave(repeats))
+            self._reorder("repeats", torch.arange(self.batch).repeat_interleave(repeats))
 
     def _order(self, name: str, order) -> torch.Tensor:
         if isinstance(order, torch.Tensor):

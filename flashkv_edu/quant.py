@@ -20,6 +20,8 @@ from .quant_codecs import (
     Scheme,
     _ungroup,
     bytes_per_token,
+    check_scheme,
+    check_values,
     dequantize_fp8,
     fp8_descales,
     pack_codes,
@@ -28,6 +30,7 @@ from .quant_codecs import (
     roundtrip,
     unpack_codes,
 )
+from .runtime import BACKENDS
 from .validation import ArgumentError, check_float_tensor, check_int
 
 __all__ = [
@@ -60,16 +63,25 @@ class QuantizedKVCache:
 
     ``append(k, v)`` adds ``(batch, snew, nheads_k, headdim)`` to every sequence;
     ``dequantized()`` returns what attention reads; ``attention(q, ...)`` runs
-    :func:`flashkv_edu.flash_attn_with_kvcache`'s semantics over it. An 8-bit symmetric
-    per-token cache goes straight into the Triton decode kernel, which dequantizes tile by tile
-    (``backend="triton"``); other schemes are dequantized first.
+    :func:`flashkv_edu.flash_attn_with_kvcache`'s semantics over it. An 8-bit symmetric cache with
+    one scale per token and head goes straight into the Triton decode kernel, which dequantizes
+    tile by tile (``backend="triton"``, :attr:`kernel_reads_codes`); other schemes are dequantized
+    first.
     """
 
     def __init__(self, batch: int, capacity: int, nheads_k: int, headdim: int, scheme: Scheme, device="cpu"):
+        check_scheme(scheme)
         if scheme.kind != "int":
             raise ArgumentError(f"QuantizedKVCache stores integer schemes; {scheme.name!r} is {scheme.kind}")
+        for name, value in (("batch", batch), ("capacity", capacity), ("nheads_k", nheads_k)):
+            check_int(name, value, low=1)
+        scheme.check_headdim(headdim)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ArgumentError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from exc
         self.scheme = scheme
-        self.shape = (check_int("batch", batch, low=1), check_int("capacity", capacity, low=1), nheads_k, headdim)
+        self.shape = (batch, capacity, nheads_k, headdim)
         g = scheme.token_group
         if capacity % g:
             raise ArgumentError(f"capacity ({capacity}) must be a multiple of the token group ({g})")
@@ -91,8 +103,16 @@ class QuantizedKVCache:
 
     @property
     def _raw_int8(self) -> bool:
-        """Symmetric 8-bit codes are stored as plain int8, readable by the decode kernel."""
+        """Symmetric 8-bit codes are stored as plain int8 (no packing)."""
         return self.scheme.bits == 8 and self.scheme.symmetric
+
+    @property
+    def kernel_reads_codes(self) -> bool:
+        """Whether the Triton decode kernel reads this cache's codes directly: int8, symmetric,
+        one scale per token and KV head (per-token axes whose group is the whole head dim), no
+        16-bit residual. Every other scheme is dequantized first, on both backends."""
+        s, d = self.scheme, self.shape[3]
+        return self._raw_int8 and s.residual == 0 and (s.k_axis, s.v_axis) == ("token", "token") and s.group in (0, d)
 
     def nbytes(self) -> int:
         """Bytes this cache allocates (codes, scales, zero points, the 16-bit pending rows)."""
@@ -110,8 +130,14 @@ class QuantizedKVCache:
             check_float_tensor(name, t, ndim=4)
             if t.shape[0] != b or t.shape[2:] != (hk, d):
                 raise ArgumentError(f"{name} must have shape ({b}, snew, {hk}, {d}), got {tuple(t.shape)}")
+            if t.device != self.cache_seqlens.device:
+                raise ArgumentError(f"{name} must be on the cache's device {self.cache_seqlens.device}, got {t.device}")
         if k.shape != v.shape:
             raise ArgumentError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.shape[1] == 0:
+            return
+        check_values("k", k)
+        check_values("v", v)
         if int(self.cache_seqlens.max()) + k.shape[1] > cap:
             raise ArgumentError(f"cache overflow: {self.cache_seqlens.tolist()} + {k.shape[1]} > capacity {cap}")
         for t in range(k.shape[1]):
@@ -180,11 +206,27 @@ class QuantizedKVCache:
             out.append(x)
         return out[0], out[1]
 
+    # The masks of flash_attn_with_kvcache that attention over this cache accepts.
+    MASK_ARGUMENTS = ("causal", "window_size", "softcap", "softmax_scale", "alibi_slopes")
+
     def attention(self, q: torch.Tensor, *, backend: str = "torch", **kwargs) -> torch.Tensor:
         """Attention of ``q`` ``(batch, seqlen_q, nheads, headdim)`` over the cached tokens, with
-        :func:`flashkv_edu.flash_attn_with_kvcache`'s masks (``causal``, ``window_size``, ...)."""
-        s = self.scheme
-        if backend == "triton" and self._raw_int8 and s.residual == 0:
+        :func:`flashkv_edu.flash_attn_with_kvcache`'s masks (``causal``, ``window_size``,
+        ``softcap``, ``softmax_scale``, ``alibi_slopes``). With ``backend="triton"`` and
+        :attr:`kernel_reads_codes` the decode kernel dequantizes the int8 tiles itself; otherwise
+        (every backend, every other scheme) the cache is dequantized first. Both compute the same."""
+        b, _, hk, d = self.shape
+        check_float_tensor("q", q, ndim=4)
+        if q.shape[0] != b or q.shape[3] != d or q.shape[2] % hk or q.shape[1] == 0:
+            raise ArgumentError(
+                f"q must have shape ({b}, seqlen_q >= 1, a multiple of {hk} heads, {d}), got {tuple(q.shape)}"
+            )
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        unknown = sorted(set(kwargs) - set(self.MASK_ARGUMENTS))
+        if unknown:
+            raise ArgumentError(f"attention takes the masks {self.MASK_ARGUMENTS}; got {', '.join(unknown)}")
+        if backend == "triton" and self.kernel_reads_codes:
             from .kernels.decode import decode_attention_triton
 
             return decode_attention_triton(

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .validation import ArgumentError, check_float_tensor, check_int
+from .validation import ArgumentError, ArgumentTypeError, check_bool, check_float_tensor, check_int, check_tensor
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 SCALE_BYTES = 2  # scales and zero points are fp16
@@ -54,18 +54,46 @@ class Scheme:
     residual: int = 0
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ArgumentTypeError(f"name must be a non-empty str, got {self.name!r}")
         if self.kind not in ("float", "fp8", "int"):
             raise ArgumentError(f"kind must be 'float', 'fp8' or 'int', got {self.kind!r}")
+        bits = check_int("bits", self.bits)
+        group = check_int("group", self.group, low=0)
+        residual = check_int("residual", self.residual, low=0)
+        check_bool("symmetric", self.symmetric)
+        if self.kind == "float":
+            if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise ArgumentError(f"a float scheme needs dtype fp32, fp16 or bf16, got {self.dtype!r}")
+            if bits != torch.finfo(self.dtype).bits:
+                raise ArgumentError(f"bits must be {torch.finfo(self.dtype).bits} for {self.dtype}, got {bits}")
+        elif self.dtype is not None:
+            raise ArgumentError(f"dtype is for float schemes; a {self.kind} scheme stores codes, got {self.dtype!r}")
+        if self.kind == "fp8":
+            if bits != 8:
+                raise ArgumentError(f"an fp8 scheme has bits 8, got {bits}")
+            if self.fp8_scale not in ("one", "tensor", "head"):
+                raise ArgumentError(f"fp8_scale must be 'one', 'tensor' or 'head', got {self.fp8_scale!r}")
         if self.kind == "int":
-            if self.bits not in (8, 4, 2):
-                raise ArgumentError(f"integer bits must be 8, 4 or 2, got {self.bits}")
+            if bits not in (8, 4, 2):
+                raise ArgumentError(f"integer bits must be 8, 4 or 2, got {bits}")
             for name in ("k_axis", "v_axis"):
                 if getattr(self, name) not in ("token", "channel"):
                     raise ArgumentError(f"{name} must be 'token' or 'channel', got {getattr(self, name)!r}")
-            if "channel" in (self.k_axis, self.v_axis) and self.group <= 0:
-                raise ArgumentError("a per-channel scheme needs group > 0 tokens per scale")
-        if self.kind == "fp8" and self.fp8_scale not in ("one", "tensor", "head"):
-            raise ArgumentError(f"fp8_scale must be 'one', 'tensor' or 'head', got {self.fp8_scale!r}")
+            if "channel" in (self.k_axis, self.v_axis) and group == 0:
+                raise ArgumentError("group must be > 0 tokens per scale for a per-channel scheme")
+        elif group or residual or (self.k_axis, self.v_axis) != ("token", "token"):
+            raise ArgumentError(f"group, residual and k_axis/v_axis are for integer schemes; {self.kind!r} has none")
+
+    def check_headdim(self, headdim: int) -> int:
+        """``headdim`` fits this scheme: token groups divide it and codes pack into whole bytes."""
+        headdim = check_int("headdim", headdim, low=1)
+        if self.kind == "int":
+            if "token" in (self.k_axis, self.v_axis) and self.group and headdim % self.group:
+                raise ArgumentError(f"group ({self.group} channels per scale) must divide the head dim ({headdim})")
+            if headdim * self.bits % 8:
+                raise ArgumentError(f"{self.bits}-bit codes of a head dim of {headdim} do not fill whole bytes")
+        return headdim
 
     @property
     def token_group(self) -> int:
@@ -100,6 +128,54 @@ SCHEMES = {
 }
 
 
+# --- argument checks --------------------------------------------------------------------------------
+
+
+def check_scheme(scheme) -> Scheme:
+    if not isinstance(scheme, Scheme):
+        raise ArgumentTypeError(
+            f"scheme must be a flashkv_edu.quant.Scheme (e.g. quant.SCHEMES['int8 per token']), got {scheme!r}"
+        )
+    return scheme
+
+
+def check_values(name: str, x, *, ndim: int | None = 4) -> torch.Tensor:
+    """A non-empty floating tensor of finite values: a NaN or inf would quantize to a wrong code
+    (or make a scale meaningless) without a word."""
+    check_float_tensor(name, x, ndim=ndim)
+    if x.numel() == 0:
+        raise ArgumentError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ArgumentError(f"{name} must be finite (it holds NaN or inf)")
+    return x
+
+
+def check_descale(name: str, descale, x) -> torch.Tensor:
+    """fp32 ``(batch, nheads_k)`` of ``x``, positive and finite."""
+    check_tensor(name, descale, ndim=2, dtypes=(torch.float32,))
+    want = (x.shape[0], x.shape[2])
+    if tuple(descale.shape) != want:
+        raise ArgumentError(f"{name} must have shape (batch, nheads_k) = {want}, got {tuple(descale.shape)}")
+    if descale.device != x.device:
+        raise ArgumentError(f"{name} must be on {x.device}, got {descale.device}")
+    if not bool((torch.isfinite(descale) & (descale > 0)).all()):
+        raise ArgumentError(f"{name} must be positive and finite")
+    return descale
+
+
+def _check_axis(axis) -> str:
+    if axis not in ("token", "channel"):
+        raise ArgumentError(f"axis must be 'token' or 'channel', got {axis!r}")
+    return axis
+
+
+def _check_pack_bits(bits) -> int:
+    bits = check_int("bits", bits)
+    if bits not in (8, 4, 2):
+        raise ArgumentError(f"bits must be 8, 4 or 2 (codes packed whole into bytes), got {bits}")
+    return bits
+
+
 # --- memory --------------------------------------------------------------------------------------
 
 
@@ -114,6 +190,10 @@ def bytes_per_token(scheme: Scheme, n_layers: int, nheads_k: int, headdim: int, 
     """KV-cache bytes per token of a whole model, scales included, averaged over a ``context``
     -token sequence (KIVI's residual tokens are 16-bit). fp8 descales are per sequence, not per
     token: ``8 * nheads_k * n_layers`` bytes a sequence, counted too."""
+    check_scheme(scheme)
+    for name, value in (("n_layers", n_layers), ("nheads_k", nheads_k), ("context", context)):
+        check_int(name, value, low=1)
+    scheme.check_headdim(headdim)
     elements = n_layers * nheads_k * headdim  # per token, for K or for V
     if scheme.kind == "float":
         return 2 * elements * scheme.bits / 8
@@ -189,8 +269,13 @@ def quantize_int(x: torch.Tensor, bits: int, *, axis: str = "token", group: int 
     Symmetric: codes in ``[-(2^(bits-1) - 1), 2^(bits-1) - 1]``, ``scale = absmax / qmax``.
     Asymmetric: codes in ``[0, 2^bits - 1]``, ``zero = min``, ``scale = (max - min) / (2^bits - 1)``.
     Every element is within ``scale / 2`` of its dequantized value."""
-    check_float_tensor("x", x, ndim=4)
+    check_values("x", x)
     check_int("bits", bits, low=2, high=8)
+    _check_axis(axis)
+    group = check_int("group", group, low=0)
+    check_bool("symmetric", symmetric)
+    if axis == "channel" and group == 0:
+        raise ArgumentError("group must be > 0 tokens per scale for axis='channel'")
     xg = _grouped(x.float(), axis, group)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
@@ -210,7 +295,17 @@ def quantize_int(x: torch.Tensor, bits: int, *, axis: str = "token", group: int 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack codes in ``[0, 2^bits)`` along the last dim, ``8 / bits`` to a byte: uint8 of last
     dim ``n * bits / 8``. (Symmetric codes are offset by ``2^(bits-1)`` first.)"""
+    bits = _check_pack_bits(bits)
+    check_tensor("codes", codes)
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool or codes.dim() == 0:
+        raise ArgumentTypeError(f"codes must be an integer tensor with a last dim, got {codes.dtype}")
     per = 8 // bits
+    if codes.shape[-1] % per:
+        raise ArgumentError(f"codes' last dim ({codes.shape[-1]}) must be a multiple of {per} for {bits}-bit packing")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
+        raise ArgumentError(
+            f"codes must lie in [0, {2**bits}) for {bits} bits, got [{int(codes.min())}, {int(codes.max())}]"
+        )
     c = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
     out = torch.zeros(c.shape[:-1], dtype=torch.uint8, device=codes.device)
     for i in range(per):
@@ -220,6 +315,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`."""
+    bits = _check_pack_bits(bits)
+    check_tensor("packed", packed, dtypes=(torch.uint8,))
+    if packed.dim() == 0:
+        raise ArgumentError("packed must have a last dim")
     per = 8 // bits
     mask = (1 << bits) - 1
     parts = [(packed >> (bits * i)) & mask for i in range(per)]
@@ -232,7 +331,7 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 def fp8_descales(x: torch.Tensor, granularity: str = "head") -> torch.Tensor:
     """fp32 descales ``(batch, nheads_k)`` for ``x`` ``(b, s, h, d)``: ``absmax / 448`` per
     (sequence, KV head) (``"head"``), one for the whole tensor (``"tensor"``), or 1.0 (``"one"``)."""
-    check_float_tensor("x", x, ndim=4)
+    check_values("x", x)
     b, _, h, _ = x.shape
     if granularity == "one":
         return torch.ones(b, h, device=x.device)
@@ -248,12 +347,16 @@ def fp8_descales(x: torch.Tensor, granularity: str = "head") -> torch.Tensor:
 def quantize_fp8(x: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
     """``e4m3(x / descale)``, saturating at +-448, for ``x`` ``(b, s, h, d)`` and ``descale``
     ``(b, h)``: what an fp8 cache stores."""
+    check_values("x", x)
+    check_descale("descale", descale, x)
     y = x.float() / descale[:, None, :, None]
     return y.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def dequantize_fp8(x8: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
     """The real values of an fp8 cache: ``stored * descale``, in fp32."""
+    check_tensor("x8", x8, ndim=4, dtypes=(torch.float8_e4m3fn,))
+    check_descale("descale", descale, x8)
     return x8.float() * descale[:, None, :, None]
 
 
@@ -264,6 +367,14 @@ def roundtrip(x: torch.Tensor, scheme: Scheme, role: str = "k", descale: torch.T
     """``x`` ``(b, s, h, d)`` stored and read back under ``scheme`` (fp32). ``role`` ``"k"`` or
     ``"v"`` picks the integer axis. Per-channel groups: only whole groups of tokens are
     quantized, the tail is returned as is. fp8: ``descale`` (default from ``fp8_scale``)."""
+    check_scheme(scheme)
+    check_values("x", x)
+    if role not in ("k", "v"):
+        raise ArgumentError(f"role must be 'k' or 'v', got {role!r}")
+    if descale is not None and scheme.kind != "fp8":
+        raise ArgumentError(f"descale is for fp8 schemes; {scheme.name!r} is {scheme.kind}")
+    if scheme.kind == "int":
+        scheme.check_headdim(x.shape[3])
     if scheme.kind == "float":
         return x.to(scheme.dtype).float()
     if scheme.kind == "fp8":

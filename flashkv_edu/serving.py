@@ -68,8 +68,15 @@ def new_paged_cache(
 ) -> PagedKVCache:
     """A multi-layer :class:`PagedKVCache` sized for ``model`` (capacity per sequence at most the
     model's rotary table length)."""
+    if not isinstance(model, TinyDecoder):
+        raise ArgumentTypeError(f"model must be a TinyDecoder, got {type(model).__name__}")
     cfg = model.cfg
-    max_seqlen = max_seqlen or cfg.max_seqlen
+    num_blocks = check_int("num_blocks", num_blocks, low=1)
+    block_size = check_int("block_size", block_size, low=1)
+    max_batch = check_int("max_batch", max_batch, low=1)
+    max_seqlen = cfg.max_seqlen if max_seqlen is None else check_int("max_seqlen", max_seqlen, low=1)
+    if max_seqlen < block_size:
+        raise ArgumentError(f"max_seqlen ({max_seqlen}) must hold at least one block of {block_size} tokens")
     return PagedKVCache(
         num_blocks,
         block_size,
@@ -235,6 +242,8 @@ def decode_step(q, k, v, k_cache, v_cache, cache_seqlens, block_table=None, **kw
     """One decode step the way a caller must drive ``flash_attn_with_kvcache``: append ``k, v``
     and attend (causal), then advance the lengths **yourself** (the call does not). Returns
     ``(out, new_cache_seqlens)``."""
+    if k is None or v is None:
+        raise ArgumentError("decode_step appends new keys: k and v are required")
     out = flash_attn_with_kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table, causal=True, **kwargs
     )

@@ -28,6 +28,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from .cli import float_in, int_in
+
 MAX_LEN = 2048
 CAPACITY = 16384
 
@@ -265,8 +267,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m flashkv_edu.sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rate", type=float, default=2.0, help="arrivals per decode step (default 2: saturating)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rate", type=float_in(0.0, 100.0), default=2.0, help="arrivals per decode step (default 2: saturating)"
+    )
+    parser.add_argument("--seed", type=int_in(0), default=0)
     args = parser.parse_args(argv)
     print(format_results(compare(args.rate, seed=args.seed)))
 

@@ -563,3 +563,55 @@ def test_a_cache_with_more_rows_than_the_batch():
     ref = attention_ref(q, kb[:2], vb[:2], seqlens_k=lens + 1, causal=True)
     for out in outs.values():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# --- FlashAttention's edge rules ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_one_sided_window_is_bounded_by_the_capacity_as_in_flashattention(backend):
+    """``window_size=(left >= 0, -1)``: FlashAttention sets the right side to the key length
+    (``set_params_fprop``), it does not make it infinite. With 5 query rows over 2 keys and
+    ``(1, -1)``, query 0 sits 3 keys before the first one and sees nothing."""
+    g = torch.Generator().manual_seed(11)
+    q, kc, vc = (
+        torch.randn(1, 5, 2, 16, generator=g),
+        torch.randn(1, 2, 1, 16, generator=g),
+        torch.randn(1, 2, 1, 16, generator=g),
+    )
+    out, lse = flash_attn_with_kvcache(q, kc, vc, window_size=(1, -1), return_softmax_lse=True, backend=backend)
+    ref, ref_lse = attention_ref(q, kc, vc, window_size=(1, 2), return_lse=True)
+    infinite = attention_ref(q, kc, vc, window_size=(1, -1))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    assert torch.all(out[:, 0] == 0) and torch.all(torch.isposinf(lse[:, :, 0]))  # query 0 sees no key
+    assert not torch.allclose(out, infinite)  # an infinite right side would let it see both
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rotary_positions_past_the_table_are_refused_before_any_write(backend):
+    """Queries rotate at cache_seqlens + i (causal): with 4 query rows after 18 cached tokens a
+    20-row table has no row for positions 20 and 21, although the cache has room for the one new
+    key. A clear error names rotary_cos, and nothing is written."""
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 4, 2, 16, generator=g)
+    kc, vc = torch.randn(2, 20, 1, 16, generator=g), torch.randn(2, 20, 1, 16, generator=g)
+    k, v = torch.randn(2, 1, 1, 16, generator=g), torch.randn(2, 1, 1, 16, generator=g)
+    cos, sin = rotary_tables(20, 16)
+    before = kc.clone(), vc.clone()
+    with pytest.raises(ValueError, match="rotary_cos has 20 rows"):
+        flash_attn_with_kvcache(
+            q,
+            kc,
+            vc,
+            k,
+            v,
+            rotary_cos=cos,
+            rotary_sin=sin,
+            cache_seqlens=torch.tensor([18, 5], dtype=torch.int32),
+            cache_leftpad=torch.tensor([2, 0], dtype=torch.int32),
+            causal=True,
+            rotary_interleaved=True,
+            backend=backend,
+        )
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])

@@ -16,7 +16,7 @@ from flashkv_edu.kernels.common import e4m3_to_float
 from flashkv_edu.paged import gather_paged, scatter_to_pages
 from flashkv_edu.runtime import tl, triton
 from flashkv_edu.teach import nb09_precision_and_quantized_caches as nb09
-from flashkv_edu.testing import max_abs_err
+from flashkv_edu.testing import max_abs_err, within_fa_tolerance
 from flashkv_edu.validation import ArgumentError
 
 FP8 = torch.float8_e4m3fn
@@ -272,14 +272,15 @@ def test_attention_through_cache_matches_the_streaming_cache_row_by_row():
     [
         (lambda: Q.Scheme("x", "int4"), "kind must be"),
         (lambda: Q.Scheme("x", "int", 3), "bits must be 8, 4 or 2"),
-        (lambda: Q.Scheme("x", "int", 4, k_axis="channel"), "needs group > 0"),
-        (lambda: Q.Scheme("x", "fp8", fp8_scale="row"), "fp8_scale must be"),
+        (lambda: Q.Scheme("x", "int", 4, k_axis="channel"), "group must be > 0"),
+        (lambda: Q.Scheme("x", "fp8", 8, fp8_scale="row"), "fp8_scale must be"),
         (lambda: Q.quantize_int(torch.randn(1, 4, 1, 16), 4, group=5), "must divide the head dim"),
         (lambda: Q.quantize_int(torch.randn(1, 5, 1, 16), 4, axis="channel", group=4), "must divide seqlen"),
         (lambda: Q.quantize_int(torch.randn(1, 4, 1, 16), 9), "bits"),
         (lambda: Q.fp8_descales(torch.randn(1, 4, 1, 16), "row"), "granularity must be"),
         (lambda: Q.QuantizedKVCache(1, 64, 1, 16, Q.SCHEMES["fp16"]), "stores integer schemes"),
-        (lambda: Q.QuantizedKVCache(1, 50, 1, 16, Q.SCHEMES["int2 KIVI"]), "multiple of the token group"),
+        (lambda: Q.QuantizedKVCache(1, 50, 1, 64, Q.SCHEMES["int2 KIVI"]), "multiple of the token group"),
+        (lambda: Q.QuantizedKVCache(1, 64, 1, 16, Q.SCHEMES["int2 KIVI"]), "must divide the head dim"),
     ],
 )
 def test_bad_quantization_arguments_are_refused_with_their_name(make, match):
@@ -288,16 +289,55 @@ def test_bad_quantization_arguments_are_refused_with_their_name(make, match):
 
 
 def test_a_refused_append_leaves_the_quantized_cache_unchanged():
-    cache = Q.QuantizedKVCache(2, 64, 2, 16, Q.SCHEMES["int4 KIVI"])
-    cache.append(torch.randn(2, 40, 2, 16), torch.randn(2, 40, 2, 16))
+    cache = Q.QuantizedKVCache(2, 64, 2, 32, Q.SCHEMES["int4 KIVI"])
+    cache.append(torch.randn(2, 40, 2, 32), torch.randn(2, 40, 2, 32))
     before = [t.clone() for t in (*cache.codes.values(), *cache.scales.values(), *cache.pending.values())]
     for k, v in [
-        (torch.randn(2, 3, 1, 16), torch.randn(2, 3, 1, 16)),  # wrong KV heads
-        (torch.randn(2, 3, 2, 16), torch.randn(2, 4, 2, 16)),  # k and v differ
-        (torch.randn(2, 25, 2, 16), torch.randn(2, 25, 2, 16)),  # overflow
+        (torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32)),  # wrong KV heads
+        (torch.randn(2, 3, 2, 32), torch.randn(2, 4, 2, 32)),  # k and v differ
+        (torch.randn(2, 25, 2, 32), torch.randn(2, 25, 2, 32)),  # overflow
     ]:
         with pytest.raises(ArgumentError):
             cache.append(k, v)
     after = [*cache.codes.values(), *cache.scales.values(), *cache.pending.values()]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert cache.cache_seqlens.tolist() == [40, 40]
+
+
+@st.composite
+def accepted_schemes(draw):
+    """Integer schemes QuantizedKVCache accepts for head dim 32 and capacity 64."""
+    bits = draw(st.sampled_from([8, 4, 2]))
+    k_axis, v_axis = draw(st.sampled_from([("token", "token"), ("channel", "token"), ("token", "channel")]))
+    channel = "channel" in (k_axis, v_axis)
+    group = draw(st.sampled_from([8, 16, 32] if channel else [0, 8, 16, 32]))
+    residual = draw(st.sampled_from([0, 4, 16]))
+    return Q.Scheme("drawn", "int", bits, k_axis=k_axis, v_axis=v_axis, group=group,
+                    symmetric=draw(st.booleans()), residual=residual)  # fmt: skip
+
+
+@settings(max_examples=25, deadline=None)
+@given(scheme=st.one_of(st.sampled_from([s for s in Q.SCHEMES.values() if s.kind == "int"]), accepted_schemes()),
+       n=st.integers(1, 64), sq=st.sampled_from([1, 3]), seed=st.integers(0, 10**6))  # fmt: skip
+def test_both_backends_compute_the_same_attention_for_every_accepted_scheme(scheme, n, sq, seed):
+    """Triton (reading int8 codes in the kernel where it can, else the dequantized cache) and
+    PyTorch agree with the oracle on the dequantized cache within FlashAttention's tolerance rule."""
+    d = 32 if scheme.name == "drawn" else 64
+    cache = Q.QuantizedKVCache(2, 64, 2, d, scheme)
+    g = torch.Generator().manual_seed(seed)
+    cache.append(torch.randn(2, n, 2, d, generator=g), torch.randn(2, n, 2, d, generator=g))
+    q = torch.randn(2, sq, 4, d, generator=g)
+    k, v = cache.dequantized()
+    ref = fk.attention_ref(q, k, v, seqlens_k=cache.cache_seqlens, causal=True)
+    lowp = fk.attention_ref(q, k, v, seqlens_k=cache.cache_seqlens, causal=True, compute_dtype=torch.bfloat16)
+    for backend in ("torch", "triton"):
+        out = cache.attention(q, backend=backend, causal=True)
+        assert within_fa_tolerance(out, ref, lowp), (backend, scheme, max_abs_err(out, ref))
+
+
+def test_the_kernel_reads_codes_only_with_one_scale_per_token_and_head():
+    """The grouped int8 scheme that once read only its first group's scale goes through the
+    dequantized cache instead."""
+    assert Q.QuantizedKVCache(1, 64, 1, 32, Q.SCHEMES["int8 per token"]).kernel_reads_codes
+    assert not Q.QuantizedKVCache(1, 64, 1, 32, Q.Scheme("g", "int", 8, group=8)).kernel_reads_codes
+    assert not Q.QuantizedKVCache(1, 64, 1, 32, Q.Scheme("c", "int", 8, k_axis="channel", group=8)).kernel_reads_codes

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import runtime
+from ..cli import file_to_write, int_in
 
 TARGETS = (80, 90)
 DTYPES = ("fp16", "bf16")
@@ -378,9 +379,14 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--json", type=Path, help="also write the table to this JSON file")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--excerpt", metavar="KERNEL", help="print PTX/SASS matrix-multiply lines of one kernel")
+    parser.add_argument("--json", type=file_to_write, help="also write the table to this JSON file")
+    parser.add_argument("--workers", type=int_in(1, 64), default=2)
+    parser.add_argument(
+        "--excerpt",
+        metavar="KERNEL",
+        choices=["attention_fwd_kernel", "decode_kernel", "combine_kernel"],
+        help="print PTX/SASS matrix-multiply lines of one kernel",
+    )
     args = parser.parse_args(argv)
     runtime.require_triton()
     if runtime.INTERPRET:  # compiling needs real JIT functions: re-run without the interpreter

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from ..cli import dir_to_create, existing_dir
 from . import NOTEBOOKS, all_exercises, module_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,14 +87,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flashkv_edu.teach", description=__doc__)
     sub = parser.add_subparsers(dest="what", required=True)
     sol = sub.add_parser("solutions", help="write solved, executed copies of the notebooks to DIR")
-    sol.add_argument("dir", type=Path)
-    sol.add_argument("--notebooks", type=Path, default=ROOT / "notebooks")
+    sol.add_argument("dir", type=dir_to_create)
+    sol.add_argument("--notebooks", type=existing_dir, default=ROOT / "notebooks")
     sol.add_argument("--no-execute", action="store_true", help="replace the exercise cells only")
     sub.add_parser("list", help="print the exercise table")
     args = parser.parse_args(argv)
     if args.what == "list":
         print(exercise_table())
         return 0
+    missing = [f"{stem}.ipynb" for stem in NOTEBOOKS if not (args.notebooks / f"{stem}.ipynb").is_file()]
+    if missing:
+        parser.error(f"--notebooks {str(args.notebooks)!r} lacks {', '.join(missing)}")
     for stem in NOTEBOOKS:
         src = args.notebooks / f"{stem}.ipynb"
         n = solve(src, args.dir / src.name, execute=not args.no_execute)
