@@ -49,6 +49,7 @@ def flash_attn_with_kvcache(
     *,
     k_descale=None,
     v_descale=None,
+    learnable_sink=None,
     backend="auto",
 ):
     """Attention of ``q`` over a KV cache, appending ``k``/``v`` first, as FlashAttention's
@@ -87,13 +88,20 @@ def flash_attn_with_kvcache(
             +-448. Unlike FA3 (sm90 only, q, k and v all fp8, bf16 output) q stays in its own
             dtype, the output is in q's dtype, any device works, and there is no
             ``q_descale``. Integer caches go through :class:`flashkv_edu.quant.QuantizedKVCache`.
+        learnable_sink: ``(nheads,)`` fp32/fp16/bf16, one logit per query head (gpt-oss's
+            ``sinks``, FlashAttention 4's ``learnable_sink``, vLLM's ``s_aux``): ``exp(sink)`` joins
+            each row's softmax denominator, taking probability away from the keys. The returned
+            LSE includes it (FlashAttention 4's convention; FlashMLA's excludes it), so a row
+            that sees no key gives output 0 and LSE ``sink``. It equals notebook 04's
+            ``merge_states((out, lse), (0, sink))``.
         backend: ``"auto"`` (default): the fastest correct path on q's device, compiled Triton
             for a CUDA tensor, PyTorch otherwise; ``"triton"``: the kernels (through Triton's
             interpreter on a CPU, slow but exact, as notebooks 05-07 use them); ``"torch"``.
 
     Returns:
         ``out`` ``(batch, seqlen_q, nheads, headdim_v)`` in q's dtype, and ``softmax_lse`` with
-        ``return_softmax_lse``. A row that sees no key gives 0 and LSE +inf.
+        ``return_softmax_lse``. A row that sees no key gives 0 and LSE +inf (``sink`` with a
+        learnable sink).
 
     Raises :class:`~flashkv_edu.validation.ArgumentError` (a ``ValueError``) or
     :class:`~flashkv_edu.validation.ArgumentTypeError` (a ``TypeError``), both also
@@ -122,6 +130,7 @@ def flash_attn_with_kvcache(
         return_softmax_lse=return_softmax_lse,
         k_descale=k_descale,
         v_descale=v_descale,
+        learnable_sink=learnable_sink,
         backend=backend,
     )
     # Everything is checked: from here on nothing can fail on the caller's input.

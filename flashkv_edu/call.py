@@ -32,6 +32,7 @@ from .validation import (
     check_lengths,
     check_num_splits,
     check_same,
+    check_sink,
     check_softcap,
     check_tensor,
     normalize_window,
@@ -63,6 +64,7 @@ class KVCacheCall:
     batch_rows: torch.Tensor | None  # int32 (batch,): cache row of each sequence
     block_table: torch.Tensor | None  # int32 (batch, max_blocks), contiguous
     alibi_slopes: torch.Tensor | None  # fp32 (nheads,) or (batch, nheads), contiguous
+    sink: torch.Tensor | None  # fp32 (nheads,): learnable sink logits (FlashAttention 4's learnable_sink)
     rotary_dim: int
     rotary_interleaved: bool
     scale: float
@@ -124,6 +126,7 @@ def check_kvcache_call(
     return_softmax_lse=False,
     k_descale=None,
     v_descale=None,
+    learnable_sink=None,
     backend="auto",
     per_token_scales: bool = False,
 ) -> KVCacheCall:
@@ -279,6 +282,7 @@ def check_kvcache_call(
         alibi_slopes = check_alibi_slopes(alibi_slopes, b, h, checks)
         if alibi_slopes.device != q.device:
             raise ArgumentError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+    sink = None if learnable_sink is None else check_sink(learnable_sink, h, q.device, checks)
     num_splits = check_num_splits(num_splits)
     scale_mode = check_cache_descales(
         q,
@@ -314,6 +318,7 @@ def check_kvcache_call(
         batch_rows=batch_rows,
         block_table=block_table,
         alibi_slopes=alibi_slopes,
+        sink=sink,
         rotary_dim=rotary_dim,
         rotary_interleaved=rotary_interleaved,
         scale=scale,

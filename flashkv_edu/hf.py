@@ -29,6 +29,7 @@ transformers is an optional dependency: ``pip install 'flashkv_edu[hf]'``.
 from __future__ import annotations
 
 import numbers
+import weakref
 
 import torch
 
@@ -89,7 +90,15 @@ def cache_kwargs(cache) -> dict:
 
 # Keyword arguments transformers passes that do not change the result of attention here.
 _HARMLESS_KWARGS = frozenset(
-    {"position_ids", "cache_position", "use_cache", "output_attentions", "position_embeddings", "layer_idx"}
+    {
+        "position_ids",
+        "cache_position",
+        "use_cache",
+        "output_attentions",
+        "output_router_logits",
+        "position_embeddings",
+        "layer_idx",
+    }
 )
 
 
@@ -127,6 +136,7 @@ def _attention_options(module, scaling, dropout, sliding_window, softcap, kwargs
         kind = layer_types[layer_idx]
         if kind not in ATTENTION_LAYER_TYPES:
             raise ArgumentError(f"{NAME} attention serves {ATTENTION_LAYER_TYPES}; layer {layer_idx} is {kind!r}")
+    sink = kwargs.pop("s_aux", None)  # gpt-oss's learnable sinks, one logit per query head
     if kwargs.get("is_causal") is False:
         raise ArgumentError(f"{NAME} attention is causal (a decoder's); got is_causal=False (an encoder?)")
     unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _HARMLESS_KWARGS | {"is_causal"})
@@ -140,7 +150,10 @@ def _attention_options(module, scaling, dropout, sliding_window, softcap, kwargs
     window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
     scale = None if scaling is None else check_positive("scaling (the model's)", scaling)
     cap = check_positive("softcap (the model's)", float(softcap or 0.0), allow_zero=True)
-    return dict(softmax_scale=scale, causal=True, window_size=window, softcap=cap, backend=_BACKEND["name"])
+    options = dict(softmax_scale=scale, causal=True, window_size=window, softcap=cap, backend=_BACKEND["name"])
+    if sink is not None:
+        options["learnable_sink"] = sink.detach()
+    return options
 
 
 def attention(
@@ -167,9 +180,16 @@ def attention(
     pending = _PENDING.pop(id(key), None)
     if pending is not None and pending[1] is key and pending[2] is value:
         cache, layer_idx = pending[0], pending[3]
+        _CONSUMED[id(key)] = key
         return cache._attend(layer_idx, q, key, value, attention_mask, options), None
     check_tensor("key", key, ndim=4)
     check_tensor("value", value, ndim=4)
+    if _CONSUMED.get(id(key)) is key:
+        raise ArgumentError(
+            "this model hands one layer's new keys to another layer's attention (shared KV layers): "
+            "FlashKVCache cannot serve it; use transformers' DynamicCache"
+        )
+    _settle_transformed(module, key, attention_mask, q.device)
     k, v = key.transpose(1, 2), value.transpose(1, 2)
     b, kv_len = q.shape[0], k.shape[1]
     pad = _left_padding(attention_mask, b, kv_len, q.device)
@@ -220,6 +240,26 @@ def _skip_flash_kernel_preload() -> None:
 
 # New keys handed from FlashKVCache.update to attention: id(key) -> (cache, key, value, layer).
 _PENDING: dict[int, tuple] = {}
+# New keys already written and attended to (a second attention over them means shared KV layers).
+_CONSUMED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _settle_transformed(module, key, attention_mask, device) -> None:
+    """The dense path met a key that is not what a FlashKVCache handed out. If a cache still holds
+    unwritten keys for this layer, the model transformed them before attention (DeepSeek's MLA
+    caches latents and expands them after ``update``): on that cache's first pass nothing else
+    is cached, so the model's keys are the whole history. The pending latents are written now and
+    the cache switches that layer to transformers' way (write in ``update``, return the history).
+    Later on, an in-place layer meeting such a key is an error, never a silent wrong result."""
+    layer_idx = getattr(module, "layer_idx", None)
+    waiting = [(k, e) for k, e in _PENDING.items() if layer_idx is None or e[3] == layer_idx]
+    if not waiting:
+        return
+    if layer_idx is None:
+        raise ArgumentError(f"{NAME} attention cannot tell which cache layer this module is (it has no layer_idx)")
+    for entry_key, (cache, key_states, value_states, i) in waiting:
+        del _PENDING[entry_key]
+        cache._settle(i, key_states, value_states, attention_mask, device)
 
 
 class FlashKVLayer(CacheLayerMixin):
@@ -234,6 +274,9 @@ class FlashKVLayer(CacheLayerMixin):
         super().__init__()
         self.cache, self.index = cache, index
         self.length = 0  # tokens per row as transformers counts them (left padding included)
+        # How this layer meets the attention: None until its first pass, "in_place" when the model
+        # hands update's tensors straight to attention, "history" when it transforms them first.
+        self.mode = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.cache._initialize(self.index, key_states, value_states)
@@ -308,6 +351,11 @@ class FlashKVCache(Cache):
                     f"FlashKVCache holds keys and values of attention layers; layer {i} of this model is {kind!r}. "
                     f"Use transformers' own cache (DynamicCache) with attn_implementation={NAME!r}"
                 )
+        if getattr(text, "num_kv_shared_layers", 0):
+            raise ArgumentError(
+                f"this model shares keys and values across layers (num_kv_shared_layers="
+                f"{text.num_kv_shared_layers}): FlashKVCache cannot serve it; use transformers' DynamicCache"
+            )
         super().__init__(layers=[FlashKVLayer(self, i) for i in range(layers)])
         self.config = config
         self.max_batch_size, self.max_cache_len, self.page_size = max_batch_size, max_cache_len, page_size
@@ -417,7 +465,7 @@ class FlashKVCache(Cache):
         """transformers' ``cache.update``. With this module's attention: nothing is written, the new
         keys go to :func:`attention` unchanged. Otherwise: written now, the whole history returned."""
         self._check_states(i, key_states, value_states)
-        if self._ours():  # the attention initializes and writes, once it has checked the mask
+        if self._ours() and self.layers[i].mode != "history":  # the attention writes, once it checked the mask
             for key, entry in list(_PENDING.items()):  # a pass that never reached attention
                 if entry[0] is self and entry[3] == i:
                     del _PENDING[key]
@@ -485,11 +533,39 @@ class FlashKVCache(Cache):
         if not self.paged:
             n = self.layers[i].length
             return self.kv[i].k_cache[rows, :n].transpose(1, 2), self.kv[i].v_cache[rows, :n].transpose(1, 2)
-        table = self.store.block_table[rows]
-        n = int(self._lengths().max())
-        return tuple(
-            gather_paged(p, table)[:, :n].transpose(1, 2) for p in (self.store.k_pools[i], self.store.v_pools[i])
-        )
+        # Paged rows store no left padding: each row's tokens go right-aligned into transformers'
+        # (batch, kv_heads, length, d) layout, its padding columns left as zeros (the mask hides them).
+        table, length = self.store.block_table[rows], self.layers[i].length
+        out = []
+        for pool in (self.store.k_pools[i], self.store.v_pools[i]):
+            dense = gather_paged(pool, table)
+            hist = dense.new_zeros(len(rows), length, *pool.shape[2:])
+            for r, slot in enumerate(rows.tolist()):
+                n = self.store.seqs[slot].length
+                hist[r, length - n :] = dense[r, :n]
+            out.append(hist.transpose(1, 2))
+        return out[0], out[1]
+
+    def _settle(self, i: int, key_states, value_states, attention_mask, device) -> None:
+        """Layer ``i``'s model transformed the keys between ``update`` and attention (see
+        :func:`_settle_transformed`): write its pending keys (left padding dropped when paged) and
+        serve it transformers' way from now on."""
+        layer = self.layers[i]
+        if layer.mode == "in_place":
+            raise ArgumentError(
+                f"layer {i} was read in place, and now its attention got keys the cache did not hand out: "
+                "this model transforms the cached keys; use transformers' DynamicCache"
+            )
+        b, s = key_states.shape[0], key_states.shape[2]
+        pad = _left_padding(attention_mask, b, layer.length + s, device) if attention_mask is not None else None
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        new_pad = None
+        if self.paged and pad is not None:
+            new_pad = (pad - layer.length).clamp(0, s).to(torch.int32)
+            new_pad = new_pad if bool(new_pad.any()) else None
+        self._write(i, key_states.transpose(1, 2), value_states.transpose(1, 2), new_pad)
+        layer.mode = "history"
 
     def _attend(self, i: int, q, key_states, value_states, attention_mask, options):
         """Write layer ``i``'s new keys and attend over the cache in place (called by :func:`attention`).
@@ -502,6 +578,7 @@ class FlashKVCache(Cache):
         pad = _left_padding(attention_mask, b, layer.length + s, q.device)
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
+        layer.mode = "in_place"
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
         pools = (
             (self.store.k_pools[i], self.store.v_pools[i]) if self.paged else (self.kv[i].k_cache, self.kv[i].v_cache)
@@ -622,7 +699,7 @@ class FlashKVCache(Cache):
 
     def reset(self) -> None:
         for i, layer in enumerate(self.layers):
-            layer.length = 0
+            layer.length, layer.mode = 0, None
             if self.kv[i] is not None:
                 self.kv[i].reset()
         if self.store is not None:

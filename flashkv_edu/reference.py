@@ -28,6 +28,7 @@ from .validation import (
     check_attention_inputs,
     check_bool,
     check_int,
+    check_sink,
     check_softcap,
     key_range,
     normalize_window,
@@ -192,6 +193,7 @@ def attention_ref(
     leftpad_k=None,
     return_lse=False,
     compute_dtype=torch.float32,
+    learnable_sink=None,
 ):
     """Attention with FlashAttention's semantics, computed in ``compute_dtype`` (fp32 default).
 
@@ -209,12 +211,17 @@ def attention_ref(
         compute_dtype: dtype of the arithmetic: fp32 (the oracle), fp64 (a sharper oracle)
             or q's own low precision (to estimate the natural rounding error, as
             FlashAttention's tests do).
+        learnable_sink: ``(nheads,)`` logits of a sink (gpt-oss, FlashAttention 4): each row's
+            softmax runs over its keys and one extra column holding the sink logit, which then
+            has no value (it only takes probability away).
 
     Returns:
-        ``out`` ``(batch, seqlen_q, nheads, headdim)`` in q's dtype, and with ``return_lse``
+        ``out`` ``(batch, seqlen_q, nheads, headdim_v)`` in q's dtype, and with ``return_lse``
         also ``lse`` ``(batch, nheads, seqlen_q)`` (fp32, fp64 when computing in fp64). Rows
-        that see no key give ``out = 0`` and ``lse = +inf``. Keys outside ``[leftpad_k,
-        seqlens_k)`` are never read, so whatever they hold (NaN included) cannot matter.
+        that see no key give ``out = 0`` and ``lse = +inf``; with a sink the LSE includes it
+        (FlashAttention 4's convention), so such a row gives ``lse = sink``. Keys outside
+        ``[leftpad_k, seqlens_k)`` are never read, so whatever they hold (NaN included) cannot
+        matter.
     """
     slopes = check_attention_inputs(q, k, v, alibi_slopes)
     if compute_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -241,6 +248,11 @@ def attention_ref(
     if slopes is not None:
         scores = scores + alibi_distance_bias(slopes, sq, sk, start, end, compute_dtype)
     scores = scores.masked_fill(~keep[:, None], float("-inf"))
+    if learnable_sink is not None:  # one more column: the sink's logit, with no value behind it
+        sink = check_sink(learnable_sink, h, q.device).to(compute_dtype)
+        scores = torch.cat([scores, sink[None, :, None, None].expand(b, h, sq, 1)], dim=-1)
+        keep = torch.cat([keep, torch.ones_like(keep[..., :1])], dim=-1)
+        v_all = torch.cat([v_all, torch.zeros_like(v_all[:, :1])], dim=1)
     lse = torch.logsumexp(scores, dim=-1)  # (batch, nheads, seqlen_q); -inf for a row that sees nothing
     finite_lse = torch.where(torch.isneginf(lse), 0.0, lse)
     probs = torch.where(keep[:, None], torch.exp(scores - finite_lse[..., None]), 0.0)

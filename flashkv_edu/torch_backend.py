@@ -197,6 +197,9 @@ def _own_kernel(q, k, v, call: KVCacheCall, start, end, s: int):
     if keep is not None:
         z = z.masked_fill(~keep[:, None, None], float("-inf"))
     lse = torch.logsumexp(z, dim=-1)  # -inf where a row sees nothing
+    if call.sink is not None:  # the sink joins every row's denominator; the LSE includes it
+        lse = torch.logaddexp(lse, call.sink.view(1, hk, g, 1))
+        whole = True  # no row is empty any more: a row without keys has LSE = sink, output 0
     empty = None if whole else torch.isneginf(lse)
     p = torch.exp(z - (lse if whole else lse.masked_fill(empty, 0.0))[..., None]).view(b, hk, g * sq, s)
     out = torch.stack([torch.bmm(p[:, j], v_head(j)) for j in range(hk)], 1).view(b, hk, g, sq, dv)
@@ -229,7 +232,7 @@ def _fused(q, k, v, call: KVCacheCall, start, end, s: int, equal_rows: bool):
     kt, vt = kt.transpose(1, 2), vt.transpose(1, 2)
     # PyTorch's kernels read the head dim as contiguous (the CPU flash kernel silently assumes it).
     qt, kt, vt = (x if x.stride(-1) == 1 else x.contiguous() for x in (qt, kt, vt))
-    if call.return_lse and q.device.type == "cpu":
+    if (call.return_lse or call.sink is not None) and q.device.type == "cpu":
         mask = (
             None if keep is None else torch.zeros(keep.shape, dtype=cd, device=q.device).masked_fill(~keep, -torch.inf)
         )
@@ -242,12 +245,18 @@ def _fused(q, k, v, call: KVCacheCall, start, end, s: int, equal_rows: bool):
         )
         lse = None
     out = out.transpose(1, 2)
+    empty = None
     if keep is not None:  # rows that see no key: output 0 and LSE +inf (the fused kernel leaves NaN)
         empty = ~keep.any(-1)  # (sq,) or (b, 1, sq)
         empty = empty.reshape(1, 1, sq) if empty.dim() == 1 else empty
         out = out.masked_fill(empty.transpose(1, 2)[..., None], 0.0)
-        if lse is not None:
-            lse = lse.masked_fill(empty, float("inf"))
+    if call.sink is not None:  # merge_states((out, lse), (0, sink)): rescale, then the LSE includes it
+        keys_lse = lse if empty is None else lse.masked_fill(empty, float("-inf"))
+        total = torch.logaddexp(keys_lse, call.sink.view(1, -1, 1))
+        out = out * torch.exp(keys_lse - total).transpose(1, 2)[..., None]
+        return out, total
+    if lse is not None and empty is not None:
+        lse = lse.masked_fill(empty, float("inf"))
     return out, lse
 
 
@@ -268,7 +277,9 @@ def uses_fused_kernel(call: KVCacheCall) -> bool:
         and call.scale_mode == SCALE_NONE
         and (rows >= FUSED_MIN_ROWS or (call.max_end <= FUSED_MAX_DECODE_KEYS and _small_gather(call)))
         and call.max_end > 0
-        and not (call.return_lse and call.headdim_v != call.headdim)  # the CPU flash kernel needs one head dim
+        # the LSE (asked for, or needed to add a sink) comes from the CPU flash kernel: one head dim, a CPU
+        and not ((call.return_lse or call.sink is not None) and call.headdim_v != call.headdim)
+        and not (call.sink is not None and call.seqlens.device.type != "cpu")
     )
 
 

@@ -507,3 +507,19 @@ def check_attention_inputs(
     if alibi_slopes is None:
         return None
     return check_alibi_slopes(alibi_slopes, b, q.shape[2])
+
+
+def check_sink(learnable_sink, nheads: int, device, checks: DeviceChecks | None = None) -> torch.Tensor:
+    """A learnable sink: one finite logit per query head, ``(nheads,)`` fp32/fp16/bf16 on
+    ``device``. Returned fp32 and contiguous."""
+    check_tensor("learnable_sink", learnable_sink, ndim=1, dtypes=(torch.float32, torch.float16, torch.bfloat16))
+    if tuple(learnable_sink.shape) != (nheads,):
+        raise ArgumentError(
+            f"learnable_sink must have shape (nheads,) = ({nheads},), got {tuple(learnable_sink.shape)}"
+        )
+    if learnable_sink.device != torch.device(device):
+        raise ArgumentError(f"learnable_sink must be on {torch.device(device)}, got {learnable_sink.device}")
+    local = checks or DeviceChecks()
+    local.require(torch.isfinite(learnable_sink).all(), lambda: "learnable_sink must be finite")
+    _run(checks, local)
+    return learnable_sink.float().contiguous()

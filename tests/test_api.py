@@ -615,3 +615,117 @@ def test_rotary_positions_past_the_table_are_refused_before_any_write(backend):
             backend=backend,
         )
     assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+
+
+# --- learnable sinks and a value head dim of its own ----------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    cfg=api_configs(),
+    backend=st.sampled_from(["torch", "triton"]),
+    sink_scale=st.sampled_from([0.1, 3.0, 30.0]),
+)
+def test_learnable_sinks_match_the_oracle_on_both_backends(cfg, backend, sink_scale):
+    """Random valid calls (paged, splits, windows, ALiBi, softcap, rotary, leftpad) with a sink per
+    query head: out and LSE (which includes the sink) equal the oracle's extra-column softmax."""
+    if backend == "triton":
+        cfg = dict(cfg, d=16)
+    a = _build(cfg)
+    h = a["q"].shape[2]
+    sink = torch.randn(h, generator=torch.Generator().manual_seed(cfg["seed"])) * sink_scale
+    plain = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+    out, lse = flash_attn_with_kvcache(**a, learnable_sink=sink, backend=backend)
+    ref_out, ref_lse = _reference_of(plain, learnable_sink=sink)
+    torch.testing.assert_close(out, ref_out, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=2e-5, atol=2e-5)
+
+
+def _reference_of(a, **extra):
+    """The oracle for one of ``_build``'s calls: the expected cache after the append, then
+    attention_ref over each sequence's keys (rotary through rotary_reference)."""
+    q, k_cache, v_cache = a["q"], a["k_cache"].clone(), a["v_cache"].clone()
+    lens, k, v = a["cache_seqlens"], a.get("k"), a.get("v")
+    b, sq = q.shape[:2]
+    table, rows = a.get("block_table"), a.get("cache_batch_idx")
+    snew = 0 if k is None else k.shape[1]
+    causal_like = a["causal"] or a["window_size"] != (-1, -1)
+    if k is not None and "rotary_cos" in a:
+        pos = lens.long()[:, None] + torch.arange(snew)[None, :]
+        k = rotary_reference(k, a["rotary_cos"], a["rotary_sin"], pos, a["rotary_interleaved"])
+    if "rotary_cos" in a:
+        offs = torch.arange(sq)[None, :] if causal_like else torch.zeros(1, sq, dtype=torch.long)
+        q = rotary_reference(q, a["rotary_cos"], a["rotary_sin"], lens.long()[:, None] + offs, a["rotary_interleaved"])
+    if table is not None:
+        dense_k = k_cache[table.long()].reshape(b, -1, *k_cache.shape[2:])
+        dense_v = v_cache[table.long()].reshape(b, -1, *v_cache.shape[2:])
+    else:
+        idx = rows.long() if rows is not None else torch.arange(b)
+        dense_k, dense_v = k_cache[idx], v_cache[idx]
+    for i in range(b):
+        for t in range(snew):
+            dense_k[i, int(lens[i]) + t], dense_v[i, int(lens[i]) + t] = k[i, t], v[i, t]
+    capacity = dense_k.shape[1]
+    window = a["window_size"]
+    if not a["causal"] and window[0] >= 0 and window[1] < 0:
+        window = (window[0], capacity)
+    return attention_ref(
+        q,
+        dense_k,
+        dense_v,
+        causal=a["causal"],
+        window_size=window,
+        softcap=a["softcap"],
+        alibi_slopes=a.get("alibi_slopes"),
+        seqlens_k=lens + snew,
+        leftpad_k=a.get("cache_leftpad"),
+        return_lse=True,
+        **extra,
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(cfg=api_configs(), dv=st.sampled_from([8, 24, 48]))
+def test_a_value_head_dim_of_its_own_matches_the_oracle(cfg, dv):
+    """FlashAttention 3's headdim_v (DeepSeek's MLA keys 24 wide, values 16): v_cache, v and the
+    output carry their own head dim, on the PyTorch backend."""
+    a = _build(cfg)
+    g = torch.Generator().manual_seed(cfg["seed"] + 1)
+    a["v_cache"] = torch.randn(*a["v_cache"].shape[:3], dv, generator=g)
+    if "v" in a:
+        a["v"] = torch.randn(*a["v"].shape[:3], dv, generator=g)
+    plain = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+    out, lse = flash_attn_with_kvcache(**a, backend="torch")
+    assert out.shape == (*a["q"].shape[:3], dv)
+    ref_out, ref_lse = _reference_of(plain)
+    torch.testing.assert_close(out, ref_out, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="v_cache's head dim"):
+        flash_attn_with_kvcache(**plain, backend="triton")
+
+
+def test_a_sink_is_merge_states_with_an_empty_state():
+    """Notebook 04's merge of (out, lse) with (0, sink) is the sink, and a row without keys gives
+    output 0 and LSE = sink (FlashAttention 4's convention)."""
+    from flashkv_edu.online_softmax import merge_states
+
+    g = torch.Generator().manual_seed(13)
+    q, kc, vc = (
+        torch.randn(2, 3, 4, 16, generator=g),
+        torch.randn(2, 9, 2, 16, generator=g),
+        torch.randn(2, 9, 2, 16, generator=g),
+    )
+    sink = torch.randn(4, generator=g)
+    lens = torch.tensor([0, 9], dtype=torch.int32)
+    for backend in ("torch", "triton"):
+        out, lse = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True, learnable_sink=sink,
+                                           return_softmax_lse=True, backend=backend)  # fmt: skip
+        plain, plain_lse = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True,
+                                                   return_softmax_lse=True, backend=backend)  # fmt: skip
+        plain_lse = plain_lse.masked_fill(torch.isposinf(plain_lse), float("-inf"))  # an empty state merges as -inf
+        merged, merged_lse = merge_states(
+            plain, plain_lse, torch.zeros_like(plain), sink[None, :, None].expand_as(plain_lse).contiguous()
+        )
+        torch.testing.assert_close(out, merged, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, merged_lse, rtol=1e-5, atol=1e-5)
+        assert torch.all(out[0] == 0) and torch.allclose(lse[0], sink[:, None].expand(4, 3))

@@ -85,8 +85,17 @@ if runtime.HAS_TRITON:
         return out, lse
 
     @triton.jit
+    def add_sink(m_i, l_i, acc, sink):
+        """Fold one more logit with no value, ``sink`` (``[M]``, -inf for none), into a running
+        state: the denominator grows by ``exp(sink)``; the LSE will include it."""
+        m_new = tl.maximum(m_i, sink)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        return m_new, l_i * alpha + tl.exp(sink - m_safe), acc * alpha[:, None]
+
+    @triton.jit
     def decode_kernel(
-        Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, SLOPES, TILES, K_SCALE, V_SCALE,
+        Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, SLOPES, SINKS, TILES, K_SCALE, V_SCALE,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
@@ -109,6 +118,7 @@ if runtime.HAS_TRITON:
         DOT_FP32: tl.constexpr,
         KV_SCALE: tl.constexpr = 0,
         FP8_BITS: tl.constexpr = False,
+        HAS_SINK: tl.constexpr = False,
     ):  # fmt: skip
         """One program per (sequence x KV head, split, row tile); rows are (query token, query
         head) pairs of one KV head's group. ``KV_SCALE``: ``SCALE_NONE``, ``SCALE_PER_HEAD`` (one
@@ -197,6 +207,9 @@ if runtime.HAS_TRITON:
             )
             tiles += 1
 
+        if HAS_SINK:  # a learnable sink joins the denominator once: in split 0 (the combine merges the rest)
+            sink = tl.load(SINKS + head, mask=row_ok, other=0.0)
+            m_i, l_i, acc = add_sink(m_i, l_i, acc, tl.where(split == 0, sink, float("-inf")))
         out, lse = finish_split(m_i, l_i, acc)
         if not SPLIT:  # the final answer: a row that saw no key at all has LSE +inf
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
@@ -449,6 +462,7 @@ def launch_decode(q, k_cache, v_cache, call: KVCacheCall, *, block_n: int | None
         call.batch_rows if call.batch_rows is not None else dummy_i32,
         table,
         slopes,
+        call.sink if call.sink is not None else slopes,
         tiles,
         k_sc,
         v_sc,
@@ -494,6 +508,7 @@ def launch_decode(q, k_cache, v_cache, call: KVCacheCall, *, block_n: int | None
         DOT_FP32=dot_in_fp32(q.dtype),
         KV_SCALE=mode,
         FP8_BITS=fp8_bits,
+        HAS_SINK=call.sink is not None,
         num_warps=default_warps(d),
         num_stages=2,
     )

@@ -121,6 +121,7 @@ def _variants():
                 "BATCH_IDX": "i32",
                 "BLOCK_TABLE": "i32",
                 "SLOPES": "fp32",
+                "SINKS": "fp32",
                 "TILES": "i32",
                 "K_SCALE": "fp32",
                 "V_SCALE": "fp32",
@@ -171,6 +172,19 @@ def _variants():
                     dict(ptrs, O="fp32"),
                     ("scale", "softcap"),
                     dict(common, PAGED=True, SPLIT=True, HAS_BATCH_IDX=False, HAS_ALIBI=True, HAS_SOFTCAP=True),
+                    warps,
+                    dtype,
+                    d,
+                )
+            )
+            out.append(
+                (
+                    "decode_kernel",
+                    "sinks, paged + split",
+                    decode_kernel,
+                    dict(ptrs, O="fp32"),
+                    ("scale", "softcap"),
+                    dict(common, PAGED=True, SPLIT=True, HAS_BATCH_IDX=False, HAS_SINK=True),
                     warps,
                     dtype,
                     d,

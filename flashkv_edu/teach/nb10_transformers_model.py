@@ -28,18 +28,47 @@ COMMON = dict(
 )
 
 
-def tiny_config(kind: str = "gemma2"):
-    """A small random-weight config: ``"llama"``, ``"qwen2"``, ``"mistral"`` (window 8) or
-    ``"gemma2"`` (alternating window-8 and global layers, logit softcap 5)."""
-    import transformers as t
+ALTERNATING = ["sliding_attention", "full_attention"]
 
-    if kind == "llama":
-        return t.LlamaConfig(**COMMON)
-    if kind == "qwen2":
-        return t.Qwen2Config(**COMMON)
-    if kind == "mistral":
-        return t.MistralConfig(**COMMON, sliding_window=8)
-    return t.Gemma2Config(**COMMON, head_dim=16, sliding_window=8, attn_logit_softcapping=5.0, query_pre_attn_scalar=16)
+# Tiny random-weight configurations of decoder architectures: (model_type, overrides of COMMON).
+# Windows of 8 tokens and two layers of different kinds, so every feature shows in 36 tokens.
+ARCHITECTURES = {
+    "llama": ("llama", {}),
+    "llama3 rope": ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
+                                                       low_freq_factor=1.0, high_freq_factor=4.0,
+                                                       original_max_position_embeddings=64))),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", dict(head_dim=16)),
+    "mistral": ("mistral", dict(sliding_window=8)),
+    "mixtral": ("mixtral", dict(sliding_window=8, num_local_experts=4, num_experts_per_tok=2)),
+    "gemma2": ("gemma2", dict(head_dim=16, sliding_window=8, attn_logit_softcapping=5.0, query_pre_attn_scalar=16)),
+    "gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16, layer_types=ALTERNATING)),
+    "gemma4 (head_dim 512)": ("gemma4_text", dict(head_dim=16, global_head_dim=512, sliding_window=8,
+                                                  layer_types=ALTERNATING, hidden_size_per_layer_input=16,
+                                                  vocab_size_per_layer_input=128)),
+    "phi3": ("phi3", dict(pad_token_id=0)),
+    "olmo2": ("olmo2", {}),
+    "gpt-neox": ("gpt_neox", dict(rotary_pct=0.5)),
+    "starcoder2": ("starcoder2", dict(sliding_window=8)),
+    "cohere2": ("cohere2", dict(sliding_window=8, layer_types=ALTERNATING)),
+    "falcon": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True, bias=False)),
+    "gpt-oss (sinks)": ("gpt_oss", dict(head_dim=16, sliding_window=8, layer_types=ALTERNATING,
+                                        num_local_experts=4, num_experts_per_tok=2)),
+    "deepseek-v3 (MLA)": ("deepseek_v3", dict(num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=None,
+                                              qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                                              n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                              first_k_dense_replace=1, moe_intermediate_size=64)),
+}  # fmt: skip
+
+
+def tiny_config(kind: str = "gemma2"):
+    """A small random-weight config of one of :data:`ARCHITECTURES` (``"llama"``, ``"qwen2"``,
+    ``"mistral"`` (window 8), ``"gemma2"`` (alternating window-8 and global layers, logit
+    softcap 5), ...)."""
+    from transformers import AutoConfig
+
+    model_type, overrides = ARCHITECTURES[kind]
+    return AutoConfig.for_model(model_type, **{**COMMON, **overrides})
 
 
 def model_pair(kind: str = "gemma2", seed: int = 0):
