@@ -213,7 +213,55 @@ def register(backend: str = "auto") -> str:
         AttentionInterface.register(name, attention)
         AttentionMaskInterface.register(name, flash_attention_mask)
     _skip_flash_kernel_preload()
+    _serve_falcon()
     return NAME
+
+
+def _serve_falcon() -> None:
+    """Falcon computes attention inline (eager or SDPA) and picks its attention class from a table
+    keyed by the implementation name, ``FALCON_ATTENTION_CLASSES``; it never calls an attention
+    function, so there is no public route in. For :data:`NAME` the table gets
+    :class:`FalconAttention` 's sibling below, which projects, rotates and caches exactly as
+    Falcon does and then calls :func:`attention`."""
+    try:
+        from transformers.models.falcon import modeling_falcon as mf
+    except ImportError:  # pragma: no cover - a transformers without Falcon
+        return
+    if NAME in mf.FALCON_ATTENTION_CLASSES:
+        return
+
+    class FalconFlashKVAttention(mf.FalconAttention):
+        def forward(
+            self,
+            hidden_states,
+            alibi,
+            attention_mask,
+            position_ids=None,
+            layer_past=None,
+            use_cache=False,
+            output_attentions=False,
+            position_embeddings=None,
+            **kwargs,
+        ):
+            if alibi is not None:
+                raise ArgumentError(f"{NAME} serves Falcon with rotary positions; this one uses ALiBi (alibi=True)")
+            if output_attentions:
+                raise ArgumentError(f"{NAME} attention returns no attention weights (output_attentions=True)")
+            q, k, v = self._split_heads(self.query_key_value(hidden_states))
+            b, s = q.shape[:2]
+            kv_heads = self.num_heads if self.new_decoder_architecture else self.num_kv_heads
+            q = q.transpose(1, 2).reshape(b, self.num_heads, s, self.head_dim)
+            k = k.transpose(1, 2).reshape(b, kv_heads, s, self.head_dim)
+            v = v.transpose(1, 2).reshape(b, kv_heads, s, self.head_dim)
+            cos, sin = position_embeddings
+            q, k = mf.apply_rotary_pos_emb(q, k, cos, sin)
+            if layer_past is not None:
+                k, v = layer_past.update(k, v, self.layer_idx)
+            dropout = self.config.attention_dropout if self.training else 0.0
+            out, _ = attention(self, q, k, v, attention_mask, scaling=self.head_dim**-0.5, dropout=dropout)
+            return self.dense(out.reshape(b, s, self.num_heads * self.head_dim)), None
+
+    mf.FALCON_ATTENTION_CLASSES[NAME] = FalconFlashKVAttention
 
 
 def _skip_flash_kernel_preload() -> None:
