@@ -111,7 +111,13 @@ def stub_combine_kernel(
     raise NotImplementedError("write me")
 
 
+@triton.jit
+def stub_dequantize(x, scale, FP8_BITS: tl.constexpr):
+    raise NotImplementedError
+
+
 TRITON_STUBS = {
+    "my_dequantize": stub_dequantize,
     "my_step": stub_step,
     "my_key_range": stub_key_range,
     "my_copy_tile": stub_copy_tile,
@@ -533,6 +539,38 @@ def quantize_per_tensor(x, bits):  # one scale for everything
     return torch.round(x / scale), scale
 
 
+def quantize_unguarded(x, bits):  # a token of zeros divides by 0: NaN codes
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(-1, keepdim=True) / qmax
+    return torch.round(x / scale).clamp(-qmax, qmax), scale
+
+
+def kivi_per_token(k, bits, group):  # scales over each token's channels: the outlier channel sets every scale
+    t, c = k.shape
+    zero = k.amin(1, keepdim=True).expand(t, c)
+    scale = ((k.amax(1, keepdim=True) - k.amin(1, keepdim=True)) / (2**bits - 1)).expand(t, c)
+    codes = torch.round((k - zero) / scale).clamp(0, 2**bits - 1)
+    return codes, scale[::group].contiguous(), zero[::group].contiguous()
+
+
+def kivi_symmetric(k, bits, group):  # no zero point: keys that are not centred lose half the levels
+    t, c = k.shape
+    groups = k.reshape(t // group, group, c)
+    scale = groups.abs().amax(1) / (2 ** (bits - 1) - 1)
+    codes = torch.round(groups / scale[:, None])
+    return codes.reshape(t, c), scale, torch.zeros_like(scale)
+
+
+@triton.jit
+def dequantize_no_scale(x, scale, FP8_BITS: tl.constexpr):  # forgets the scale
+    return x.to(tl.float32)
+
+
+@triton.jit
+def dequantize_bits_as_numbers(x, scale, FP8_BITS: tl.constexpr):  # e4m3 bytes read as integers 0..255
+    return x.to(tl.float32) * scale
+
+
 def bytes_keys_only(n_layers, nheads_k, headdim, bits, group, asymmetric):
     return n_layers * nheads_k * (headdim * bits / 8 + headdim // group * 2 * (2 if asymmetric else 1))
 
@@ -588,8 +626,15 @@ MISTAKES = {
     (nb08, "check_decode_step"): [decode_step_no_advance, decode_step_no_append],
     (nb08, "check_attention_step"): [snippet_as_found, snippet_projects_output, snippet_sliced_cache],
     (nb08, "check_rotary_decode"): [rotary_default_layout, rotary_queries_only],
-    (nb09, "check_quantize_symmetric"): [quantize_unsigned_range, quantize_floor, quantize_per_tensor],
+    (nb09, "check_quantize_symmetric"): [
+        quantize_unsigned_range,
+        quantize_floor,
+        quantize_per_tensor,
+        quantize_unguarded,
+    ],
+    (nb09, "check_quantize_keys_per_channel"): [kivi_per_token, kivi_symmetric],
     (nb09, "check_cache_bytes_per_token"): [bytes_keys_only, bytes_no_zero_point],
+    (nb09, "check_dequantize"): [dequantize_no_scale, dequantize_bits_as_numbers],
     (nb10, "check_hf_window_size"): [window_w, window_centered],
     (nb10, "check_my_hf_attention"): [hf_attention_no_padding, hf_attention_heads_first, hf_attention_window_w],
 }

@@ -6,14 +6,18 @@ import matplotlib.pyplot as plt
 import torch
 
 from .. import quant as Q
+from .. import runtime
 from ..quant_codecs import Scheme, roundtrip
 from ..reference import attention_ref
 from ..rotary import apply_rotary
-from ._exercise import CaseFailed, Exercise, expect_equal, expect_pair, run_check
+from ..runtime import tl, triton
+from ._exercise import CaseFailed, Exercise, expect_close, expect_equal, expect_pair, run_check
 
 EXERCISES = [
     Exercise("09", "quantize_symmetric", "check_quantize_symmetric", 15),
+    Exercise("09", "quantize_keys_per_channel", "check_quantize_keys_per_channel", 20),
     Exercise("09", "cache_bytes_per_token", "check_cache_bytes_per_token", 15),
+    Exercise("09", "my_dequantize", "check_dequantize", 20, triton=True),
 ]
 
 
@@ -74,15 +78,15 @@ def explore(kind: str = "int per token", bits: int = 4, group: int = 32, outlier
     if kind == "fp8 e4m3":
         scheme = Q.SCHEMES["fp8 e4m3, per-(batch, head) scale"]
     else:
-        axis = "channel" if kind == "int KIVI" else "token"
+        kivi = kind == "int KIVI"
         scheme = Q.Scheme(
             kind,
             "int",
             bits,
-            k_axis=axis,
+            k_axis="channel" if kivi else "token",
             group=group,
             symmetric=False,
-            residual=0,
+            residual=32 if kivi else 0,  # as notebook 09's KIVI schemes: the 32 newest tokens stay 16-bit
         )
     err = attention_error(q, k, v, scheme)
     kib = Q.bytes_per_token(scheme, 32, 8, 128) / 1024
@@ -93,7 +97,7 @@ def explore(kind: str = "int per token", bits: int = 4, group: int = 32, outlier
     ax.set_xlabel("stored - true key value")
     ax.set_ylabel("elements")
     label = kind if kind == "fp8 e4m3" else f"{kind}, {bits} bits, groups of {group}"
-    ax.set_title(f"{label}: attention error {err:.2e}, {kib:.1f} KiB/token (Llama-3-8B)")
+    ax.set_title(f"{label}: attention error {err:.2e}, {kib:.1f} KiB/token (Llama-3-8B, 4096 tokens)")
     fig.tight_layout()
     return fig, err, kib
 
@@ -131,16 +135,28 @@ def quantize_symmetric(x, bits):
 def check_quantize_symmetric(fn) -> bool | None:
     """Codes in range and integer, scale = absmax / qmax per token, error <= scale / 2."""
 
-    def case(bits, shape, seed, spread):
+    def case(bits, shape, seed, spread, zero_token=False):
         def run(f):
             g = torch.Generator().manual_seed(seed)
             x = torch.randn(shape, generator=g) * spread
             x[..., 0] *= 10  # one large channel per token
+            if zero_token:
+                x[(0,) * (x.dim() - 1)] = 0.0  # a token of zeros: its scale must not divide by 0
             codes, scale = expect_pair("result", f(x.clone(), bits))
             codes, scale = torch.as_tensor(codes).float(), torch.as_tensor(scale).float()
             qmax = 2 ** (bits - 1) - 1
             want_scale = x.abs().amax(-1, keepdim=True) / qmax
             expect_equal("codes shape", tuple(x.shape), tuple(codes.shape))
+            if not bool(torch.isfinite(codes).all()) or not bool(torch.isfinite(scale).all()):
+                raise CaseFailed("codes and scales must be finite: a token of zeros has max|x| = 0 (guard the scale)")
+            if zero_token:  # any positive scale is right for zeros: they come back as 0
+                zero = (0,) * (x.dim() - 1)
+                if bool((codes[zero] != 0).any()) or not bool(scale[zero] > 0):
+                    raise CaseFailed(
+                        f"a token of zeros must give codes 0 and a positive scale, got codes "
+                        f"{codes[zero].tolist()[:4]}... and scale {scale[zero].item():g}"
+                    )
+                want_scale[zero] = scale[zero]
             if tuple(scale.shape) != tuple(want_scale.shape):
                 raise CaseFailed(
                     f"scale: expected one per token, shape {tuple(want_scale.shape)}, got {tuple(scale.shape)}"
@@ -163,13 +179,78 @@ def check_quantize_symmetric(fn) -> bool | None:
                     f"{(codes * scale)[idx].item():.5g}, more than scale / 2 away (round to nearest)"
                 )
 
-        return f"bits={bits}, x of shape {shape}", run
+        return f"bits={bits}, x of shape {shape}" + (", its first token all zeros" if zero_token else ""), run
 
-    cases = [case(8, (4, 16), 0, 1.0), case(4, (2, 3, 32), 1, 0.1), case(2, (5, 8), 2, 3.0)]
-    return run_check("check_quantize_symmetric", fn, cases, "8, 4 and 2 bits: range, scale and rounding")
+    cases = [
+        case(8, (4, 16), 0, 1.0),
+        case(4, (2, 3, 32), 1, 0.1),
+        case(2, (5, 8), 2, 3.0),
+        case(8, (3, 16), 3, 1.0, zero_token=True),
+    ]
+    return run_check("check_quantize_symmetric", fn, cases, "8, 4 and 2 bits: range, scale, rounding, a token of zeros")
 
 
-# --- exercise 2: bytes per token -----------------------------------------------------------------
+# --- exercise 2: KIVI's per-channel keys ---------------------------------------------------------
+
+
+def quantize_keys_per_channel(k, bits, group):
+    """KIVI's key quantization: ``k`` ``(tokens, channels)``, tokens a multiple of ``group``;
+    asymmetric ``bits``-bit codes with one scale and one zero point per channel and group of
+    ``group`` tokens. Returns ``(codes (tokens, channels), scale (tokens / group, channels), zero
+    (tokens / group, channels))`` with ``k ~ codes * scale + zero`` (scale and zero repeated over
+    each group's tokens)."""
+    t, c = k.shape
+    groups = k.reshape(t // group, group, c)
+    zero = groups.amin(1)
+    span = groups.amax(1) - zero
+    levels = 2**bits - 1
+    scale = torch.where(span > 0, span / levels, torch.ones_like(span))
+    codes = torch.round((groups - zero[:, None]) / scale[:, None]).clamp(0, levels)
+    return codes.reshape(t, c), scale, zero
+
+
+def check_quantize_keys_per_channel(fn) -> bool | None:
+    """Keys with outlier channels and an offset: shapes, codes in ``[0, 2^bits)``, scale =
+    (max - min) / (2^bits - 1) per channel and group, every key back within scale / 2."""
+    gen = torch.Generator().manual_seed(91)
+
+    def case(bits, tokens, channels, group):
+        def run(f):
+            k = torch.randn(tokens, channels, generator=gen) + 2.0  # not centred: a zero point is needed
+            k[:, 3] *= 20  # an outlier channel, as in real models' keys
+            codes, scale, zero = (torch.as_tensor(t).float() for t in _expect_triple(f(k.clone(), bits, group)))
+            expect_equal("codes shape", (tokens, channels), tuple(codes.shape))
+            expect_equal("scale shape (one per group of tokens and channel)", (tokens // group, channels),
+                         tuple(scale.shape))  # fmt: skip
+            expect_equal("zero shape", (tokens // group, channels), tuple(zero.shape))
+            grouped = k.reshape(tokens // group, group, channels)
+            want = (grouped.amax(1) - grouped.amin(1)) / (2**bits - 1)
+            if not torch.allclose(scale, want, rtol=1e-5, atol=1e-7):
+                i = tuple(int(x) for x in ((scale - want).abs() == (scale - want).abs().max()).nonzero()[0])
+                raise CaseFailed(f"scale at (group, channel) {i}: expected (max - min) / {2**bits - 1} over the "
+                                 f"group's tokens = {want[i].item():.5g}, got {scale[i].item():.5g}")  # fmt: skip
+            if not torch.equal(codes, codes.round()) or codes.min() < 0 or codes.max() > 2**bits - 1:
+                raise CaseFailed(
+                    f"codes must be integers in [0, {2**bits - 1}], got [{codes.min():g}, {codes.max():g}]"
+                )
+            back = codes.reshape(tokens // group, group, channels) * scale[:, None] + zero[:, None]
+            err = (back - grouped).abs() - scale[:, None] / 2
+            if err.max() > 1e-4 * float(k.abs().max()):
+                raise CaseFailed("a key came back more than scale / 2 from its value: round (k - zero) / scale")
+
+        return f"bits={bits}, {tokens} tokens x {channels} channels, groups of {group} tokens", run
+
+    cases = [case(4, 64, 16, 32), case(2, 32, 8, 8), case(8, 16, 4, 16)]
+    return run_check("check_quantize_keys_per_channel", fn, cases, "4, 2 and 8 bits, per channel, asymmetric")
+
+
+def _expect_triple(got) -> tuple:
+    if not isinstance(got, tuple) or len(got) != 3:
+        raise CaseFailed(f"return (codes, scale, zero), a tuple of three, got {type(got).__name__}")
+    return got
+
+
+# --- exercise 3: bytes per token -----------------------------------------------------------------
 
 
 def cache_bytes_per_token(n_layers, nheads_k, headdim, bits, group, asymmetric):
@@ -199,6 +280,60 @@ def check_cache_bytes_per_token(fn) -> bool | None:
         case(80, 8, 128, 2, 32, True),
     ]
     return run_check("check_cache_bytes_per_token", fn, cases, "8, 4 and 2 bits, symmetric and asymmetric")
+
+
+# --- exercise 4 (Triton): the decode kernel's dequantize step ------------------------------------
+
+if runtime.HAS_TRITON:
+    # The package's own helper is the solution: the solved notebook shows its source.
+    from ..kernels.decode import dequantize as my_dequantize  # noqa: F401
+
+    @triton.jit
+    def _dequantize_harness(X, S, OUT, N: tl.constexpr, D: tl.constexpr, PER_TOKEN: tl.constexpr,
+                            FP8_BITS: tl.constexpr, FN: tl.constexpr):  # fmt: skip
+        rows = tl.arange(0, N)
+        cols = tl.arange(0, D)
+        x = tl.load(X + rows[:, None] * D + cols[None, :])
+        if PER_TOKEN:
+            scale = tl.load(S + rows).to(tl.float32)[:, None]
+        else:
+            scale = tl.load(S)
+        tl.store(OUT + rows[:, None] * D + cols[None, :], FN(x, scale, FP8_BITS))
+
+
+def check_dequantize(fn) -> bool | None:
+    """A tile of int8 codes with one scale per token, fp8 e4m3 with one descale, and fp8 read as
+    bytes (decoded in software, as on sm_80), against PyTorch's dequantization."""
+    gen = torch.Generator().manual_seed(92)
+
+    def case(kind):
+        def run(f):
+            x = torch.randn(16, 32, generator=gen) * 3
+            if kind == "int8":
+                stored = x.round().clamp(-127, 127).to(torch.int8)
+                scale = torch.rand(16, generator=gen) + 0.1
+                want = stored.float() * scale[:, None]
+                passed, per_token, bits = stored, True, False
+            else:
+                stored = x.to(torch.float8_e4m3fn)
+                scale = torch.tensor([0.37])
+                want = stored.float() * scale
+                passed, per_token, bits = (stored.view(torch.uint8), False, True) if kind == "fp8 bytes" else (
+                    stored, False, False)  # fmt: skip
+            out = torch.full((16, 32), float("nan"))
+            _dequantize_harness[(1,)](passed, scale, out, N=16, D=32, PER_TOKEN=per_token, FP8_BITS=bits, FN=f)
+            expect_close("dequantized tile", want, out, atol=1e-5)
+
+        label = {
+            "int8": "int8 codes, one scale per token ([N, 1])",
+            "fp8": "an fp8 e4m3 tile, one descale",
+            "fp8 bytes": "fp8 e4m3 read as uint8 bytes (FP8_BITS=True), one descale",
+        }[kind]
+        return label, run
+
+    return run_check(
+        "check_dequantize", fn, [case("int8"), case("fp8"), case("fp8 bytes")], "int8 and fp8, native and bytes"
+    )
 
 
 # --- experiments: the trained model and synthetic keys through each scheme ------------------------
@@ -304,29 +439,31 @@ def calibrate_fp8(model, tokens: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def model_loss(model, tokens: torch.Tensor, scheme: Scheme, descales: dict | None = None) -> float:
+def model_loss(model, tokens: torch.Tensor, scheme: Scheme, descales: dict | None = None, per_sequence: bool = False):
     """Mean next-token cross-entropy (nats per character) of ``tokens`` ``(n, s)`` when every
     layer reads its keys and values through a ``scheme`` cache (fp8 needs :func:`calibrate_fp8`'s
-    ``descales``)."""
+    ``descales``). ``per_sequence``: the mean of each sequence, a tensor ``(n,)``."""
     n, s = tokens.shape
     positions = torch.arange(s - 1).expand(n, s - 1)
     logits = model.run(tokens[:, :-1], positions, _ThroughCache(positions, model.rope(), scheme, descales))
-    return float(
-        torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-    )
+    losses = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none"
+    ).view(n, s - 1)
+    return losses.mean(1) if per_sequence else float(losses.mean())
 
 
-def scheme_losses(model, sequences: int, length: int = 257) -> dict[str, float]:
+def scheme_losses(model, sequences: int, length: int = 257, per_sequence: bool = False) -> dict:
     """Validation loss (nats per character) of the character model of notebook 08 through every
-    scheme of :data:`flashkv_edu.quant.SCHEMES`: ``sequences`` pieces of ``length`` characters of its validation
-    text; fp8 descales calibrated on 8 pieces of its training text."""
+    scheme of :data:`flashkv_edu.quant.SCHEMES`: ``sequences`` pieces of ``length`` characters of its
+    validation text; fp8 descales calibrated on 8 pieces of its training text. ``per_sequence``:
+    each scheme's losses per piece, tensors ``(sequences,)`` (for the noise floor)."""
     from .. import charlm
 
     text = torch.tensor(charlm.encode(charlm.stdlib_text()))
     val = text[int(0.98 * len(text)) :]  # charlm's validation split
     seqs = torch.stack([val[i * 700 : i * 700 + length] for i in range(sequences)])
     calib = calibrate_fp8(model, torch.stack([text[i * 40_000 : i * 40_000 + 256] for i in range(8)]))
-    return {name: model_loss(model, seqs, scheme, calib) for name, scheme in Q.SCHEMES.items()}
+    return {name: model_loss(model, seqs, scheme, calib, per_sequence) for name, scheme in Q.SCHEMES.items()}
 
 
 @torch.no_grad()
