@@ -746,3 +746,35 @@ def test_the_shipped_buggy_code_fails_its_check(capsys):
             ex = next(e for e in module.EXERCISES if e.name == name)
             assert getattr(module, ex.check)(namespace[name]) is False, name
             assert capsys.readouterr().out.startswith(f"{ex.check}: FAIL on "), name
+
+
+def test_every_picture_reads_at_full_zoom():
+    """Stored figures are at least 900 px wide (JupyterLab shows them 1:1), and no text in the
+    teaching files or notebooks is set below 10 points."""
+    import base64
+    import json
+    import re
+    import struct
+
+    root = Path(__file__).resolve().parents[1]
+    narrow = []
+    for path in sorted((root / "notebooks").glob("*.ipynb")):
+        for i, cell in enumerate(json.loads(path.read_text())["cells"]):
+            for out in cell.get("outputs", []):
+                png = out.get("data", {}).get("image/png")
+                if png:
+                    width = struct.unpack(">I", base64.b64decode(png)[16:20])[0]
+                    if width < 900:
+                        narrow.append((path.name, i, width))
+    assert not narrow, f"figures narrower than 900 px: {narrow}"
+    sources = [*(root / "flashkv_edu" / "teach").glob("nb*.py"), *(root / "notebooks").glob("*.ipynb")]
+    small = [(p.name, m) for p in sources for m in re.findall(r"fontsize=\s*([0-9.]+)", p.read_text()) if float(m) < 10]
+    assert not small, f"text below 10 points: {small}"
+    from flashkv_edu import runtime
+
+    runtime.setup_notebook()
+    import matplotlib
+
+    rc = matplotlib.rcParams
+    assert rc["figure.figsize"][0] * rc["figure.dpi"] >= 900 and rc["font.size"] >= 10
+    assert all(rc[k] >= 10 for k in ("xtick.labelsize", "ytick.labelsize", "legend.fontsize", "axes.labelsize"))

@@ -72,7 +72,7 @@ def draw_mask_panel(
         Patch(color=MASK_COLORS(0), label="hidden"),
         Patch(color=DIFF_COLORS(1), label="the two masks disagree"),
     ]
-    axes[2].legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    axes[2].legend(handles=legend, fontsize=10, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     return fig, int(fa.sum())
 

@@ -48,7 +48,7 @@ def draw_window_trace(trace, window, title: str, ax=None):
             if 0 <= pos < total:
                 grid[step, pos] = 2 if pos in stored and pos in visible else (3 if pos in visible else 4)
     if ax is None:
-        _, ax = plt.subplots(figsize=(9, 0.45 * grid.shape[0] + 1.6))
+        _, ax = plt.subplots(figsize=(10, 0.5 * grid.shape[0] + 1.8))
     colours = ["white", "#d9d9d9", "#2b6cb0", "#ed8936", "#90cdf4"]
     ax.imshow(grid.numpy(), cmap=ListedColormap(colours), vmin=0, vmax=4, aspect="auto", interpolation="nearest")
     for step in range(len(trace.seen)):
@@ -64,14 +64,14 @@ def draw_window_trace(trace, window, title: str, ax=None):
             )
         )
     for step, stored in enumerate(trace.stored):
-        ax.text(total - 0.4, step, f" {stored} stored", va="center", fontsize=8)
+        ax.text(total - 0.4, step, f" {stored} stored", va="center", fontsize=10)
     if trace.error:
         ax.text(
             0,
             len(trace.seen) - 0.5 if trace.seen else 0,
             f"  stopped: {trace.error[:60]}",
             color="crimson",
-            fontsize=8,
+            fontsize=10,
             va="center",
         )
     ax.set(
@@ -86,7 +86,7 @@ def draw_window_trace(trace, window, title: str, ax=None):
         Patch(color=colours[1], label="evicted"),
         Patch(facecolor="white", edgecolor="black", label="the new chunk (the queries)"),
     ]
-    ax.legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(handles=legend, fontsize=10, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.figure.tight_layout()
     return ax
 
@@ -141,7 +141,7 @@ def draw_replica_traces(runs: dict, doubling, correct, window: int):
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=10)
     axes[1].semilogy(
         range(1, len(doubling.stored) + 1),
         doubling.stored,
@@ -153,7 +153,7 @@ def draw_replica_traces(runs: dict, doubling, correct, window: int):
         range(1, len(correct.stored) + 1), correct.stored, "s-", color="black", label="caller passes only new tokens"
     )
     axes[1].set(title="Full attention (no window): a buggy caller", xlabel="update #", ylabel="tokens stored (log)")
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=10)
     fig.tight_layout()
     return fig
 

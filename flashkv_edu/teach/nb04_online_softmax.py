@@ -59,7 +59,7 @@ def draw_online_softmax(block_size: int = 8, seqlen_k: int = 32, seed: int = 0):
                 (ends[i], ms[i]),
                 textcoords="offset points",
                 xytext=(-10, -22),
-                fontsize=7,
+                fontsize=10,
                 color="crimson",
                 arrowprops=dict(arrowstyle="->", color="crimson"),
             )
@@ -68,7 +68,7 @@ def draw_online_softmax(block_size: int = 8, seqlen_k: int = 32, seed: int = 0):
                 (ends[i], ls[i]),
                 textcoords="offset points",
                 xytext=(6, 16),
-                fontsize=7,
+                fontsize=10,
                 color="crimson",
                 arrowprops=dict(arrowstyle="->", color="crimson"),
             )
@@ -76,7 +76,7 @@ def draw_online_softmax(block_size: int = 8, seqlen_k: int = 32, seed: int = 0):
     exact = float(torch.softmax(logits, 0) @ v[0, :, 0, 0])
     axes[3].axhline(exact, color="k", linestyle=":", linewidth=1, label="exact")
     axes[3].set(title="output = acc / l", xlabel="keys seen", ylabel="o (1-d value)")
-    axes[3].legend(fontsize=8)
+    axes[3].legend(fontsize=10)
     fig.tight_layout()
     return fig, list(zip(ms, ls, outs, strict=True))
 

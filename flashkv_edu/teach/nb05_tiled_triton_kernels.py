@@ -40,7 +40,7 @@ def draw_tile_schedule(
     window_size = (window - 1, 0) if window > 0 else (-1, -1)
     sched = tile_schedule(seqlen_q, seqlen_k, block_m, block_n, causal=causal, window_size=window_size)
     visited, total = int((sched > 0).sum()), sched.numel()
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig, ax = plt.subplots(figsize=(12, 7.5))
     ax.imshow(
         sched.numpy(), cmap=ListedColormap(["#f2f2f2", "#2b6cb0", "#90cdf4"]), vmin=0, vmax=2, interpolation="nearest"
     )
@@ -60,9 +60,9 @@ def draw_tile_schedule(
             Patch(color="#90cdf4", label="visited, partly masked"),
             Patch(color="#f2f2f2", label="skipped by loop bounds"),
         ],
-        loc="upper right",
-        fontsize=7,
-        framealpha=0.9,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        fontsize=10,
     )
     fig.tight_layout()
     return fig, visited, total

@@ -62,7 +62,7 @@ def draw_paged_state(snap: dict, title: str = "", names=None):
             fill = min(bs, length - i * bs) / bs
             ax_t.add_patch(Rectangle((i, -row - 0.4), fill, 0.8, color=color, alpha=0.85))
             ax_t.add_patch(Rectangle((i, -row - 0.4), 1, 0.8, fill=False, edgecolor="black", linewidth=0.6))
-            ax_t.text(i + 0.5, -row, str(blk), ha="center", va="center", fontsize=8, color="black")
+            ax_t.text(i + 0.5, -row, str(blk), ha="center", va="center", fontsize=10, color="black")
             owner.setdefault(blk, []).append(slot)
     rows = max(1, len(snap["seqs"]))
     width = max([len(b) for b, _ in snap["seqs"].values()] + [4])
@@ -87,7 +87,7 @@ def draw_paged_state(snap: dict, title: str = "", names=None):
             if blk in snap["cached"]:
                 ax_p.add_patch(Rectangle((x, y - 0.45), 0.9, 0.9, fill=False, edgecolor="#2b6cb0", linewidth=1.5))
         label = f"{blk}" + (f"\nx{snap['ref_count'][blk]}" if snap["ref_count"][blk] > 1 else "")
-        ax_p.text(x + 0.45, y, label, ha="center", va="center", fontsize=7)
+        ax_p.text(x + 0.45, y, label, ha="center", va="center", fontsize=10)
     ax_p.set_xlim(0, cols)
     ax_p.set_ylim(-((nb - 1) // cols) - 0.6, 0.6)
     ax_p.set_xticks([])
@@ -102,8 +102,8 @@ def draw_paged_state(snap: dict, title: str = "", names=None):
         Patch(facecolor="#e2e8f0", label="free"),
         Patch(facecolor="#e2e8f0", edgecolor="#2b6cb0", linewidth=1.5, label="free, still in the prefix cache"),
     ]
-    ax_p.legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle(title, fontsize=10)
+    ax_p.legend(handles=legend, fontsize=10, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     return fig
 
@@ -222,7 +222,7 @@ def draw_simulation(results, paper: dict):
             axes[0].plot(i, paper[s][0], "k_", markersize=22, markeredgewidth=2)
     axes[0].set(title="KV memory by use (black bar: vLLM paper)", ylabel="% of KV memory")
     axes[0].tick_params(axis="x", rotation=30)
-    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=10, loc="lower right")
     axes[1].bar(schemes, [r.concurrent for r in results], color="#2b6cb0", label="this simulation")
     axes[1].scatter(
         [s for s in schemes if s in paper],
@@ -233,7 +233,7 @@ def draw_simulation(results, paper: dict):
     )
     axes[1].set(title="Average concurrent requests", ylabel="requests")
     axes[1].tick_params(axis="x", rotation=30)
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -42,7 +42,7 @@ def draw_sm_timeline(
     gpu = {"H100": H100, "A100": A100}[gpu_name]
     m = model_decode(batch, nheads_k, context, headdim, num_splits, gpu)
     per_program = m.modelled_s / m.waves
-    fig, ax = plt.subplots(figsize=(9, 3.4))
+    fig, ax = plt.subplots(figsize=(10, 3.8))
     remaining = m.programs
     for w in range(m.waves):
         busy = min(gpu.num_sms, remaining)
@@ -53,7 +53,7 @@ def draw_sm_timeline(
                 [(w * per_program * 1e6, per_program * 1e6 * 0.97)], (busy, gpu.num_sms - busy), color="#fed7d7"
             )
     ax.axvline(m.roofline_s * 1e6, color="black", linestyle="--", linewidth=1)
-    ax.text(m.roofline_s * 1e6, gpu.num_sms * 1.02, " roofline", fontsize=8)
+    ax.text(m.roofline_s * 1e6, gpu.num_sms * 1.02, " roofline", fontsize=10)
     ax.set_ylim(0, gpu.num_sms * 1.1)
     ax.set_xlim(0, (time_max_us or max(m.modelled_s, m.roofline_s) * 1e6) * 1.05)
     ax.set(
@@ -100,7 +100,7 @@ def draw_split_efficiency(batch_nheads_mblocks: int, num_sms: int, num_n_blocks:
         effs.append(w / math.ceil(w))
         ok.append(s == 1 or math.ceil(num_n_blocks / s) != math.ceil(num_n_blocks / (s - 1)))
     best = max(e for e, o in zip(effs, ok, strict=True) if o)
-    fig, ax = plt.subplots(figsize=(8, 3))
+    fig, ax = plt.subplots(figsize=(10, 3.6))
     ax.bar(xs, effs, color=["#2b6cb0" if o else "#cbd5e0" for o in ok])
     ax.axhline(0.85 * best, color="crimson", linestyle="--", linewidth=1, label="85% of the best")
     ax.bar([chosen], [effs[chosen - 1]], color="#dd6b20", label=f"chosen: {chosen} splits")
@@ -110,7 +110,7 @@ def draw_split_efficiency(batch_nheads_mblocks: int, num_sms: int, num_n_blocks:
         xlabel="num_splits s",
         ylabel="eff(s) = w / ceil(w)",
     )
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=10)
     fig.tight_layout()
     return fig, chosen
 

@@ -54,20 +54,20 @@ def draw_serving_trace(trace, requests, labels=None):
         ax_r.barh(y, 1, left=r.admitted, color="#ed8936")
         ax_r.barh(y, r.finished - r.admitted, left=r.admitted + 1, color="#2b6cb0")
         note = f"slot {r.slot}" + (f", prefix hit {r.cached_tokens}" if r.cached_tokens else "")
-        ax_r.text(r.finished + 1.3, y, note, va="center", fontsize=7)
+        ax_r.text(r.finished + 1.3, y, note, va="center", fontsize=10)
     ax_r.set_yticks(range(len(requests)))
-    ax_r.set_yticklabels(list(reversed(labels or [f"request {i}" for i in range(len(requests))])), fontsize=7)
+    ax_r.set_yticklabels(list(reversed(labels or [f"request {i}" for i in range(len(requests))])), fontsize=10)
     ax_r.set(title="Continuous batching: each request's life on the decode-step axis")
     legend = [
         Patch(color="#e2e8f0", label="waiting for a slot"),
         Patch(color="#ed8936", label="prefill (joins)"),
         Patch(color="#2b6cb0", label="decoding, one token per step"),
     ]
-    ax_r.legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax_r.legend(handles=legend, fontsize=10, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax_b.step(range(steps), trace.blocks_used, where="post", label="blocks in use")
     ax_b.step(range(steps), trace.running, where="post", label="running requests")
     ax_b.set(title="Blocks in use and running requests", xlabel="decode step", ylabel="count")
-    ax_b.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax_b.legend(fontsize=10, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
 

@@ -29,14 +29,14 @@ EXERCISES = [
 
 def draw_memory(shape_name: str, kib: dict):
     """Horizontal bars: KV-cache KiB per token of one model under each scheme."""
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.6))
     names = list(kib)
     ax.barh(names, [kib[n] for n in names], color=["tab:gray"] * 3 + ["tab:orange"] * 3 + ["tab:blue"] * 6)
     ax.invert_yaxis()
     ax.set_xlabel("KiB per token (K and V, all layers, scales included, 4K context)")
     ax.set_title(f"KV-cache memory per token: {shape_name}")
     for i, n in enumerate(names):
-        ax.text(kib[n], i, f" {kib[n]:.1f}", va="center", fontsize=8)
+        ax.text(kib[n], i, f" {kib[n]:.1f}", va="center", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -44,7 +44,7 @@ def draw_memory(shape_name: str, kib: dict):
 def draw_channel_absmax(k: torch.Tensor, title: str):
     """Bar chart of each channel's largest |key| (over tokens), one KV head."""
     amax = k[0, :, 0].abs().amax(0)
-    fig, ax = plt.subplots(figsize=(8, 2.6))
+    fig, ax = plt.subplots(figsize=(10, 3.4))
     ax.bar(range(len(amax)), amax.tolist(), color="tab:blue")
     ax.set_xlabel("channel (head dim index)")
     ax.set_ylabel("max |k| over tokens")
@@ -55,7 +55,7 @@ def draw_channel_absmax(k: torch.Tensor, title: str):
 
 def draw_error_vs_bits(errors: dict):
     """``errors[label] = {bits: error}``: attention-output error against bits per element."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(10, 4.6))
     for label, by_bits in errors.items():
         bits = sorted(by_bits)
         ax.plot(bits, [by_bits[b] for b in bits], "o-", label=label)
@@ -64,7 +64,7 @@ def draw_error_vs_bits(errors: dict):
     ax.set_xlabel("bits per stored element")
     ax.set_ylabel("mean |attention output error|")
     ax.set_title("Attention error vs bits (keys with outlier channels)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -91,7 +91,7 @@ def explore(kind: str = "int per token", bits: int = 4, group: int = 32, outlier
     err = attention_error(q, k, v, scheme)
     kib = Q.bytes_per_token(scheme, 32, 8, 128) / 1024
     diff = (Q.roundtrip(k, scheme, "k") - k).flatten()
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = plt.subplots(figsize=(10, 4))
     ax.hist(diff.tolist(), bins=60, color="tab:blue")
     ax.set_yscale("log")
     ax.set_xlabel("stored - true key value")

@@ -149,30 +149,59 @@ def memory_over_generation(model, ids, mask, steps: int, capacity: int, page_siz
 
 
 def draw_memory(sizes: dict, title: str):
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     for name, ys in sizes.items():
         ax.plot(range(1, len(ys) + 1), [y / 1024 for y in ys], label=name)
     ax.set_xlabel("decode step")
     ax.set_ylabel("KiB of keys and values")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend()
     fig.tight_layout()
     return fig
 
 
-def draw_serving(trace, n_requests: int):
-    """Which requests run at each decode step, and the blocks in use."""
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 4), sharex=True, height_ratios=[2, 1])
+def draw_serving(trace, prompts, budgets):
+    """Which requests run at each decode step (labelled with their prompt length and token
+    budget), and the blocks in use."""
+    n = len(prompts)
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 5), sharex=True, height_ratios=[2, 1])
     for step, running, _ in trace:
-        ax.scatter([step] * len(running), running, s=12, color="tab:blue")
+        ax.scatter([step] * len(running), running, s=16, color="tab:blue")
     ax.set_ylabel("request")
-    ax.set_yticks(range(n_requests))
-    ax.set_title("Continuous batching over a transformers model (paged FlashKVCache)")
+    ax.set_yticks(
+        range(n), [f"{i}: prompt {len(p)}, {b} new" for i, (p, b) in enumerate(zip(prompts, budgets, strict=True))]
+    )
+    ax.set_title("Continuous batching over a transformers model (paged FlashKVCache, at most 3 rows)")
     ax2.plot([t[0] for t in trace], [t[2] for t in trace], color="tab:orange")
     ax2.set_xlabel("decode step")
-    ax2.set_ylabel("blocks per layer")
+    ax2.set_ylabel("blocks in use\n(each layer)")
     fig.tight_layout()
     return fig
+
+
+def architecture_table(new_tokens: int = 24):
+    """Every configuration of :data:`ARCHITECTURES` generating greedily for a left-padded batch of
+    3, eager attention + DynamicCache against flashkv_edu with FlashKVCache contiguous and paged:
+    ``{kind: (tokens equal?, largest first-step logit difference)}``."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(3, 128, (3, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :4], mask[2, :7] = 0, 0
+    ids = ids.masked_fill(mask == 0, 0)
+    gen = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
+               return_dict_in_generate=True, attention_mask=mask)  # fmt: skip
+    rows = {}
+    for kind in ARCHITECTURES:
+        eager, ours = model_pair(kind)
+        want = eager.generate(ids, **gen, **hf.cache_kwargs(DynamicCache(config=eager.config)))
+        same, worst = True, 0.0
+        for page in (None, 4):
+            got = ours.generate(ids, **gen, **hf.cache_kwargs(hf.FlashKVCache(ours.config, 3, 64, page_size=page)))
+            same &= torch.equal(got.sequences, want.sequences)
+            worst = max(worst, float((got.logits[0] - want.logits[0]).abs().max()))
+        rows[kind] = (same, worst)
+    return rows
 
 
 # --- exercise 1: the window ----------------------------------------------------------------------
