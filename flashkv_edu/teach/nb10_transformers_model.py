@@ -25,6 +25,9 @@ COMMON = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=512,
+    bos_token_id=None,  # no special tokens: every id is an ordinary character of the 128
+    eos_token_id=None,
+    pad_token_id=0,
 )
 
 
@@ -46,18 +49,25 @@ ARCHITECTURES = {
     "gemma4 (head_dim 512)": ("gemma4_text", dict(head_dim=16, global_head_dim=512, sliding_window=8,
                                                   layer_types=ALTERNATING, hidden_size_per_layer_input=16,
                                                   vocab_size_per_layer_input=128)),
-    "phi3": ("phi3", dict(pad_token_id=0)),
+    "phi3": ("phi3", {}),
     "olmo2": ("olmo2", {}),
     "gpt-neox": ("gpt_neox", dict(rotary_pct=0.5)),
     "starcoder2": ("starcoder2", dict(sliding_window=8)),
     "cohere2": ("cohere2", dict(sliding_window=8, layer_types=ALTERNATING)),
     "falcon": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True, bias=False)),
     "gpt-oss (sinks)": ("gpt_oss", dict(head_dim=16, sliding_window=8, layer_types=ALTERNATING,
-                                        num_local_experts=4, num_experts_per_tok=2)),
+                                        num_local_experts=4, num_experts_per_tok=2,
+                                        rope_parameters=dict(rope_type="yarn", factor=8.0, beta_fast=32.0,
+                                                             beta_slow=1.0, truncate=False,
+                                                             original_max_position_embeddings=64,
+                                                             rope_theta=150000.0))),
     "deepseek-v3 (MLA)": ("deepseek_v3", dict(num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=None,
                                               qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
                                               n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
-                                              first_k_dense_replace=1, moe_intermediate_size=64)),
+                                              first_k_dense_replace=1, moe_intermediate_size=64,
+                                              rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0,
+                                                                   original_max_position_embeddings=64, beta_fast=32,
+                                                                   beta_slow=1, mscale=1.0, mscale_all_dim=1.0))),
 }  # fmt: skip
 
 
