@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import write_kv
+from .offload import BlockLayout, KVLostError, StoreFullError, TieredStore
 from .validation import (
     FLOAT_DTYPES,
     ArgumentError,
@@ -93,6 +94,9 @@ class BlockAllocator:
         self.block_of: dict[bytes, int] = {}
         self.hits = 0
         self.evictions = 0
+        # Called as on_evict(block, key) before a cached block is reused (its contents are still
+        # there): a cache with a store moves the block down a tier instead of losing it.
+        self.on_evict = None
 
     @property
     def num_free(self) -> int:
@@ -111,6 +115,8 @@ class BlockAllocator:
             if old is not None:
                 del self.block_of[old]
                 self.evictions += 1
+                if self.on_evict is not None:
+                    self.on_evict(block, old)
             self.ref_count[block] = 1
             blocks.append(block)
         return blocks
@@ -176,6 +182,18 @@ class _Sequence:
     hashes: list[bytes] = field(default_factory=list)  # keys of its full blocks, in order
 
 
+@dataclass
+class SwappedSequence:
+    """A sequence preempted by :meth:`PagedKVCache.swap_out`: the store keys of its blocks (in
+    order), its length, token ids and block hashes. ``done`` once swapped in (or lost)."""
+
+    keys: list[bytes]
+    length: int
+    tokens: list[int] | None
+    hashes: list[bytes]
+    done: bool = False
+
+
 class PagedKVCache:
     """Key/value pools ``(num_blocks, block_size, nheads_k, headdim)`` plus an int32
     ``block_table (max_batch, max_blocks_per_seq)`` and int32 ``cache_seqlens (max_batch,)``,
@@ -230,11 +248,15 @@ class PagedKVCache:
         self.seqs: dict[int, _Sequence] = {}
         self.prefix_caching = prefix_caching
         self.cow_copies = 0
+        self.store = None  # a TieredStore below the device pool (attach_store)
+        self.prefix_hits = {"device": 0, "host": 0, "disk": 0}
 
     def resize_layer(self, layer: int, nheads_k: int, headdim: int, headdim_v: int | None = None, dtype=None) -> None:
         """Give ``layer`` pools of another shape (models whose layers differ in KV heads or head
         dims). Its stored keys and values are dropped: call it before the layer's first write."""
         layer = check_int("layer", layer, low=0, high=len(self.k_pools) - 1)
+        if self.store is not None:
+            raise ArgumentError("resize_layer: a store is attached; resize every layer before attach_store")
         headdim_v = headdim if headdim_v is None else headdim_v
         for name, value in (("nheads_k", nheads_k), ("headdim", headdim), ("headdim_v", headdim_v)):
             check_int(name, value, low=1)
@@ -248,6 +270,11 @@ class PagedKVCache:
     @property
     def num_layers(self) -> int:
         return len(self.k_pools)
+
+    @property
+    def pools(self) -> list[torch.Tensor]:
+        """Every pool, layer by layer: ``[k_pools[0], v_pools[0], k_pools[1], ...]``."""
+        return [pool for pair in zip(self.k_pools, self.v_pools, strict=True) for pool in pair]
 
     @property
     def k_cache(self) -> torch.Tensor:
@@ -289,31 +316,59 @@ class PagedKVCache:
         self.block_table[slot] = row.to(self.block_table.device)
         self.cache_seqlens[slot] = seq.length
 
+    def _prefix_keys(self, tokens: list[int]) -> list[bytes]:
+        """Keys of the full blocks of ``tokens`` that a new sequence may reuse: never the block
+        holding the last token (it must be computed, so the caller gets its logits)."""
+        bs = self.block_size
+        keys, parent = [], None
+        for i in range(min(max(len(tokens) - 1, 0) // bs, self.max_blocks_per_seq)):
+            parent = block_hash(parent, tokens[i * bs : (i + 1) * bs])
+            keys.append(parent)
+        return keys
+
     def add_sequence(self, prompt_tokens=None) -> tuple[int, int]:
         """Open a slot. With prefix caching, the longest run of full blocks of
-        ``prompt_tokens`` already in the cache is reused (never the whole prompt: its last token
-        is always left to compute). Returns ``(slot, cached_tokens)``:
-        the caller appends keys/values for ``prompt_tokens[cached_tokens:]`` only."""
+        ``prompt_tokens`` already cached is reused (never the whole prompt: its last token
+        is always left to compute): found on the device, or, with a store attached
+        (:meth:`attach_store`), in its host or disk tier and copied into a free block.
+        Returns ``(slot, cached_tokens)``: the caller appends keys/values for
+        ``prompt_tokens[cached_tokens:]`` only. ``prefix_hits`` counts blocks found per tier."""
         tokens = [] if prompt_tokens is None else _token_ids("prompt_tokens", prompt_tokens)
         slot = self._free_slot()
         seq = _Sequence()
         if self.prefix_caching:
-            bs = self.block_size
-            parent = None
-            # Leave at least one prompt token to compute, so the caller gets its logits.
-            for i in range(min(max(len(tokens) - 1, 0) // bs, self.max_blocks_per_seq)):
-                key = block_hash(parent, tokens[i * bs : (i + 1) * bs])
-                block = self.allocator.lookup(key)
+            for key in self._prefix_keys(tokens):
+                block, source = self.allocator.lookup(key), "device"
                 if block is None:
-                    break
+                    found = self.store.get(key) if self.store is not None and self.allocator.num_free else None
+                    if found is None:
+                        break
+                    source, row = found
+                    block = self.allocator.allocate(1)[0]
+                    self.store.layout.unpack(row[None], self.pools, [block])
+                    self.allocator.register(block, key)
                 seq.blocks.append(block)
                 seq.hashes.append(key)
-                parent = key
-            seq.length = len(seq.blocks) * bs
+                self.prefix_hits[source] += 1
+            seq.length = len(seq.blocks) * self.block_size
             seq.tokens = tokens[: seq.length]
         self.seqs[slot] = seq
         self._sync_row(slot)
         return slot, seq.length
+
+    def blocks_to_admit(self, prompt_tokens) -> int:
+        """Free blocks that opening ``prompt_tokens`` (:meth:`add_sequence`) and prefilling the
+        rest take: every block the prompt fills, less the cached ones other sequences are using
+        (shared, not taken from the free list). Changes nothing."""
+        tokens = _token_ids("prompt_tokens", prompt_tokens)
+        shared = 0
+        if self.prefix_caching:
+            for key in self._prefix_keys(tokens):
+                block = self.allocator.block_of.get(key)
+                if block is None:
+                    break
+                shared += self.allocator.ref_count[block] > 0
+        return -(-len(tokens) // self.block_size) - shared
 
     def _plan(self, seq: _Sequence, n: int) -> tuple[int, bool]:
         """(new blocks needed, whether the last block must be copied first) to append n tokens."""
@@ -454,6 +509,110 @@ class PagedKVCache:
         self.seqs = new
         for slot in new:
             self._sync_row(slot)
+
+    # --- tiers below the device (notebook 11) --------------------------------------------------
+
+    def attach_store(self, store) -> None:
+        """Put a :class:`~flashkv_edu.offload.TieredStore` below the device pool: cached blocks
+        the allocator evicts move down into it, :meth:`add_sequence` looks through it,
+        :meth:`swap_out` / :meth:`swap_in` use it, :meth:`persist` writes to its disk tier."""
+        if not isinstance(store, TieredStore):
+            raise ArgumentTypeError(f"store must be a TieredStore, got {type(store).__name__}")
+        if store.layout != BlockLayout(self.pools):
+            raise ArgumentError(f"store: its {store.layout} does not match this cache's {BlockLayout(self.pools)}")
+        self.store = store
+        self.allocator.on_evict = self._move_down
+
+    def _move_down(self, block: int, key: bytes) -> None:
+        self.store.put(key, self.store.layout.pack(self.pools, [block])[0])
+
+    def _require_store(self, what: str):
+        if self.store is None:
+            raise ArgumentError(f"{what} needs a store below the device pool (attach_store)")
+        return self.store
+
+    def swap_out(self, slot: int) -> SwappedSequence:
+        """Preempt ``slot`` by swapping: copy its blocks (every layer) into the store, pinned,
+        and release the slot. Raises :class:`~flashkv_edu.offload.StoreFullError`, changing
+        nothing, if the store cannot pin that many more rows."""
+        store = self._require_store("swap_out")
+        seq = self._slot(slot)
+        if not store.can_pin(len(seq.blocks)):
+            raise StoreFullError(
+                f"swap_out: slot {slot} holds {len(seq.blocks)} blocks; the store has room for "
+                f"{store.capacity - len(store.pinned)} more pinned rows"
+            )
+        rows = store.layout.pack(self.pools, seq.blocks)
+        keys = [store.new_swap_key() for _ in seq.blocks]
+        for key, row in zip(keys, rows, strict=True):
+            store.put(key, row, pin=True)
+        handle = SwappedSequence(
+            keys=keys,
+            length=seq.length,
+            tokens=None if seq.tokens is None else list(seq.tokens),
+            hashes=list(seq.hashes),
+        )
+        self.free(slot)
+        return handle
+
+    def swap_in(self, handle: SwappedSequence) -> int:
+        """Bring a swapped-out sequence back into a free slot (new blocks, the same bytes) and
+        return the slot. Raises :class:`OutOfBlocksError` or, with no free slot,
+        :class:`~flashkv_edu.validation.ArgumentError`, changing nothing. If a row cannot be
+        read back (a disk file failed its checksum), the handle's rows are released and
+        :class:`~flashkv_edu.offload.KVLostError` is raised: recompute the sequence."""
+        store = self._require_store("swap_in")
+        if not isinstance(handle, SwappedSequence):
+            raise ArgumentTypeError(f"handle must be a SwappedSequence, got {type(handle).__name__}")
+        if handle.done:
+            raise ArgumentError("handle: this sequence was already swapped in (or lost)")
+        if any(key not in store.pinned for key in handle.keys):
+            raise ArgumentError("handle: its rows are not in this cache's store")
+        slot = self._free_slot()
+        n = len(handle.keys)
+        if n > self.allocator.num_free:
+            raise OutOfBlocksError(f"swap_in needs {n} free blocks, {self.allocator.num_free} are free")
+        rows = []
+        for key in handle.keys:
+            found = store.get(key)
+            if found is None:
+                for k in handle.keys:
+                    store.discard(k)
+                handle.done = True
+                raise KVLostError("swap_in: a swapped-out block failed its checksum; recompute the sequence")
+            rows.append(found[1])
+        blocks = self.allocator.allocate(n)
+        if n:
+            store.layout.unpack(torch.stack(rows), self.pools, blocks)
+        if self.prefix_caching:
+            for block, key in zip(blocks, handle.hashes, strict=False):
+                self.allocator.register(block, key)
+        self.seqs[slot] = _Sequence(
+            blocks=blocks,
+            length=handle.length,
+            tokens=None if handle.tokens is None else list(handle.tokens),
+            hashes=list(handle.hashes),
+        )
+        self._sync_row(slot)
+        for key in handle.keys:
+            store.discard(key)
+        handle.done = True
+        return slot
+
+    def persist(self) -> int:
+        """Write the prefix cache to the store's disk tier: every block with a hash on the
+        device (in use or free) and every unpinned host row. A new process that attaches a
+        store on the same directory finds them. Returns the number of rows written."""
+        store = self._require_store("persist")
+        if store.disk is None:
+            raise ArgumentError("persist needs a store with a disk tier (disk_dir)")
+        blocks = sorted(self.allocator.hash_of)
+        written = 0
+        if blocks:
+            rows = store.layout.pack(self.pools, blocks)
+            for block, row in zip(blocks, rows, strict=True):
+                written += store.write_to_disk(self.allocator.hash_of[block], row)
+        return written + store.flush_host()
 
     def free(self, slot: int) -> None:
         """Release ``slot``; its blocks go to the free list last block first (the blocks that

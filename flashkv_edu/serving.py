@@ -10,15 +10,17 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 from .api import flash_attn_with_kvcache
 from .model import TinyDecoder
-from .paged import OutOfBlocksError, PagedKVCache, _token_ids
+from .offload import KVLostError, StoreFullError
+from .paged import OutOfBlocksError, PagedKVCache, SwappedSequence, _token_ids
 from .runtime import resolve_backend
-from .validation import ArgumentError, ArgumentTypeError, check_int
+from .validation import ArgumentError, ArgumentTypeError, check_int, check_positive
 
 
 def _check_tokens(model: TinyDecoder, name: str, tokens) -> list[int]:
@@ -141,8 +143,9 @@ def paged_step(
 @dataclass
 class Request:
     """A prompt that arrives at decode step ``arrival`` and wants ``max_new_tokens``. ``serve``
-    fills ``output``, ``slot``, ``cached_tokens`` (prefix-cache hit) and the steps at which the
-    request was ``admitted`` (prefilled) and ``finished`` (left, its blocks freed)."""
+    fills ``output``, ``slot``, ``cached_tokens`` (prefix-cache hit at its first admission), the
+    steps at which the request was ``admitted`` (first prefilled) and ``finished`` (left, its
+    blocks freed), and how often it was ``preempted``."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -152,30 +155,74 @@ class Request:
     cached_tokens: int = 0
     admitted: int | None = None
     finished: int | None = None
+    preempted: int = 0
 
 
 @dataclass
 class ServeTrace:
-    """Per step: running requests, blocks in use, free blocks, and what happened."""
+    """Per step: running and waiting requests, blocks in use, free blocks, and what happened
+    (``+slot`` joined, ``-slot`` left, ``preempt slot (swap|recompute)``, then ``swap-in slot`` or
+    ``recompute slot`` when it comes back).
+    Totals: tokens prefilled (computed) and found in the prefix cache, preemptions by kind,
+    blocks swapped each way."""
 
     running: list[int] = field(default_factory=list)
+    waiting: list[int] = field(default_factory=list)
     blocks_used: list[int] = field(default_factory=list)
     blocks_free: list[int] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
+    prefill_tokens: int = 0
+    cached_tokens: int = 0
+    preemptions: Counter = field(default_factory=Counter)
+    swapped_blocks: int = 0
+
+
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 @torch.no_grad()
-def serve(model: TinyDecoder, requests: list[Request], cache: PagedKVCache, backend: str = "torch") -> ServeTrace:
+def serve(
+    model: TinyDecoder,
+    requests: list[Request],
+    cache: PagedKVCache,
+    backend: str = "torch",
+    *,
+    preemption: str = "recompute",
+    watermark: float = 0.01,
+) -> ServeTrace:
     """Continuous batching with greedy decoding. Fills each request's ``output`` and returns a
-    :class:`ServeTrace`. Requests are admitted in arrival order while a slot is free.
+    :class:`ServeTrace`.
 
-    Every request is checked before anything starts. If the pool runs out of blocks midway
-    (:class:`~flashkv_edu.paged.OutOfBlocksError`), the slots this call opened are freed
-    before the error propagates."""
+    **Admission control.** Requests wait in arrival order (preempted ones first) and join while a
+    slot is free and the pool keeps ``watermark`` of its blocks free after their prompt (the
+    check is skipped when nothing runs, so a lone request always starts). A request that could
+    not finish even alone in the whole pool is refused before anything starts.
+
+    **Preemption.** When the next decode step needs more free blocks than there are, the request
+    that joined last is preempted (vLLM's order) until the step fits: ``"recompute"`` frees its
+    blocks and later prefills its prompt and generated tokens again; ``"swap"`` copies its blocks
+    into the cache's store (``cache.attach_store``) and later copies them back, falling back to
+    recompute when the store is full or a block comes back corrupted. Either way every output is
+    what an unpressured run gives. Nothing raises :class:`~flashkv_edu.paged.OutOfBlocksError`.
+
+    Every request is checked before anything starts; if anything fails midway, the slots and
+    store rows this call used are released before the error propagates."""
     resolve_backend(backend, model.head.weight.device)
+    if not isinstance(model, TinyDecoder):
+        raise ArgumentTypeError(f"model must be a TinyDecoder, got {type(model).__name__}")
+    if not isinstance(cache, PagedKVCache):
+        raise ArgumentTypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
+    if preemption not in PREEMPTION_MODES:
+        raise ArgumentError(f"preemption must be one of {PREEMPTION_MODES}, got {preemption!r}")
+    if preemption == "swap" and cache.store is None:
+        raise ArgumentError('preemption="swap" needs a store below the pool: cache.attach_store(TieredStore(...))')
+    watermark = check_positive("watermark", watermark, allow_zero=True)
+    if watermark >= 1:
+        raise ArgumentError(f"watermark must be a fraction in [0, 1), got {watermark}")
     if not isinstance(requests, (list, tuple)):
         raise ArgumentTypeError(f"requests must be a list of Request, got {type(requests).__name__}")
     limit = _capacity(model, cache)
+    pool = cache.allocator.num_blocks
     for i, r in enumerate(requests):
         if not isinstance(r, Request):
             raise ArgumentTypeError(f"requests[{i}] must be a Request, got {type(r).__name__}")
@@ -184,58 +231,138 @@ def serve(model: TinyDecoder, requests: list[Request], cache: PagedKVCache, back
             raise ArgumentError(f"requests[{i}].prompt must hold at least one token")
         check_int(f"requests[{i}].max_new_tokens", r.max_new_tokens, low=1)
         check_int(f"requests[{i}].arrival", r.arrival, low=0)
-        if len(prompt) + r.max_new_tokens > limit:
+        total = len(prompt) + r.max_new_tokens
+        if total > limit:
             raise ArgumentError(
                 f"requests[{i}]: prompt ({len(prompt)}) + max_new_tokens ({r.max_new_tokens}) "
                 f"exceeds the {limit} tokens a sequence can hold"
             )
-        if r.slot is not None or r.output or r.admitted is not None:
+        if -(-total // cache.block_size) > pool:
+            raise ArgumentError(
+                f"requests[{i}]: prompt ({len(prompt)}) + max_new_tokens ({r.max_new_tokens}) needs "
+                f"{-(-total // cache.block_size)} blocks of {cache.block_size}; the whole pool has {pool}"
+            )
+        if r.slot is not None or r.output or r.admitted is not None or r.preempted:
             raise ArgumentError(f"requests[{i}] has already been served (slot, output or admitted set)")
     if len({id(r) for r in requests}) != len(requests):
         raise ArgumentError("requests must not list the same Request twice")
-    opened: list[int] = []
+    loop = _ServeLoop(model, requests, cache, backend, preemption, max(1, int(watermark * pool)) if watermark else 0)
     try:
-        return _serve_loop(model, requests, cache, backend, opened)
+        return loop.run()
     except BaseException:
-        for slot in opened:
-            if slot in cache.seqs:
-                cache.free(slot)
+        loop.release()
         raise
 
 
-def _serve_loop(model, requests, cache, backend, opened) -> ServeTrace:
-    pending = sorted(requests, key=lambda r: r.arrival)
-    running: list[Request] = []
-    trace = ServeTrace()
-    step = 0
-    while pending or running:
-        events = []
-        while pending and pending[0].arrival <= step and len(cache.seqs) < cache.max_batch:
-            r = pending.pop(0)
-            r.slot, r.cached_tokens = cache.add_sequence(r.prompt)
-            r.admitted = step
-            opened.append(r.slot)
-            logits = paged_step(model, cache, [r.slot], [r.prompt[r.cached_tokens :]], backend)
-            r.output.append(int(logits[0].argmax()))
-            running.append(r)
-            events.append(f"+{r.slot}" + (f" (prefix hit {r.cached_tokens})" if r.cached_tokens else ""))
-        active = [r for r in running if len(r.output) < r.max_new_tokens]
-        if active:
-            logits = paged_step(model, cache, [r.slot for r in active], [[r.output[-1]] for r in active], backend)
-            for r, row in zip(active, logits, strict=True):
-                r.output.append(int(row.argmax()))
-        for r in [r for r in running if len(r.output) >= r.max_new_tokens]:
-            cache.free(r.slot)
-            running.remove(r)
-            r.finished = step
-            events.append(f"-{r.slot}")
-        used = cache.allocator.num_blocks - cache.allocator.num_free
-        trace.running.append(len(running))
-        trace.blocks_used.append(used)
-        trace.blocks_free.append(cache.allocator.num_free)
-        trace.events.append(" ".join(events))
-        step += 1
-    return trace
+class _ServeLoop:
+    """The state of one :func:`serve` call (inputs already checked)."""
+
+    def __init__(self, model, requests, cache, backend, preemption, watermark_blocks):
+        self.model, self.cache, self.backend = model, cache, backend
+        self.preemption, self.watermark = preemption, watermark_blocks
+        self.order = {id(r): i for i, r in enumerate(requests)}
+        self.waiting = sorted(requests, key=lambda r: (r.arrival, self.order[id(r)]))
+        self.running: list[Request] = []
+        self.swapped: dict[int, SwappedSequence] = {}  # id(request) -> its blocks in the store
+        self.trace = ServeTrace()
+        self.step = 0
+
+    def release(self) -> None:
+        for r in self.running:
+            if r.slot in self.cache.seqs:
+                self.cache.free(r.slot)
+        for handle in self.swapped.values():
+            for key in handle.keys:
+                self.cache.store.discard(key)
+
+    def prefill(self, r: Request, tokens: list[int]) -> None:
+        """Open a slot for ``tokens`` (reusing cached blocks), compute the rest, take the next token."""
+        r.slot, cached = self.cache.add_sequence(tokens)
+        logits = paged_step(self.model, self.cache, [r.slot], [tokens[cached:]], self.backend)
+        r.output.append(int(logits[0].argmax()))
+        self.trace.prefill_tokens += len(tokens) - cached
+        self.trace.cached_tokens += cached
+        if r.admitted is None:
+            r.admitted, r.cached_tokens = self.step, cached
+
+    def need(self, r: Request) -> int:
+        if id(r) in self.swapped:
+            return len(self.swapped[id(r)].keys)
+        return self.cache.blocks_to_admit(r.prompt + r.output)
+
+    def admit(self, events: list[str]) -> None:
+        cache = self.cache
+        while self.waiting and self.waiting[0].arrival <= self.step and len(cache.seqs) < cache.max_batch:
+            r = self.waiting[0]
+            reserve = self.watermark if self.running else 0
+            if self.need(r) + reserve > cache.allocator.num_free:
+                break  # first come, first served: later requests wait behind it
+            self.waiting.pop(0)
+            handle = self.swapped.pop(id(r), None)
+            if handle is not None:
+                try:
+                    r.slot = cache.swap_in(handle)
+                    self.trace.swapped_blocks += len(handle.keys)
+                    events.append(f"swap-in {r.slot}")
+                except KVLostError:
+                    self.prefill(r, r.prompt + r.output)
+                    events.append(f"recompute {r.slot} (swapped blocks lost)")
+            else:
+                resumed = bool(r.output)
+                self.prefill(r, r.prompt + r.output)
+                if resumed:
+                    events.append(f"recompute {r.slot}")
+                else:
+                    events.append(f"+{r.slot}" + (f" (prefix hit {r.cached_tokens})" if r.cached_tokens else ""))
+            self.running.append(r)
+
+    def preempt(self, r: Request, events: list[str]) -> None:
+        """Take ``r`` off the device and put it back at the head of the queue."""
+        mode = self.preemption
+        if mode == "swap":
+            try:
+                self.swapped[id(r)] = self.cache.swap_out(r.slot)
+                self.trace.swapped_blocks += len(self.swapped[id(r)].keys)
+            except StoreFullError:
+                mode = "recompute"
+        if mode == "recompute":
+            self.cache.free(r.slot)
+        events.append(f"preempt {r.slot} ({mode})")
+        self.trace.preemptions[mode] += 1
+        r.preempted += 1
+        r.slot = None
+        self.running.remove(r)
+        self.waiting.insert(0, r)
+        self.waiting.sort(key=lambda w: (w.preempted == 0, w.arrival, self.order[id(w)]))
+
+    def run(self) -> ServeTrace:
+        cache, trace = self.cache, self.trace
+        while self.waiting or self.running:
+            events: list[str] = []
+            self.admit(events)
+            active = [r for r in self.running if len(r.output) < r.max_new_tokens]
+            while active and sum(cache._plan(cache.seqs[r.slot], 1)[0] for r in active) > cache.allocator.num_free:
+                victim = max(active, key=lambda r: (r.admitted, self.order[id(r)]))
+                self.preempt(victim, events)
+                active.remove(victim)
+            if active:
+                logits = paged_step(
+                    self.model, cache, [r.slot for r in active], [[r.output[-1]] for r in active], self.backend
+                )
+                for r, row in zip(active, logits, strict=True):
+                    r.output.append(int(row.argmax()))
+            for r in [r for r in self.running if len(r.output) >= r.max_new_tokens]:
+                cache.free(r.slot)
+                self.running.remove(r)
+                r.finished = self.step
+                events.append(f"-{r.slot}")
+            trace.running.append(len(self.running))
+            trace.waiting.append(sum(r.arrival <= self.step for r in self.waiting))
+            trace.blocks_used.append(cache.allocator.num_blocks - cache.allocator.num_free)
+            trace.blocks_free.append(cache.allocator.num_free)
+            trace.events.append(" ".join(events))
+            self.step += 1
+        return trace
 
 
 def decode_step(q, k, v, k_cache, v_cache, cache_seqlens, block_table=None, **kwargs):
