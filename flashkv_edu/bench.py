@@ -5,6 +5,7 @@
     python -m flashkv_edu.bench quant     # quantized caches: memory, attention error, model loss
     python -m flashkv_edu.bench hf        # a transformers Llama: eager, sdpa and flashkv_edu (three caches)
     python -m flashkv_edu.bench gpu       # decode on a CUDA GPU vs HBM roofline and SDPA (needs a GPU)
+    python -m flashkv_edu.bench offload   # swap vs recompute, tier throughput, block hash vs radix tree
 
 Timings vary from run to run (and a 2-core laptop is noisy); each number is the best of a few
 repeats, and the ratio compares two numbers taken in the same run.
@@ -315,6 +316,7 @@ def main(argv=None) -> None:
     sub.add_parser("api", help="flash_attn_with_kvcache (PyTorch path) vs SDPA, and the trained model")
     sub.add_parser("quant", help="quantized caches: memory, attention error, trained model's loss")
     sub.add_parser("hf", help="a transformers Llama: eager, sdpa and flashkv_edu with three caches")
+    sub.add_parser("offload", help="preemption by swap vs recompute, tier throughput, prefix reuse")
     gpu = sub.add_parser("gpu", help="decode on a CUDA GPU: time, HBM bandwidth, roofline fraction, vs SDPA")
     gpu.add_argument(
         "--out", type=file_to_write, default=None, help="write the results JSON here (default: the package's data file)"
@@ -328,6 +330,10 @@ def main(argv=None) -> None:
         bench_quant()
     elif args.what == "hf":
         bench_hf()
+    elif args.what == "offload":
+        from .offload_bench import bench_offload
+
+        bench_offload()
     elif args.what == "gpu":
         from .gpu_bench import main as gpu_main
 

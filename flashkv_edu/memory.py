@@ -207,3 +207,65 @@ def profile_budget(
         block_size=block_size,
         utilization=utilization,
     )
+
+
+# --- what preemption costs: moving bytes against recomputing them -------------------------------
+
+
+def prefill_flops(shape: ModelShape, tokens: int) -> float:
+    """FLOPs of prefilling ``tokens`` tokens: ``2 * params`` per token for the matrix products,
+    plus causal attention, ``2 * num_layers * hidden * tokens**2`` (scores and the weighted sum,
+    ``2 * tokens**2 * hidden`` FLOPs each per layer, halved by the causal mask)."""
+    n = check_int("tokens", tokens, low=0)
+    return 2.0 * shape.params * n + 2.0 * shape.num_layers * shape.hidden * n * n
+
+
+def recompute_seconds(shape: ModelShape, tokens: int, flops_per_s: float, *, overhead_s: float = 0.0) -> float:
+    """Preemption by recompute: prefill the sequence again at ``flops_per_s`` achieved, plus a
+    fixed ``overhead_s`` per prefill (launching the step, Python)."""
+    fixed = check_positive("overhead_s", overhead_s, allow_zero=True)
+    return fixed + prefill_flops(shape, tokens) / check_positive("flops_per_s", flops_per_s)
+
+
+def swap_seconds(
+    kv_bytes_per_token: int,
+    tokens: int,
+    bandwidth: float,
+    *,
+    block_size: int = 16,
+    copies_per_block: int = 1,
+    seconds_per_copy: float = 0.0,
+    overhead_s: float = 0.0,
+) -> float:
+    """Preemption by swap: copy the sequence's blocks out and back in, each way
+    ``bytes / bandwidth`` plus ``seconds_per_copy`` for each of the ``copies_per_block`` copies
+    of each block (1 when a block's layers are packed in one row, as here; ``2 * num_layers``
+    when every layer's key and value block is copied separately), plus a fixed ``overhead_s``
+    per preemption."""
+    n = check_int("tokens", tokens, low=0)
+    kv = check_int("kv_bytes_per_token", kv_bytes_per_token, low=1)
+    blocks = math.ceil(n / check_int("block_size", block_size, low=1))
+    copies = blocks * check_int("copies_per_block", copies_per_block, low=1)
+    latency = check_positive("seconds_per_copy", seconds_per_copy, allow_zero=True)
+    fixed = check_positive("overhead_s", overhead_s, allow_zero=True)
+    return fixed + 2.0 * (blocks * block_size * kv / check_positive("bandwidth", bandwidth) + copies * latency)
+
+
+def crossover_tokens(swap, recompute, max_tokens: int = 1 << 20) -> int | None:
+    """The shortest sequence (a power of two up to ``max_tokens``, then refined to the token) at
+    which ``swap(tokens)`` is cheaper than ``recompute(tokens)`` when shorter ones are not, or None
+    if the cheaper side never changes in that range."""
+    max_tokens = check_int("max_tokens", max_tokens, low=2)
+    first = swap(1) < recompute(1)
+    lo, hi = 1, 2
+    while hi <= max_tokens and (swap(hi) < recompute(hi)) == first:
+        lo, hi = hi, hi * 2
+    if hi > max_tokens:
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if (swap(mid) < recompute(mid)) == first:
+            lo = mid
+        else:
+            hi = mid
+    return hi

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -164,7 +165,7 @@ class ServeTrace:
     (``+slot`` joined, ``-slot`` left, ``preempt slot (swap|recompute)``, then ``swap-in slot`` or
     ``recompute slot`` when it comes back).
     Totals: tokens prefilled (computed) and found in the prefix cache, preemptions by kind,
-    blocks swapped each way."""
+    blocks swapped each way, and wall-clock seconds spent in prefill and in decode steps."""
 
     running: list[int] = field(default_factory=list)
     waiting: list[int] = field(default_factory=list)
@@ -175,6 +176,8 @@ class ServeTrace:
     cached_tokens: int = 0
     preemptions: Counter = field(default_factory=Counter)
     swapped_blocks: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
 
 PREEMPTION_MODES = ("recompute", "swap")
@@ -277,8 +280,10 @@ class _ServeLoop:
 
     def prefill(self, r: Request, tokens: list[int]) -> None:
         """Open a slot for ``tokens`` (reusing cached blocks), compute the rest, take the next token."""
+        start = time.perf_counter()
         r.slot, cached = self.cache.add_sequence(tokens)
         logits = paged_step(self.model, self.cache, [r.slot], [tokens[cached:]], self.backend)
+        self.trace.prefill_seconds += time.perf_counter() - start
         r.output.append(int(logits[0].argmax()))
         self.trace.prefill_tokens += len(tokens) - cached
         self.trace.cached_tokens += cached
@@ -346,9 +351,11 @@ class _ServeLoop:
                 self.preempt(victim, events)
                 active.remove(victim)
             if active:
+                start = time.perf_counter()
                 logits = paged_step(
                     self.model, cache, [r.slot for r in active], [[r.output[-1]] for r in active], self.backend
                 )
+                trace.decode_seconds += time.perf_counter() - start
                 for r, row in zip(active, logits, strict=True):
                     r.output.append(int(row.argmax()))
             for r in [r for r in self.running if len(r.output) >= r.max_new_tokens]:
