@@ -16,7 +16,8 @@ prefix give the same key, in any process) or swap keys (one preempted sequence's
 **pinned** until it is swapped back in: a pinned row may move down to disk but is never dropped).
 When the host tier is full its least recently used row moves down to disk; when the disk is
 full its least recently used unpinned file is deleted. :meth:`TieredStore.get` falls through the
-tiers and promotes a disk hit back into host memory.
+tiers and promotes a disk hit back into host memory; a content row keeps its file (the durable
+copy, so the prefix cache survives a crash), a swap row moves.
 
 :class:`~flashkv_edu.paged.PagedKVCache` uses a store through ``attach_store``: blocks evicted
 from the device's prefix cache move down into it, prompts look through it, ``swap_out`` /
@@ -117,7 +118,7 @@ class BlockLayout:
     def pack(self, pools, blocks) -> torch.Tensor:
         """Rows ``(len(blocks), nbytes)`` uint8 on the CPU holding ``blocks`` of ``pools``."""
         index = torch.as_tensor(list(blocks), dtype=torch.long, device=pools[0].device)
-        parts = [p[index].reshape(len(index), -1).contiguous().view(torch.uint8).cpu() for p in pools]
+        parts = [p[index].reshape(len(index), p[0].numel()).contiguous().view(torch.uint8).cpu() for p in pools]
         return torch.cat(parts, dim=1)
 
     def unpack(self, rows: torch.Tensor, pools, blocks) -> None:
@@ -314,8 +315,12 @@ class TieredStore:
     # --- moving rows -----------------------------------------------------------------------------
 
     def _write_disk(self, key: bytes, row: torch.Tensor) -> bool:
-        """Put a row on disk, deleting the least recently used unpinned file if full."""
+        """Put a row on disk (a file already there is kept: same key, same bytes), deleting the
+        least recently used unpinned file if the disk is full."""
         disk = self.disk
+        if key in disk:
+            disk.keys.move_to_end(key)
+            return True
         if disk.full:
             victim = disk.oldest(skip=self.pinned)
             if victim is None:
@@ -328,6 +333,10 @@ class TieredStore:
         self.stats["disk_bytes_written"] += row.numel()
         return True
 
+    def _disk_has_room_for(self, key: bytes) -> bool:
+        disk = self.disk
+        return key in disk or not disk.full or disk.oldest(skip=self.pinned) is not None
+
     def _make_host_room(self) -> bool:
         """Free one host row: move the least recently used row down to disk, or drop the oldest
         unpinned row. False if neither is possible."""
@@ -335,7 +344,7 @@ class TieredStore:
             return True
         if self.disk is not None:
             victim = self.host.oldest()
-            if victim is not None and (not self.disk.full or self.disk.oldest(skip=self.pinned) is not None):
+            if victim is not None and self._disk_has_room_for(victim):
                 self._write_disk(victim, self.host.pop(victim))
                 self.stats["demoted"] += 1
                 return True
@@ -397,7 +406,8 @@ class TieredStore:
             self.stats["disk_bytes_read"] += row.numel()
             self.stats["disk_hits"] += 1
             if self.host.capacity and self._make_host_room():
-                self.disk.remove(key)
+                if key.startswith(SWAP_PREFIX):
+                    self.disk.remove(key)  # a swap row lives in one place
                 self.host.put(key, row)
                 self.stats["promoted"] += 1
             return "disk", row

@@ -48,3 +48,95 @@ def test_decode_benchmark_commands_run():
 
     rows = bench_api(shapes=((2, 256),), repeats=1)
     assert all(rows[0][name] > 0 for name in ("sdpa", "torch", "auto", "paged"))
+
+
+# --- memory pressure: admission control and preemption (notebook 11) ----------------------------
+
+PRESSURE_PROMPTS = [
+    "import os\n",
+    "def main(",
+    "class Config:\n    def __init__(self",
+    "import os\nimport sys\n",
+    "    return self.",
+    "for key, value in ",
+]
+
+
+def _pressure_requests():
+    return [
+        Request(charlm.encode(p), n, arrival=a)
+        for p, n, a in zip(PRESSURE_PROMPTS, [30, 20, 40, 25, 15, 30], [0, 0, 1, 1, 2, 2], strict=True)
+    ]
+
+
+@pytest.fixture(scope="module")
+def unpressured():
+    model, _ = charlm.load()
+    reqs = _pressure_requests()
+    trace = serve(model, reqs, new_paged_cache(model, num_blocks=64, block_size=8, max_batch=6))
+    assert not trace.preemptions
+    return model, [r.output for r in reqs]
+
+
+@pytest.mark.parametrize(
+    "mode, host, disk",
+    [("recompute", None, None), ("swap", 8, None), ("swap", 0, "disk"), ("swap", 2, "disk"), ("swap", 1, None)],
+    ids=["recompute", "swap to host", "swap to disk", "swap to host then disk", "swap falls back to recompute"],
+)
+def test_serving_under_memory_pressure_gives_the_unpressured_tokens(unpressured, tmp_path, mode, host, disk):
+    from flashkv_edu.offload import TieredStore
+
+    model, want = unpressured
+    reqs = _pressure_requests()
+    cache = new_paged_cache(model, num_blocks=14, block_size=8, max_batch=6)
+    if mode == "swap":
+        cache.attach_store(TieredStore.for_cache(cache, host_blocks=host, disk_dir=tmp_path if disk else None))
+    trace = serve(model, reqs, cache, preemption=mode)
+    assert [r.output for r in reqs] == want
+    assert sum(trace.preemptions.values()) >= 3 and max(r.preempted for r in reqs) >= 1
+    if (mode, host) == ("swap", 1):  # the store holds one block: most preemptions become recompute
+        assert trace.preemptions["recompute"] >= 1
+    elif mode == "swap":
+        assert trace.preemptions["swap"] >= 3 and trace.swapped_blocks > 0
+    assert max(trace.blocks_used) <= 14 and cache.allocator.num_free == 14 and not cache.seqs
+    if cache.store is not None:
+        assert not cache.store.pinned and not list(tmp_path.glob("swap-*"))  # every swap row released
+    assert all(r.finished is not None and len(r.output) == r.max_new_tokens for r in reqs)
+
+
+def test_admission_control_queues_instead_of_failing(unpressured):
+    """A pool too small for the whole batch: requests wait in the queue (and running ones are
+    preempted) rather than fail, and a request that could never fit is refused before anything
+    starts."""
+    model, want = unpressured
+    reqs = _pressure_requests()
+    cache = new_paged_cache(model, num_blocks=10, block_size=8, max_batch=6)
+    trace = serve(model, reqs, cache)
+    assert [r.output for r in reqs] == want
+    assert max(trace.waiting) >= 3 and max(trace.blocks_used) <= 10
+    huge = [Request(charlm.encode("x" * 70), 20)]
+    with pytest.raises(ValueError, match=r"requests\[0\].*needs 12 blocks of 8; the whole pool has 10"):
+        serve(model, huge, cache)
+    assert huge[0].output == [] and cache.allocator.num_free == 10
+
+
+def test_preemption_with_a_corrupted_swap_file_recomputes(unpressured, tmp_path, monkeypatch):
+    from flashkv_edu.offload import DiskTier, TieredStore
+
+    model, want = unpressured
+    real_put = DiskTier.put
+
+    def put_then_damage(self, key, row):  # every swap file written is damaged on disk
+        real_put(self, key, row)
+        if key.startswith(b"swap:"):
+            path = self.path(key)
+            path.write_bytes(path.read_bytes()[:-1])
+
+    monkeypatch.setattr(DiskTier, "put", put_then_damage)
+    reqs = _pressure_requests()
+    cache = new_paged_cache(model, num_blocks=14, block_size=8, max_batch=6)
+    cache.attach_store(TieredStore.for_cache(cache, host_blocks=0, disk_dir=tmp_path))
+    trace = serve(model, reqs, cache, preemption="swap")
+    assert [r.output for r in reqs] == want
+    assert cache.store.stats["corrupt"] >= 1
+    assert any("swapped blocks lost" in e for e in trace.events)
