@@ -8,14 +8,13 @@ written."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
+from contract import same, snapshot
 
 from flashkv_edu import hf
 from flashkv_edu import quant as Q
@@ -26,48 +25,6 @@ from flashkv_edu.teach import nb10_transformers_model as nb10
 from flashkv_edu.validation import ArgumentError, ArgumentTypeError
 
 VALUE, TYPE = ArgumentError, ArgumentTypeError
-
-
-# --- state snapshots, cycles and files included ------------------------------------------------------
-
-
-def snapshot(obj, seen=None):
-    """Everything observable about ``obj``: tensors as raw bytes, objects by their fields (each
-    object once: caches point back at their owners), files by their bytes."""
-    seen = {} if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        raw = obj.detach().cpu().contiguous().view(-1).view(torch.uint8).clone() if obj.numel() else None
-        return ("tensor", obj.dtype, tuple(obj.shape), tuple(obj.stride()), raw)
-    if isinstance(obj, Path):
-        files = sorted(p for p in obj.rglob("*")) if obj.is_dir() else ([obj] if obj.exists() else [])
-        return ("path", [(str(p), hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir") for p in files])
-    if isinstance(obj, (str, int, float, bool, bytes, type(None), torch.dtype, torch.device)):
-        return obj
-    if id(obj) in seen:
-        return ("seen", seen[id(obj)])
-    seen[id(obj)] = len(seen)
-    if isinstance(obj, (list, tuple)):
-        return [snapshot(x, seen) for x in obj]
-    if isinstance(obj, dict):
-        return {repr(k): snapshot(v, seen) for k, v in obj.items()}
-    if hasattr(obj, "__dict__"):
-        return {k: snapshot(v, seen) for k, v in vars(obj).items() if not k.startswith("__")}
-    return repr(obj)
-
-
-def same(a, b) -> bool:
-    if isinstance(a, tuple) and a and a[0] == "tensor":
-        return (
-            isinstance(b, tuple)
-            and a[:4] == b[:4]
-            and (a[4] is None) == (b[4] is None)
-            and (a[4] is None or torch.equal(a[4], b[4]))
-        )
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    return a == b
 
 
 @dataclass
