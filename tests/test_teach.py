@@ -25,6 +25,7 @@ from flashkv_edu.teach import nb07_split_kv_decode as nb07
 from flashkv_edu.teach import nb08_putting_it_together as nb08
 from flashkv_edu.teach import nb09_precision_and_quantized_caches as nb09
 from flashkv_edu.teach import nb10_transformers_model as nb10
+from flashkv_edu.teach import nb11_when_the_cache_does_not_fit as nb11
 from flashkv_edu.teach.__main__ import exercise_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -601,6 +602,69 @@ def hf_attention_window_w(query, key, value, attention_mask, scaling, sliding_wi
     )
 
 
+def pool_total_memory(total, weights, acts, kv, bs, u):  # forgets the utilization
+    return nb11.kv_pool_blocks(total, weights, acts, kv, bs, 1.0)
+
+
+def pool_no_refusal(total, weights, acts, kv, bs, u):  # a negative pool instead of an error
+    return (int(total * u) - weights - acts) // (bs * kv)
+
+
+def pool_no_activations(total, weights, acts, kv, bs, u):
+    return nb11.kv_pool_blocks(total, weights, 0, kv, bs, u)
+
+
+def radix_whole_edges(root, tokens):  # stops at the last node fully matched
+    node, matched = root, 0
+    while matched < len(tokens) and tokens[matched] in node.children:
+        child = node.children[tokens[matched]]
+        if list(tokens[matched : matched + len(child.tokens)]) != list(child.tokens):
+            return matched
+        matched += len(child.tokens)
+        node = child
+    return matched
+
+
+def radix_first_token_only(root, tokens):  # trusts an edge once its first token matches
+    node, matched = root, 0
+    while matched < len(tokens) and tokens[matched] in node.children:
+        node = node.children[tokens[matched]]
+        matched += len(node.tokens)
+    return min(matched, len(tokens))
+
+
+def prefix_as_found(allocator, tokens, block_size):  # nano-vllm before PR #199
+    blocks, parent = [], None
+    for i in range(len(tokens) // block_size):
+        key = nb11.block_hash(parent, tokens[i * block_size : (i + 1) * block_size])
+        block = allocator.lookup(key)
+        if block is None:
+            break
+        blocks.append(block)
+        parent = key
+    return blocks, len(blocks) * block_size
+
+
+def prefix_trimmed_but_leaked(allocator, tokens, block_size):  # drops the last hit without releasing it
+    blocks, cached = prefix_as_found(allocator, tokens, block_size)
+    if blocks and cached >= len(tokens):
+        blocks = blocks[:-1]
+    return blocks, len(blocks) * block_size
+
+
+def take_block_as_found(allocator):  # nano-vllm #163: the old key still maps to the block
+    block, _ = allocator.free_list.popitem(last=False)
+    allocator.ref_count[block] = 1
+    return block
+
+
+def take_block_half_forgotten(allocator):  # clears the block's key but not the key's block
+    block, _ = allocator.free_list.popitem(last=False)
+    allocator.hash_of.pop(block, None)
+    allocator.ref_count[block] = 1
+    return block
+
+
 MISTAKES = {
     (nb01, "check_gqa_attention"): [gqa_no_scale, gqa_wrong_pairing],
     (nb01, "check_bottom_right_mask"): [mask_top_left, mask_strict],
@@ -637,6 +701,10 @@ MISTAKES = {
     (nb09, "check_dequantize"): [dequantize_no_scale, dequantize_bits_as_numbers],
     (nb10, "check_hf_window_size"): [window_w, window_centered],
     (nb10, "check_my_hf_attention"): [hf_attention_no_padding, hf_attention_heads_first, hf_attention_window_w],
+    (nb11, "check_kv_pool_blocks"): [pool_total_memory, pool_no_refusal, pool_no_activations],
+    (nb11, "check_radix_match"): [radix_whole_edges, radix_first_token_only],
+    (nb11, "check_cached_prefix"): [prefix_as_found, prefix_trimmed_but_leaked],
+    (nb11, "check_take_free_block"): [take_block_as_found, take_block_half_forgotten],
 }
 
 EXERCISES = [(module_for(stem), e) for stem in NOTEBOOKS for e in module_for(stem).EXERCISES]

@@ -22,6 +22,7 @@ NOTEBOOKS = {
     "08_putting_it_together": "nb08_putting_it_together",
     "09_precision_and_quantized_caches": "nb09_precision_and_quantized_caches",
     "10_transformers_model": "nb10_transformers_model",
+    "11_when_the_cache_does_not_fit": "nb11_when_the_cache_does_not_fit",
 }
 
 
