@@ -1,11 +1,13 @@
-"""Serving a model with ``flash_attn_with_kvcache`` over a paged cache (notebook 08).
+"""Serving a model with ``flash_attn_with_kvcache`` over a paged cache (notebooks 08 and 11).
 
 * :class:`PagedContext`: the attention of :class:`~flashkv_edu.model.TinyDecoder` done by
   ``flash_attn_with_kvcache`` (new keys appended through the block table, rotary applied by
   the call, bottom-right causal mask per sequence).
-* :func:`serve`: continuous batching. Requests join when they arrive (their prompt is
+* :func:`serve`: continuous batching. Requests join when they arrive and fit (their prompt is
   prefilled, reusing cached prefix blocks), all running requests decode together one token per
   step, each at its own length, and finished requests leave, their blocks returning to the pool.
+  When the pool runs out of blocks, the latest request is preempted by recompute or swap
+  (notebook 11) and rejoins later with the same tokens.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ taken before and after a call that must fail without changing anything."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,3 +51,34 @@ def same(a, b) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     return a == b
+
+
+@dataclass
+class Case:
+    """One bad input: ``build`` returns ``(call, [objects that must not change])``; the call must
+    raise ``exc`` with a message naming ``arg``."""
+
+    name: str
+    build: Callable
+    exc: type
+    arg: str
+
+
+def case_registry():
+    """``(cases, bad)``: a list and the decorator factory that appends to it,
+    ``bad(name, exc, arg)(build)``."""
+    cases: list[Case] = []
+
+    def bad(name, exc, arg):
+        def register(build):
+            cases.append(Case(name, build, exc, arg))
+            return build
+
+        return register
+
+    return cases, bad
+
+
+def call(fn, *args, state=(), **kwargs):
+    """A build result: calling ``fn(*args, **kwargs)`` must leave ``state`` unchanged."""
+    return (lambda: fn(*args, **kwargs)), list(state)

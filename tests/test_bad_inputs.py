@@ -4,12 +4,11 @@ cache, table and allocator bit-for-bit as it was."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
+from contract import Case, case_registry, same, snapshot
 
 from flashkv_edu import flash_attn_with_kvcache
 from flashkv_edu.cache import KVCache
@@ -28,64 +27,17 @@ from flashkv_edu.window_cache import SlidingWindowCache
 VALUE, TYPE = ArgumentError, ArgumentTypeError
 
 
-# --- state snapshots ---------------------------------------------------------------------------
-
-
-def _state(obj):
-    """Everything observable about ``obj``: tensors as raw bytes, objects by their fields."""
-    if isinstance(obj, torch.Tensor):
-        return (
-            "tensor",
-            obj.dtype,
-            tuple(obj.shape),
-            obj.detach().cpu().contiguous().view(-1).view(torch.uint8).clone() if obj.numel() else None,
-        )
-    if isinstance(obj, (list, tuple)):
-        return [_state(x) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _state(v) for k, v in obj.items()}
-    if hasattr(obj, "__dict__"):
-        return {k: _state(v) for k, v in vars(obj).items()}
-    return copy.deepcopy(obj)
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, tuple) and a and a[0] == "tensor":
-        return a[:3] == b[:3] and (a[3] is None) == (b[3] is None) and (a[3] is None or torch.equal(a[3], b[3]))
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return a == b
-
-
-@dataclass
-class Case:
-    name: str
-    build: Callable  # () -> (call, state objects)
-    exc: type
-    arg: str  # what the message must name
-
-
-CASES: list[Case] = []
-
-
-def case(name, exc, arg):
-    def register(build):
-        CASES.append(Case(name, build, exc, arg))
-        return build
-
-    return register
+CASES, case = case_registry()
 
 
 def check(c: Case):
     call, state = c.build()
-    before = _state(state)
+    before = snapshot(state)
     with pytest.raises(c.exc) as info:
         call()
     assert isinstance(info.value, RuntimeError), f"{type(info.value).__name__} is not a RuntimeError"
     assert c.arg in str(info.value), f"message does not name {c.arg!r}: {info.value}"
-    assert _same(before, _state(state)), "a failed call changed state"
+    assert same(before, snapshot(state)), "a failed call changed state"
 
 
 # --- flash_attn_with_kvcache, on both backends -------------------------------------------------

@@ -6,13 +6,11 @@ the store's directory, exactly as it was."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from contract import same, snapshot
+from contract import call, case_registry, same, snapshot
 
 from flashkv_edu import memory as M
 from flashkv_edu.model import ModelConfig, TinyDecoder
@@ -25,27 +23,7 @@ from flashkv_edu.validation import ArgumentError, ArgumentTypeError
 VALUE, TYPE = ArgumentError, ArgumentTypeError
 
 
-@dataclass
-class Case:
-    name: str
-    build: Callable  # (tmp_path) -> (call, [objects that must not change])
-    exc: type
-    arg: str
-
-
-CASES: list[Case] = []
-
-
-def bad(name, exc, arg):
-    def register(build):
-        CASES.append(Case(name, build, exc, arg))
-        return build
-
-    return register
-
-
-def call(fn, *args, state=(), **kwargs):
-    return (lambda: fn(*args, **kwargs)), list(state)
+CASES, bad = case_registry()
 
 
 # --- memory ----------------------------------------------------------------------------------------

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
-from contract import same, snapshot
+from contract import call, case_registry, same, snapshot
 
 from flashkv_edu import hf
 from flashkv_edu import quant as Q
@@ -27,27 +25,7 @@ from flashkv_edu.validation import ArgumentError, ArgumentTypeError
 VALUE, TYPE = ArgumentError, ArgumentTypeError
 
 
-@dataclass
-class Case:
-    name: str
-    build: Callable  # () -> (call, [objects that must not change])
-    exc: type
-    arg: str  # what the message must name
-
-
-CASES: list[Case] = []
-
-
-def bad(name, exc, arg):
-    def register(build):
-        CASES.append(Case(name, build, exc, arg))
-        return build
-
-    return register
-
-
-def call(fn, *args, state=(), **kwargs):
-    return (lambda: fn(*args, **kwargs)), list(state)
+CASES, bad = case_registry()
 
 
 # --- quant: the codecs ---------------------------------------------------------------------------------

@@ -137,8 +137,6 @@ def draw_cost(shape, kv_bytes_per_token, gpu: dict, measured=None, fit=None, max
         )
         ax.plot(ns_m, [r["swap_disk_s"] * 1e3 for r in measured], "^", color="tab:red", label="swap to disk, measured")
         if fit:
-            from ..memory import shape_of  # noqa: F401  (the fitted model's lines use the same formulas)
-
             grid = list(range(ns_m[0], ns_m[-1] + 1, max(1, (ns_m[-1] - ns_m[0]) // 50)))
             flops = [r["prefill_flops"] / r["tokens"] for r in measured]
             per_token_flops = sum(flops) / len(flops)
