@@ -792,6 +792,10 @@ def test_solutions_command_writes_solved_copies(tmp_path):
     nb = json.loads((tmp_path / "01_naive_attention.ipynb").read_text())
     cells = [c for c in nb["cells"] if "exercise" in c.get("metadata", {}).get("tags", [])]
     assert len(cells) == 3 and not any("NotImplementedError" in "".join(c["source"]) for c in cells)
+    nb = json.loads((tmp_path / "11_when_the_cache_does_not_fit.ipynb").read_text())
+    solved = ["".join(c["source"]) for c in nb["cells"] if "bug-hunt" in c.get("metadata", {}).get("tags", [])]
+    assert solved[0].startswith("from flashkv_edu.paged import block_hash")  # what the function needs is kept
+    assert "(len(tokens) - 1) // block_size" in solved[0]
 
 
 def test_the_shipped_buggy_code_fails_its_check(capsys):

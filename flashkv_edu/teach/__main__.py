@@ -57,6 +57,15 @@ def solution_source(module, name: str) -> str:
     return source
 
 
+def solved_cell(source: str, module, name: str) -> str:
+    """An exercise cell with its function replaced by the solution; what stands before the
+    function (the imports it needs) is kept."""
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name)
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    head = "\n".join(source.splitlines()[: first - 1]).strip()
+    return (head + "\n\n\n" if head else "") + solution_source(module, name)
+
+
 def solve(notebook: Path, out: Path, execute: bool = True) -> int:
     """Copy ``notebook`` to ``out`` with every ``exercise`` cell replaced by its solution, then
     run it in a fresh kernel. Returns the number of cells replaced."""
@@ -70,7 +79,7 @@ def solve(notebook: Path, out: Path, execute: bool = True) -> int:
             name = defined_name(cell.source)
             if name is None or not hasattr(module, name):
                 raise SystemExit(f"{notebook.name}: no solution for the exercise cell defining {name!r}")
-            cell.source = solution_source(module, name)
+            cell.source = solved_cell(cell.source, module, name)
             replaced += 1
     if execute:
         from nbclient import NotebookClient
