@@ -8,6 +8,8 @@
     python3 run.py test --oldest   # ./.venv-oldest: the lock, but transformers at the oldest
                                    # release pyproject.toml allows, then the same suite
     python3 run.py lock            # refresh constraints.txt (maintainers; see README)
+    python3 run.py lab-settings    # give the running Python's JupyterLab the project's setting
+                                   # defaults (a conda env from environment.yml; see README)
 
 Needs only Python >= 3.11 and pip. Everything is installed with ``pip install -c constraints.txt``,
 the lock: the exact versions CI tested, so a fresh clone gets what CI ran. PyTorch comes first,
@@ -15,7 +17,8 @@ pinned by the lock (set FLASHKV_TORCH to choose another spec, for example "torch
 with a CPU index; the lock's torch line is then left out). Extra arguments after ``test`` go to
 pytest, after ``lab`` to JupyterLab. As root (a container, a cloud VM) JupyterLab is started with
 --allow-root, and run.py says so. A .venv left without pip is repaired with ensurepip, or created
-afresh.
+afresh. Every environment run.py sets up gets the project's JupyterLab setting defaults
+(flashkv_edu/jupyterlab/flashkv_edu.json: widget messages on the kernel's main thread).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +42,10 @@ OLDEST = ("transformers",)  # installed at their lowest allowed release by the l
 EXTRAS = ("dev", "hf")
 # The Python versions the lock is resolved for (CI runs 3.11); every one has a torch wheel.
 LOCK_PYTHONS = ("3.11", "3.12", "3.13", "3.14")
+# JupyterLab setting defaults: widget (comm) messages are handled on the kernel's main thread, so
+# a slider's redraw never runs on a subshell thread at the same time as a cell's matplotlib code
+# (matplotlib is not thread-safe; README, "Widgets and kernel subshells").
+LAB_SETTINGS = ROOT / "flashkv_edu" / "jupyterlab" / "flashkv_edu.json"
 QUIET = ("--quiet", "--disable-pip-version-check")
 
 
@@ -142,6 +150,19 @@ def install_commands(python: Path, torch_spec: str, lane: str, constraints: Path
     return [[*pip, *lock, torch_spec], [*pip, *lock, "-e", package, *extra]]
 
 
+def install_lab_settings(prefix: Path) -> Path:
+    """Put :data:`LAB_SETTINGS` into the JupyterLab of the environment at ``prefix``.
+
+    JupyterLab reads ``<prefix>/share/jupyter/lab/settings/overrides.d/*.json`` as defaults (a
+    user's own choice in the settings editor still wins); the file is named after the project, so
+    no other package's overrides are touched. Returns the path written."""
+    target = prefix / "share" / "jupyter" / "lab" / "settings" / "overrides.d" / LAB_SETTINGS.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists() or target.read_bytes() != LAB_SETTINGS.read_bytes():
+        shutil.copyfile(LAB_SETTINGS, target)
+    return target
+
+
 def setup(lane: str = "locked") -> Path:
     """Create or refresh the lane's virtual environment; return its Python."""
     if sys.version_info < (3, 11):  # noqa: UP036 - run.py may be started by an older Python
@@ -155,6 +176,7 @@ def setup(lane: str = "locked") -> Path:
     py_version = f"{sys.version_info.major}.{sys.version_info.minor}"
     if lane != "latest" and py_version not in LOCK_PYTHONS:
         print(f"note: constraints.txt is resolved for Python {', '.join(LOCK_PYTHONS)}, not {py_version}", flush=True)
+    install_lab_settings(venv_dir)
     stamp = venv_dir / ".flashkv_setup"
     wanted = hashlib.sha256(
         (ROOT / "pyproject.toml").read_bytes() + LOCK.read_bytes() + torch_spec.encode() + lane.encode()
@@ -305,11 +327,14 @@ def lab_arguments(extra: list[str], euid: int | None) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("lab", "test", "lock"):
+    if not argv or argv[0] not in ("lab", "test", "lock", "lab-settings"):
         print(__doc__)
         return 2
     if argv[0] == "lock":
         return lock()
+    if argv[0] == "lab-settings":
+        print(f"wrote {install_lab_settings(Path(sys.prefix))}")
+        return 0
     if argv[0] == "lab":
         python = setup("locked")
         euid = os.geteuid() if hasattr(os, "geteuid") else None

@@ -2,6 +2,8 @@
 
 import importlib.metadata
 import importlib.util
+import inspect
+import json
 import re
 import subprocess
 import sys
@@ -196,3 +198,32 @@ def test_a_venv_without_pip_gets_pip_back(tmp_path):
     assert not run.has_pip(python)
     run.ensure_pip(env_dir, python)
     assert run.has_pip(python)
+
+
+def test_lab_settings_go_into_the_environments_jupyterlab(tmp_path):
+    """run.py's JupyterLab default: widget messages on the kernel's main thread (README)."""
+    run = _run_py()
+    target = run.install_lab_settings(tmp_path)
+    assert target == tmp_path / "share/jupyter/lab/settings/overrides.d/flashkv_edu.json"
+    assert target.read_bytes() == run.LAB_SETTINGS.read_bytes()
+    assert run.install_lab_settings(tmp_path) == target  # idempotent
+    assert "install_lab_settings(venv_dir)" in inspect.getsource(run.setup)
+
+
+def test_lab_settings_name_a_real_jupyterlab_setting():
+    """The override must name a plugin and a value this JupyterLab's schema knows, or JupyterLab
+    ignores it without a word."""
+    import jupyterlab
+
+    run = _run_py()
+    overrides = json.loads(run.LAB_SETTINGS.read_text())
+    schemas = Path(jupyterlab.__file__).parent / "schemas"
+    if not schemas.exists():
+        schemas = Path(sys.prefix) / "share/jupyter/lab/schemas"
+    for plugin, values in overrides.items():
+        package, name = plugin.split(":")
+        schema = json.loads((schemas / package / f"{name}.json").read_text())
+        for key, value in values.items():
+            allowed = [c["const"] for c in schema["properties"][key]["oneOf"]]
+            assert value in allowed, (plugin, key, allowed)
+    assert overrides == {"@jupyterlab/apputils-extension:kernels-settings": {"commsOverSubshells": "disabled"}}

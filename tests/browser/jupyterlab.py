@@ -103,6 +103,12 @@ class JupyterLab:
         # ?reset: a fresh workspace, so tabs of earlier notebooks do not come back
         return f"http://127.0.0.1:{self.port}/lab/tree/{notebook}?reset&token={self.token}"
 
+    def setting_default(self, plugin: str, key: str):
+        """The default JupyterLab gives ``key`` of ``plugin``: the schema's, or the overrides.d one."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/lab/api/settings/?token={self.token}") as r:
+            plugins = {p["id"]: p for p in json.loads(r.read())["settings"]}
+        return plugins[plugin]["schema"]["properties"][key]["default"]
+
     def shutdown_kernels(self) -> None:
         """Stop every running kernel through the REST API (one notebook at a time stays light)."""
         base = f"http://127.0.0.1:{self.port}/api/kernels"
@@ -173,9 +179,15 @@ class NotebookReport:
 
 
 def run_notebook(
-    page, lab: JupyterLab, notebook: str, screenshot: Path | None = None, timeout_ms: int = 240_000
+    page,
+    lab: JupyterLab,
+    notebook: str,
+    screenshot: Path | None = None,
+    timeout_ms: int = 240_000,
+    slider_presses: int = 1,
 ) -> NotebookReport:
-    """Open ``notebook``, clear and run all cells, and report errors, widgets and images."""
+    """Open ``notebook``, clear and run all cells, move the first slider, and report errors,
+    widgets and images."""
     page.set_default_timeout(timeout_ms)
     page.goto(lab.url(notebook))
     page.wait_for_function(KERNEL_IDLE, timeout=timeout_ms)
@@ -193,25 +205,39 @@ def run_notebook(
         widget_reprs=sum("interactive(children=" in t for t in text),
         images=panel.locator('.jp-Cell-outputArea img[src^="data:image/png"]').count(),
     )
-    if report.live_widgets:
-        report.slider_redraws = move_first_slider(page, panel)
-    if screenshot is not None:
-        screenshot.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(screenshot))
-    lab.shutdown_kernels()
+    try:
+        if report.live_widgets:
+            report.slider_redraws = move_first_slider(page, panel, presses=slider_presses)
+    finally:  # the picture of a failure is the one worth keeping
+        if screenshot is not None:
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot))
+        lab.shutdown_kernels()
     return report
 
 
-def move_first_slider(page, panel, timeout_ms: int = 60_000) -> bool:
-    """Press ArrowRight on the first widget slider; True if the picture in its output changed."""
+def move_first_slider(page, panel, timeout_ms: int = 60_000, presses: int = 1) -> bool:
+    """Press ArrowRight on the first widget slider ``presses`` times; True if the picture in its
+    output changed after every press."""
     widget = panel.locator(".jp-Cell-outputArea .widget-interact").first
     widget.scroll_into_view_if_needed()
     image = widget.locator(".widget-output img").first
-    image.wait_for(timeout=timeout_ms)
-    before = image.get_attribute("src")
+    try:
+        image.wait_for(timeout=timeout_ms)
+    except Exception as exc:  # say what the widget shows instead (often a traceback)
+        shown = widget.locator(".widget-output").first.inner_text()[-3000:]
+        raise AssertionError(f"the widget drew no picture; it shows:\n{shown}") from exc
     handle = widget.locator(".noUi-handle").first
-    handle.focus()
-    page.keyboard.press("ArrowRight")
+    for _ in range(presses):
+        before = image.get_attribute("src")
+        handle.focus()
+        page.keyboard.press("ArrowRight")
+        if not picture_changes(page, widget, before, timeout_ms):
+            return False
+    return True
+
+
+def picture_changes(page, widget, before: str | None, timeout_ms: int) -> bool:
     deadline = time.time() + timeout_ms / 1000
     while time.time() < deadline:
         images = widget.locator(".widget-output img")

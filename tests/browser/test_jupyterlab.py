@@ -88,3 +88,47 @@ def test_a_widget_that_cannot_render_is_caught(tmp_path, page):
     assert report.errors == [] and report.images > 0
     assert not report.widgets_render
     assert report.live_widgets == 0 and report.widget_reprs + report.loading_widgets >= 1
+
+
+KERNELS_PLUGIN = "@jupyterlab/apputils-extension:kernels-settings"
+
+
+def test_widget_messages_are_not_sent_to_subshells(lab):
+    """The environment's JupyterLab carries the project's default (run.py installs it): ipykernel 7
+    would otherwise run a slider's redraw on a subshell thread while a cell draws with matplotlib,
+    which is not thread-safe (a mathtext ParseException in the widget, or a blank figure)."""
+    assert lab.setting_default(KERNELS_PLUGIN, "commsOverSubshells") == "disabled", (
+        "run `python3 run.py lab-settings` with this environment's Python"
+    )
+
+
+def test_a_slider_redraws_on_the_kernels_main_thread(tmp_path, page):
+    import nbformat
+
+    cells = [
+        "import threading\nimport ipywidgets as w\nimport matplotlib.pyplot as plt",
+        "def probe(x):\n"
+        "    fig, ax = plt.subplots(figsize=(3, 2))\n"
+        "    ax.plot([0, x])\n"
+        "    ax.set_title(f'x = {x}')\n"
+        "    plt.show()\n"
+        "    print(f'x = {x}, redrawn on', threading.current_thread().name)\n\n\n"
+        "w.interactive(probe, x=w.IntSlider(value=1, min=0, max=5))",
+        "plt.plot([1, 2])\nplt.show()",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    (tmp_path / "notebooks").mkdir()
+    nbformat.write(nb, tmp_path / "notebooks" / "probe.ipynb")
+    server = JupyterLab(tmp_path / "notebooks", tmp_path / "state")
+    try:
+        # ipykernel 7 routes a comm's next message to the subshell its last reply went out on: the
+        # first move is handled on the main thread, the second would go to a subshell thread.
+        report = run_notebook(page, server, "probe.ipynb", slider_presses=2)
+        output = page.locator(".widget-output", has_text="x = 3, redrawn on").first
+        output.wait_for(timeout=30_000)
+        shown = output.inner_text()
+    finally:
+        server.stop()
+    assert report.errors == [] and report.slider_redraws
+    assert "redrawn on MainThread" in shown, shown
