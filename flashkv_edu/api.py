@@ -18,7 +18,7 @@ import torch
 
 from . import runtime
 from .cache import write_kv
-from .call import check_kvcache_call
+from .call import KVCacheCall, check_kvcache_call
 from .quant_codecs import quantize_fp8
 from .rotary import apply_rotary
 from .torch_backend import attention_over_cache
@@ -133,12 +133,23 @@ def flash_attn_with_kvcache(
         learnable_sink=learnable_sink,
         backend=backend,
     )
+    out, lse = run_checked_call(call, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin)
+    return (out, lse) if return_softmax_lse else out
+
+
+def run_checked_call(call: KVCacheCall, q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None):
+    """The body of :func:`flash_attn_with_kvcache` after its check: append ``k``/``v`` (rotated,
+    quantized for an fp8 cache), then attend with ``call.backend``. ``call`` must be what
+    :func:`~flashkv_edu.call.check_kvcache_call` returned for exactly these tensors' shapes, dtypes
+    and devices and these index tensors (a caller may reuse one call for several layers whose
+    arguments agree in all of that, as :class:`flashkv_edu.hf.FlashKVCache` does within a decode
+    step). Returns ``(out, lse or None)``."""
     # Everything is checked: from here on nothing can fail on the caller's input.
     b, sq = call.batch, call.seqlen_q
     if k is not None:
         if call.rotary_dim:
             positions = call.seqlens.long()[:, None] + torch.arange(call.snew, device=q.device)[None, :]
-            k = apply_rotary(k, rotary_cos, rotary_sin, positions, interleaved=rotary_interleaved)
+            k = apply_rotary(k, rotary_cos, rotary_sin, positions, interleaved=call.rotary_interleaved)
         if call.k_descale is not None:
             k, v = quantize_fp8(k, call.k_descale), quantize_fp8(v, call.v_descale)
         same = call.max_end - call.snew if call.min_end == call.max_end else None  # every row as long (host numbers)
@@ -148,11 +159,11 @@ def flash_attn_with_kvcache(
     if call.rotary_dim:
         offsets = torch.arange(sq, device=q.device)[None, :] if (call.is_causal or call.is_local) else 0
         positions = call.seqlens.long()[:, None] + offsets
-        q = apply_rotary(q, rotary_cos, rotary_sin, positions.expand(b, sq), interleaved=rotary_interleaved)
+        q = apply_rotary(q, rotary_cos, rotary_sin, positions.expand(b, sq), interleaved=call.rotary_interleaved)
     if call.backend == "triton":
         from .kernels.decode import decode_over_cache
 
         out, lse = decode_over_cache(q, k_cache, v_cache, call)
     else:
         out, lse = attention_over_cache(q, k_cache, v_cache, call)
-    return (out, lse) if return_softmax_lse else out
+    return out, lse

@@ -33,8 +33,9 @@ import weakref
 
 import torch
 
-from .api import flash_attn_with_kvcache
+from .api import flash_attn_with_kvcache, run_checked_call
 from .cache import KVCache, write_kv
+from .call import check_kvcache_call
 from .paged import OutOfBlocksError, PagedKVCache, gather_paged
 from .validation import (
     FLOAT_DTYPES,
@@ -43,6 +44,7 @@ from .validation import (
     check_int,
     check_positive,
     check_tensor,
+    value_checks_on,
 )
 
 NAME = "fkv_edu"
@@ -125,9 +127,32 @@ def _left_padding(attention_mask, batch: int, kv_len: int, device) -> torch.Tens
     return pads.to(torch.int32) if bool(pads.any()) else None
 
 
+_OPTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (arguments, options)
+
+
 def _attention_options(module, scaling, dropout, sliding_window, softcap, kwargs) -> dict:
     """transformers' attention arguments as ``flash_attn_with_kvcache`` keywords, every one checked:
-    an argument that would change the result and is not implemented raises, naming it."""
+    an argument that would change the result and is not implemented raises, naming it. A layer
+    passes the same arguments at every step: their checked options are kept per module (not
+    with a learnable sink, a tensor that may change)."""
+    arguments = None
+    if "s_aux" not in kwargs:
+        given = tuple(sorted(k for k, v in kwargs.items() if v is not None))
+        arguments = (scaling, dropout, sliding_window, softcap, kwargs.get("is_causal"), given, _BACKEND["name"])
+        try:
+            kept = _OPTIONS.get(module)
+        except TypeError:  # a module that cannot be weakly referenced (None in a direct call)
+            arguments = kept = None
+        if kept is not None and kept[0] == arguments:
+            return kept[1]
+    options = _check_attention_options(module, scaling, dropout, sliding_window, softcap, dict(kwargs))
+    if arguments is not None:
+        _OPTIONS[module] = (arguments, options)
+    return options
+
+
+def _check_attention_options(module, scaling, dropout, sliding_window, softcap, kwargs) -> dict:
+    """:func:`_attention_options` without the memory."""
     if dropout:
         raise ArgumentError(f"{NAME} attention has no dropout (got dropout={dropout}); use model.eval()")
     layer_types = getattr(getattr(module, "config", None), "layer_types", None)
@@ -414,6 +439,10 @@ class FlashKVCache(Cache):
         self.store: PagedKVCache | None = None  # paged
         self.step_starts = self.step_counts = self.step_pads = None  # paged: this forward pass's appends
         self.step_longest = 0
+        self.step_table = None  # paged: this pass's block-table rows
+        self._last_call = None  # (signature, index tensors, KVCacheCall): see _decode
+        self._starts = None  # contiguous: (batch, length, int32 tensor) of this decode step
+        self._mask_pad = None  # (attention_mask, kv_len, left padding) last read
 
     # --- storage -------------------------------------------------------------------------------------
 
@@ -574,6 +603,7 @@ class FlashKVCache(Cache):
         starts = torch.tensor([store.reserve(r, int(n)) for r, n in zip(rows, counts.tolist(), strict=True)])
         self.step_starts = starts.to(device=self.device, dtype=torch.int32)
         self.step_counts, self.step_pads = counts, pads
+        self.step_table = self._table()
 
     def _history(self, i: int):
         """The whole history in transformers' layout (other attention implementations)."""
@@ -623,7 +653,7 @@ class FlashKVCache(Cache):
         padding may exceed what is cached, and paged rows drop it), then attends."""
         b, s = q.shape[0], key_states.shape[2]
         layer = self.layers[i]
-        pad = _left_padding(attention_mask, b, layer.length + s, q.device)
+        pad = self._padding(attention_mask, b, layer.length + s, q.device)
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
         layer.mode = "in_place"
@@ -637,9 +667,7 @@ class FlashKVCache(Cache):
                 if i == 0 or self.step_starts is None:
                     self._begin_step(b, s, None)
                 layer.length += s
-                return flash_attn_with_kvcache(
-                    q, *pools, k, v, cache_seqlens=self.step_starts, block_table=self._table(), **options
-                )
+                return self._decode(q, *pools, k, v, options, cache_seqlens=self.step_starts, block_table=self.step_table)
             new_pad = None  # only the new tokens' padding is dropped (earlier steps dropped theirs)
             if pad is not None:
                 new_pad = (pad - layer.length).clamp(0, s).to(torch.int32)
@@ -650,9 +678,10 @@ class FlashKVCache(Cache):
             )
         rows = None if self.rows is None else self.rows.to(torch.int32)  # generate(): rows 0 .. batch-1
         if one_call:
-            starts = torch.full((b,), layer.length, dtype=torch.int32, device=q.device)
-            out = flash_attn_with_kvcache(
-                q, *pools, k, v, cache_seqlens=starts, cache_batch_idx=rows, cache_leftpad=pad, **options
+            if self._starts is None or self._starts[:2] != (b, layer.length) or self._starts[2].device != q.device:
+                self._starts = (b, layer.length, torch.full((b,), layer.length, dtype=torch.int32, device=q.device))
+            out = self._decode(
+                q, *pools, k, v, options, cache_seqlens=self._starts[2], cache_batch_idx=rows, cache_leftpad=pad
             )
             layer.length += s
             self._set_lengths(i)
@@ -661,6 +690,46 @@ class FlashKVCache(Cache):
         return flash_attn_with_kvcache(
             q, *pools, cache_seqlens=ends, cache_batch_idx=rows, cache_leftpad=pad, **options
         )
+
+    def _padding(self, attention_mask, b: int, kv_len: int, device):
+        """:func:`_left_padding`, read once per mask: every layer of a pass gets the same mask."""
+        memo = self._mask_pad
+        if memo is not None and memo[0] is attention_mask and memo[1] == (b, kv_len, device):
+            return memo[2]
+        pad = _left_padding(attention_mask, b, kv_len, device)
+        self._mask_pad = (attention_mask, (b, kv_len, device), pad)
+        return pad
+
+    def _decode(self, q, k_cache, v_cache, k, v, options, **index):
+        """One decode step of one layer: ``flash_attn_with_kvcache(q, k_cache, v_cache, k, v,
+        **index, **options)``, with its check done once for all the layers of a step.
+
+        :func:`~flashkv_edu.call.check_kvcache_call` depends only on the tensors' shapes, strides,
+        dtypes and devices, on the option values and on the index tensors' values. Within a step
+        every layer passes the same index tensors (the same objects, held here so none is freed
+        and its id reused, and never written to) and, in a uniform model, the same shapes and
+        options, so the first layer's checked call is the call of every other layer. Anything
+        different (a sliding-window layer, another head dim, a learnable sink, a new step) is
+        checked afresh."""
+        signature = (
+            [(t.shape, t.stride(), t.dtype, t.device) for t in (q, k_cache, v_cache, k, v)],
+            options,  # plain values only: a call with a learnable sink (a tensor) is never reused
+            value_checks_on(),
+        )
+        held = tuple(index.items())
+        memo = self._last_call
+        if (
+            memo is not None
+            and "learnable_sink" not in options
+            and memo[0] == signature
+            and len(memo[1]) == len(held)
+            and all(a[0] == b[0] and a[1] is b[1] for a, b in zip(memo[1], held, strict=True))
+        ):
+            call = memo[2]
+        else:
+            call = check_kvcache_call(q, k_cache, v_cache, k=k, v=v, **index, **options)
+            self._last_call = (signature, held, call)
+        return run_checked_call(call, q, k_cache, v_cache, k, v)[0]
 
     def _table(self) -> torch.Tensor:
         """Paged: the block-table rows of this step (read after the step's blocks were reserved)."""

@@ -213,7 +213,7 @@ def _fused(q, k, v, call: KVCacheCall, start, end, s: int, equal_rows: bool):
     """PyTorch's fused attention over columns ``[0, s)``; returns ``(out, lse or None)``."""
     b, sq, h, _ = q.shape
     cd = torch.float32
-    qt = q.to(cd).transpose(1, 2)
+    qt = q.transpose(1, 2).to(cd)
     if hasattr(k, "dense"):
         k, v = k.dense(), v.dense()
     kt, vt = k[:, :s].to(cd), v[:, :s].to(cd)
@@ -230,6 +230,12 @@ def _fused(q, k, v, call: KVCacheCall, start, end, s: int, equal_rows: bool):
                 kt, vt = torch.where(valid, kt, 0.0), torch.where(valid, vt, 0.0)
                 keep = keep[:, None]
     kt, vt = kt.transpose(1, 2), vt.transpose(1, 2)
+    hk = kt.shape[1]
+    # A decode step with no mask: the g = nheads / nheads_k query heads of a KV head become g query
+    # rows of that head (FlashAttention 3's pack_gqa), so each key and value is read once, not g times.
+    packed = sq == 1 and keep is None and not is_causal and h != hk
+    if packed:
+        qt = q.reshape(b, hk, h // hk, q.shape[-1]).to(cd)
     # PyTorch's kernels read the head dim as contiguous (the CPU flash kernel silently assumes it).
     qt, kt, vt = (x if x.stride(-1) == 1 else x.contiguous() for x in (qt, kt, vt))
     if (call.return_lse or call.sink is not None) and q.device.type == "cpu":
@@ -241,10 +247,14 @@ def _fused(q, k, v, call: KVCacheCall, start, end, s: int, equal_rows: bool):
         )[:2]
     else:
         out = F.scaled_dot_product_attention(
-            qt, kt, vt, attn_mask=keep, is_causal=is_causal, scale=call.scale, enable_gqa=True
+            qt, kt, vt, attn_mask=keep, is_causal=is_causal, scale=call.scale, enable_gqa=not packed
         )
         lse = None
-    out = out.transpose(1, 2)
+    if packed:  # (b, hk, g, dv) -> (b, 1, h, dv); the LSE (b, hk, g) -> (b, h, 1)
+        out = out.reshape(b, 1, h, out.shape[-1])
+        lse = None if lse is None else lse.reshape(b, h, 1)
+    else:
+        out = out.transpose(1, 2)
     empty = None
     if keep is not None:  # rows that see no key: output 0 and LSE +inf (the fused kernel leaves NaN)
         empty = ~keep.any(-1)  # (sq,) or (b, 1, sq)
@@ -292,9 +302,12 @@ def attention_over_cache(q, k_cache, v_cache, call: KVCacheCall):
     if call.scale_mode != SCALE_NONE:
         k, v = _Descaled(k, call.k_descale), _Descaled(v, call.v_descale)
     s = call.max_end
-    start = call.leftpad if call.leftpad is not None else torch.zeros_like(call.ends)
-    end = call.ends
     equal_rows = call.max_start == 0 and call.min_end == s
+    end = call.ends
+    if equal_rows and uses_fused_kernel(call):  # every row sees [0, s): no per-row bounds needed
+        start = None
+    else:
+        start = call.leftpad if call.leftpad is not None else torch.zeros_like(call.ends)
     if uses_fused_kernel(call):
         out, lse = _fused(q, k, v, call, start, end, s, equal_rows)
     else:

@@ -310,3 +310,21 @@ def test_the_alias_keeps_working_and_falcon_reaches_flashkv_edu(monkeypatch):
     _, falcon = _pair("falcon")
     falcon(input_ids=torch.tensor([[3, 4, 5]]))
     assert len(calls) == falcon.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("page_size", [None, 4], ids=["contiguous", "paged"])
+@pytest.mark.parametrize(("name", "checks_per_step"), [("llama", 1), ("gemma2", 2)])
+def test_a_decode_step_is_checked_once_per_kind_of_layer(name, checks_per_step, page_size, monkeypatch):
+    """Every layer of a decode step passes the same index tensors: llama's layers share one checked
+    call per step; gemma2 alternates sliding-window and global layers, whose calls differ, so each
+    kind is checked afresh every step. Tokens stay eager's."""
+    eager, ours = _pair(name)
+    ids, mask = _prompts(3)
+    want = _generate(eager, ids, mask, DynamicCache(config=eager.config))
+    calls = []
+    real = hf.check_kvcache_call
+    monkeypatch.setattr(hf, "check_kvcache_call", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    got = _generate(ours, ids, mask, hf.FlashKVCache(ours.config, 3, 64, page_size=page_size))
+    assert torch.equal(got.sequences, want.sequences)
+    assert ours.config.num_hidden_layers == 2
+    assert len(calls) == (NEW_TOKENS - 1) * checks_per_step  # the prefill goes through flash_attn_with_kvcache

@@ -185,6 +185,45 @@ def test_decode_over_long_caches_matches_the_oracle(lens, window, seed):
     torch.testing.assert_close(lse, ref_lse, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("sink", [False, True], ids=["plain", "sink"])
+@pytest.mark.parametrize("heads", [(8, 2), (6, 3), (4, 4), (4, 1)], ids=["g4", "g2", "mha", "mqa"])
+def test_a_decode_step_with_its_query_heads_packed_per_kv_head_matches_the_oracle(heads, sink, monkeypatch):
+    """A decode step that sees whole rows reads each KV head once: its g query heads become g query
+    rows of one fused call (FlashAttention 3's pack_gqa). Output, LSE and the sink's rescaling
+    against the oracle; the packed call really ran."""
+    h, hk = heads
+    g = torch.Generator().manual_seed(h * 10 + hk)
+    q = torch.randn(3, 1, h, 16, generator=g)
+    kc, vc = torch.randn(3, 40, hk, 16, generator=g), torch.randn(3, 40, hk, 16, generator=g)
+    k_new, v_new = torch.randn(3, 1, hk, 16, generator=g), torch.randn(3, 1, hk, 16, generator=g)
+    lens = torch.tensor([30, 30, 30], dtype=torch.int32)
+    sinks = torch.randn(h, generator=g) if sink else None
+    shapes = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch_backend.F,
+        "scaled_dot_product_attention",
+        lambda qt, *a, **kw: (shapes.append(tuple(qt.shape)), real(qt, *a, **kw))[1],
+    )
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    out, lse = flash_attn_with_kvcache(
+        q, kc, vc, k_new, v_new, cache_seqlens=lens, causal=True, return_softmax_lse=True,
+        learnable_sink=sinks, backend="torch",
+    )  # fmt: skip
+    kc_ref[:, 30:31], vc_ref[:, 30:31] = k_new, v_new
+    ref, ref_lse = attention_ref(q, kc_ref, vc_ref, seqlens_k=lens + 1, causal=True, return_lse=True)
+    if sink:  # the oracle's softmax with exp(sink) in each row's denominator
+        total = torch.logaddexp(ref_lse, sinks.view(1, -1, 1))
+        ref, ref_lse = ref * torch.exp(ref_lse - total).transpose(1, 2)[..., None], total
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=2e-5, atol=2e-5)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    if not sink:  # without an LSE the call goes to scaled_dot_product_attention: packed when h > hk
+        again = flash_attn_with_kvcache(q, kc_ref.clone(), vc_ref.clone(), cache_seqlens=lens + 1, backend="torch")
+        torch.testing.assert_close(again, ref, rtol=2e-5, atol=2e-5)
+        assert shapes == [(3, hk, h // hk, 16) if h != hk else (3, h, 1, 16)]
+
+
 # --- what the backend reads -------------------------------------------------------------------------
 
 
