@@ -667,7 +667,9 @@ class FlashKVCache(Cache):
                 if i == 0 or self.step_starts is None:
                     self._begin_step(b, s, None)
                 layer.length += s
-                return self._decode(q, *pools, k, v, options, cache_seqlens=self.step_starts, block_table=self.step_table)
+                return self._decode(
+                    q, *pools, k, v, options, cache_seqlens=self.step_starts, block_table=self.step_table
+                )
             new_pad = None  # only the new tokens' padding is dropped (earlier steps dropped theirs)
             if pad is not None:
                 new_pad = (pad - layer.length).clamp(0, s).to(torch.int32)
