@@ -1,7 +1,8 @@
 """The GPU lane: every kernel compiled on CUDA against the oracle (``pytest -m gpu``).
 
-Collected everywhere; skipped, with the reason, where no CUDA device is visible (the CPU runs
-of these kernels are the interpreter tests in test_kernels.py, test_split.py and test_quant.py).
+Left out of the default run (pyproject's ``-m 'not browser and not gpu'``), selected with ``-m gpu``;
+skipped, with the reason, where no CUDA device is visible (the CPU runs of these kernels are the
+interpreter tests in test_kernels.py, test_split.py and test_quant.py).
 Tolerances are FlashAttention's rule: the kernel's error against the fp32 oracle is at most 3x
 (5x with ALiBi) the error of the same attention computed in the input's own precision, + 1e-5.
 """
