@@ -82,3 +82,21 @@ def case_registry():
 def call(fn, *args, state=(), **kwargs):
     """A build result: calling ``fn(*args, **kwargs)`` must leave ``state`` unchanged."""
     return (lambda: fn(*args, **kwargs)), list(state)
+
+
+def refused_unchanged(case: Case, fn: Callable, state) -> None:
+    """The contract: ``fn()`` raises ``case.exc``, also a ``RuntimeError``, naming ``case.arg``, and
+    every object of ``state`` is as it was."""
+    import pytest
+
+    before = snapshot(state)
+    with pytest.raises(case.exc) as info:
+        fn()
+    assert isinstance(info.value, RuntimeError), f"{type(info.value).__name__} is not a RuntimeError"
+    assert case.arg in str(info.value), f"message does not name {case.arg!r}: {info.value}"
+    assert same(before, snapshot(state)), "a failed call changed state"
+
+
+def x4(*shape) -> torch.Tensor:
+    """A seeded ``randn`` of ``shape`` (the same values in every case)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))

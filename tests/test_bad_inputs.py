@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from contract import Case, case_registry, same, snapshot
+from contract import Case, case_registry, refused_unchanged
 
 from flashkv_edu import flash_attn_with_kvcache
 from flashkv_edu.cache import KVCache
@@ -31,13 +31,7 @@ CASES, case = case_registry()
 
 
 def check(c: Case):
-    call, state = c.build()
-    before = snapshot(state)
-    with pytest.raises(c.exc) as info:
-        call()
-    assert isinstance(info.value, RuntimeError), f"{type(info.value).__name__} is not a RuntimeError"
-    assert c.arg in str(info.value), f"message does not name {c.arg!r}: {info.value}"
-    assert same(before, snapshot(state)), "a failed call changed state"
+    refused_unchanged(c, *c.build())
 
 
 # --- flash_attn_with_kvcache, on both backends -------------------------------------------------
