@@ -20,18 +20,9 @@ import torch
 
 from .cli import file_to_write, int_in
 from .model import ModelConfig, TinyDecoder
+from .profiling import best_time
 
 BENCH_CONFIG = ModelConfig(vocab_size=256, dim=128, n_layers=4, n_heads=8, n_kv_heads=2, max_seqlen=4096)
-
-
-def best_time(fn, repeats: int = 3) -> float:
-    """Best wall-clock seconds of ``repeats`` calls of ``fn()``."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def interleaved_medians(fns: dict, rounds: int, calls: int = 1) -> dict:

@@ -12,7 +12,6 @@ Timings are best-of-``repeats`` wall-clock seconds on this machine; they vary fr
 from __future__ import annotations
 
 import tempfile
-import time
 
 import torch
 
@@ -20,17 +19,9 @@ from .memory import prefill_flops, shape_of
 from .offload import TieredStore
 from .paged import PagedKVCache
 from .prefix import BlockHashIndex, compare_reuse, replay, shared_prefix_workload
+from .profiling import best_time
 from .serving import Request, new_paged_cache, paged_step, serve
 from .validation import ArgumentError, check_int
-
-
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _prefilled_cache(model, tokens: list[int], block_size: int) -> tuple[PagedKVCache, int]:
@@ -61,7 +52,7 @@ def measure_preemption(model, lengths=(32, 128, 512, 960), block_size: int = 16,
             paged_step(model, cache, [s], [tokens])
             cache.free(s)
 
-        row = {"tokens": n, "recompute_s": _best(recompute, repeats)}
+        row = {"tokens": n, "recompute_s": best_time(recompute, repeats)}
         expected = [pool[cache.seqs[slot].blocks].clone() for pool in cache.pools]
         same = True
         with tempfile.TemporaryDirectory() as tmp:
@@ -75,7 +66,7 @@ def measure_preemption(model, lengths=(32, 128, 512, 960), block_size: int = 16,
                 def swap(state=state, cache=cache):
                     state["slot"] = cache.swap_in(cache.swap_out(state["slot"]))
 
-                row[f"swap_{tier}_s"] = _best(swap, repeats)
+                row[f"swap_{tier}_s"] = best_time(swap, repeats)
                 slot = state["slot"]
                 blocks = cache.seqs[slot].blocks
                 same &= all(torch.equal(pool[blocks], e) for pool, e in zip(cache.pools, expected, strict=True))
@@ -141,8 +132,8 @@ def measure_tiers(model, blocks: int = 64, block_size: int = 16, repeats: int = 
                 for key in keys:
                     store.get(key)
 
-            out[f"{tier}_write_Bps"] = nbytes / _best(write, repeats)
-            out[f"{tier}_read_Bps"] = nbytes / _best(read, repeats)
+            out[f"{tier}_write_Bps"] = nbytes / best_time(write, repeats)
+            out[f"{tier}_read_Bps"] = nbytes / best_time(read, repeats)
             got = torch.stack([store.get(k)[1] for k in keys])
             if not torch.equal(got, rows):
                 raise AssertionError(f"the {tier} tier returned different bytes")

@@ -1,7 +1,9 @@
-"""Measure what a PyTorch computation allocates, on any device, without a profiler."""
+"""Measure what a PyTorch computation allocates, on any device, without a profiler, and how long
+it takes (best of a few calls)."""
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -63,3 +65,13 @@ def measure_allocations(fn, *args, **kwargs) -> tuple[object, AllocationReport]:
     with _AllocationTracker() as tracker:
         result = fn(*args, **kwargs)
     return result, tracker.report
+
+
+def best_time(fn, repeats: int = 3) -> float:
+    """Best wall-clock seconds of ``repeats`` calls of ``fn()``."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
