@@ -16,42 +16,19 @@ from __future__ import annotations
 
 import torch
 
-from . import runtime
 from .cache import write_kv
-from .call import KVCacheCall, check_kvcache_call
+from .call import KVCACHE_SIGNATURE, KVCacheCall, bind_kvcache_arguments, check_kvcache_call
 from .quant_codecs import quantize_fp8
 from .rotary import apply_rotary
 from .torch_backend import attention_over_cache
 
-BACKENDS = runtime.BACKENDS
+__all__ = [
+    "flash_attn_with_kvcache",
+    "run_checked_call",
+]
 
 
-def flash_attn_with_kvcache(
-    q,
-    k_cache,
-    v_cache,
-    k=None,
-    v=None,
-    rotary_cos=None,
-    rotary_sin=None,
-    cache_seqlens=None,
-    cache_batch_idx=None,
-    cache_leftpad=None,
-    block_table=None,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    rotary_interleaved=True,
-    alibi_slopes=None,
-    num_splits=0,
-    return_softmax_lse=False,
-    *,
-    k_descale=None,
-    v_descale=None,
-    learnable_sink=None,
-    backend="auto",
-):
+def flash_attn_with_kvcache(*args, **kwargs):
     """Attention of ``q`` over a KV cache, appending ``k``/``v`` first, as FlashAttention's
     ``flash_attn_with_kvcache``.
 
@@ -108,33 +85,16 @@ def flash_attn_with_kvcache(
     ``RuntimeError`` as FlashAttention's errors are, naming the argument, before any cache is
     touched: a call that fails changes nothing. Index tensors may be non-contiguous views.
     """
-    call = check_kvcache_call(
-        q,
-        k_cache,
-        v_cache,
-        k=k,
-        v=v,
-        rotary_cos=rotary_cos,
-        rotary_sin=rotary_sin,
-        cache_seqlens=cache_seqlens,
-        cache_batch_idx=cache_batch_idx,
-        cache_leftpad=cache_leftpad,
-        block_table=block_table,
-        softmax_scale=softmax_scale,
-        causal=causal,
-        window_size=window_size,
-        softcap=softcap,
-        rotary_interleaved=rotary_interleaved,
-        alibi_slopes=alibi_slopes,
-        num_splits=num_splits,
-        return_softmax_lse=return_softmax_lse,
-        k_descale=k_descale,
-        v_descale=v_descale,
-        learnable_sink=learnable_sink,
-        backend=backend,
+    a = bind_kvcache_arguments("flash_attn_with_kvcache", args, kwargs)
+    call = check_kvcache_call(**a)
+    out, lse = run_checked_call(
+        call, a["q"], a["k_cache"], a["v_cache"], a["k"], a["v"], a["rotary_cos"], a["rotary_sin"]
     )
-    out, lse = run_checked_call(call, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin)
-    return (out, lse) if return_softmax_lse else out
+    return (out, lse) if call.return_lse else out
+
+
+# The signature, from the one argument list (call.py): help(), inspect.signature and Jupyter show it.
+flash_attn_with_kvcache.__signature__ = KVCACHE_SIGNATURE
 
 
 def run_checked_call(call: KVCacheCall, q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None):

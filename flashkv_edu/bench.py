@@ -22,6 +22,18 @@ from .cli import file_to_write, int_in
 from .model import ModelConfig, TinyDecoder
 from .profiling import best_time
 
+__all__ = [
+    "BENCH_CONFIG",
+    "HF_SHAPE",
+    "bench_api",
+    "bench_decode",
+    "bench_hf",
+    "bench_quant",
+    "bench_trained_model",
+    "decode_tokens_per_second",
+    "interleaved_medians",
+]
+
 BENCH_CONFIG = ModelConfig(vocab_size=256, dim=128, n_layers=4, n_heads=8, n_kv_heads=2, max_seqlen=4096)
 
 
@@ -182,14 +194,16 @@ def bench_trained_model(new_tokens: int = 48, prompt_chars: int = 600) -> dict:
 def bench_quant(sequences: int = 16) -> list[dict]:
     """Memory, attention error and the trained model's validation loss for every scheme of
     :data:`flashkv_edu.quant.SCHEMES` (notebook 09). No timing: the numbers are deterministic."""
-    from . import charlm
+    from . import (
+        charlm,
+        quant_eval,  # notebook 09's experiments
+    )
     from . import quant as Q
     from .cache import MODEL_SHAPES
-    from .teach import nb09_precision_and_quantized_caches as nb09  # notebook 09's experiments
 
     model, _ = charlm.load()
-    losses = nb09.scheme_losses(model, sequences)
-    k, v = nb09.outlier_keys()
+    losses = quant_eval.scheme_losses(model, sequences)
+    k, v = quant_eval.outlier_keys()
     q = torch.randn(1, k.shape[1], 4, k.shape[3], generator=torch.Generator().manual_seed(1))
     layers, _, hk, d = MODEL_SHAPES["Llama-3-8B (GQA)"]
     rows, base = [], losses["fp32"]
@@ -200,7 +214,7 @@ def bench_quant(sequences: int = 16) -> list[dict]:
         row = dict(
             scheme=name,
             kib_per_token=Q.bytes_per_token(scheme, layers, hk, d) / 1024,
-            attention_error=nb09.attention_error(q, k, v, scheme),
+            attention_error=quant_eval.attention_error(q, k, v, scheme),
             val_loss=loss,
         )
         rows.append(row)

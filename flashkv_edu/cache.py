@@ -22,6 +22,17 @@ from .validation import (
     check_tensor,
 )
 
+__all__ = [
+    "MODEL_SHAPES",
+    "CacheMemory",
+    "KVCache",
+    "append_to_cache",
+    "check_seq_idx",
+    "kv_bytes_per_token",
+    "write_kv",
+    "write_rows",
+]
+
 
 def _int_list_tensor(name: str, values, device=None) -> torch.Tensor:
     """A 1-D int64 tensor from an int, a list of ints or an integer tensor; bools, floats and
@@ -74,7 +85,7 @@ def _scatter(dst, src, first, second, keep) -> None:
         dst[first[keep], second[keep]] = src[keep].to(dst.dtype)
 
 
-def scatter_rows(dst, src, start, *, rows=None, block_table=None, counts=None) -> None:
+def write_rows(dst, src, start, *, rows=None, block_table=None, counts=None) -> None:
     """Write ``src[i, t]`` (``src`` ``(n, snew, ...)``) at token position ``start[i] + t`` of
     sequence ``i``, for ``t < counts[i]`` (default: all ``snew``), in place:
 
@@ -84,8 +95,9 @@ def scatter_rows(dst, src, start, *, rows=None, block_table=None, counts=None) -
       ``p`` at ``dst[block_table[i, p // page], p % page]``.
 
     ``start``, ``rows``, ``counts`` are ``(n,)`` integer tensors. The caller has checked that every
-    position fits; no other element of ``dst`` changes. This is the one place where keys, values
-    and their scales are written into a cache."""
+    position fits; no other element of ``dst`` changes. With :func:`write_kv` (keys and values
+    together) this is the one write path of the package: every cache's keys, values, quantized
+    codes and scales are written by one of the two, through the same scatter."""
     n, snew = src.shape[:2]
     if n == 0 or snew == 0:
         return
@@ -93,7 +105,7 @@ def scatter_rows(dst, src, start, *, rows=None, block_table=None, counts=None) -
 
 
 def write_kv(k_cache, v_cache, k, v, start, *, rows=None, block_table=None, counts=None, same_start=None) -> None:
-    """:func:`scatter_rows` for keys and values together (``k``, ``v`` ``(n, snew, nheads_k,
+    """:func:`write_rows` for keys and values together (``k``, ``v`` ``(n, snew, nheads_k,
     headdim)``, the positions computed once): the append of every cache in the package,
     contiguous or paged. ``same_start``: a host int when the caller knows that every row starts
     there (rows ``0 .. n-1`` of a contiguous cache, all tokens): a plain slice copy then."""

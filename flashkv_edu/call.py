@@ -14,6 +14,7 @@ whether every row starts at 0), so no backend reads the device again. Inside
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from .validation import (
     QUANTIZED_CACHE_DTYPES,
     SCALE_NONE,
     ArgumentError,
+    ArgumentTypeError,
     DeviceChecks,
     check_alibi_slopes,
     check_block_table,
@@ -40,6 +42,71 @@ from .validation import (
     softmax_scale_for,
     value_checks_on,
 )
+
+__all__ = [
+    "APPEND_ARGUMENTS",
+    "CACHE_DTYPES",
+    "DEFAULTS",
+    "FA2_ARGUMENTS",
+    "KEYWORD_ONLY",
+    "KVCACHE_SIGNATURE",
+    "MAX_HEADDIM",
+    "KVCacheCall",
+    "bind_kvcache_arguments",
+    "check_kvcache_call",
+]
+
+# flash_attn_with_kvcache's arguments after (q, k_cache, v_cache): FlashAttention 2's, in its order
+# and with its defaults, then flashkv_edu's keyword-only ones. The one list: the API's signature,
+# the check's keywords and the decode kernel's entry point are made from it.
+FA2_ARGUMENTS = (
+    ("k", None),
+    ("v", None),
+    ("rotary_cos", None),
+    ("rotary_sin", None),
+    ("cache_seqlens", None),
+    ("cache_batch_idx", None),
+    ("cache_leftpad", None),
+    ("block_table", None),
+    ("softmax_scale", None),
+    ("causal", False),
+    ("window_size", (-1, -1)),
+    ("softcap", 0.0),
+    ("rotary_interleaved", True),
+    ("alibi_slopes", None),
+    ("num_splits", 0),
+    ("return_softmax_lse", False),
+)
+KEYWORD_ONLY = (("k_descale", None), ("v_descale", None), ("learnable_sink", None), ("backend", "auto"))
+DEFAULTS = dict(FA2_ARGUMENTS + KEYWORD_ONLY)
+APPEND_ARGUMENTS = ("k", "v", "rotary_cos", "rotary_sin", "rotary_interleaved")  # what only an append uses
+
+
+def _parameters(names_defaults, kind):
+    return [inspect.Parameter(name, kind, default=default) for name, default in names_defaults]
+
+
+_TENSORS = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ("q", "k_cache", "v_cache")]
+KVCACHE_SIGNATURE = inspect.Signature(
+    _TENSORS
+    + _parameters(FA2_ARGUMENTS, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    + _parameters(KEYWORD_ONLY, inspect.Parameter.KEYWORD_ONLY)
+)
+"""``flash_attn_with_kvcache(q, k_cache, v_cache, k=None, ..., return_softmax_lse=False, *,
+k_descale=None, v_descale=None, learnable_sink=None, backend="auto")``."""
+
+
+def bind_kvcache_arguments(name: str, args: tuple, kwargs: dict) -> dict:
+    """``args``/``kwargs`` of a ``flash_attn_with_kvcache`` call as one dict of every argument
+    (defaults filled in); a missing tensor, an unknown keyword or too many positional arguments
+    raise :class:`~flashkv_edu.validation.ArgumentTypeError` naming ``name``'s signature."""
+    try:
+        bound = KVCACHE_SIGNATURE.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise ArgumentTypeError(f"{name}{KVCACHE_SIGNATURE}: {exc}") from None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
 
 CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = {"torch": 512, "triton": 256}  # the kernels' register budget; any size in PyTorch
@@ -103,42 +170,76 @@ class KVCacheCall:
         )
 
 
-def check_kvcache_call(
-    q,
-    k_cache,
-    v_cache,
-    *,
-    k=None,
-    v=None,
-    rotary_cos=None,
-    rotary_sin=None,
-    cache_seqlens=None,
-    cache_batch_idx=None,
-    cache_leftpad=None,
-    block_table=None,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    rotary_interleaved=True,
-    alibi_slopes=None,
-    num_splits=0,
-    return_softmax_lse=False,
-    k_descale=None,
-    v_descale=None,
-    learnable_sink=None,
-    backend="auto",
-    per_token_scales: bool = False,
-) -> KVCacheCall:
-    """Check every argument of ``flash_attn_with_kvcache`` (plus ``per_token_scales``: whether an
-    int8 cache may carry one scale per token, as the decode kernel's entry point allows) before
-    anything is written; return the normalised :class:`KVCacheCall`. Errors name the argument.
-    Head dims go up to 512 on the PyTorch backend and 256 in the Triton kernels, which also need
-    ``v_cache``'s head dim to equal ``k_cache``'s."""
-    cache_dtypes = CACHE_DTYPES + QUANTIZED_CACHE_DTYPES if per_token_scales else CACHE_DTYPES + (torch.float8_e4m3fn,)
+def check_kvcache_call(q, k_cache, v_cache, *, per_token_scales: bool = False, **arguments) -> KVCacheCall:
+    """Check every argument of ``flash_attn_with_kvcache`` (keywords as in :data:`DEFAULTS`;
+    ``per_token_scales``: whether an int8 cache may carry one scale per token, as the decode
+    kernel's entry point allows) before anything is written; return the normalised
+    :class:`KVCacheCall`. Errors name the argument. Head dims go up to 512 on the PyTorch backend
+    and 256 in the Triton kernels, which also need ``v_cache``'s head dim to equal ``k_cache``'s.
+
+    The phases, in order: the tensors (types, pairs, dtypes, devices), the layout (shapes, pages,
+    capacity, new tokens), the lengths (``cache_seqlens``, ``cache_batch_idx``, ``cache_leftpad``:
+    one device read for all of them), the masks and rotary tables, the scales (softmax, softcap,
+    ALiBi, sinks, splits, fp8 descales)."""
+    unknown = sorted(set(arguments) - set(DEFAULTS))
+    if unknown:
+        raise ArgumentTypeError(f"flash_attn_with_kvcache got unexpected keyword arguments: {', '.join(unknown)}")
+    a = {**DEFAULTS, **arguments, "q": q, "k_cache": k_cache, "v_cache": v_cache}
+    backend = _check_tensors(a, per_token_scales)
+    checks = DeviceChecks()
+    layout = _check_layout(a, backend, checks)
+    lengths = _check_lengths(a, layout, checks)
+    window = normalize_window(a["window_size"], a["causal"], seqlen_k=layout["capacity"])
+    is_causal = window[0] < 0 and window[1] == 0
+    is_local = (window[0] >= 0 or window[1] >= 0) and not is_causal
+    rotary_dim = _check_rotary(a, layout, lengths, is_causal or is_local, checks)
+    scales = _check_scales(a, layout, per_token_scales, checks)
+    values = checks.run()
+    if value_checks_on():
+        snew = layout["snew"]
+        max_end, min_end = values[lengths["seq_max"]] + snew, values[lengths["seq_min"]] + snew
+        max_start = values[lengths["pad_max"]] if lengths["leftpad"] is not None else 0
+    else:  # nothing read: the backends assume the worst (every row may reach the capacity)
+        max_end, min_end, max_start = layout["capacity"], 0, layout["capacity"]
+    seqlens, snew = lengths["seqlens"], layout["snew"]
+    b, sq, h, d = q.shape
+    return KVCacheCall(
+        batch=b,
+        seqlen_q=sq,
+        nheads=h,
+        nheads_k=k_cache.shape[2],
+        headdim=d,
+        headdim_v=v_cache.shape[3],
+        capacity=layout["capacity"],
+        page_size=layout["page_size"],
+        seqlens=seqlens,
+        ends=(seqlens + snew if snew else seqlens).to(torch.int32),
+        leftpad=lengths["leftpad"],
+        snew=snew,
+        batch_rows=lengths["batch_rows"],
+        block_table=layout["block_table"],
+        rotary_dim=rotary_dim,
+        rotary_interleaved=a["rotary_interleaved"],
+        window=window,
+        is_causal=is_causal,
+        is_local=is_local,
+        backend=backend,
+        return_lse=a["return_softmax_lse"],
+        max_end=max_end,
+        min_end=min_end,
+        max_start=max_start,
+        **scales,
+    )
+
+
+def _check_tensors(a: dict, per_token_scales: bool) -> str:
+    """Types, dtypes and devices of every tensor argument, the pairs given together, the flags;
+    returns the backend (``"triton"`` or ``"torch"``)."""
+    q, k, v = a["q"], a["k"], a["v"]
+    quantized = QUANTIZED_CACHE_DTYPES if per_token_scales else (torch.float8_e4m3fn,)
     check_tensor("q", q, ndim=4, dtypes=CACHE_DTYPES)
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=cache_dtypes)
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=cache_dtypes)
+    check_tensor("k_cache", a["k_cache"], ndim=4, dtypes=CACHE_DTYPES + quantized)
+    check_tensor("v_cache", a["v_cache"], ndim=4, dtypes=CACHE_DTYPES + quantized)
     tensors = {"q": q}
     if (k is None) != (v is None):
         raise ArgumentError("k and v must be given together (both or neither)")
@@ -146,25 +247,32 @@ def check_kvcache_call(
         check_tensor("k", k, ndim=4)
         check_tensor("v", v, ndim=4)
         tensors.update(k=k, v=v)
-    if (rotary_cos is None) != (rotary_sin is None):
+    cos, sin = a["rotary_cos"], a["rotary_sin"]
+    if (cos is None) != (sin is None):
         raise ArgumentError("rotary_cos and rotary_sin must be given together")
-    if rotary_cos is not None:
+    if cos is not None:
         if k is None:
             raise ArgumentError("rotary_cos/rotary_sin need new keys k and v (rotary is applied on append)")
-        check_tensor("rotary_cos", rotary_cos, ndim=2)
-        check_tensor("rotary_sin", rotary_sin, ndim=2)
-        tensors.update(rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+        check_tensor("rotary_cos", cos, ndim=2)
+        check_tensor("rotary_sin", sin, ndim=2)
+        tensors.update(rotary_cos=cos, rotary_sin=sin)
     check_same(tuple(tensors), tuple(tensors.values()), "dtype")
-    tensors.update(k_cache=k_cache, v_cache=v_cache)
+    tensors.update(k_cache=a["k_cache"], v_cache=a["v_cache"])
     check_same(tuple(tensors), tuple(tensors.values()), "device")
-    check_bool("rotary_interleaved", rotary_interleaved)
-    check_bool("return_softmax_lse", return_softmax_lse)
-    b, sq, h, d = q.shape
-    if b == 0:
+    check_bool("rotary_interleaved", a["rotary_interleaved"])
+    check_bool("return_softmax_lse", a["return_softmax_lse"])
+    if q.shape[0] == 0:
         raise ArgumentError("q must have batch size >= 1, got 0")
-    if sq == 0:
+    if q.shape[1] == 0:
         raise ArgumentError("q must have seqlen_q >= 1, got 0")
-    backend = runtime.resolve_backend(backend, q.device)
+    return runtime.resolve_backend(a["backend"], q.device)
+
+
+def _check_layout(a: dict, backend: str, checks: DeviceChecks) -> dict:
+    """Shapes of the caches and the new keys, the page table: ``capacity``, ``page_size``,
+    ``block_table`` (checked, int32), ``snew``."""
+    q, k_cache, v_cache, k, v = a["q"], a["k_cache"], a["v_cache"], a["k"], a["v"]
+    b, _, _, d = q.shape
     check_cache_shapes(q, k_cache, v_cache, MAX_HEADDIM[backend])
     hk, dv = k_cache.shape[2], v_cache.shape[3]
     if backend == "triton" and dv != d:
@@ -173,18 +281,16 @@ def check_kvcache_call(
         )
     if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
         raise ArgumentError(f"k_cache must hold at least one sequence and one row, got {tuple(k_cache.shape)}")
-    checks = DeviceChecks()
+    block_table = a["block_table"]
     if block_table is not None:
-        if cache_batch_idx is not None:
-            raise ArgumentError("cache_batch_idx cannot be used with block_table (paged KV cache)")
-        if cache_leftpad is not None:
-            raise ArgumentError("cache_leftpad cannot be used with block_table (paged KV cache)")
+        for name in ("cache_batch_idx", "cache_leftpad"):
+            if a[name] is not None:
+                raise ArgumentError(f"{name} cannot be used with block_table (paged KV cache)")
         block_table = check_block_table(block_table, b, k_cache.shape[0], checks)
         page_size = k_cache.shape[1]
         capacity = block_table.shape[1] * page_size
     else:
-        page_size = 0
-        capacity = k_cache.shape[1]
+        page_size, capacity = 0, k_cache.shape[1]
     snew = 0
     if k is not None:
         if k.shape[0] != b or k.shape[2] != hk or k.shape[3] != d:
@@ -194,49 +300,52 @@ def check_kvcache_call(
                 f"k and v must have the same shape but for v's head dim (v_cache's, {dv}): v must be "
                 f"{(b, k.shape[1], hk, dv)}, got {tuple(v.shape)}"
             )
-        if cache_seqlens is None:
+        if a["cache_seqlens"] is None:
             raise ArgumentError("cache_seqlens is required when k and v are given (where to append)")
         snew = k.shape[1]
         if snew > capacity:
             raise ArgumentError(f"k holds {snew} new tokens, more than the cache capacity {capacity}")
-    if cache_seqlens is None:
+    if block_table is None and a["cache_batch_idx"] is None and k_cache.shape[0] < b:
+        raise ArgumentError(f"k_cache holds {k_cache.shape[0]} sequences for a batch of {b}; pass cache_batch_idx")
+    return dict(capacity=capacity, page_size=page_size, block_table=block_table, snew=snew)
+
+
+def _check_lengths(a: dict, layout: dict, checks: DeviceChecks) -> dict:
+    """``cache_seqlens`` (room for the append), ``cache_batch_idx`` (rows in range, none repeated
+    when appending), ``cache_leftpad`` (<= the lengths): int32 tensors, and the keys of the
+    device-read numbers (``seq_min``, ``seq_max``, ``pad_max``)."""
+    q, k_cache = a["q"], a["k_cache"]
+    b = q.shape[0]
+    capacity, snew, paged = layout["capacity"], layout["snew"], layout["block_table"] is not None
+    if a["cache_seqlens"] is None:
         seqlens = torch.full((b,), capacity, dtype=torch.int32, device=q.device)
     else:
-        seqlens = check_lengths("cache_seqlens", cache_seqlens, b, device=q.device, int32_only=True, checks=False)
-    # One aminmax serves the range, the overflow, the rotary reach and the host numbers below.
-    room = capacity - snew
-    seq_min, seq_max = checks.in_range(
-        seqlens,
-        0,
-        room,
-        lambda: (
-            range_message("cache_seqlens", seqlens, 0, capacity)
-            if int(seqlens.max()) > capacity or int(seqlens.min()) < 0
-            else f"cache overflow: cache_seqlens {seqlens.tolist()} + {snew} new tokens exceeds the cache "
-            f"capacity {capacity}" + (" (block_table)" if block_table is not None else "")
-        ),
-    )
-    batch_rows = None
-    if cache_batch_idx is not None:
-        batch_rows = check_lengths(
-            "cache_batch_idx",
-            cache_batch_idx,
-            b,
-            high=k_cache.shape[0] - 1,
-            device=q.device,
-            int32_only=True,
-            checks=checks,
+        seqlens = check_lengths("cache_seqlens", a["cache_seqlens"], b, device=q.device, int32_only=True, checks=False)
+
+    def overflow() -> str:
+        if int(seqlens.max()) > capacity or int(seqlens.min()) < 0:
+            return range_message("cache_seqlens", seqlens, 0, capacity)
+        return (
+            f"cache overflow: cache_seqlens {seqlens.tolist()} + {snew} new tokens exceeds the cache "
+            f"capacity {capacity}" + (" (block_table)" if paged else "")
         )
-        if k is not None and b > 1:
+
+    # One aminmax serves the range, the overflow, the rotary reach and the host numbers.
+    seq_min, seq_max = checks.in_range(seqlens, 0, capacity - snew, overflow)
+    batch_rows = None
+    if a["cache_batch_idx"] is not None:
+        high = k_cache.shape[0] - 1
+        batch_rows = check_lengths(
+            "cache_batch_idx", a["cache_batch_idx"], b, high=high, device=q.device, int32_only=True, checks=checks
+        )
+        if a["k"] is not None and b > 1:
             checks.require(
                 (batch_rows.sort().values.diff() != 0).all(),
                 lambda: f"cache_batch_idx must not repeat a cache row when k/v are appended, got {batch_rows.tolist()}",
             )
-    elif block_table is None and k_cache.shape[0] < b:
-        raise ArgumentError(f"k_cache holds {k_cache.shape[0]} sequences for a batch of {b}; pass cache_batch_idx")
-    leftpad = None
-    if cache_leftpad is not None:
-        leftpad = check_lengths("cache_leftpad", cache_leftpad, b, device=q.device, int32_only=True, checks=False)
+    leftpad = pad_max = None
+    if a["cache_leftpad"] is not None:
+        leftpad = check_lengths("cache_leftpad", a["cache_leftpad"], b, device=q.device, int32_only=True, checks=False)
         _, pad_max = checks.in_range(leftpad, 0, None, lambda: range_message("cache_leftpad", leftpad, 0, None))
         checks.in_range(
             leftpad - seqlens,
@@ -244,95 +353,74 @@ def check_kvcache_call(
             0,
             lambda: f"cache_leftpad must be <= cache_seqlens, got {leftpad.tolist()} > {seqlens.tolist()}",
         )
-    window = normalize_window(window_size, causal, seqlen_k=capacity)
-    is_causal = window[0] < 0 and window[1] == 0
-    is_local = (window[0] >= 0 or window[1] >= 0) and not is_causal
-    rotary_dim = 0
-    if rotary_cos is not None:
-        if rotary_cos.shape != rotary_sin.shape:
-            raise ArgumentError(
-                f"rotary_cos and rotary_sin must have the same shape, got {tuple(rotary_cos.shape)} "
-                f"and {tuple(rotary_sin.shape)}"
-            )
-        rotary_dim = 2 * rotary_cos.shape[1]
-        if rotary_dim == 0 or rotary_dim > d or rotary_dim % 16:
-            raise ArgumentError(
-                f"rotary_dim = 2 * rotary_cos.shape[1] = {rotary_dim} must be a positive multiple of "
-                f"16 and <= head dim {d}"
-            )
-        if rotary_cos.shape[0] < capacity:
-            raise ArgumentError(
-                f"rotary_cos must have at least {capacity} rows (the cache capacity), got {rotary_cos.shape[0]}"
-            )
-        rows = rotary_cos.shape[0]
-        # New keys rotate at cache_seqlens + t; queries at cache_seqlens + i (causal or local) or all at
-        # cache_seqlens: every such row must exist in the table.
-        reach = max(snew, sq if (is_causal or is_local) else 1)
-        checks.check(
-            lambda v: v[seq_max] <= rows - reach,
-            lambda: (
-                f"rotary_cos has {rows} rows but rotary positions reach cache_seqlens + {reach - 1} = "
-                f"{(seqlens + reach - 1).tolist()} (new keys at cache_seqlens + t, queries at cache_seqlens"
-                + (" + i)" if (is_causal or is_local) else ")")
-            ),
+    return dict(
+        seqlens=seqlens, batch_rows=batch_rows, leftpad=leftpad, seq_min=seq_min, seq_max=seq_max, pad_max=pad_max
+    )
+
+
+def _check_rotary(a: dict, layout: dict, lengths: dict, shifted_queries: bool, checks: DeviceChecks) -> int:
+    """The rotary tables' shapes and reach; returns ``rotary_dim`` (0 without rotary).
+    ``shifted_queries``: queries rotate at ``cache_seqlens + i`` (causal or local)."""
+    cos, sin = a["rotary_cos"], a["rotary_sin"]
+    if cos is None:
+        return 0
+    d, capacity, snew, sq = a["q"].shape[3], layout["capacity"], layout["snew"], a["q"].shape[1]
+    if cos.shape != sin.shape:
+        raise ArgumentError(
+            f"rotary_cos and rotary_sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}"
         )
-    scale = softmax_scale_for(d, softmax_scale)
-    softcap = check_softcap(softcap)
+    rotary_dim = 2 * cos.shape[1]
+    if rotary_dim == 0 or rotary_dim > d or rotary_dim % 16:
+        raise ArgumentError(
+            f"rotary_dim = 2 * rotary_cos.shape[1] = {rotary_dim} must be a positive multiple of 16 and <= head dim {d}"
+        )
+    if cos.shape[0] < capacity:
+        raise ArgumentError(f"rotary_cos must have at least {capacity} rows (the cache capacity), got {cos.shape[0]}")
+    rows, seqlens = cos.shape[0], lengths["seqlens"]
+    # New keys rotate at cache_seqlens + t; queries at cache_seqlens + i (causal or local) or all at
+    # cache_seqlens: every such row must exist in the table.
+    reach = max(snew, sq if shifted_queries else 1)
+    checks.check(
+        lambda v: v[lengths["seq_max"]] <= rows - reach,
+        lambda: (
+            f"rotary_cos has {rows} rows but rotary positions reach cache_seqlens + {reach - 1} = "
+            f"{(seqlens + reach - 1).tolist()} (new keys at cache_seqlens + t, queries at cache_seqlens"
+            + (" + i)" if shifted_queries else ")")
+        ),
+    )
+    return rotary_dim
+
+
+def _check_scales(a: dict, layout: dict, per_token_scales: bool, checks: DeviceChecks) -> dict:
+    """The softmax scale, softcap, ALiBi slopes, learnable sinks, ``num_splits`` and the fp8 (or
+    per-token int8) descales, as :class:`KVCacheCall`'s fields."""
+    q = a["q"]
+    b, _, h, d = q.shape
+    alibi_slopes = a["alibi_slopes"]
     if alibi_slopes is not None:
         alibi_slopes = check_alibi_slopes(alibi_slopes, b, h, checks)
         if alibi_slopes.device != q.device:
             raise ArgumentError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
-    sink = None if learnable_sink is None else check_sink(learnable_sink, h, q.device, checks)
-    num_splits = check_num_splits(num_splits)
+    sink = None if a["learnable_sink"] is None else check_sink(a["learnable_sink"], h, q.device, checks)
+    k_descale, v_descale = a["k_descale"], a["v_descale"]
     scale_mode = check_cache_descales(
         q,
-        k_cache,
-        v_cache,
+        a["k_cache"],
+        a["v_cache"],
         k_descale,
         v_descale,
         batch=b,
-        paged=block_table is not None,
+        paged=layout["block_table"] is not None,
         per_token=per_token_scales,
         checks=checks,
     )
-    ends = seqlens + snew if snew else seqlens
-    values = checks.run()
-    if value_checks_on():
-        max_end, min_end = values[seq_max] + snew, values[seq_min] + snew
-        max_start = values[pad_max] if leftpad is not None else 0
-    else:  # nothing read: the backends assume the worst (every row may reach the capacity)
-        max_end, min_end, max_start = capacity, 0, capacity
-    return KVCacheCall(
-        batch=b,
-        seqlen_q=sq,
-        nheads=h,
-        nheads_k=hk,
-        headdim=d,
-        headdim_v=dv,
-        capacity=capacity,
-        page_size=page_size,
-        seqlens=seqlens,
-        ends=ends.to(torch.int32),
-        leftpad=leftpad,
-        snew=snew,
-        batch_rows=batch_rows,
-        block_table=block_table,
+    return dict(
+        scale=softmax_scale_for(d, a["softmax_scale"]),
+        softcap=check_softcap(a["softcap"]),
         alibi_slopes=alibi_slopes,
         sink=sink,
-        rotary_dim=rotary_dim,
-        rotary_interleaved=rotary_interleaved,
-        scale=scale,
-        softcap=softcap,
-        window=window,
-        is_causal=is_causal,
-        is_local=is_local,
-        num_splits=num_splits,
-        backend=backend,
+        num_splits=check_num_splits(a["num_splits"]),
         scale_mode=scale_mode,
         k_descale=k_descale if scale_mode != SCALE_NONE else None,
         v_descale=v_descale if scale_mode != SCALE_NONE else None,
-        return_lse=return_softmax_lse,
-        max_end=max_end,
-        min_end=min_end,
-        max_start=max_start,
     )

@@ -20,6 +20,17 @@ import torch
 from .cli import float_in
 from .model import ModelConfig, TinyDecoder
 
+__all__ = [
+    "CHECKPOINT",
+    "CONFIG",
+    "VOCAB",
+    "decode",
+    "encode",
+    "load",
+    "stdlib_text",
+    "train",
+]
+
 CHECKPOINT = Path(__file__).with_name("data") / "char_model.pt"
 VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))  # 96 symbols
 CONFIG = ModelConfig(vocab_size=len(VOCAB), dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seqlen=1024)

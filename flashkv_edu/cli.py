@@ -11,6 +11,14 @@ import argparse
 import math
 from pathlib import Path
 
+__all__ = [
+    "dir_to_create",
+    "existing_dir",
+    "file_to_write",
+    "float_in",
+    "int_in",
+]
+
 
 def int_in(low: int, high: int | None = None):
     """An int in ``[low, high]``."""

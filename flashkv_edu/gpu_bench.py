@@ -21,6 +21,23 @@ from pathlib import Path
 
 import torch
 
+__all__ = [
+    "HEADDIM",
+    "NHEADS",
+    "NHEADS_K",
+    "NO_CUDA",
+    "PEAK_BANDWIDTH",
+    "RESULTS_PATH",
+    "SHAPES",
+    "SPLITS",
+    "cuda_median_seconds",
+    "format_rows",
+    "main",
+    "measure_shape",
+    "peak_bandwidth",
+    "run",
+]
+
 RESULTS_PATH = Path(__file__).with_name("data") / "gpu_results.json"
 SHAPES = ((1, 32 * 1024), (1, 128 * 1024), (8, 8 * 1024), (64, 4 * 1024))
 NHEADS, NHEADS_K, HEADDIM = 32, 8, 128

@@ -23,6 +23,20 @@ import torch
 from .profiling import measure_allocations
 from .validation import ArgumentError, ArgumentTypeError, check_int, check_positive
 
+__all__ = [
+    "LLAMA_3_8B",
+    "Budget",
+    "ModelShape",
+    "crossover_tokens",
+    "measure_step_activations",
+    "plan_budget",
+    "prefill_flops",
+    "profile_budget",
+    "recompute_seconds",
+    "shape_of",
+    "swap_seconds",
+]
+
 
 @dataclass(frozen=True)
 class ModelShape:

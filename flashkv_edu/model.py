@@ -18,6 +18,15 @@ from .reference import attention_ref
 from .rotary import apply_rotary, rotary_tables
 from .validation import ArgumentError, ArgumentTypeError
 
+__all__ = [
+    "Attention",
+    "Block",
+    "CacheContext",
+    "FullContext",
+    "ModelConfig",
+    "TinyDecoder",
+]
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -47,8 +56,8 @@ class ModelConfig:
 
 class Attention(nn.Module):
     """GQA self-attention. Projections live here; *how* attention is computed (with or without a
-    cache, rotary applied where) is the job of the context object ``ctx`` (see ``_FullContext``
-    and ``_CacheContext`` below, and :mod:`flashkv_edu.serving` for the paged one)."""
+    cache, rotary applied where) is the job of the context object ``ctx`` (see ``FullContext``
+    and ``CacheContext`` below, and :mod:`flashkv_edu.serving` for the paged one)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -68,7 +77,7 @@ class Attention(nn.Module):
         return self.wo(ctx.attend(layer, q, k, v).reshape(b, s, -1))
 
 
-class _FullContext:
+class FullContext:
     """No cache: the tokens are a whole sequence from position 0, attended with PyTorch's
     fused ``scaled_dot_product_attention`` (causal), the fastest uncached path and the honest
     baseline for the cache (differentiable, so training uses it too)."""
@@ -85,7 +94,7 @@ class _FullContext:
         return out.transpose(1, 2)  # top-left causal == bottom-right here: seqlen_q == seqlen_k
 
 
-class _CacheContext:
+class CacheContext:
     """Contiguous :class:`KVCache` per layer: append the new keys/values, attend over the cache."""
 
     def __init__(self, cache: list[KVCache], rows, positions, rope):
@@ -174,9 +183,9 @@ class TinyDecoder(nn.Module):
                 raise ArgumentError(f"cache overflow: {int(start.max())} + {s} tokens > capacity {cache[0].capacity}")
             positions = start[:, None] + torch.arange(s, device=tokens.device)[None, :]
         ctx = (
-            _FullContext(positions, self.rope(), training=False)
+            FullContext(positions, self.rope(), training=False)
             if cache is None
-            else _CacheContext(cache, rows, positions, self.rope())
+            else CacheContext(cache, rows, positions, self.rope())
         )
         return self.run(tokens, positions, ctx)
 
@@ -200,7 +209,7 @@ class TinyDecoder(nn.Module):
         """Mean next-token cross-entropy of ``tokens`` ``(n, s)`` (differentiable, for training)."""
         n, s = tokens.shape
         positions = torch.arange(s - 1, device=tokens.device).expand(n, s - 1)
-        logits = self.run(tokens[:, :-1], positions, _FullContext(positions, self.rope(), training=True))
+        logits = self.run(tokens[:, :-1], positions, FullContext(positions, self.rope(), training=True))
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
     @torch.no_grad()

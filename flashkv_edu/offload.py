@@ -38,6 +38,22 @@ import torch
 
 from .validation import ArgumentError, ArgumentTypeError, check_int
 
+__all__ = [
+    "MAGIC",
+    "SUFFIX",
+    "SWAP_PREFIX",
+    "BlockLayout",
+    "DiskTier",
+    "HostTier",
+    "KVLostError",
+    "StoreFullError",
+    "TieredStore",
+    "check_key",
+    "checksum",
+    "file_name",
+    "key_of",
+]
+
 MAGIC = b"FKVBLK01"
 SWAP_PREFIX = b"swap:"
 SUFFIX = ".kvb"
@@ -110,10 +126,6 @@ class BlockLayout:
 
     def __repr__(self) -> str:
         return f"BlockLayout({len(self.parts)} parts, {self.nbytes} bytes per block)"
-
-    def fingerprint(self) -> str:
-        """A short digest of the layout (shapes and dtypes), for naming a disk directory."""
-        return hashlib.blake2b(repr(self.parts).encode(), digest_size=8).hexdigest()
 
     def pack(self, pools, blocks) -> torch.Tensor:
         """Rows ``(len(blocks), nbytes)`` uint8 on the CPU holding ``blocks`` of ``pools``."""

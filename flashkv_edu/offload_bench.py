@@ -23,6 +23,15 @@ from .profiling import best_time
 from .serving import Request, new_paged_cache, paged_step, serve
 from .validation import ArgumentError, check_int
 
+__all__ = [
+    "bench_offload",
+    "fit_cost_model",
+    "fit_line",
+    "measure_preemption",
+    "measure_prefix_reuse",
+    "measure_tiers",
+]
+
 
 def _prefilled_cache(model, tokens: list[int], block_size: int) -> tuple[PagedKVCache, int]:
     cache = new_paged_cache(model, num_blocks=2 * -(-len(tokens) // block_size) + 2, block_size=block_size, max_batch=2)

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .reference import alibi_distance_bias, repeat_kv, visible_keys
+from .masks import alibi_distance_bias, repeat_kv, visible_keys
 from .validation import (
     ArgumentError,
     check_attention_inputs,
@@ -32,6 +32,19 @@ from .validation import (
     normalize_window,
     softmax_scale_for,
 )
+
+__all__ = [
+    "LOG2_E",
+    "blockwise_attention",
+    "lse_from_base2",
+    "lse_to_base2",
+    "merge_many",
+    "merge_states",
+    "naive_softmax",
+    "online_normalizer",
+    "online_softmax",
+    "safe_softmax",
+]
 
 LOG2_E = math.log2(math.e)
 

@@ -1,4 +1,4 @@
-"""Paged KV cache: a block allocator and block tables (notebook 06).
+"""Paged KV cache: a block allocator and block tables (notebook 06), swap and persist (notebook 11).
 
 Keys and values live in pools of fixed-size physical blocks shaped like FlashAttention's paged
 cache, ``(num_blocks, block_size, nheads_k, headdim)``. Each sequence owns a **block table**:
@@ -13,16 +13,28 @@ default is 16 and FlashAttention 3 accepts any size. Everything here works for a
 prefix cache: a full block is keyed by a hash chaining its parent block's hash with its tokens,
 so a new prompt that starts with the same tokens reuses it. Freed blocks with a hash stay
 findable on an LRU free list until a new allocation evicts them.
+
+Notebook 11 adds the tiers below the pool (:mod:`flashkv_edu.offload`): a :class:`PagedKVCache`
+with a store attached swaps a sequence's blocks out to host memory or disk and back
+(``swap_out``/``swap_in``), persists its prefix blocks, and lets a new prompt find cached blocks
+in the tiers as well as in the pool.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
+from .blocks import (
+    BlockAllocator,
+    OutOfBlocksError,
+    block_hash,
+    gather_paged,
+    scatter_to_pages,
+    slot_mapping,
+    token_ids,
+)
 from .cache import write_kv
 from .offload import BlockLayout, KVLostError, StoreFullError, TieredStore
 from .validation import (
@@ -35,147 +47,23 @@ from .validation import (
     check_tensor,
 )
 
-
-class OutOfBlocksError(RuntimeError):
-    """No free block is left (nothing was changed)."""
-
-
-def _token_ids(name: str, tokens) -> list[int]:
-    """A list of token ids (ints >= 0) from a list, a tuple or a 1-D integer tensor."""
-    if isinstance(tokens, torch.Tensor):
-        if tokens.dim() != 1 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-            raise ArgumentTypeError(f"{name} must be a 1-D list or tensor of token ids, got {tokens!r}")
-        tokens = tokens.tolist()
-    if not isinstance(tokens, (list, tuple)):
-        raise ArgumentTypeError(f"{name} must be a list of token ids, got {type(tokens).__name__}")
-    return [check_int(f"{name}[{i}]", t, low=0) for i, t in enumerate(tokens)]
-
-
-def block_hash(parent: bytes | None, tokens) -> bytes:
-    """Prefix-cache key of a full block: a digest of the parent block's key and this block's token ids."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(parent or b"root")
-    h.update(b",".join(str(int(t)).encode() for t in tokens))
-    return h.digest()
-
-
-def slot_mapping(positions: torch.Tensor, block_table_row: torch.Tensor, block_size: int):
-    """Where tokens live: for token positions ``(n,)`` of one sequence, return the physical
-    ``(block ids, offsets)``, each ``(n,)``: ``block_table_row[p // block_size]`` and
-    ``p % block_size``."""
-    check_tensor("positions", positions, ndim=1)
-    check_tensor("block_table_row", block_table_row, ndim=1)
-    block_size = check_int("block_size", block_size, low=1)
-    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= block_size * block_table_row.numel()):
-        raise ArgumentError(
-            f"positions must lie in [0, {block_size * block_table_row.numel()}) "
-            f"(block_table_row holds {block_table_row.numel()} blocks of {block_size})"
-        )
-    positions = positions.long()
-    return block_table_row.long()[positions // block_size], positions % block_size
-
-
-class BlockAllocator:
-    """A pool of ``num_blocks`` physical blocks with reference counts and a prefix cache.
-
-    Free blocks sit on an LRU list (oldest first). ``allocate`` takes the oldest free block and
-    forgets its hash (eviction); ``free`` decrements a block's count and, at zero, appends it
-    to the list, where ``lookup`` can still find it by hash until it is evicted.
-    """
-
-    def __init__(self, num_blocks: int, block_size: int):
-        for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
-            check_int(name, value, low=1)
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.ref_count = [0] * num_blocks
-        self.free_list: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
-        self.hash_of: dict[int, bytes] = {}
-        self.block_of: dict[bytes, int] = {}
-        self.hits = 0
-        self.evictions = 0
-        # Called as on_evict(block, key) before a cached block is reused (its contents are still
-        # there): a cache with a store moves the block down a tier instead of losing it.
-        self.on_evict = None
-
-    @property
-    def num_free(self) -> int:
-        return len(self.free_list)
-
-    def allocate(self, n: int = 1) -> list[int]:
-        """Take ``n`` free blocks (reference count 1 each), evicting cached ones oldest first.
-        Raises :class:`OutOfBlocksError` and changes nothing if fewer than ``n`` are free."""
-        n = check_int("n", n, low=0)
-        if n > self.num_free:
-            raise OutOfBlocksError(f"need {n} free blocks, only {self.num_free} of {self.num_blocks} are free")
-        blocks = []
-        for _ in range(n):
-            block, _ = self.free_list.popitem(last=False)
-            old = self.hash_of.pop(block, None)
-            if old is not None:
-                del self.block_of[old]
-                self.evictions += 1
-                if self.on_evict is not None:
-                    self.on_evict(block, old)
-            self.ref_count[block] = 1
-            blocks.append(block)
-        return blocks
-
-    def _check_block(self, block: int) -> None:
-        if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < self.num_blocks:
-            raise ArgumentError(f"unknown block {block!r}: blocks are 0 .. {self.num_blocks - 1}")
-
-    def incref(self, block: int) -> None:
-        """Share a block that is in use (a fork)."""
-        self._check_block(block)
-        if self.ref_count[block] == 0:
-            raise ArgumentError(f"block {block} is free; it cannot be shared")
-        self.ref_count[block] += 1
-
-    def free(self, block: int) -> None:
-        """Drop one reference; at zero the block joins the tail of the free list."""
-        self._check_block(block)
-        if self.ref_count[block] == 0:
-            raise ArgumentError(f"double free of block {block}")
-        self.ref_count[block] -= 1
-        if self.ref_count[block] == 0:
-            self.free_list[block] = None
-
-    def register(self, block: int, key: bytes) -> None:
-        """Record that full ``block`` holds the tokens hashed as ``key`` (first writer wins)."""
-        self._check_block(block)
-        if not isinstance(key, bytes):
-            raise ArgumentTypeError(f"key must be bytes (a block_hash), got {type(key).__name__}")
-        if self.ref_count[block] == 0:
-            raise ArgumentError(f"block {block} is free; only a block in use can be registered")
-        if key not in self.block_of and block not in self.hash_of:
-            self.block_of[key] = block
-            self.hash_of[block] = key
-
-    def forget(self, block: int) -> None:
-        """Drop ``block``'s prefix-cache key (its contents are about to change)."""
-        self._check_block(block)
-        key = self.hash_of.pop(block, None)
-        if key is not None:
-            del self.block_of[key]
-
-    def lookup(self, key: bytes) -> int | None:
-        """A cached block with this key, now referenced once more (taken off the free list if it
-        was free), or None."""
-        if not isinstance(key, bytes):
-            raise ArgumentTypeError(f"key must be bytes (a block_hash), got {type(key).__name__}")
-        block = self.block_of.get(key)
-        if block is None:
-            return None
-        if self.ref_count[block] == 0:
-            del self.free_list[block]
-        self.ref_count[block] += 1
-        self.hits += 1
-        return block
+# BlockAllocator and the block helpers live in blocks.py and are part of this module's face.
+__all__ = [
+    "BlockAllocator",
+    "OutOfBlocksError",
+    "PagedKVCache",
+    "SequenceState",
+    "SwappedSequence",
+    "block_hash",
+    "gather_paged",
+    "scatter_to_pages",
+    "slot_mapping",
+    "token_ids",
+]
 
 
 @dataclass
-class _Sequence:
+class SequenceState:
     blocks: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     length: int = 0
@@ -245,7 +133,7 @@ class PagedKVCache:
         ]
         self.block_table = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=self.k_cache.device)
         self.cache_seqlens = torch.zeros(max_batch, dtype=torch.int32, device=self.k_cache.device)
-        self.seqs: dict[int, _Sequence] = {}
+        self.seqs: dict[int, SequenceState] = {}
         self.prefix_caching = prefix_caching
         self.cow_copies = 0
         self.store = None  # a TieredStore below the device pool (attach_store)
@@ -298,7 +186,8 @@ class PagedKVCache:
     def max_blocks_per_seq(self) -> int:
         return self.block_table.shape[1]
 
-    def _slot(self, slot: int) -> _Sequence:
+    def sequence(self, slot: int) -> SequenceState:
+        """The sequence in ``slot`` (its blocks, tokens, length); raises for a slot holding none."""
         if isinstance(slot, bool) or not isinstance(slot, int) or slot not in self.seqs:
             raise ArgumentError(f"slot {slot!r} holds no sequence (open slots: {sorted(self.seqs)})")
         return self.seqs[slot]
@@ -333,9 +222,9 @@ class PagedKVCache:
         (:meth:`attach_store`), in its host or disk tier and copied into a free block.
         Returns ``(slot, cached_tokens)``: the caller appends keys/values for
         ``prompt_tokens[cached_tokens:]`` only. ``prefix_hits`` counts blocks found per tier."""
-        tokens = [] if prompt_tokens is None else _token_ids("prompt_tokens", prompt_tokens)
+        tokens = [] if prompt_tokens is None else token_ids("prompt_tokens", prompt_tokens)
         slot = self._free_slot()
-        seq = _Sequence()
+        seq = SequenceState()
         if self.prefix_caching:
             for key in self._prefix_keys(tokens):
                 block, source = self.allocator.lookup(key), "device"
@@ -360,7 +249,7 @@ class PagedKVCache:
         """Free blocks that opening ``prompt_tokens`` (:meth:`add_sequence`) and prefilling the
         rest take: every block the prompt fills, less the cached ones other sequences are using
         (shared, not taken from the free list). Changes nothing."""
-        tokens = _token_ids("prompt_tokens", prompt_tokens)
+        tokens = token_ids("prompt_tokens", prompt_tokens)
         shared = 0
         if self.prefix_caching:
             for key in self._prefix_keys(tokens):
@@ -370,7 +259,11 @@ class PagedKVCache:
                 shared += self.allocator.ref_count[block] > 0
         return -(-len(tokens) // self.block_size) - shared
 
-    def _plan(self, seq: _Sequence, n: int) -> tuple[int, bool]:
+    def blocks_needed(self, slot: int, n: int) -> int:
+        """Free blocks an append of ``n`` tokens to ``slot`` takes (a copy-on-write block included)."""
+        return self._plan(self.sequence(slot), n)[0]
+
+    def _plan(self, seq: SequenceState, n: int) -> tuple[int, bool]:
         """(new blocks needed, whether the last block must be copied first) to append n tokens."""
         bs = self.block_size
         total_blocks = -(-(seq.length + n) // bs)
@@ -410,9 +303,9 @@ class PagedKVCache:
         layers), update the block table, advance the length. The caller writes the keys and
         values (``flash_attn_with_kvcache`` does it through ``block_table``). Raises, changing
         nothing, when the pool has too few free blocks."""
-        seq = self._slot(slot)
+        seq = self.sequence(slot)
         n = check_int("n", n, low=0)
-        tokens = _token_ids("tokens", tokens) if tokens is not None else None
+        tokens = token_ids("tokens", tokens) if tokens is not None else None
         if tokens is not None and len(tokens) != n:
             raise ArgumentError(f"tokens must hold {n} ids, got {len(tokens)}")
         need, cow = self._plan(seq, n)
@@ -448,11 +341,11 @@ class PagedKVCache:
 
     def fork(self, slot: int) -> int:
         """A new slot sharing every block of ``slot`` (parallel sampling, beam search)."""
-        seq = self._slot(slot)
+        seq = self.sequence(slot)
         child = self._free_slot()
         for block in seq.blocks:
             self.allocator.incref(block)
-        self.seqs[child] = _Sequence(
+        self.seqs[child] = SequenceState(
             blocks=list(seq.blocks),
             length=seq.length,
             tokens=None if seq.tokens is None else list(seq.tokens),
@@ -466,7 +359,7 @@ class PagedKVCache:
         decoding's rejected tokens; transformers' ``crop``): blocks past them are released, and a
         full block that becomes partial leaves the prefix cache (its hash would describe tokens the
         sequence no longer has, and the next append writes into it)."""
-        seq = self._slot(slot)
+        seq = self.sequence(slot)
         length = check_int("length", length, low=0, high=seq.length)
         keep = -(-length // self.block_size)
         for block in reversed(seq.blocks[keep:]):
@@ -492,13 +385,13 @@ class PagedKVCache:
         if len(order) > self.max_batch:
             raise ArgumentError(f"order holds {len(order)} slots; the cache has {self.max_batch}")
         for o in order:
-            self._slot(o)
+            self.sequence(o)
         new = {}
         for i, o in enumerate(order):
             old = self.seqs[o]
             for block in old.blocks:
                 self.allocator.incref(block)
-            new[i] = _Sequence(
+            new[i] = SequenceState(
                 blocks=list(old.blocks),
                 length=old.length,
                 tokens=None if old.tokens is None else list(old.tokens),
@@ -536,7 +429,7 @@ class PagedKVCache:
         and release the slot. Raises :class:`~flashkv_edu.offload.StoreFullError`, changing
         nothing, if the store cannot pin that many more rows."""
         store = self._require_store("swap_out")
-        seq = self._slot(slot)
+        seq = self.sequence(slot)
         if not store.can_pin(len(seq.blocks)):
             raise StoreFullError(
                 f"swap_out: slot {slot} holds {len(seq.blocks)} blocks; the store has room for "
@@ -587,7 +480,7 @@ class PagedKVCache:
         if self.prefix_caching:
             for block, key in zip(blocks, handle.hashes, strict=False):
                 self.allocator.register(block, key)
-        self.seqs[slot] = _Sequence(
+        self.seqs[slot] = SequenceState(
             blocks=blocks,
             length=handle.length,
             tokens=None if handle.tokens is None else list(handle.tokens),
@@ -617,7 +510,7 @@ class PagedKVCache:
     def free(self, slot: int) -> None:
         """Release ``slot``; its blocks go to the free list last block first (the blocks that
         hash the longest prefixes are the least reusable, so they are evicted first)."""
-        seq = self._slot(slot)
+        seq = self.sequence(slot)
         for block in reversed(seq.blocks):
             self.allocator.free(block)
         del self.seqs[slot]
@@ -626,57 +519,8 @@ class PagedKVCache:
 
     def gather(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The sequence's keys and values as contiguous ``(length, nheads_k, headdim)`` copies."""
-        seq = self._slot(slot)
+        seq = self.sequence(slot)
         pos = torch.arange(seq.length, device=self.k_cache.device)
         table = torch.tensor(seq.blocks, dtype=torch.int32, device=self.k_cache.device)
         blocks, offsets = slot_mapping(pos, table, self.block_size)
         return self.k_cache[blocks, offsets], self.v_cache[blocks, offsets]
-
-    def used_tokens(self) -> int:
-        """Token slots holding tokens, counting each shared block once."""
-        in_use = {b for s in self.seqs.values() for b in s.blocks}
-        filled = {}
-        for s in self.seqs.values():
-            for i, b in enumerate(s.blocks):
-                filled[b] = max(filled.get(b, 0), min(self.block_size, s.length - i * self.block_size))
-        return sum(filled[b] for b in in_use)
-
-
-def gather_paged(k_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """Dense view of a paged cache: ``(batch, max_blocks * block_size, nheads_k, headdim)`` with
-    row ``p`` of sequence ``b`` taken from ``k_cache[block_table[b, p // bs], p % bs]``."""
-    check_tensor("k_cache", k_cache, ndim=4)
-    from .validation import check_block_table
-
-    check_block_table(
-        block_table, block_table.shape[0] if isinstance(block_table, torch.Tensor) else 0, k_cache.shape[0]
-    )
-    b, nblk = block_table.shape
-    dense = k_cache[block_table.long()]  # (b, nblk, bs, hk, d), a copy
-    return dense.reshape(b, nblk * k_cache.shape[1], *k_cache.shape[2:])
-
-
-def scatter_to_pages(x: torch.Tensor, block_table: torch.Tensor, num_blocks: int | None = None) -> torch.Tensor:
-    """The inverse of :func:`gather_paged`: a contiguous ``(batch, max_blocks * page, ...)``
-    tensor (a cache, or per-token scales) laid out in a pool ``(num_blocks, page, ...)``, row
-    ``p`` of sequence ``b`` at ``[block_table[b, p // page], p % page]``. Blocks no sequence
-    uses are zero. ``num_blocks`` defaults to the largest block id + 1."""
-    check_tensor("x", x)
-    b, nblk = block_table.shape
-    if x.dim() < 2 or x.shape[0] != b or x.shape[1] % nblk:
-        raise ArgumentError(f"x must be (batch={b}, a multiple of {nblk} rows, ...), got {tuple(x.shape)}")
-    page = x.shape[1] // nblk
-    num_blocks = int(block_table.max()) + 1 if num_blocks is None else num_blocks
-    pool = torch.zeros(num_blocks, page, *x.shape[2:], dtype=x.dtype, device=x.device)
-    pool[block_table.long().reshape(-1)] = x.reshape(b * nblk, page, *x.shape[2:])
-    return pool
-
-
-def paged_attention_torch(q, k_cache, v_cache, block_table, cache_seqlens, **kwargs):
-    """Decode attention over a paged cache in PyTorch: gather each sequence's pages into a
-    dense tensor, then :func:`flashkv_edu.attention_ref` with ``seqlens_k=cache_seqlens``."""
-    from .reference import attention_ref
-
-    return attention_ref(
-        q, gather_paged(k_cache, block_table), gather_paged(v_cache, block_table), seqlens_k=cache_seqlens, **kwargs
-    )

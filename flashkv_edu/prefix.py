@@ -21,8 +21,24 @@ import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from .paged import _token_ids, block_hash
+from .paged import block_hash, token_ids
 from .validation import ArgumentError, check_int
+
+__all__ = [
+    "FEW_SHOT",
+    "QUESTIONS",
+    "SYSTEM_PROMPT",
+    "TURNS",
+    "BlockHashIndex",
+    "PrefixRequest",
+    "RadixNode",
+    "RadixTree",
+    "ReuseResult",
+    "compare_reuse",
+    "replay",
+    "reusable",
+    "shared_prefix_workload",
+]
 
 
 def reusable(tokens: list[int]) -> int:
@@ -51,7 +67,7 @@ class BlockHashIndex:
 
     def match(self, tokens) -> int:
         """Leading tokens of ``tokens`` found (whole blocks, never the last token)."""
-        tokens = _token_ids("tokens", tokens)
+        tokens = token_ids("tokens", tokens)
         found = 0
         for key in self._chain(tokens, reusable(tokens)):
             if key not in self.keys:
@@ -62,7 +78,7 @@ class BlockHashIndex:
 
     def insert(self, tokens) -> int:
         """Cache every full block of ``tokens``; returns how many blocks were new."""
-        tokens = _token_ids("tokens", tokens)
+        tokens = token_ids("tokens", tokens)
         new = 0
         for key in self._chain(tokens, len(tokens)):
             new += key not in self.keys
@@ -113,7 +129,7 @@ class RadixTree:
 
     def match(self, tokens) -> int:
         """Leading tokens of ``tokens`` found (any number, never the last token)."""
-        tokens = _token_ids("tokens", tokens)
+        tokens = token_ids("tokens", tokens)
         node, matched, child, _ = self._walk(tokens)
         self.clock += 1
         for n in ([child] if child is not None else []) + [node]:
@@ -124,7 +140,7 @@ class RadixTree:
 
     def insert(self, tokens) -> int:
         """Add ``tokens``; returns how many tokens were new."""
-        tokens = _token_ids("tokens", tokens)
+        tokens = token_ids("tokens", tokens)
         node, matched, child, run = self._walk(tokens)
         self.clock += 1
         if child is not None:  # split the edge where the match stops
@@ -251,7 +267,7 @@ def replay(index, prompts, outputs=None) -> ReuseResult:
     generated (``outputs[i]`` minus the last one, which is never fed back) when given."""
     if not isinstance(index, (BlockHashIndex, RadixTree)):
         raise ArgumentError(f"index must be a BlockHashIndex or a RadixTree, got {type(index).__name__}")
-    prompts = [_token_ids(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
+    prompts = [token_ids(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
     if outputs is not None and len(outputs) != len(prompts):
         raise ArgumentError(f"outputs must hold one list per prompt ({len(prompts)}), got {len(outputs)}")
     hits = []

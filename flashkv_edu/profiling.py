@@ -11,6 +11,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+__all__ = [
+    "AllocationReport",
+    "best_time",
+    "measure_allocations",
+]
+
 
 @dataclass
 class AllocationReport:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 
 from .api import flash_attn_with_kvcache
+from .cache import write_rows
 from .quant_codecs import (
     E4M3_MAX,
     SCALE_BYTES,
     SCHEMES,
     IntQuantized,
     Scheme,
-    _ungroup,
     bytes_per_token,
     check_scheme,
     check_values,
@@ -28,10 +28,10 @@ from .quant_codecs import (
     quantize_fp8,
     quantize_int,
     roundtrip,
+    ungroup,
     unpack_codes,
 )
-from .runtime import BACKENDS
-from .validation import ArgumentError, check_float_tensor, check_int
+from .validation import ArgumentError, check_backend, check_float_tensor, check_int
 
 __all__ = [
     "E4M3_MAX",
@@ -86,7 +86,7 @@ class QuantizedKVCache:
         if capacity % g:
             raise ArgumentError(f"capacity ({capacity}) must be a multiple of the token group ({g})")
         packed = headdim * scheme.bits // 8
-        code_dtype = torch.int8 if self._raw_int8 else torch.uint8
+        code_dtype = torch.int8 if self.raw_int8 else torch.uint8
         self.codes = {r: torch.zeros(batch, capacity, nheads_k, packed, dtype=code_dtype, device=device) for r in "kv"}
         self.scales, self.zeros = {}, {}
         for r in "kv":
@@ -102,7 +102,7 @@ class QuantizedKVCache:
         self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
 
     @property
-    def _raw_int8(self) -> bool:
+    def raw_int8(self) -> bool:
         """Symmetric 8-bit codes are stored as plain int8 (no packing)."""
         return self.scheme.bits == 8 and self.scheme.symmetric
 
@@ -112,7 +112,7 @@ class QuantizedKVCache:
         one scale per token and KV head (per-token axes whose group is the whole head dim), no
         16-bit residual. Every other scheme is dequantized first, on both backends."""
         s, d = self.scheme, self.shape[3]
-        return self._raw_int8 and s.residual == 0 and (s.k_axis, s.v_axis) == ("token", "token") and s.group in (0, d)
+        return self.raw_int8 and s.residual == 0 and (s.k_axis, s.v_axis) == ("token", "token") and s.group in (0, d)
 
     def nbytes(self) -> int:
         """Bytes this cache allocates (codes, scales, zero points, the 16-bit pending rows)."""
@@ -147,7 +147,9 @@ class QuantizedKVCache:
     def _push(self, i: int, k_row: torch.Tensor, v_row: torch.Tensor) -> None:
         n = int(self.cache_seqlens[i])
         done = self.scheme.quantized_length(n)
-        self.pending["k"][i, n - done], self.pending["v"][i, n - done] = k_row.half(), v_row.half()
+        at, row = torch.tensor([n - done]), torch.tensor([i])
+        for r, x in (("k", k_row), ("v", v_row)):  # the 16-bit residual rows: (1, 1, hk, d) at slot n - done
+            write_rows(self.pending[r], x.half()[None, None], at, rows=row)
         self.cache_seqlens[i] = n + 1
         now = self.scheme.quantized_length(n + 1)
         if now > done:  # a whole group left the residual window: quantize it
@@ -160,21 +162,17 @@ class QuantizedKVCache:
         s = self.scheme
         axis = s.k_axis if r == "k" else s.v_axis
         q = quantize_int(x, s.bits, axis=axis, group=s.group, symmetric=s.symmetric)
-        codes = _ungroup(q.codes, axis, q.shape)[0]  # (g, hk, d)
-        if self._raw_int8:
-            self.codes[r][i, pos : pos + len(codes)] = codes.to(torch.int8)
-        else:
-            offset = 2 ** (s.bits - 1) if s.symmetric else 0
-            self.codes[r][i, pos : pos + len(codes)] = pack_codes(codes + offset, s.bits)
-        if axis == "token":
-            rows = slice(pos, pos + len(codes))
-            self.scales[r][i, rows] = q.scale[0, :, :, :, 0]
-            if q.zero is not None:
-                self.zeros[r][i, rows] = q.zero[0, :, :, :, 0]
-        else:
-            self.scales[r][i, pos // s.group] = q.scale[0, 0, :, :, 0]
-            if q.zero is not None:
-                self.zeros[r][i, pos // s.group] = q.zero[0, 0, :, :, 0]
+        codes = ungroup(q.codes, axis, q.shape)  # (1, g, hk, d)
+        if not self.raw_int8:
+            codes = pack_codes(codes + (2 ** (s.bits - 1) if s.symmetric else 0), s.bits)
+        row = torch.tensor([i])
+        write_rows(self.codes[r], codes.to(self.codes[r].dtype), torch.tensor([pos]), rows=row)
+        # Scales (and zero points): per token, (1, g, hk, groups) at row pos; per channel, one row
+        # (1, 1, hk, d) for this block of `group` tokens, at row pos // group.
+        at = torch.tensor([pos if axis == "token" else pos // s.group])
+        write_rows(self.scales[r], q.scale[..., 0], at, rows=row)
+        if q.zero is not None:
+            write_rows(self.zeros[r], q.zero[..., 0], at, rows=row)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k, v)`` fp32 ``(batch, capacity, nheads_k, headdim)``: the values attention reads
@@ -184,7 +182,7 @@ class QuantizedKVCache:
         out = []
         for r in "kv":
             axis = s.k_axis if r == "k" else s.v_axis
-            if self._raw_int8:
+            if self.raw_int8:
                 codes = self.codes[r].float()
             else:
                 codes = unpack_codes(self.codes[r], s.bits).float() - (2 ** (s.bits - 1) if s.symmetric else 0)
@@ -221,8 +219,7 @@ class QuantizedKVCache:
             raise ArgumentError(
                 f"q must have shape ({b}, seqlen_q >= 1, a multiple of {hk} heads, {d}), got {tuple(q.shape)}"
             )
-        if not isinstance(backend, str) or backend not in BACKENDS:
-            raise ArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         unknown = sorted(set(kwargs) - set(self.MASK_ARGUMENTS))
         if unknown:
             raise ArgumentError(f"attention takes the masks {self.MASK_ARGUMENTS}; got {', '.join(unknown)}")

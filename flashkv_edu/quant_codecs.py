@@ -28,6 +28,26 @@ import torch
 
 from .validation import ArgumentError, ArgumentTypeError, check_bool, check_float_tensor, check_int, check_tensor
 
+__all__ = [
+    "E4M3_MAX",
+    "SCALE_BYTES",
+    "SCHEMES",
+    "IntQuantized",
+    "Scheme",
+    "bytes_per_token",
+    "check_descale",
+    "check_scheme",
+    "check_values",
+    "dequantize_fp8",
+    "fp8_descales",
+    "pack_codes",
+    "quantize_fp8",
+    "quantize_int",
+    "roundtrip",
+    "ungroup",
+    "unpack_codes",
+]
+
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 SCALE_BYTES = 2  # scales and zero points are fp16
 
@@ -228,7 +248,7 @@ class IntQuantized:
         x = self.codes.float() * self.scale.float()
         if self.zero is not None:
             x = x + self.zero.float()
-        return _ungroup(x, self.axis, self.shape)
+        return ungroup(x, self.axis, self.shape)
 
 
 def _grouped(x: torch.Tensor, axis: str, group: int) -> torch.Tensor:
@@ -245,7 +265,9 @@ def _grouped(x: torch.Tensor, axis: str, group: int) -> torch.Tensor:
     return x.reshape(b, s // group, group, h, d).permute(0, 1, 3, 4, 2)  # (b, s/G, h, d, G)
 
 
-def _ungroup(x: torch.Tensor, axis: str, shape: tuple) -> torch.Tensor:
+def ungroup(x: torch.Tensor, axis: str, shape: tuple) -> torch.Tensor:
+    """The inverse of the grouping a quantizer works in: ``x`` grouped along ``axis`` (``"token"``:
+    ``(b, s, h, d / G, G)``; ``"channel"``: ``(b, s / G, h, d, G)``) back to ``shape`` ``(b, s, h, d)``."""
     b, s, h, d = shape
     if axis == "token":
         return x.reshape(b, s, h, d)

@@ -12,6 +12,8 @@ is ``sk = seqlens_k[b] - leftpad_k[b]`` and masks use the compacted key index
 ``right = 0``. A sliding window of ``W`` tokens (the current one included) is
 ``window_size=(W - 1, 0)``.
 
+The mask rule itself is :mod:`flashkv_edu.masks` (shared with the backends, re-exported here).
+
 Logits are ``z = scale * q.k``; with ``softcap > 0`` they become ``softcap * tanh(z / softcap)``;
 ALiBi then adds ``-slope * |diag - j'|``. A row that sees no key returns output 0 and LSE +inf.
 """
@@ -22,6 +24,7 @@ import math
 
 import torch
 
+from .masks import alibi_distance_bias, attention_mask, key_visibility, repeat_kv, visible_keys
 from .validation import (
     ArgumentError,
     check_alibi_slopes,
@@ -35,61 +38,21 @@ from .validation import (
     softmax_scale_for,
 )
 
-
-def visible_keys(
-    seqlen_q: int, seqlen_k: int, window: tuple[int, int], start: torch.Tensor, end: torch.Tensor
-) -> torch.Tensor:
-    """The mask rule itself, on arguments already normalised: bool ``(batch, seqlen_q, seqlen_k)``.
-
-    Row ``b`` has valid key columns ``[start[b], end[b])`` (int ``(batch,)``); ``window =
-    (left, right)`` with -1 for infinite (causal already folded into ``right = 0``). Query row
-    ``i`` sits on the diagonal ``i + sk - seqlen_q`` of the compacted keys ``j' = j - start``.
-    """
-    left, right = window
-    end = end.long()[:, None, None]
-    start = start.long()[:, None, None]
-    col = torch.arange(seqlen_k, device=end.device)[None, None, :]
-    row = torch.arange(seqlen_q, device=end.device)[None, :, None]
-    compact = col - start
-    diag = row + (end - start) - seqlen_q
-    keep = (col >= start) & (col < end)
-    if right >= 0:
-        keep = keep & (compact <= diag + right)
-    if left >= 0:
-        keep = keep & (compact >= diag - left)
-    return keep
-
-
-def key_visibility(
-    seqlen_q: int,
-    seqlen_k: int,
-    *,
-    causal: bool = False,
-    window_size=(-1, -1),
-    seqlens_k=None,
-    leftpad_k=None,
-    batch: int = 1,
-    device=None,
-) -> torch.Tensor:
-    """Which keys each query may see: bool ``(batch, seqlen_q, seqlen_k)``, True = visible.
-
-    ``seqlens_k`` / ``leftpad_k`` (int or ``(batch,)`` ints) give each row's valid key columns
-    ``[leftpad_k, seqlens_k)``; by default all ``seqlen_k`` columns are valid.
-    """
-    seqlen_q = check_int("seqlen_q", seqlen_q, low=0)
-    seqlen_k = check_int("seqlen_k", seqlen_k, low=0)
-    window = normalize_window(window_size, causal)
-    if isinstance(seqlens_k, torch.Tensor):
-        batch = seqlens_k.shape[0] if seqlens_k.dim() == 1 else batch
-        device = device or seqlens_k.device
-    batch = check_int("batch", batch, low=1)
-    start, end = key_range(seqlens_k, leftpad_k, batch, seqlen_k, device=device)
-    return visible_keys(seqlen_q, seqlen_k, window, start, end)
-
-
-def attention_mask(seqlen_q: int, seqlen_k: int, *, causal: bool = False, window_size=(-1, -1)) -> torch.Tensor:
-    """FlashAttention's bottom-right mask for one sequence: bool ``(seqlen_q, seqlen_k)``."""
-    return key_visibility(seqlen_q, seqlen_k, causal=causal, window_size=window_size)[0]
+# The mask rules live in masks.py (the backends need them too and never import the oracle); they
+# are part of the oracle's public face, as notebook 01 teaches them.
+__all__ = [
+    "alibi_bias",
+    "alibi_distance_bias",
+    "alibi_slopes_for",
+    "attention_mask",
+    "attention_ref",
+    "gqa_attention",
+    "key_visibility",
+    "naive_attention",
+    "repeat_kv",
+    "top_left_causal_mask",
+    "visible_keys",
+]
 
 
 def top_left_causal_mask(seqlen_q: int, seqlen_k: int) -> torch.Tensor:
@@ -117,24 +80,6 @@ def alibi_slopes_for(nheads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def alibi_distance_bias(
-    slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, start: torch.Tensor, end: torch.Tensor, dtype=torch.float32
-) -> torch.Tensor:
-    """The ALiBi rule on normalised arguments: ``-slope * |i + sk - seqlen_q - j'|`` as
-    ``(batch, nheads, seqlen_q, seqlen_k)`` in ``dtype``; ``slopes`` ``(nheads,)`` or
-    ``(batch, nheads)``, ``start``/``end`` int ``(batch,)``."""
-    batch = end.shape[0]
-    start, end = start.long(), end.long()
-    col = torch.arange(seqlen_k, device=end.device)[None, None, :]
-    row = torch.arange(seqlen_q, device=end.device)[None, :, None]
-    diag = row + (end - start)[:, None, None] - seqlen_q
-    distance = (diag - (col - start[:, None, None])).abs().to(dtype)  # (batch, sq, sk)
-    slopes = slopes.to(device=end.device, dtype=dtype)
-    if slopes.dim() == 1:
-        slopes = slopes[None, :].expand(batch, -1)
-    return -slopes[:, :, None, None] * distance[:, None, :, :]
-
-
 def alibi_bias(
     alibi_slopes: torch.Tensor,
     seqlen_q: int,
@@ -159,12 +104,6 @@ def alibi_bias(
     slopes = check_alibi_slopes(alibi_slopes, batch, heads)
     start, end = key_range(seqlens_k, leftpad_k, batch, seqlen_k, device=slopes.device)
     return alibi_distance_bias(slopes, seqlen_q, seqlen_k, start, end, dtype)
-
-
-def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
-    """Expand ``(batch, seqlen, nheads_k, headdim)`` to ``nheads_k * group`` heads so that
-    query head ``h`` meets KV head ``h // group`` (consecutive query heads share a KV head)."""
-    return x.repeat_interleave(group, dim=2)
 
 
 def gqa_attention(q, k, v, *, mask=None, softmax_scale=None):

@@ -13,6 +13,11 @@ import torch
 
 from .validation import ArgumentError
 
+__all__ = [
+    "apply_rotary",
+    "rotary_tables",
+]
+
 
 def rotary_tables(
     seqlen: int, rotary_dim: int, base: float = 10000.0, *, dtype=torch.float32, device=None

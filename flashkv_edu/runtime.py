@@ -21,6 +21,29 @@ import warnings
 
 import torch
 
+from .validation import BACKENDS, check_backend
+
+__all__ = [
+    "BACKENDS",
+    "DEVICE",
+    "HAS_CUDA",
+    "HAS_TRITON",
+    "INTERPRET",
+    "LATE_TRITON_HINT",
+    "TRITON_MISSING_HINT",
+    "TRITON_TOO_LATE",
+    "TRITON_VERSION",
+    "canary_kernel",
+    "describe",
+    "require_triton",
+    "resolve_backend",
+    "run_canary",
+    "seed_everything",
+    "setup_notebook",
+    "tl",
+    "triton",
+]
+
 HAS_CUDA: bool = torch.cuda.is_available()
 
 _TRITON_ALREADY_IMPORTED = "triton.language" in sys.modules
@@ -68,9 +91,6 @@ def require_triton() -> None:
         raise RuntimeError(TRITON_MISSING_HINT)
 
 
-BACKENDS = ("auto", "triton", "torch")
-
-
 def resolve_backend(backend, device) -> str:
     """What ``backend=`` means for tensors on ``device``: ``"triton"`` or ``"torch"``.
 
@@ -78,10 +98,7 @@ def resolve_backend(backend, device) -> str:
     everywhere else (Triton's interpreter is exact but hundreds of times slower, so it runs
     only when asked for with ``"triton"``, as the kernel notebooks do).
     """
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        from .validation import ArgumentError
-
-        raise ArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     on_cuda = torch.device(device).type == "cuda"
     if backend == "auto":
         return "triton" if (HAS_TRITON and on_cuda and not INTERPRET) else "torch"
@@ -113,7 +130,7 @@ def describe() -> str:
 if HAS_TRITON:
 
     @triton.jit
-    def _canary_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    def canary_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask)
@@ -132,7 +149,7 @@ def run_canary() -> bool:
         return False
     x = torch.arange(37, dtype=torch.float32, device=DEVICE)
     y = torch.full_like(x, float("nan"))
-    _canary_kernel[(3,)](x, y, x.numel(), BLOCK=16)
+    canary_kernel[(3,)](x, y, x.numel(), BLOCK=16)
     if not torch.equal(y, 2 * x + 1):
         raise RuntimeError(
             "The Triton canary kernel computed wrong numbers (expected y = 2x + 1). Triton's "

@@ -21,13 +21,24 @@ import torch
 from .api import flash_attn_with_kvcache
 from .model import TinyDecoder
 from .offload import KVLostError, StoreFullError
-from .paged import OutOfBlocksError, PagedKVCache, SwappedSequence, _token_ids
+from .paged import OutOfBlocksError, PagedKVCache, SwappedSequence, token_ids
 from .runtime import resolve_backend
 from .validation import ArgumentError, ArgumentTypeError, check_int, check_positive
 
+__all__ = [
+    "PREEMPTION_MODES",
+    "PagedContext",
+    "Request",
+    "ServeTrace",
+    "decode_step",
+    "new_paged_cache",
+    "paged_step",
+    "serve",
+]
+
 
 def _check_tokens(model: TinyDecoder, name: str, tokens) -> list[int]:
-    ids = _token_ids(name, tokens)
+    ids = token_ids(name, tokens)
     vocab = model.cfg.vocab_size
     if any(t >= vocab for t in ids):
         raise ArgumentError(f"{name} holds token ids >= the model's vocabulary size {vocab}: {ids}")
@@ -112,7 +123,7 @@ def paged_step(
     if len(set(slots)) != len(slots):
         raise ArgumentError(f"slots must not repeat a slot, got {slots}")
     for slot in slots:
-        cache._slot(slot)
+        cache.sequence(slot)
     if not isinstance(tokens, (list, tuple)) or len(tokens) != len(slots):
         raise ArgumentError(f"tokens must be a list with one list of token ids per slot ({len(slots)}), got {tokens!r}")
     tokens = [_check_tokens(model, f"tokens[{i}]", t) for i, t in enumerate(tokens)]
@@ -129,7 +140,7 @@ def paged_step(
                 f"slot {slot} holds {cache.seqs[slot].length} tokens; {n} more exceed the "
                 f"{limit} a sequence can hold (block table and the model's rotary table)"
             )
-        need += cache._plan(cache.seqs[slot], n)[0]
+        need += cache.blocks_needed(slot, n)
     if need > cache.allocator.num_free:
         raise OutOfBlocksError(f"this step needs {need} free blocks, {cache.allocator.num_free} are free")
     # Everything is checked; the reservations below cannot fail.
@@ -348,7 +359,7 @@ class _ServeLoop:
             events: list[str] = []
             self.admit(events)
             active = [r for r in self.running if len(r.output) < r.max_new_tokens]
-            while active and sum(cache._plan(cache.seqs[r.slot], 1)[0] for r in active) > cache.allocator.num_free:
+            while active and sum(cache.blocks_needed(r.slot, 1) for r in active) > cache.allocator.num_free:
                 victim = max(active, key=lambda r: (r.admitted, self.order[id(r)]))
                 self.preempt(victim, events)
                 active.remove(victim)

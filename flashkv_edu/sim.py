@@ -30,6 +30,21 @@ from dataclasses import dataclass
 
 from .cli import float_in, int_in
 
+__all__ = [
+    "CAPACITY",
+    "MAX_LEN",
+    "PAPER",
+    "PAPER_FIG2",
+    "BuddyAllocator",
+    "FirstFitAllocator",
+    "Request",
+    "SimResult",
+    "compare",
+    "format_results",
+    "sharegpt_like_workload",
+    "simulate",
+]
+
 MAX_LEN = 2048
 CAPACITY = 16384
 

@@ -19,6 +19,21 @@ import torch
 
 from .validation import ArgumentError, check_int, check_positive
 
+__all__ = [
+    "A100",
+    "GPU",
+    "H100",
+    "DecodeModel",
+    "block_n_for",
+    "choose_num_splits",
+    "combine_splits_torch",
+    "gpu_for",
+    "model_decode",
+    "num_splits_heuristic",
+    "roofline_seconds",
+    "waves",
+]
+
 
 @dataclass(frozen=True)
 class GPU:

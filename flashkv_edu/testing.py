@@ -1,8 +1,11 @@
-"""Comparison helpers shared by the tests, the exercise checks and the notebooks."""
+"""Comparison helpers of the tests and the notebooks: an exact max error and FlashAttention's
+tolerance rule."""
 
 from __future__ import annotations
 
 import torch
+
+__all__ = ["max_abs_err", "within_fa_tolerance"]
 
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -22,10 +25,3 @@ def within_fa_tolerance(
     own precision (its natural rounding error). FA uses ``mult = 3``, or 5 with ALiBi.
     """
     return max_abs_err(out, out_ref) <= mult * max_abs_err(out_lowp, out_ref) + atol
-
-
-def verdict(name: str, ok: bool, detail: str = "") -> bool:
-    """Print a one-line verdict (``check_x: PASS (detail)``) and return ``ok``."""
-    tail = f" ({detail})" if detail else ""
-    print(f"{name}: {'PASS' if ok else 'FAIL'}{tail}")
-    return ok

@@ -25,7 +25,16 @@ import torch
 import torch.nn.functional as F
 
 from .call import KVCacheCall
+from .masks import alibi_distance_bias, visible_keys
 from .validation import SCALE_NONE
+
+__all__ = [
+    "FUSED_MAX_DECODE_KEYS",
+    "FUSED_MAX_PAGED_GATHER_BYTES",
+    "FUSED_MIN_ROWS",
+    "attention_over_cache",
+    "uses_fused_kernel",
+]
 
 # When PyTorch's fused kernel beats per-KV-head matmuls on a 2-core CPU (fp32; measured side by side,
 # see `python -m flashkv_edu.bench api` and `bench hf`): from 32 query rows per KV head (prefill), or
@@ -132,36 +141,13 @@ def _cache_views(k_cache, v_cache, call: KVCacheCall):
 
 
 def _keep(sq: int, s: int, window, start: torch.Tensor | None, end: torch.Tensor | None, device) -> torch.Tensor:
-    """Which of the columns ``[0, s)`` each query row sees: bool ``(sq, s)`` when every row has the
-    keys ``[0, s)`` (``start``/``end`` None), else ``(batch, sq, s)`` for per-row ``[start, end)``.
-    Bottom-right aligned: query row ``i`` sits on key ``i + n - sq`` of its ``n`` keys."""
-    left, right = window
-    i = torch.arange(sq, device=device)[:, None]
-    j = torch.arange(s, device=device)[None, :]
+    """Which of the columns ``[0, s)`` each query row sees (:func:`~flashkv_edu.masks.visible_keys`):
+    bool ``(sq, s)`` when every row has the keys ``[0, s)`` (``start``/``end`` None), else
+    ``(batch, sq, s)`` for per-row ``[start, end)``."""
     if start is None:
-        offset = j - i - (s - sq)  # key index minus the query's diagonal
-        keep = torch.ones(sq, s, dtype=torch.bool, device=device)
-    else:
-        first = start.long()[:, None, None]
-        n = end.long()[:, None, None] - first
-        offset = j[None] - first - i[None] - (n - sq)
-        keep = (j[None] >= first) & (j[None] < first + n)
-    if right >= 0:
-        keep = keep & (offset <= right)
-    if left >= 0:
-        keep = keep & (offset >= -left)
-    return keep
-
-
-def _alibi(slopes: torch.Tensor, sq: int, s: int, start, end, batch: int) -> torch.Tensor:
-    """ALiBi's ``-slope * |diagonal - key|`` as fp32 ``(batch, nheads, sq, s)``."""
-    first = start.long()[:, None, None]
-    n = end.long()[:, None, None] - first
-    i = torch.arange(sq, device=slopes.device)[None, :, None]
-    j = torch.arange(s, device=slopes.device)[None, None, :]
-    distance = (i + n - sq - (j - first)).abs().float()  # (batch, sq, s)
-    slopes = slopes if slopes.dim() == 2 else slopes[None].expand(batch, -1)
-    return -slopes[:, :, None, None] * distance[:, None]
+        whole = torch.tensor([0, s], device=device)
+        return visible_keys(sq, s, window, whole[:1], whole[1:])[0]
+    return visible_keys(sq, s, window, start, end)
 
 
 # --- the two engines ----------------------------------------------------------------------------------
@@ -193,7 +179,7 @@ def _own_kernel(q, k, v, call: KVCacheCall, start, end, s: int):
     if call.softcap > 0:
         z = call.softcap * torch.tanh(z / call.softcap)
     if call.alibi_slopes is not None:
-        z = z + _alibi(call.alibi_slopes, sq, s, start, end, b).view(b, hk, g, sq, s)
+        z = z + alibi_distance_bias(call.alibi_slopes, sq, s, start, end).view(b, hk, g, sq, s)
     if keep is not None:
         z = z.masked_fill(~keep[:, None, None], float("-inf"))
     lse = torch.logsumexp(z, dim=-1)  # -inf where a row sees nothing

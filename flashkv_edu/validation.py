@@ -1,7 +1,8 @@
 """The one normaliser of arguments: every public function checks its inputs here.
 
-Each rule lives once: causal -> window, the default softmax scale, lengths and key ranges,
-cache capacity and page size, block tables, ALiBi slopes, positive integers. Errors name the
+Each argument rule lives once, here: causal -> window, the default softmax scale, lengths and key
+ranges, cache capacity and page size, block tables, ALiBi slopes, sinks, descales, backends, integers.
+(Which keys a query sees, once the arguments are normal, is :mod:`flashkv_edu.masks`.) Errors name the
 argument and say what was expected. They are :class:`ArgumentError` (a ``ValueError``) or
 :class:`ArgumentTypeError` (a ``TypeError``), and both are also ``RuntimeError``, which is what
 FlashAttention raises, so ``except RuntimeError`` written for FlashAttention catches them too.
@@ -17,6 +18,43 @@ import numbers
 from collections.abc import Callable, Sequence
 
 import torch
+
+__all__ = [
+    "BACKENDS",
+    "check_backend",
+    "FLOAT_DTYPES",
+    "QUANTIZED_CACHE_DTYPES",
+    "SCALE_NONE",
+    "SCALE_PER_HEAD",
+    "SCALE_PER_TOKEN",
+    "ArgumentError",
+    "ArgumentTypeError",
+    "DeviceChecks",
+    "check_alibi_slopes",
+    "check_attention_inputs",
+    "check_block_table",
+    "check_bool",
+    "check_cache_descales",
+    "check_cache_shapes",
+    "check_float_tensor",
+    "check_int",
+    "check_lengths",
+    "check_num_splits",
+    "check_positive",
+    "check_power_of_two",
+    "check_qkv_shapes",
+    "check_same",
+    "check_sink",
+    "check_softcap",
+    "check_tensor",
+    "check_window",
+    "key_range",
+    "normalize_window",
+    "range_message",
+    "skip_value_checks",
+    "softmax_scale_for",
+    "value_checks_on",
+]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -180,6 +218,16 @@ def check_power_of_two(name: str, value, *, low: int = 16) -> int:
 
 
 # --- attention arguments ---------------------------------------------------------------------
+
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def check_backend(backend) -> str:
+    """``backend=`` is one of :data:`BACKENDS` (what it means on a device: ``runtime.resolve_backend``)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def check_window(window_size) -> tuple[int, int]:

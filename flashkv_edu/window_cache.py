@@ -21,7 +21,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .validation import ArgumentError, ArgumentTypeError, check_same, check_tensor
+from .validation import ArgumentError, ArgumentTypeError, check_int, check_same, check_tensor
+
+__all__ = [
+    "ReplicaPre910",
+    "ReplicaV01",
+    "ReplicaV020",
+    "SlidingWindowCache",
+    "Trace",
+    "position_chunk",
+    "run_chunks",
+    "window_update",
+]
 
 
 class _LayeredCache:
@@ -175,11 +186,7 @@ class SlidingWindowCache(_LayeredCache):
     def _check_window(window):
         if window is None:
             return None
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ArgumentError(
-                f"window_size must be None or an int >= 1 (tokens kept, current one included), got {window!r}"
-            )
-        return window
+        return check_int("window_size (None, or the tokens kept, current one included)", window, low=1)
 
     def window(self, layer_idx: int = 0) -> int | None:
         """The window of ``layer_idx`` (None = full attention)."""
@@ -194,8 +201,7 @@ class SlidingWindowCache(_LayeredCache):
                 f"{tuple(key_states.shape)} and {tuple(value_states.shape)}"
             )
         check_same(("key_states", "value_states"), (key_states, value_states), "dtype")
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
-            raise ArgumentError(f"layer_idx must be an int >= 0, got {layer_idx!r}")
+        check_int("layer_idx", layer_idx, low=0)
         old = self.states.get(layer_idx)
         if old is not None:
             k = old[0]

@@ -12,7 +12,8 @@ from contract import Case, case_registry, refused_unchanged
 
 from flashkv_edu import flash_attn_with_kvcache
 from flashkv_edu.cache import KVCache
-from flashkv_edu.kernels.decode import combine_splits, decode_attention_triton
+from flashkv_edu.kernels.combine import combine_splits
+from flashkv_edu.kernels.decode import decode_attention_triton
 from flashkv_edu.kernels.forward import attention_triton, simple_attention
 from flashkv_edu.model import ModelConfig, TinyDecoder
 from flashkv_edu.online_softmax import blockwise_attention, merge_many, merge_states

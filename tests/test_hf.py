@@ -17,6 +17,8 @@ import torch
 from transformers import DynamicCache
 
 from flashkv_edu import hf
+from flashkv_edu.hf import cache as hf_cache
+from flashkv_edu.hf import patches as hf_patches
 from flashkv_edu.teach import nb10_transformers_model as nb10
 from flashkv_edu.validation import ArgumentError
 
@@ -305,8 +307,8 @@ def test_the_alias_keeps_working_and_falcon_reaches_flashkv_edu(monkeypatch):
     alias = AutoModelForCausalLM.from_config(nb10.tiny_config("llama"), attn_implementation=hf.ALIAS).eval()
     assert alias.config._attn_implementation == hf.ALIAS
     calls = []
-    real = hf.attention
-    monkeypatch.setattr(hf, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = hf_patches.attention  # the name Falcon's patched class calls
+    monkeypatch.setattr(hf_patches, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     _, falcon = _pair("falcon")
     falcon(input_ids=torch.tensor([[3, 4, 5]]))
     assert len(calls) == falcon.config.num_hidden_layers
@@ -322,8 +324,8 @@ def test_a_decode_step_is_checked_once_per_kind_of_layer(name, checks_per_step, 
     ids, mask = _prompts(3)
     want = _generate(eager, ids, mask, DynamicCache(config=eager.config))
     calls = []
-    real = hf.check_kvcache_call
-    monkeypatch.setattr(hf, "check_kvcache_call", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    real = hf_cache.check_kvcache_call
+    monkeypatch.setattr(hf_cache, "check_kvcache_call", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     got = _generate(ours, ids, mask, hf.FlashKVCache(ours.config, 3, 64, page_size=page_size))
     assert torch.equal(got.sequences, want.sequences)
     assert ours.config.num_hidden_layers == 2

@@ -12,11 +12,11 @@ from flashkv_edu.paged import (
     OutOfBlocksError,
     PagedKVCache,
     gather_paged,
-    paged_attention_torch,
     slot_mapping,
 )
 from flashkv_edu.reference import attention_ref
 from flashkv_edu.sim import BuddyAllocator, FirstFitAllocator, compare, format_results
+from flashkv_edu.teach.nb06_paged_block_tables import paged_attention_torch
 from flashkv_edu.testing import max_abs_err
 from flashkv_edu.validation import ArgumentError
 

@@ -14,8 +14,8 @@ from flashkv_edu.cache import MODEL_SHAPES
 from flashkv_edu.kernels import decode as D
 from flashkv_edu.kernels.common import e4m3_to_float
 from flashkv_edu.paged import gather_paged, scatter_to_pages
+from flashkv_edu.quant_eval import attention_through_cache
 from flashkv_edu.runtime import tl, triton
-from flashkv_edu.teach import nb09_precision_and_quantized_caches as nb09
 from flashkv_edu.testing import max_abs_err, within_fa_tolerance
 from flashkv_edu.validation import ArgumentError
 
@@ -228,7 +228,7 @@ def test_the_streaming_integer_cache_stores_what_the_scheme_says(name):
     q = _x(3, (b, 1, 4, d))
     want = fk.attention_ref(q, kd, vd, seqlens_k=cache.cache_seqlens, causal=True)
     assert _close(cache.attention(q, causal=True), want)
-    if cache._raw_int8:  # int8 codes and per-token scales go straight into the kernel
+    if cache.raw_int8:  # int8 codes and per-token scales go straight into the kernel
         assert _close(cache.attention(q, causal=True, backend="triton"), want)
     with pytest.raises(ArgumentError, match="overflow"):
         cache.append(k[:, :29], v[:, :29])
@@ -259,7 +259,7 @@ def test_attention_through_cache_matches_the_streaming_cache_row_by_row():
     b, L, hk, h, d = 1, 80, 2, 4, 32
     q, k, v = _x(4, (b, L, h, d)) / 4, _x(5, (b, L, hk, d)), _x(6, (b, L, hk, d))
     k, v = k.half().float(), v.half().float()
-    full = nb09.attention_through_cache(q, k, v, s)
+    full = attention_through_cache(q, k, v, s)
     cache = Q.QuantizedKVCache(b, 96, hk, d, s)
     for t in range(L):
         cache.append(k[:, t : t + 1], v[:, t : t + 1])

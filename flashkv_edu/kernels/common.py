@@ -15,6 +15,27 @@ from .. import runtime
 from ..call import MAX_HEADDIM as CALL_MAX_HEADDIM
 from ..runtime import tl, triton
 
+__all__ = [
+    "MAX_HEADDIM",
+    "SCALE_NONE",
+    "SCALE_PER_HEAD",
+    "SCALE_PER_TOKEN",
+    "SUPPORTED_DTYPES",
+    "block_d",
+    "check_row_offsets",
+    "decode_block_n",
+    "default_blocks",
+    "default_warps",
+    "dot_in_fp32",
+    "e4m3_to_float",
+    "key_range_kernel",
+    "next_pow2",
+    "online_softmax_step",
+    "output_dtype",
+    "tanh_softcap",
+    "visible_key_range",
+]
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = CALL_MAX_HEADDIM["triton"]
 
@@ -110,6 +131,33 @@ if runtime.HAS_TRITON:
         val = tl.where(e == 0, m * 0.001953125, (1.0 + m * 0.125) * tl.exp2((e - 7).to(tl.float32)))
         val = tl.where((e == 15) & ((b & 7) == 7), float("nan"), val)
         return tl.where((b & 128) != 0, -val, val)
+
+    @triton.jit
+    def visible_key_range(first, last, sk, seqlen_q, window_left, window_right, BLOCK_N: tl.constexpr):
+        """The loop bounds of every kernel: ``[lo, hi)``, the keys that some query row ``first ..
+        last`` can see among ``sk`` valid keys, with bottom-right masks (row ``i`` on the diagonal
+        ``i + sk - seqlen_q``; ``window_left``/``window_right`` -1 for infinite). ``lo`` is rounded
+        down to a tile of ``BLOCK_N`` keys, so key tiles that no row sees are never visited."""
+        lo = 0
+        hi = sk
+        if window_right >= 0:
+            hi = tl.minimum(sk, last + sk - seqlen_q + window_right + 1)
+        if window_left >= 0:
+            lo = (tl.maximum(0, first + sk - seqlen_q - window_left) // BLOCK_N) * BLOCK_N
+        return lo, hi
+
+    @triton.jit
+    def key_range_kernel(LO, HI, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):  # fmt: skip
+        """:func:`visible_key_range` of query tile ``program_id(0)`` (rows ``m * BLOCK_M ..
+        m * BLOCK_M + BLOCK_M - 1``), stored in ``LO[m]`` and ``HI[m]``: what
+        :func:`~flashkv_edu.kernels.forward.tile_schedule` draws."""
+        m = tl.program_id(0)
+        sk = seqlen_k + 0 * m  # a run-time value, as the kernels' loaded lengths are
+        lo, hi = visible_key_range(m * BLOCK_M, m * BLOCK_M + BLOCK_M - 1, sk, seqlen_q, window_left, window_right,
+                                   BLOCK_N)  # fmt: skip
+        tl.store(LO + m, lo)
+        tl.store(HI + m, hi)
 
     @triton.jit
     def online_softmax_step(

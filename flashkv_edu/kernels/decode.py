@@ -13,23 +13,22 @@ chunk writes 0 and -inf) that the combine step of notebook 07 merges.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .. import runtime
-from ..call import KVCacheCall, check_kvcache_call
+from ..call import APPEND_ARGUMENTS, DEFAULTS, KVCacheCall, check_kvcache_call
 from ..runtime import tl, triton
 from ..validation import SCALE_PER_HEAD as SCALE_PER_HEAD_MODE
 from ..validation import SCALE_PER_TOKEN as SCALE_PER_TOKEN_MODE
 from ..validation import (
-    ArgumentError,
     ArgumentTypeError,
     check_bool,
     check_power_of_two,
-    check_same,
-    check_tensor,
 )
+from .combine import combine_splits
 from .common import (
-    SUPPORTED_DTYPES,
     block_d,
     check_row_offsets,
     decode_block_n,
@@ -39,8 +38,30 @@ from .common import (
     output_dtype,
 )
 
+__all__ = [
+    "READ_ARGUMENTS",
+    "add_sink",
+    "decode_attention_triton",
+    "decode_kernel",
+    "decode_over_cache",
+    "dequantize",
+    "finish_split",
+    "kv_row_pointers",
+    "launch_decode",
+    "split_range",
+    "split_size_for",
+    "splits_for",
+]
+
 if runtime.HAS_TRITON:
-    from .common import SCALE_NONE, SCALE_PER_HEAD, SCALE_PER_TOKEN, e4m3_to_float, online_softmax_step
+    from .common import (
+        SCALE_NONE,
+        SCALE_PER_HEAD,
+        SCALE_PER_TOKEN,
+        e4m3_to_float,
+        online_softmax_step,
+        visible_key_range,
+    )
 
     @triton.jit
     def split_range(split, split_size, seqlen_k):
@@ -156,10 +177,9 @@ if runtime.HAS_TRITON:
         lo, hi = split_range(split, split_size, sk)
         first_tok = (pid_m * BLOCK_M) // GROUP
         last_tok = tl.minimum(seqlen_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // GROUP)
-        if window_right >= 0:
-            hi = tl.minimum(hi, last_tok + sk - seqlen_q + window_right + 1)
-        if window_left >= 0:
-            lo = tl.maximum(lo, (tl.maximum(0, first_tok + sk - seqlen_q - window_left) // BLOCK_N) * BLOCK_N)
+        seen_lo, seen_hi = visible_key_range(first_tok, last_tok, sk, seqlen_q, window_left, window_right, BLOCK_N)
+        lo = tl.maximum(lo, seen_lo)
+        hi = tl.minimum(hi, seen_hi)
 
         slope = tl.zeros([BLOCK_M], tl.float32)
         if HAS_ALIBI:
@@ -220,60 +240,6 @@ if runtime.HAS_TRITON:
         tl.store(LSE_seq + head * stride_lh + tok, lse, mask=row_ok)
         tl.store(TILES + (split * tl.num_programs(0) + pid) * tl.num_programs(2) + pid_m, tiles)
 
-    @triton.jit
-    def combine_kernel(
-        OACC,
-        LACC,
-        O,
-        LSE,
-        stride_as,
-        stride_ab,
-        stride_aq,
-        stride_ah,
-        stride_ls,
-        stride_lb,
-        stride_lh,
-        stride_ob,
-        stride_oq,
-        stride_oh,
-        stride_fb,
-        stride_fh,
-        num_splits,
-        nheads,
-        seqlen_q,
-        headdim,
-        BLOCK_S: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        """Merge ``num_splits`` partial states of one (batch, query token, head) row:
-        ``L = M + log sum_s exp(lse_s - M)``, ``out = sum_s exp(lse_s - L) out_s``; a row whose
-        splits are all empty gets out 0 and LSE +inf."""
-        pid = tl.program_id(0)
-        b = (pid // (seqlen_q * nheads)).to(tl.int64)  # 64-bit base offsets
-        t = (pid // nheads) % seqlen_q
-        h = pid % nheads
-        s = tl.arange(0, BLOCK_S)
-        dims = tl.arange(0, BLOCK_D)
-        s_ok = s < num_splits
-        row_lse = LACC + b * stride_lb + h * stride_lh + t
-        row_acc = OACC + b * stride_ab + t * stride_aq + h * stride_ah
-        lse = tl.load(row_lse + s.to(tl.int64) * stride_ls, mask=s_ok, other=float("-inf"))
-        top = tl.max(lse, 0)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        w = tl.exp(lse - top)
-        total = tl.sum(w, 0)
-        parts = tl.load(
-            (row_acc + s.to(tl.int64) * stride_as)[:, None] + dims[None, :],
-            mask=s_ok[:, None] & (dims[None, :] < headdim),
-            other=0.0,
-        )
-        out = tl.sum(w[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
-        final = tl.where(total == 0.0, float("inf"), top + tl.log(tl.where(total == 0.0, 1.0, total)))
-        tl.store(
-            O + b * stride_ob + t * stride_oq + h * stride_oh + dims, out.to(O.dtype.element_ty), mask=dims < headdim
-        )
-        tl.store(LSE + b * stride_fb + h * stride_fh + t, final)
-
 
 def _needs_fp8_bits(device: torch.device) -> bool:
     """Whether fp8 e4m3 must be decoded in software: GPUs before sm_89 have no conversion
@@ -306,32 +272,25 @@ def decode_attention_triton(
     v_cache,
     cache_seqlens,
     *,
-    cache_leftpad=None,
-    cache_batch_idx=None,
-    block_table=None,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    alibi_slopes=None,
     num_splits=1,
     block_n=None,
     return_lse=False,
     return_tile_counts=False,
     return_partials=False,
-    k_descale=None,
-    v_descale=None,
+    **arguments,
 ):
     """Attention of ``q`` ``(batch, seqlen_q, nheads, headdim)`` against a KV cache, through
-    :func:`decode_kernel` (and :func:`combine_kernel` when ``num_splits > 1``).
+    `decode_kernel` (and :func:`~flashkv_edu.kernels.combine.combine_kernel` when ``num_splits > 1``).
 
-    The arguments are ``flash_attn_with_kvcache``'s without the append, checked by the same
-    :func:`~flashkv_edu.call.check_kvcache_call`: sequence ``b`` sees the keys at absolute cache
-    rows ``[cache_leftpad[b], cache_seqlens[b])`` in cache row ``cache_batch_idx[b]`` (default
-    ``b``) of a contiguous cache ``(batch_cache, capacity, nheads_k, headdim)``, or, with
-    ``block_table`` ``(batch, max_blocks)`` int32, at ``k_cache[block_table[b, p // page], p %
-    page]`` of a paged cache ``(num_blocks, page, nheads_k, headdim)`` (any page size). Masks,
-    softcap, ALiBi and the empty-row rule are :func:`flashkv_edu.attention_ref`'s.
+    The arguments are ``flash_attn_with_kvcache``'s without the append (:data:`READ_ARGUMENTS`:
+    ``cache_leftpad``, ``cache_batch_idx``, ``block_table``, ``softmax_scale``, ``causal``,
+    ``window_size``, ``softcap``, ``alibi_slopes``, ``k_descale``, ``v_descale``,
+    ``learnable_sink``), checked by the same :func:`~flashkv_edu.call.check_kvcache_call`: sequence
+    ``b`` sees the keys at absolute cache rows ``[cache_leftpad[b], cache_seqlens[b])`` in cache row
+    ``cache_batch_idx[b]`` (default ``b``) of a contiguous cache ``(batch_cache, capacity, nheads_k,
+    headdim)``, or, with ``block_table`` ``(batch, max_blocks)`` int32, at ``k_cache[block_table[b,
+    p // page], p % page]`` of a paged cache ``(num_blocks, page, nheads_k, headdim)`` (any page
+    size). Masks, softcap, ALiBi and the empty-row rule are :func:`flashkv_edu.attention_ref`'s.
     ``num_splits``: 1 .. 128, or 0 for FlashAttention 2's heuristic.
 
     A quantized cache (notebook 09) is dequantized tile by tile inside the kernel, real value =
@@ -354,25 +313,22 @@ def decode_attention_triton(
         check_bool(name, flag)
     if block_n is not None:
         block_n = check_power_of_two("block_n", block_n)
+    not_here = sorted(set(arguments) & {*APPEND_ARGUMENTS, "backend", "return_softmax_lse", "cache_seqlens"})
+    if not_here:
+        raise ArgumentTypeError(
+            f"decode_attention_triton reads a cache and appends nothing; {', '.join(not_here)} belong to "
+            "flash_attn_with_kvcache (the LSE is return_lse here)"
+        )
     call = check_kvcache_call(
         q,
         k_cache,
         v_cache,
         cache_seqlens=cache_seqlens,
-        cache_batch_idx=cache_batch_idx,
-        cache_leftpad=cache_leftpad,
-        block_table=block_table,
-        softmax_scale=softmax_scale,
-        causal=causal,
-        window_size=window_size,
-        softcap=softcap,
-        alibi_slopes=alibi_slopes,
         num_splits=num_splits,
         return_softmax_lse=return_lse,
-        k_descale=k_descale,
-        v_descale=v_descale,
         backend="triton",
         per_token_scales=True,
+        **arguments,
     )
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_row_offsets(name, t)
@@ -385,6 +341,24 @@ def decode_attention_triton(
     if return_partials and partials is not None:
         result += list(partials)
     return result[0] if len(result) == 1 else tuple(result)
+
+
+# What the decode kernel's entry point takes of flash_attn_with_kvcache's keywords (call.DEFAULTS):
+# everything that reads a cache, nothing that appends.
+TENSORS = ("q", "k_cache", "v_cache", "cache_seqlens")
+READ_ARGUMENTS = tuple(
+    name
+    for name in DEFAULTS
+    if name not in (*APPEND_ARGUMENTS, "cache_seqlens", "num_splits", "return_softmax_lse", "backend")
+)
+decode_attention_triton.__signature__ = inspect.Signature(
+    [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in TENSORS]
+    + [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d)
+        for n, d in [("num_splits", 1), ("block_n", None), ("return_lse", False), ("return_tile_counts", False),
+                     ("return_partials", False)] + [(n, DEFAULTS[n]) for n in READ_ARGUMENTS]
+    ]
+)  # fmt: skip
 
 
 def decode_over_cache(q, k_cache, v_cache, call: KVCacheCall):
@@ -517,54 +491,3 @@ def launch_decode(q, k_cache, v_cache, call: KVCacheCall, *, block_n: int | None
         partials = (o_buf, l_buf)
         out, lse = combine_splits(o_buf, l_buf, q.dtype)
     return out.to(q.dtype), lse, tiles, partials
-
-
-def combine_splits(out_partial: torch.Tensor, lse_partial: torch.Tensor, out_dtype=torch.float32):
-    """Merge per-split states with :func:`combine_kernel`: ``out_partial`` fp32 ``(splits,
-    batch, seqlen_q, nheads, headdim)``, ``lse_partial`` fp32 ``(splits, batch, nheads,
-    seqlen_q)`` (-inf for empty splits). Returns ``out`` ``(batch, seqlen_q, nheads, headdim)``
-    in ``out_dtype`` and ``lse`` ``(batch, nheads, seqlen_q)``; rows with no key: 0 and +inf."""
-    check_tensor("out_partial", out_partial, ndim=5, dtypes=(torch.float32,))
-    check_tensor("lse_partial", lse_partial, ndim=4, dtypes=(torch.float32,))
-    runtime.resolve_backend("triton", out_partial.device)
-    check_same(("out_partial", "lse_partial"), (out_partial, lse_partial), "device")
-    if out_dtype not in SUPPORTED_DTYPES:
-        raise ArgumentTypeError(f"out_dtype must be fp16, bf16 or fp32, got {out_dtype}")
-    splits, b, sq, h, d = out_partial.shape
-    if min(out_partial.shape) == 0:
-        raise ArgumentError(f"out_partial must have no empty dimension, got {tuple(out_partial.shape)}")
-    if splits > 128:
-        raise ArgumentError(f"out_partial holds {splits} splits; at most 128 are combined")
-    if tuple(lse_partial.shape) != (splits, b, h, sq):
-        raise ArgumentError(
-            f"lse_partial must have shape (splits, batch, nheads, seqlen_q) = {(splits, b, h, sq)}, "
-            f"got {tuple(lse_partial.shape)}"
-        )
-    out_partial = out_partial if out_partial.stride(-1) == 1 else out_partial.contiguous()
-    out = torch.empty(b, sq, h, d, dtype=output_dtype(out_dtype), device=out_partial.device)
-    lse = torch.empty(b, h, sq, dtype=torch.float32, device=out_partial.device)
-    combine_kernel[(b * sq * h,)](
-        out_partial,
-        lse_partial,
-        out,
-        lse,
-        out_partial.stride(0),
-        out_partial.stride(1),
-        out_partial.stride(2),
-        out_partial.stride(3),
-        lse_partial.stride(0),
-        lse_partial.stride(1),
-        lse_partial.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        splits,
-        h,
-        sq,
-        d,
-        BLOCK_S=max(2, next_pow2(splits)),
-        BLOCK_D=block_d(d),
-    )
-    return out.to(out_dtype), lse

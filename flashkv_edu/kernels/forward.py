@@ -37,8 +37,16 @@ from .common import (
     output_dtype,
 )
 
+__all__ = [
+    "attention_fwd_kernel",
+    "attention_triton",
+    "simple_attention",
+    "simple_attention_kernel",
+    "tile_schedule",
+]
+
 if runtime.HAS_TRITON:
-    from .common import online_softmax_step
+    from .common import online_softmax_step, visible_key_range
 
     @triton.jit
     def attention_fwd_kernel(
@@ -101,13 +109,9 @@ if runtime.HAS_TRITON:
         q = tl.load(Q_bh + rows[:, None] * stride_qs + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         diag = rows + sk - seqlen_q  # bottom-right alignment
         # Loop bounds: key tiles entirely outside every row's window are never visited.
-        lo = 0
-        hi = sk
-        if window_right >= 0:
-            hi = tl.minimum(sk, pid_m * BLOCK_M + BLOCK_M - 1 + sk - seqlen_q + window_right + 1)
-        if window_left >= 0:
-            lo = tl.maximum(0, pid_m * BLOCK_M + sk - seqlen_q - window_left)
-        lo = (lo // BLOCK_N) * BLOCK_N
+        lo, hi = visible_key_range(
+            pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, sk, seqlen_q, window_left, window_right, BLOCK_N
+        )
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(SLOPES + b * stride_sb + h)
@@ -254,7 +258,8 @@ def tile_schedule(
     """Which (query tile, key tile) pairs :func:`attention_fwd_kernel` visits, from the same loop
     bounds: int ``(query tiles, key tiles)`` with 0 = skipped by the loop bounds, 1 = visited
     and fully visible, 2 = visited and partly masked (ragged tail or mask edge)."""
-    from ..reference import attention_mask
+    from ..masks import attention_mask
+    from .common import key_range_kernel
 
     seqlen_q = check_int("seqlen_q", seqlen_q, low=1)
     seqlen_k = check_int("seqlen_k", seqlen_k, low=1)
@@ -263,14 +268,10 @@ def tile_schedule(
     left, right = normalize_window(window_size, causal)
     mask = attention_mask(seqlen_q, seqlen_k, window_size=(left, right))
     n_m, n_n = -(-seqlen_q // block_m), -(-seqlen_k // block_n)
+    bounds = torch.empty(2, n_m, dtype=torch.int32, device=runtime.DEVICE)
+    key_range_kernel[(n_m,)](bounds[0], bounds[1], seqlen_q, seqlen_k, left, right, BLOCK_M=block_m, BLOCK_N=block_n)
     grid = torch.zeros(n_m, n_n, dtype=torch.int32)
-    for m in range(n_m):
-        lo, hi = 0, seqlen_k
-        if right >= 0:
-            hi = min(seqlen_k, m * block_m + block_m - 1 + seqlen_k - seqlen_q + right + 1)
-        if left >= 0:
-            lo = max(0, m * block_m + seqlen_k - seqlen_q - left)
-        lo = (lo // block_n) * block_n
+    for m, (lo, hi) in enumerate(bounds.T.tolist()):
         for start in range(lo, max(lo, hi), block_n):
             n = start // block_n
             tile = mask[m * block_m : (m + 1) * block_m, start : start + block_n]

@@ -30,6 +30,24 @@ from pathlib import Path
 from .. import runtime
 from ..cli import file_to_write, int_in
 
+__all__ = [
+    "CONTIGUOUS",
+    "DECODE_PTRS",
+    "DTYPES",
+    "FWD_PTRS",
+    "HEADDIMS",
+    "PAGED_SPLIT",
+    "TABLE",
+    "TABLE_PATH",
+    "TARGETS",
+    "CompileResult",
+    "Variant",
+    "compile_all",
+    "excerpt",
+    "format_table",
+    "variants",
+]
+
 TARGETS = (80, 90)
 DTYPES = ("fp16", "bf16")
 HEADDIMS = (64, 128)
@@ -51,227 +69,105 @@ class CompileResult:
     error: str = ""
 
 
-def _variants():
-    """(kernel name, variant, jit function, pointer types, float args, constexprs, num_warps)
-    for every kernel and setting that is compiled. ``T`` in a pointer type is the data dtype."""
-    from .decode import combine_kernel, decode_kernel
+@dataclass(frozen=True)
+class Variant:
+    """One kernel compiled with one setting: its pointer types (``T`` = the data dtype), the
+    arguments that are floats (the rest are i32), its constexprs and warps."""
+
+    kernel: str
+    variant: str
+    fn: object
+    ptrs: dict
+    floats: tuple
+    consts: dict
+    warps: int
+    dtype: str
+    headdim: int
+    targets: tuple = TARGETS
+
+
+FWD_PTRS = dict(Q="T", K="T", V="T", O="T", LSE="fp32", SLOPES="fp32", SEQLENS_K="i32", LEFTPAD_K="i32", TILES="i32")
+DECODE_PTRS = dict(
+    Q="T", K="T", V="T", O="T", LSE="fp32", SEQLENS="i32", LEFTPAD="i32", BATCH_IDX="i32", BLOCK_TABLE="i32",
+    SLOPES="fp32", SINKS="fp32", TILES="i32", K_SCALE="fp32", V_SCALE="fp32",
+)  # fmt: skip
+PAGED_SPLIT = dict(PAGED=True, SPLIT=True, HAS_BATCH_IDX=False)
+CONTIGUOUS = dict(PAGED=False, SPLIT=False, HAS_BATCH_IDX=True)
+
+# (kernel, variant, pointer types changed from the kernel's, constexprs changed, head dims, targets).
+# Triton has no fp8 e4m3 type before sm_89: there the kernel reads the cache as bytes and decodes
+# them in software ("fp8 as bytes"), on sm_90 it reads fp8 directly.
+TABLE = (
+    ("attention_fwd_kernel", "softcap, window, GQA 4", {}, dict(HAS_SOFTCAP=True), HEADDIMS, TARGETS),
+    ("attention_fwd_kernel", "ALiBi, window, GQA 4", {}, dict(HAS_ALIBI=True), HEADDIMS, TARGETS),
+    ("decode_kernel", "contiguous, GQA 8", {}, CONTIGUOUS, HEADDIMS, TARGETS),
+    ("decode_kernel", "paged + split, GQA 8", dict(O="fp32"), PAGED_SPLIT, HEADDIMS, TARGETS),
+    ("decode_kernel", "ALiBi + softcap, paged", dict(O="fp32"), dict(PAGED_SPLIT, HAS_ALIBI=True, HAS_SOFTCAP=True),
+     HEADDIMS, TARGETS),
+    ("decode_kernel", "sinks, paged + split", dict(O="fp32"), dict(PAGED_SPLIT, HAS_SINK=True), HEADDIMS, TARGETS),
+    ("decode_kernel", "fp8 cache, descales", dict(K="fp8e4nv", V="fp8e4nv"), dict(CONTIGUOUS, KV_SCALE=1), (128,),
+     (90,)),
+    ("decode_kernel", "fp8 as bytes, descales", dict(K="u8", V="u8"), dict(CONTIGUOUS, KV_SCALE=1, FP8_BITS=True),
+     (128,), (80,)),
+    ("decode_kernel", "int8 paged, token scales", dict(K="i8", V="i8", K_SCALE="fp16", V_SCALE="fp16", O="fp32"),
+     dict(PAGED_SPLIT, KV_SCALE=2), (128,), TARGETS),
+    ("combine_kernel", "up to 128 splits", {}, {}, HEADDIMS, TARGETS),
+)  # fmt: skip
+
+
+def _kernel_defaults(kernel: str, d: int) -> tuple[object, dict, tuple, dict, int]:
+    """(jit function, pointer types, float arguments, constexprs, warps) of ``kernel`` at head dim ``d``."""
+    from .combine import combine_kernel
+    from .common import decode_block_n, default_blocks, default_warps
+    from .decode import decode_kernel
     from .forward import attention_fwd_kernel
 
-    out = []
-    from .common import decode_block_n, default_blocks, default_warps
+    bm, bn = default_blocks(d, interpreting=False)
+    if kernel == "attention_fwd_kernel":
+        consts = dict(GROUP=4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, HAS_SOFTCAP=False, HAS_ALIBI=False, DOT_FP32=False)
+        return attention_fwd_kernel, FWD_PTRS, ("scale", "softcap"), consts, default_warps(d)
+    if kernel == "decode_kernel":
+        consts = dict(
+            GROUP=8, BLOCK_M=16, BLOCK_N=decode_block_n(d, interpreting=False), BLOCK_D=d, HAS_LEFTPAD=True,
+            HAS_SOFTCAP=False, HAS_ALIBI=False, DOT_FP32=False, KV_SCALE=0, FP8_BITS=False,
+        )  # fmt: skip
+        return decode_kernel, DECODE_PTRS, ("scale", "softcap"), consts, default_warps(d)
+    ptrs = dict(OACC="fp32", LACC="fp32", O="T", LSE="fp32")
+    return combine_kernel, ptrs, (), dict(BLOCK_S=128, BLOCK_D=d), 4
 
-    for dtype in DTYPES:
-        for d in HEADDIMS:
-            bm, bn = default_blocks(d, interpreting=False)
-            warps = default_warps(d)
-            out.append(
-                (
-                    "attention_fwd_kernel",
-                    "softcap, window, GQA 4",
-                    attention_fwd_kernel,
-                    {
-                        "Q": "T",
-                        "K": "T",
-                        "V": "T",
-                        "O": "T",
-                        "LSE": "fp32",
-                        "SLOPES": "fp32",
-                        "SEQLENS_K": "i32",
-                        "LEFTPAD_K": "i32",
-                        "TILES": "i32",
-                    },
-                    ("scale", "softcap"),
-                    dict(GROUP=4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, HAS_SOFTCAP=True, HAS_ALIBI=False, DOT_FP32=False),
-                    warps,
-                    dtype,
-                    d,
-                )
-            )
-            out.append(
-                (
-                    "attention_fwd_kernel",
-                    "ALiBi, window, GQA 4",
-                    attention_fwd_kernel,
-                    {
-                        "Q": "T",
-                        "K": "T",
-                        "V": "T",
-                        "O": "T",
-                        "LSE": "fp32",
-                        "SLOPES": "fp32",
-                        "SEQLENS_K": "i32",
-                        "LEFTPAD_K": "i32",
-                        "TILES": "i32",
-                    },
-                    ("scale", "softcap"),
-                    dict(GROUP=4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, HAS_SOFTCAP=False, HAS_ALIBI=True, DOT_FP32=False),
-                    warps,
-                    dtype,
-                    d,
-                )
-            )
-            ptrs = {
-                "Q": "T",
-                "K": "T",
-                "V": "T",
-                "O": "T",
-                "LSE": "fp32",
-                "SEQLENS": "i32",
-                "LEFTPAD": "i32",
-                "BATCH_IDX": "i32",
-                "BLOCK_TABLE": "i32",
-                "SLOPES": "fp32",
-                "SINKS": "fp32",
-                "TILES": "i32",
-                "K_SCALE": "fp32",
-                "V_SCALE": "fp32",
-            }
-            common = dict(
-                GROUP=8,
-                BLOCK_M=16,
-                BLOCK_N=decode_block_n(d, interpreting=False),
-                BLOCK_D=d,
-                HAS_LEFTPAD=True,
-                HAS_SOFTCAP=False,
-                HAS_ALIBI=False,
-                DOT_FP32=False,
-                KV_SCALE=0,
-                FP8_BITS=False,
-            )
-            out.append(
-                (
-                    "decode_kernel",
-                    "contiguous, GQA 8",
-                    decode_kernel,
-                    ptrs,
-                    ("scale", "softcap"),
-                    dict(common, PAGED=False, SPLIT=False, HAS_BATCH_IDX=True),
-                    warps,
-                    dtype,
-                    d,
-                )
-            )
-            out.append(
-                (
-                    "decode_kernel",
-                    "paged + split, GQA 8",
-                    decode_kernel,
-                    dict(ptrs, O="fp32"),
-                    ("scale", "softcap"),
-                    dict(common, PAGED=True, SPLIT=True, HAS_BATCH_IDX=False),
-                    warps,
-                    dtype,
-                    d,
-                )
-            )
-            out.append(
-                (
-                    "decode_kernel",
-                    "ALiBi + softcap, paged",
-                    decode_kernel,
-                    dict(ptrs, O="fp32"),
-                    ("scale", "softcap"),
-                    dict(common, PAGED=True, SPLIT=True, HAS_BATCH_IDX=False, HAS_ALIBI=True, HAS_SOFTCAP=True),
-                    warps,
-                    dtype,
-                    d,
-                )
-            )
-            out.append(
-                (
-                    "decode_kernel",
-                    "sinks, paged + split",
-                    decode_kernel,
-                    dict(ptrs, O="fp32"),
-                    ("scale", "softcap"),
-                    dict(common, PAGED=True, SPLIT=True, HAS_BATCH_IDX=False, HAS_SINK=True),
-                    warps,
-                    dtype,
-                    d,
-                )
-            )
-            if d == 128:  # quantized caches (notebook 09), dequantized in the kernel's loop
-                out.append(
-                    (
-                        "decode_kernel",
-                        "fp8 cache, descales",
-                        decode_kernel,
-                        dict(ptrs, K="fp8e4nv", V="fp8e4nv", K_SCALE="fp32", V_SCALE="fp32"),
-                        ("scale", "softcap"),
-                        dict(common, PAGED=False, SPLIT=False, HAS_BATCH_IDX=True, KV_SCALE=1),
-                        warps,
-                        dtype,
-                        d,
-                    )
-                )
-                out.append(
-                    (
-                        "decode_kernel",
-                        "fp8 as bytes, descales",
-                        decode_kernel,
-                        dict(ptrs, K="u8", V="u8", K_SCALE="fp32", V_SCALE="fp32"),
-                        ("scale", "softcap"),
-                        dict(common, PAGED=False, SPLIT=False, HAS_BATCH_IDX=True, KV_SCALE=1, FP8_BITS=True),
-                        warps,
-                        dtype,
-                        d,
-                    )
-                )
-                out.append(
-                    (
-                        "decode_kernel",
-                        "int8 paged, token scales",
-                        decode_kernel,
-                        dict(ptrs, K="i8", V="i8", K_SCALE="fp16", V_SCALE="fp16", O="fp32"),
-                        ("scale", "softcap"),
-                        dict(common, PAGED=True, SPLIT=True, HAS_BATCH_IDX=False, KV_SCALE=2),
-                        warps,
-                        dtype,
-                        d,
-                    )
-                )
-            out.append(
-                (
-                    "combine_kernel",
-                    "up to 128 splits",
-                    combine_kernel,
-                    {"OACC": "fp32", "LACC": "fp32", "O": "T", "LSE": "fp32"},
-                    (),
-                    dict(BLOCK_S=128, BLOCK_D=d),
-                    4,
-                    dtype,
-                    d,
-                )
-            )
+
+def variants() -> list[Variant]:
+    """Every kernel and setting that is compiled: :data:`TABLE` for each dtype and head dim, the
+    teaching kernel of notebook 05 and the runtime's canary."""
     from .common import online_softmax_step
     from .forward import simple_attention_kernel
 
-    out.append(
-        (
-            "simple_attention_kernel",
-            "teaching version",
-            simple_attention_kernel,
-            {"Q": "fp32", "K": "fp32", "V": "fp32", "O": "fp32"},
-            ("scale",),
-            dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=64, STEP=online_softmax_step),
-            4,
-            "fp32",
-            64,
-        )
-    )
-    out.append(
-        (
-            "_canary_kernel",
-            "fp32",
-            runtime._canary_kernel,
-            {"x_ptr": "fp32", "y_ptr": "fp32"},
-            (),
-            dict(BLOCK=16),
-            1,
-            "fp32",
-            0,
-        )
-    )
+    out = []
+    for dtype in DTYPES:
+        for d in HEADDIMS:
+            for kernel, variant, ptrs, consts, headdims, targets in TABLE:
+                if d in headdims:
+                    fn, base_ptrs, floats, base_consts, warps = _kernel_defaults(kernel, d)
+                    out.append(
+                        Variant(
+                            kernel,
+                            variant,
+                            fn,
+                            {**base_ptrs, **ptrs},
+                            floats,
+                            {**base_consts, **consts},
+                            warps,
+                            dtype,
+                            d,
+                            targets,
+                        )  # fmt: skip
+                    )
+    teaching = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=64, STEP=online_softmax_step)
+    fp32 = dict(Q="fp32", K="fp32", V="fp32", O="fp32")
+    out.append(Variant("simple_attention_kernel", "teaching version", simple_attention_kernel, fp32, ("scale",),
+                       teaching, 4, "fp32", 64))  # fmt: skip
+    out.append(Variant("canary_kernel", "fp32", runtime.canary_kernel, dict(x_ptr="fp32", y_ptr="fp32"), (),
+                       dict(BLOCK=16), 1, "fp32", 0))  # fmt: skip
     return out
 
 
@@ -294,7 +190,8 @@ def _compile(index: int, target: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    name, variant, fn, ptrs, floats, consts, warps, dtype, d = _variants()[index]
+    v = variants()[index]
+    fn, ptrs, floats, consts, dtype = v.fn, v.ptrs, v.floats, v.consts, v.dtype
     sig = {}
     for arg in fn.arg_names:
         if arg in consts:
@@ -308,13 +205,13 @@ def _compile(index: int, target: int):
     return runtime.triton.compile(
         ASTSource(fn=fn, signature=sig, constexprs=consts),
         target=GPUTarget("cuda", target, 32),
-        options={"num_warps": warps, "num_stages": 2},
+        options={"num_warps": v.warps, "num_stages": 2},
     )
 
 
 def _compile_one(index: int, target: int) -> CompileResult:
-    name, variant, _, _, _, _, _, dtype, d = _variants()[index]
-    label = dict(kernel=name, variant=variant, dtype=dtype, headdim=d, target=f"sm_{target}")
+    v = variants()[index]
+    label = dict(kernel=v.kernel, variant=v.variant, dtype=v.dtype, headdim=v.headdim, target=f"sm_{target}")
     try:
         compiled = _compile(index, target)
         regs, spills = _resource_usage(compiled.asm["cubin"])
@@ -335,14 +232,9 @@ def _compile_one(index: int, target: int) -> CompileResult:
         )
 
 
-# Variants built for some targets only: Triton has no fp8 e4m3 type before sm_89, where the
-# kernel reads the cache as bytes and decodes them in software instead.
-ONLY_ON = {"fp8 cache, descales": (90,), "fp8 as bytes, descales": (80,)}
-
-
 def compile_all(workers: int = 2) -> list[CompileResult]:
     """Compile every kernel variant for each of its targets; returns one result per compile."""
-    jobs = [(i, t) for i, v in enumerate(_variants()) for t in ONLY_ON.get(v[1], TARGETS)]
+    jobs = [(i, t) for i, v in enumerate(variants()) for t in v.targets]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(_compile_one, *zip(*jobs, strict=True)))
 
@@ -350,7 +242,7 @@ def compile_all(workers: int = 2) -> list[CompileResult]:
 def excerpt(kernel: str = "attention_fwd_kernel", dtype: str = "fp16", headdim: int = 64, lines: int = 2) -> str:
     """Compile one kernel for sm_80 and sm_90 and return the first matrix-multiply lines of its
     PTX and SASS (``mma.sync`` / ``wgmma`` in PTX, ``HMMA`` / ``HGMMA`` in SASS)."""
-    index = next(i for i, v in enumerate(_variants()) if v[0] == kernel and v[7] == dtype and v[8] == headdim)
+    index = next(i for i, v in enumerate(variants()) if (v.kernel, v.dtype, v.headdim) == (kernel, dtype, headdim))
     tool = Path(runtime.triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     text = []
     for target in TARGETS:

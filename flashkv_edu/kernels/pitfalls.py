@@ -21,6 +21,14 @@ import torch
 from .. import runtime
 from ..runtime import tl, triton
 
+__all__ = [
+    "bf16_dot",
+    "bf16_dot_kernel",
+    "compile_tiny_dot",
+    "copy_kernel",
+    "tiny_dot_kernel",
+]
+
 if runtime.HAS_TRITON:
 
     @triton.jit

@@ -33,5 +33,5 @@ def module_for(notebook: str):
 
 
 def all_exercises() -> list:
-    """Every :class:`~flashkv_edu.teach._exercise.Exercise`, in notebook order."""
+    """Every :class:`~flashkv_edu.teach.exercise.Exercise`, in notebook order."""
     return [e for stem in NOTEBOOKS for e in module_for(stem).EXERCISES]

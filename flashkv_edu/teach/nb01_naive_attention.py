@@ -13,7 +13,7 @@ from matplotlib.colors import ListedColormap
 
 from flashkv_edu.reference import attention_mask, attention_ref, top_left_causal_mask
 
-from ._exercise import CaseFailed, Exercise, expect_close, expect_equal, run_check
+from .exercise import CaseFailed, Exercise, expect_close, expect_equal, run_check
 
 EXERCISES = [
     Exercise("01", "my_gqa_attention", "check_gqa_attention", 15),

@@ -12,7 +12,7 @@ import torch
 import flashkv_edu as fk
 from flashkv_edu.cache import append_to_cache
 
-from ._exercise import CaseFailed, Exercise, expect_close, expect_equal, run_check
+from .exercise import CaseFailed, Exercise, expect_close, expect_equal, run_check
 
 EXERCISES = [
     Exercise("02", "my_append", "check_append", 15),

@@ -13,7 +13,7 @@ from matplotlib.colors import ListedColormap
 
 from flashkv_edu.window_cache import position_chunk, window_update
 
-from ._exercise import Exercise, expect_equal, expect_pair, run_check
+from .exercise import Exercise, expect_equal, expect_pair, run_check
 
 EXERCISES = [
     Exercise("03", "my_window_update", "check_window_update", 15),

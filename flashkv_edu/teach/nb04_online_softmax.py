@@ -14,7 +14,7 @@ import torch
 from flashkv_edu.online_softmax import online_normalizer
 from flashkv_edu.reference import attention_ref
 
-from ._exercise import Exercise, expect_close, expect_pair, run_check
+from .exercise import Exercise, expect_close, expect_pair, run_check
 
 EXERCISES = [
     Exercise("04", "my_online_update", "check_online_update", 15),

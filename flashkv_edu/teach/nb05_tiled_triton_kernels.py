@@ -16,7 +16,7 @@ from flashkv_edu import runtime
 from flashkv_edu.reference import attention_mask, attention_ref
 from flashkv_edu.runtime import tl, triton
 
-from ._exercise import CaseFailed, Exercise, expect_close, expect_equal, run_check
+from .exercise import CaseFailed, Exercise, expect_close, expect_equal, run_check
 
 EXERCISES = [
     Exercise("05", "my_step", "check_inner_loop", 25, triton=True),
@@ -114,9 +114,9 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int, target: str) ->
 def occupancy_table(rows, dtype: str = "fp16", headdim: int = 128) -> list[dict]:
     """The compile table's rows for one dtype and head dim, with the warps each kernel is
     compiled with and :func:`occupancy` added. Printed as a table too."""
-    from flashkv_edu.kernels.gpucheck import _variants
+    from flashkv_edu.kernels.gpucheck import variants
 
-    warps = {(v[0], v[1], v[7], v[8]): v[6] for v in _variants()}
+    warps = {(v.kernel, v.variant, v.dtype, v.headdim): v.warps for v in variants()}
     out = []
     print(
         f"{'kernel':<22} {'variant':<22} {'target':<6} {'regs':>4} {'warps':>5} {'shared':>7} "

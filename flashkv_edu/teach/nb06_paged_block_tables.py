@@ -12,9 +12,10 @@ import torch
 
 from flashkv_edu import runtime
 from flashkv_edu.paged import PagedKVCache, gather_paged
+from flashkv_edu.reference import attention_ref
 from flashkv_edu.runtime import tl, triton
 
-from ._exercise import CaseFailed, Exercise, expect_equal, expect_pair, run_check
+from .exercise import CaseFailed, Exercise, expect_equal, expect_pair, run_check
 
 EXERCISES = [
     Exercise("06", "my_paged_rows", "check_paged_rows", 20, triton=True),
@@ -28,6 +29,15 @@ EXERCISES = [
         source="https://github.com/flashinfer-ai/flashinfer/pull/2079",
     ),
 ]
+
+
+def paged_attention_torch(q, k_cache, v_cache, block_table, cache_seqlens, **kwargs):
+    """Decode attention over a paged cache in PyTorch: gather each sequence's pages into a
+    dense tensor, then :func:`flashkv_edu.attention_ref` with ``seqlens_k=cache_seqlens``."""
+    return attention_ref(
+        q, gather_paged(k_cache, block_table), gather_paged(v_cache, block_table), seqlens_k=cache_seqlens, **kwargs
+    )
+
 
 # --- figures ---------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from flashkv_edu import runtime
 from flashkv_edu.online_softmax import merge_many
 from flashkv_edu.runtime import tl, triton
 
-from ._exercise import CaseFailed, Exercise, expect_close, expect_equal, run_check
+from .exercise import CaseFailed, Exercise, expect_close, expect_equal, run_check
 
 EXERCISES = [
     Exercise("07", "my_split_range", "check_split_range", 10, triton=True),
@@ -119,7 +119,7 @@ if runtime.HAS_TRITON:
     # --- solutions --------------------------------------------------------------------------------
 
     # The package's own kernel pieces are the solutions: the solved notebook shows their source.
-    from ..kernels.decode import combine_kernel as my_combine_kernel  # noqa: F401
+    from ..kernels.combine import combine_kernel as my_combine_kernel  # noqa: F401
     from ..kernels.decode import finish_split as my_finish_split  # noqa: F401
     from ..kernels.decode import split_range as my_split_range  # noqa: F401
 

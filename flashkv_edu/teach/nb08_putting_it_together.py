@@ -14,7 +14,7 @@ import flashkv_edu as fk
 from flashkv_edu.paged import gather_paged
 from flashkv_edu.rotary import apply_rotary, rotary_tables
 
-from ._exercise import CaseFailed, Exercise, expect_close, expect_equal, expect_pair, run_check
+from .exercise import CaseFailed, Exercise, expect_close, expect_equal, expect_pair, run_check
 
 EXERCISES = [
     Exercise("08", "my_decode_step", "check_decode_step", 15),

@@ -10,7 +10,7 @@ import flashkv_edu as fk
 
 from .. import hf
 from ..reference import attention_mask
-from ._exercise import CaseFailed, Exercise, expect_equal, run_check
+from .exercise import CaseFailed, Exercise, expect_equal, run_check
 
 EXERCISES = [
     Exercise("10", "hf_window_size", "check_hf_window_size", 10),

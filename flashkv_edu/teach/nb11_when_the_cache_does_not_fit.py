@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 from ..memory import crossover_tokens, recompute_seconds, swap_seconds
 from ..paged import BlockAllocator, block_hash
 from ..prefix import RadixTree
-from ._exercise import CaseFailed, Exercise, expect_equal, expect_pair, run_check
+from .exercise import CaseFailed, Exercise, expect_equal, expect_pair, run_check
 
 EXERCISES = [
     Exercise("11", "kv_pool_blocks", "check_kv_pool_blocks", 10),

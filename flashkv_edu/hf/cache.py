@@ -1,338 +1,27 @@
-"""flashkv_edu inside Hugging Face transformers (notebook 10): an attention implementation and a cache.
+"""``FlashKVCache``: a transformers ``Cache`` storing keys and values in the package's caches.
 
-    from flashkv_edu import hf
-    name = hf.register()                            # attn_implementation="fkv_edu"
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=name)
-    cache = hf.FlashKVCache(model.config, max_batch_size=4, max_cache_len=512, page_size=16)
-    out = model.generate(ids, attention_mask=mask, **hf.cache_kwargs(cache), max_new_tokens=32)
-
-transformers 5.24 renamed the cache argument of ``forward`` and ``generate`` from ``past_key_values``
-to ``cache`` (the old name warns, and goes in 5.40 and 6.0): :func:`cache_kwargs` passes it under the
-name the installed version takes.
-
-What transformers passes to an attention function (after RoPE, after ``cache.update``): ``query``
-``(batch, heads, q_len, head_dim)``, ``key``/``value`` ``(batch, kv_heads, kv_len, head_dim)``, the
-padding ``attention_mask`` (2-D ``(batch, kv_len)`` bool, or None when nothing is padded, built by the
-same mask function as FlashAttention 2's integration), ``scaling``, ``sliding_window`` (HF's ``W`` =
-FlashAttention's ``window_size=(W - 1, 0)``), ``softcap`` and, for gpt-oss, the learnable sinks
-``s_aux``. :func:`attention` maps them onto :func:`flashkv_edu.flash_attn_with_kvcache`: bottom-right
-causal over each row's keys, left padding as ``cache_leftpad``.
-
-:class:`FlashKVCache` is a thin adapter over the package's caches: one
-:class:`~flashkv_edu.cache.KVCache` per layer (contiguous), or one
-:class:`~flashkv_edu.paged.PagedKVCache` whose block tables serve every layer (paged). With this
-module's attention its ``update`` writes nothing: it hands the new keys to the attention function,
-which checks the call, writes them through the package's one write path and reads the cache in place.
-transformers is an optional dependency: ``pip install 'flashkv_edu[hf]'``.
+One :class:`~flashkv_edu.cache.KVCache` per layer (contiguous), or one
+:class:`~flashkv_edu.paged.PagedKVCache` whose block tables serve every layer (paged). With
+flashkv_edu's attention its ``update`` writes nothing: it hands the new keys to the attention function
+(:mod:`flashkv_edu.hf.handoff`), which checks the call, writes them through the package's one write
+path and reads the cache in place.
 """
 
 from __future__ import annotations
 
 import numbers
-import weakref
 
 import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .api import flash_attn_with_kvcache, run_checked_call
-from .cache import KVCache, write_kv
-from .call import check_kvcache_call
-from .paged import OutOfBlocksError, PagedKVCache, gather_paged
-from .validation import (
-    FLOAT_DTYPES,
-    ArgumentError,
-    ArgumentTypeError,
-    check_int,
-    check_positive,
-    check_tensor,
-    value_checks_on,
-)
-
-NAME = "fkv_edu"
-"""The attention implementation :func:`register` adds. Not "flashkv_edu": transformers treats any
-name that contains "flash" as a FlashAttention kernel and takes other code paths for it (Falcon
-and gpt-oss fail there), so the name leaves that word out."""
-ALIAS = "flashkv_edu"
-"""The earlier name, still registered where this transformers allows it (see :func:`register`)."""
-INSTALL_HINT = (
-    "flashkv_edu.hf needs Hugging Face transformers: pip install 'flashkv_edu[hf]' "
-    "(or: pip install transformers). `python3 run.py lab` and `python3 run.py test` install it."
-)
-
-try:
-    import transformers
-    from transformers.cache_utils import Cache, CacheLayerMixin
-except ImportError as exc:  # the rest of the package works without transformers
-    raise ImportError(INSTALL_HINT) from exc
-
-_BACKEND = {"name": "auto"}
-
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
-"""The ``config.layer_types`` a :class:`FlashKVCache` and :func:`attention` serve. Others (linear
-attention, convolutions, chunked attention) are refused with a message naming the type."""
-
-
-def _release(version: str) -> tuple[int, ...]:
-    from packaging.version import Version
-
-    return Version(version).release
-
-
-CACHE_ARGUMENT = "cache" if _release(transformers.__version__) >= (5, 24) else "past_key_values"
-"""The keyword under which the installed transformers' ``forward`` and ``generate`` take a cache."""
-
-
-def cache_kwargs(cache) -> dict:
-    """``{CACHE_ARGUMENT: cache}``: ``model.generate(ids, **hf.cache_kwargs(cache))`` passes the cache
-    under the name the installed transformers takes (``cache`` from 5.24, ``past_key_values`` before),
-    so neither end of the supported range warns."""
-    return {CACHE_ARGUMENT: cache}
-
-
-# --- the attention function ---------------------------------------------------------------------------
-
-# Keyword arguments transformers passes that do not change the result of attention here.
-_HARMLESS_KWARGS = frozenset(
-    {
-        "position_ids",
-        "cache_position",
-        "use_cache",
-        "output_attentions",
-        "output_router_logits",
-        "position_embeddings",
-        "layer_idx",
-    }
-)
-
-
-def _left_padding(attention_mask, batch: int, kv_len: int, device) -> torch.Tensor | None:
-    """Leading masked columns of each row of a 2-D padding mask ``(batch, kv_len)`` (None: no
-    padding). Only left padding is FlashAttention's ``cache_leftpad``: anything else is refused."""
-    if attention_mask is None:
-        return None
-    check_tensor("attention_mask", attention_mask)
-    if attention_mask.dim() != 2:
-        raise ArgumentError(
-            f"the {NAME} attention takes transformers' 2-D padding mask, got shape {tuple(attention_mask.shape)}; "
-            f"call flashkv_edu.hf.register() before building the model"
-        )
-    if tuple(attention_mask.shape) != (batch, kv_len):
-        raise ArgumentError(
-            f"attention_mask must have shape (batch, kv_len) = {(batch, kv_len)} (one column per cached or new "
-            f"token), got {tuple(attention_mask.shape)}"
-        )
-    mask = attention_mask.to(device=device, dtype=torch.bool)
-    pads = (mask.int().cumsum(-1) == 0).sum(-1)
-    if bool((mask.sum(-1) != mask.shape[1] - pads).any()):
-        raise ArgumentError(f"{NAME} supports left padding only (FlashAttention's cache_leftpad)")
-    return pads.to(torch.int32) if bool(pads.any()) else None
-
-
-_OPTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (arguments, options)
-
-
-def _attention_options(module, scaling, dropout, sliding_window, softcap, kwargs) -> dict:
-    """transformers' attention arguments as ``flash_attn_with_kvcache`` keywords, every one checked:
-    an argument that would change the result and is not implemented raises, naming it. A layer
-    passes the same arguments at every step: their checked options are kept per module (not
-    with a learnable sink, a tensor that may change)."""
-    arguments = None
-    if "s_aux" not in kwargs:
-        given = tuple(sorted(k for k, v in kwargs.items() if v is not None))
-        arguments = (scaling, dropout, sliding_window, softcap, kwargs.get("is_causal"), given, _BACKEND["name"])
-        try:
-            kept = _OPTIONS.get(module)
-        except TypeError:  # a module that cannot be weakly referenced (None in a direct call)
-            arguments = kept = None
-        if kept is not None and kept[0] == arguments:
-            return kept[1]
-    options = _check_attention_options(module, scaling, dropout, sliding_window, softcap, dict(kwargs))
-    if arguments is not None:
-        _OPTIONS[module] = (arguments, options)
-    return options
-
-
-def _check_attention_options(module, scaling, dropout, sliding_window, softcap, kwargs) -> dict:
-    """:func:`_attention_options` without the memory."""
-    if dropout:
-        raise ArgumentError(f"{NAME} attention has no dropout (got dropout={dropout}); use model.eval()")
-    layer_types = getattr(getattr(module, "config", None), "layer_types", None)
-    layer_idx = getattr(module, "layer_idx", None)
-    if layer_types and isinstance(layer_idx, int) and layer_idx < len(layer_types):
-        kind = layer_types[layer_idx]
-        if kind not in ATTENTION_LAYER_TYPES:
-            raise ArgumentError(f"{NAME} attention serves {ATTENTION_LAYER_TYPES}; layer {layer_idx} is {kind!r}")
-    sink = kwargs.pop("s_aux", None)  # gpt-oss's learnable sinks, one logit per query head
-    if kwargs.get("is_causal") is False:
-        raise ArgumentError(f"{NAME} attention is causal (a decoder's); got is_causal=False (an encoder?)")
-    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _HARMLESS_KWARGS | {"is_causal"})
-    if unknown:
-        raise ArgumentError(
-            f"{NAME} attention does not implement {', '.join(unknown)}: refusing rather than ignoring "
-            "what would change the result"
-        )
-    if sliding_window is not None:
-        sliding_window = check_int("sliding_window (the model's)", sliding_window, low=1)
-    window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
-    scale = None if scaling is None else check_positive("scaling (the model's)", scaling)
-    cap = check_positive("softcap (the model's)", float(softcap or 0.0), allow_zero=True)
-    options = dict(softmax_scale=scale, causal=True, window_size=window, softcap=cap, backend=_BACKEND["name"])
-    if sink is not None:
-        options["learnable_sink"] = sink.detach()
-    return options
-
-
-def attention(
-    module,
-    query,
-    key,
-    value,
-    attention_mask,
-    scaling=None,
-    dropout=0.0,
-    sliding_window=None,
-    softcap=None,
-    **kwargs,
-):
-    """transformers' attention-function interface over :func:`flash_attn_with_kvcache`.
-    Returns ``(out (batch, q_len, heads, head_dim_v), None)``.
-
-    With a :class:`FlashKVCache` the new keys arrive here unwritten: they are written into the
-    cache and attention reads the cache in place. With any other cache (``DynamicCache``) ``key``
-    and ``value`` are the whole history."""
-    options = _attention_options(module, scaling, dropout, sliding_window, softcap, kwargs)
-    check_tensor("query", query, ndim=4)
-    q = query.transpose(1, 2)
-    pending = _PENDING.pop(id(key), None)
-    if pending is not None and pending[1] is key and pending[2] is value:
-        cache, layer_idx = pending[0], pending[3]
-        _CONSUMED[id(key)] = key
-        return cache._attend(layer_idx, q, key, value, attention_mask, options), None
-    check_tensor("key", key, ndim=4)
-    check_tensor("value", value, ndim=4)
-    if _CONSUMED.get(id(key)) is key:
-        raise ArgumentError(
-            "this model hands one layer's new keys to another layer's attention (shared KV layers): "
-            "FlashKVCache cannot serve it; use transformers' DynamicCache"
-        )
-    _settle_transformed(module, key, attention_mask, q.device)
-    k, v = key.transpose(1, 2), value.transpose(1, 2)
-    b, kv_len = q.shape[0], k.shape[1]
-    pad = _left_padding(attention_mask, b, kv_len, q.device)
-    seqlens = torch.full((b,), kv_len, dtype=torch.int32, device=q.device)
-    return flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, cache_leftpad=pad, **options), None
-
-
-def register(backend: str = "auto") -> str:
-    """Register the attention function (and FlashAttention 2's padding-mask builder) under
-    :data:`NAME` (and the earlier :data:`ALIAS`); ``backend`` is the :func:`flash_attn_with_kvcache`
-    backend it uses. Returns the name to pass as ``attn_implementation``."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-
-    from .runtime import BACKENDS
-
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _BACKEND["name"] = backend
-    for name in (NAME, ALIAS):
-        AttentionInterface.register(name, attention)
-        AttentionMaskInterface.register(name, flash_attention_mask)
-    _skip_flash_kernel_preload()
-    _serve_falcon()
-    return NAME
-
-
-def _serve_falcon() -> None:
-    """Falcon computes attention inline (eager or SDPA) and picks its attention class from a table
-    keyed by the implementation name, ``FALCON_ATTENTION_CLASSES``; it never calls an attention
-    function, so there is no public route in. For :data:`NAME` the table gets
-    :class:`FalconAttention` 's sibling below, which projects, rotates and caches exactly as
-    Falcon does and then calls :func:`attention`."""
-    try:
-        from transformers.models.falcon import modeling_falcon as mf
-    except ImportError:  # pragma: no cover - a transformers without Falcon
-        return
-    if NAME in mf.FALCON_ATTENTION_CLASSES:
-        return
-
-    class FalconFlashKVAttention(mf.FalconAttention):
-        def forward(
-            self,
-            hidden_states,
-            alibi,
-            attention_mask,
-            position_ids=None,
-            layer_past=None,
-            use_cache=False,
-            output_attentions=False,
-            position_embeddings=None,
-            **kwargs,
-        ):
-            if alibi is not None:
-                raise ArgumentError(f"{NAME} serves Falcon with rotary positions; this one uses ALiBi (alibi=True)")
-            if output_attentions:
-                raise ArgumentError(f"{NAME} attention returns no attention weights (output_attentions=True)")
-            q, k, v = self._split_heads(self.query_key_value(hidden_states))
-            b, s = q.shape[:2]
-            kv_heads = self.num_heads if self.new_decoder_architecture else self.num_kv_heads
-            q = q.transpose(1, 2).reshape(b, self.num_heads, s, self.head_dim)
-            k = k.transpose(1, 2).reshape(b, kv_heads, s, self.head_dim)
-            v = v.transpose(1, 2).reshape(b, kv_heads, s, self.head_dim)
-            cos, sin = position_embeddings
-            q, k = mf.apply_rotary_pos_emb(q, k, cos, sin)
-            if layer_past is not None:
-                k, v = layer_past.update(k, v, self.layer_idx)
-            dropout = self.config.attention_dropout if self.training else 0.0
-            out, _ = attention(self, q, k, v, attention_mask, scaling=self.head_dim**-0.5, dropout=dropout)
-            return self.dense(out.reshape(b, s, self.num_heads * self.head_dim)), None
-
-    mf.FALCON_ATTENTION_CLASSES[NAME] = FalconFlashKVAttention
-
-
-def _skip_flash_kernel_preload() -> None:
-    """For the alias "flashkv_edu" only: transformers treats every implementation whose name
-    contains "flash" as a FlashAttention kernel and preloads one (from the ``flash_attn`` package
-    or its kernel hub) when a model is built; its loader is told to load nothing for the alias.
-    :data:`NAME` needs none of this (and where the loader differs, the alias is simply not served)."""
-    from transformers import modeling_flash_attention_utils as fa_utils
-
-    load = getattr(fa_utils, "_lazy_imports", None)
-    if load is None or getattr(load, "_flashkv_wrapped", False) or not hasattr(fa_utils, "_process_flash_kwargs_fn"):
-        return
-
-    def lazy_imports(implementation, *args, **kwargs):
-        if implementation == ALIAS:
-            return None, None, None, fa_utils._pad_input, fa_utils._unpad_input
-        return load(implementation, *args, **kwargs)
-
-    lazy_imports._flashkv_wrapped = True
-    fa_utils._lazy_imports = lazy_imports
-
-
-# --- the cache -----------------------------------------------------------------------------------------
-
-# New keys handed from FlashKVCache.update to attention: id(key) -> (cache, key, value, layer).
-_PENDING: dict[int, tuple] = {}
-# New keys already written and attended to (a second attention over them means shared KV layers).
-_CONSUMED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-def _settle_transformed(module, key, attention_mask, device) -> None:
-    """The dense path met a key that is not what a FlashKVCache handed out. If a cache still holds
-    unwritten keys for this layer, the model transformed them before attention (DeepSeek's MLA
-    caches latents and expands them after ``update``): on that cache's first pass nothing else
-    is cached, so the model's keys are the whole history. The pending latents are written now and
-    the cache switches that layer to transformers' way (write in ``update``, return the history).
-    Later on, an in-place layer meeting such a key is an error, never a silent wrong result."""
-    layer_idx = getattr(module, "layer_idx", None)
-    waiting = [(k, e) for k, e in _PENDING.items() if layer_idx is None or e[3] == layer_idx]
-    if not waiting:
-        return
-    if layer_idx is None:
-        raise ArgumentError(f"{NAME} attention cannot tell which cache layer this module is (it has no layer_idx)")
-    for entry_key, (cache, key_states, value_states, i) in waiting:
-        del _PENDING[entry_key]
-        cache._settle(i, key_states, value_states, attention_mask, device)
+from ..api import flash_attn_with_kvcache, run_checked_call
+from ..cache import KVCache, write_kv
+from ..call import check_kvcache_call
+from ..paged import OutOfBlocksError, PagedKVCache, gather_paged
+from ..validation import FLOAT_DTYPES, ArgumentError, ArgumentTypeError, check_int, check_tensor, value_checks_on
+from .attention import left_padding
+from .compat import ALIAS, ATTENTION_LAYER_TYPES, NAME
+from .handoff import hand_over
 
 
 class FlashKVLayer(CacheLayerMixin):
@@ -352,11 +41,11 @@ class FlashKVLayer(CacheLayerMixin):
         self.mode = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
-        self.cache._initialize(self.index, key_states, value_states)
+        self.cache.initialize_layer(self.index, key_states, value_states)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        return self.cache._update(self.index, key_states, value_states)
+        return self.cache.update_layer(self.index, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -453,7 +142,9 @@ class FlashKVCache(Cache):
     def _ours(self) -> bool:
         return getattr(self.config, "_attn_implementation", None) in (NAME, ALIAS)
 
-    def _initialize(self, i: int, key_states, value_states) -> None:
+    def initialize_layer(self, i: int, key_states, value_states) -> None:
+        """The hook of :class:`FlashKVLayer`'s ``lazy_initialization``: allocate layer ``i``'s storage
+        for keys shaped like ``key_states`` ``(batch, kv_heads, new, head_dim)``."""
         b, hk, _, d = key_states.shape
         dv = value_states.shape[3]
         if self.batch is None:
@@ -534,19 +225,14 @@ class FlashKVCache(Cache):
             return self.rows
         return torch.arange(self.batch, device=self.device)
 
-    def _lengths(self) -> torch.Tensor:
-        """Paged: tokens stored per row of this step."""
-        return self.store.cache_seqlens[self._rows()]
-
-    def _update(self, i: int, key_states, value_states):
-        """transformers' ``cache.update``. With this module's attention: nothing is written, the new
-        keys go to :func:`attention` unchanged. Otherwise: written now, the whole history returned."""
+    def update_layer(self, i: int, key_states, value_states):
+        """The hook of :class:`FlashKVLayer`'s ``update`` (transformers' ``cache.update``). With
+        flashkv_edu's attention nothing is written: the new keys go to the attention function
+        unchanged (:func:`~flashkv_edu.hf.handoff.hand_over`). Otherwise they are written now and
+        the whole history is returned."""
         self._check_states(i, key_states, value_states)
         if self._ours() and self.layers[i].mode != "history":  # the attention writes, once it checked the mask
-            for key, entry in list(_PENDING.items()):  # a pass that never reached attention
-                if entry[0] is self and entry[3] == i:
-                    del _PENDING[key]
-            _PENDING[id(key_states)] = (self, key_states, value_states, i)
+            hand_over(self, key_states, value_states, i)
             return key_states, value_states
         if not self.layers[i].is_initialized:
             self.layers[i].lazy_initialization(key_states, value_states)
@@ -596,7 +282,7 @@ class FlashKVCache(Cache):
         counts = torch.full((b,), s, dtype=torch.int32, device=self.device)
         if pads is not None:
             counts = counts - pads.to(counts.device)
-        need = sum(store._plan(store._slot(r), int(n))[0] for r, n in zip(rows, counts.tolist(), strict=True))
+        need = sum(store.blocks_needed(r, int(n)) for r, n in zip(rows, counts.tolist(), strict=True))
         if need > store.allocator.num_free:
             raise OutOfBlocksError(f"this step needs {need} free blocks, {store.allocator.num_free} are free")
         self.step_longest = max((store.seqs[r].length for r in rows), default=0)
@@ -624,10 +310,10 @@ class FlashKVCache(Cache):
             out.append(hist.transpose(1, 2))
         return out[0], out[1]
 
-    def _settle(self, i: int, key_states, value_states, attention_mask, device) -> None:
+    def settle_layer(self, i: int, key_states, value_states, attention_mask, device) -> None:
         """Layer ``i``'s model transformed the keys between ``update`` and attention (see
-        :func:`_settle_transformed`): write its pending keys (left padding dropped when paged) and
-        serve it transformers' way from now on."""
+        :func:`~flashkv_edu.hf.handoff.settle_transformed`): write its pending keys (left padding
+        dropped when paged) and serve it transformers' way from now on."""
         layer = self.layers[i]
         if layer.mode == "in_place":
             raise ArgumentError(
@@ -635,7 +321,7 @@ class FlashKVCache(Cache):
                 "this model transforms the cached keys; use transformers' DynamicCache"
             )
         b, s = key_states.shape[0], key_states.shape[2]
-        pad = _left_padding(attention_mask, b, layer.length + s, device) if attention_mask is not None else None
+        pad = left_padding(attention_mask, b, layer.length + s, device) if attention_mask is not None else None
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
         new_pad = None
@@ -645,7 +331,7 @@ class FlashKVCache(Cache):
         self._write(i, key_states.transpose(1, 2), value_states.transpose(1, 2), new_pad)
         layer.mode = "history"
 
-    def _attend(self, i: int, q, key_states, value_states, attention_mask, options):
+    def attend_layer(self, i: int, q, key_states, value_states, attention_mask, options):
         """Write layer ``i``'s new keys and attend over the cache in place (called by :func:`attention`).
 
         A decode step (one new token per row, a cache in q's dtype) is one ``flash_attn_with_kvcache``
@@ -694,11 +380,12 @@ class FlashKVCache(Cache):
         )
 
     def _padding(self, attention_mask, b: int, kv_len: int, device):
-        """:func:`_left_padding`, read once per mask: every layer of a pass gets the same mask."""
+        """:func:`~flashkv_edu.hf.attention.left_padding`, read once per mask: every layer of a pass
+        gets the same mask."""
         memo = self._mask_pad
         if memo is not None and memo[0] is attention_mask and memo[1] == (b, kv_len, device):
             return memo[2]
-        pad = _left_padding(attention_mask, b, kv_len, device)
+        pad = left_padding(attention_mask, b, kv_len, device)
         self._mask_pad = (attention_mask, (b, kv_len, device), pad)
         return pad
 
@@ -842,126 +529,4 @@ class FlashKVCache(Cache):
         return len(blocks) * per_block
 
 
-# --- serving ---------------------------------------------------------------------------------------------
-
-
-def _check_prompts(model, prompts) -> list[list[int]]:
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ArgumentError(f"prompts must be a non-empty list of token-id lists, got {prompts!r}")
-    vocab = getattr(model.config, "vocab_size", None)
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, torch.Tensor):
-            if p.dim() != 1 or p.dtype.is_floating_point or p.dtype == torch.bool:
-                raise ArgumentTypeError(f"prompts[{i}] must be a 1-D list of token ids, got {p!r}")
-            p = p.tolist()
-        if not isinstance(p, (list, tuple)) or not p:
-            raise ArgumentError(f"prompts[{i}] must be a non-empty list of token ids, got {p!r}")
-        ids = [check_int(f"prompts[{i}][{j}]", t, low=0) for j, t in enumerate(p)]
-        if vocab is not None and max(ids) >= vocab:
-            raise ArgumentError(f"prompts[{i}] holds token ids >= the vocabulary size {vocab}: {max(ids)}")
-        out.append(ids)
-    return out
-
-
-@torch.no_grad()
-def serve(model, prompts, max_new_tokens, *, max_batch: int = 4, page_size: int = 16):
-    """Continuous batching over a transformers model with a paged :class:`FlashKVCache`:
-    between decode steps, finished requests leave (their blocks return to the pool) and waiting
-    ones join (prefilled alone into a free row). Each step decodes every running request
-    together, each at its own length: the attention reads rows ``block_table[rows]`` with their
-    own ``cache_seqlens``, and each row's positions are its own.
-
-    ``prompts``: non-empty token-id lists; ``max_new_tokens``: one int >= 1, or one per prompt.
-    Returns ``(outputs, trace)``: the greedy new tokens of each prompt, and one ``(step, running
-    request ids, blocks in use)`` tuple per decode step."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) not in (NAME, ALIAS):
-        raise ArgumentError(f'serve() needs a model built with attn_implementation="{NAME}" (after register())')
-    prompts = _check_prompts(model, prompts)
-    if isinstance(max_new_tokens, (list, tuple)):
-        budget = [check_int(f"max_new_tokens[{i}]", n, low=1) for i, n in enumerate(max_new_tokens)]
-        if len(budget) != len(prompts):
-            raise ArgumentError(f"max_new_tokens must hold one int per prompt ({len(prompts)}), got {len(budget)}")
-    else:
-        budget = [check_int("max_new_tokens", max_new_tokens, low=1)] * len(prompts)
-    max_batch = check_int("max_batch", max_batch, low=1)
-    page_size = check_int("page_size", page_size, low=1)
-    longest = max(len(p) + n for p, n in zip(prompts, budget, strict=True))
-    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
-    if limit is not None and longest > limit:
-        raise ArgumentError(f"a prompt plus its new tokens reaches {longest} positions; the model has {limit}")
-    cache = FlashKVCache(config, max_batch, longest, page_size=page_size)
-    device = next(model.parameters()).device
-    waiting = list(range(len(prompts)))
-    running: dict[int, int] = {}  # cache row -> request
-    outputs: list[list[int]] = [[] for _ in prompts]
-    trace = []
-
-    def forward(rows, ids, positions):
-        cache.rows = torch.tensor(rows, device=device)
-        logits = model(
-            input_ids=ids, position_ids=positions, use_cache=True, attention_mask=None, **cache_kwargs(cache)
-        ).logits[:, -1]
-        return logits.argmax(-1).tolist()
-
-    def first_row():  # the cache opens its pool at the first forward pass
-        return cache.open_row() if cache.store is not None else 0
-
-    step = 0
-    while waiting or running:
-        while waiting and len(running) < max_batch:  # admit: prefill new requests into free rows
-            req = waiting.pop(0)
-            row = first_row()
-            ids = torch.tensor([prompts[req]], device=device)
-            outputs[req].append(forward([row], ids, torch.arange(ids.shape[1], device=device)[None])[0])
-            running[row] = req
-        for row, req in list(running.items()):  # leave: done after the prefill token
-            if len(outputs[req]) >= budget[req]:
-                cache.release(row)
-                del running[row]
-        if not running:
-            continue
-        rows = sorted(running)
-        ids = torch.tensor([[outputs[running[r]][-1]] for r in rows], device=device)
-        positions = cache.store.cache_seqlens[rows].long()[:, None]
-        for r, token in zip(rows, forward(rows, ids, positions), strict=True):
-            outputs[running[r]].append(token)
-        trace.append((step, [running[r] for r in rows], sum(len(s.blocks) for s in cache.store.seqs.values())))
-        step += 1
-        for row, req in list(running.items()):
-            if len(outputs[req]) >= budget[req]:
-                cache.release(row)
-                del running[row]
-    return outputs, trace
-
-
-def load_local(path, attn_implementation: str = NAME, dtype=torch.float32):
-    """A causal LM from a local checkpoint directory (``config.json`` + weights), no download,
-    with the flashkv_edu attention registered."""
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    if not isinstance(path, (str, Path)) or not Path(path).is_dir():
-        raise ArgumentError(f"path must be a local checkpoint directory (config.json + weights), got {path!r}")
-    if attn_implementation in (NAME, ALIAS):
-        register(_BACKEND["name"])
-    return AutoModelForCausalLM.from_pretrained(
-        path, attn_implementation=attn_implementation, dtype=dtype, local_files_only=True
-    ).eval()
-
-
-__all__ = [
-    "ALIAS",
-    "CACHE_ARGUMENT",
-    "NAME",
-    "FlashKVCache",
-    "FlashKVLayer",
-    "attention",
-    "cache_kwargs",
-    "load_local",
-    "register",
-    "serve",
-    "transformers",
-]
+__all__ = ["FlashKVCache", "FlashKVLayer"]

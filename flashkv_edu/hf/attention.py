@@ -1,0 +1,154 @@
+"""transformers' attention-function interface over :func:`flashkv_edu.flash_attn_with_kvcache`.
+
+What transformers passes to an attention function (after RoPE, after ``cache.update``): ``query``
+``(batch, heads, q_len, head_dim)``, ``key``/``value`` ``(batch, kv_heads, kv_len, head_dim)``, the
+padding ``attention_mask`` (2-D ``(batch, kv_len)`` bool, or None when nothing is padded, built by the
+same mask function as FlashAttention 2's integration), ``scaling``, ``sliding_window`` (HF's ``W`` =
+FlashAttention's ``window_size=(W - 1, 0)``), ``softcap`` and, for gpt-oss, the learnable sinks
+``s_aux``. :func:`attention` maps them onto :func:`flashkv_edu.flash_attn_with_kvcache`: bottom-right
+causal over each row's keys, left padding as ``cache_leftpad``.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ..api import flash_attn_with_kvcache
+from ..validation import ArgumentError, check_int, check_positive, check_tensor
+from .compat import ATTENTION_LAYER_TYPES, BACKEND, NAME
+from .handoff import already_consumed, settle_transformed, take
+
+# Keyword arguments transformers passes that do not change the result of attention here.
+HARMLESS_KWARGS = frozenset(
+    {
+        "position_ids",
+        "cache_position",
+        "use_cache",
+        "output_attentions",
+        "output_router_logits",
+        "position_embeddings",
+        "layer_idx",
+    }
+)
+
+
+def left_padding(attention_mask, batch: int, kv_len: int, device) -> torch.Tensor | None:
+    """Leading masked columns of each row of a 2-D padding mask ``(batch, kv_len)`` (None: no
+    padding). Only left padding is FlashAttention's ``cache_leftpad``: anything else is refused."""
+    if attention_mask is None:
+        return None
+    check_tensor("attention_mask", attention_mask)
+    if attention_mask.dim() != 2:
+        raise ArgumentError(
+            f"the {NAME} attention takes transformers' 2-D padding mask, got shape {tuple(attention_mask.shape)}; "
+            f"call flashkv_edu.hf.register() before building the model"
+        )
+    if tuple(attention_mask.shape) != (batch, kv_len):
+        raise ArgumentError(
+            f"attention_mask must have shape (batch, kv_len) = {(batch, kv_len)} (one column per cached or new "
+            f"token), got {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask.to(device=device, dtype=torch.bool)
+    pads = (mask.int().cumsum(-1) == 0).sum(-1)
+    if bool((mask.sum(-1) != mask.shape[1] - pads).any()):
+        raise ArgumentError(f"{NAME} supports left padding only (FlashAttention's cache_leftpad)")
+    return pads.to(torch.int32) if bool(pads.any()) else None
+
+
+_OPTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (arguments, options)
+
+
+def attention_options(module, scaling, dropout, sliding_window, softcap, kwargs) -> dict:
+    """transformers' attention arguments as ``flash_attn_with_kvcache`` keywords, every one checked:
+    an argument that would change the result and is not implemented raises, naming it. A layer
+    passes the same arguments at every step: their checked options are kept per module (not
+    with a learnable sink, a tensor that may change)."""
+    arguments = None
+    if "s_aux" not in kwargs:
+        given = tuple(sorted(k for k, v in kwargs.items() if v is not None))
+        arguments = (scaling, dropout, sliding_window, softcap, kwargs.get("is_causal"), given, BACKEND["name"])
+        try:
+            kept = _OPTIONS.get(module)
+        except TypeError:  # a module that cannot be weakly referenced (None in a direct call)
+            arguments = kept = None
+        if kept is not None and kept[0] == arguments:
+            return kept[1]
+    options = check_attention_options(module, scaling, dropout, sliding_window, softcap, dict(kwargs))
+    if arguments is not None:
+        _OPTIONS[module] = (arguments, options)
+    return options
+
+
+def check_attention_options(module, scaling, dropout, sliding_window, softcap, kwargs) -> dict:
+    """:func:`attention_options` without the memory."""
+    if dropout:
+        raise ArgumentError(f"{NAME} attention has no dropout (got dropout={dropout}); use model.eval()")
+    layer_types = getattr(getattr(module, "config", None), "layer_types", None)
+    layer_idx = getattr(module, "layer_idx", None)
+    if layer_types and isinstance(layer_idx, int) and layer_idx < len(layer_types):
+        kind = layer_types[layer_idx]
+        if kind not in ATTENTION_LAYER_TYPES:
+            raise ArgumentError(f"{NAME} attention serves {ATTENTION_LAYER_TYPES}; layer {layer_idx} is {kind!r}")
+    sink = kwargs.pop("s_aux", None)  # gpt-oss's learnable sinks, one logit per query head
+    if kwargs.get("is_causal") is False:
+        raise ArgumentError(f"{NAME} attention is causal (a decoder's); got is_causal=False (an encoder?)")
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in HARMLESS_KWARGS | {"is_causal"})
+    if unknown:
+        raise ArgumentError(
+            f"{NAME} attention does not implement {', '.join(unknown)}: refusing rather than ignoring "
+            "what would change the result"
+        )
+    if sliding_window is not None:
+        sliding_window = check_int("sliding_window (the model's)", sliding_window, low=1)
+    window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
+    scale = None if scaling is None else check_positive("scaling (the model's)", scaling)
+    cap = check_positive("softcap (the model's)", float(softcap or 0.0), allow_zero=True)
+    options = dict(softmax_scale=scale, causal=True, window_size=window, softcap=cap, backend=BACKEND["name"])
+    if sink is not None:
+        options["learnable_sink"] = sink.detach()
+    return options
+
+
+def attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    sliding_window=None,
+    softcap=None,
+    **kwargs,
+):
+    """transformers' attention-function interface over :func:`flash_attn_with_kvcache`.
+    Returns ``(out (batch, q_len, heads, head_dim_v), None)``.
+
+    With a :class:`FlashKVCache` the new keys arrive here unwritten: they are written into the
+    cache and attention reads the cache in place. With any other cache (``DynamicCache``) ``key``
+    and ``value`` are the whole history."""
+    options = attention_options(module, scaling, dropout, sliding_window, softcap, kwargs)
+    check_tensor("query", query, ndim=4)
+    q = query.transpose(1, 2)
+    handed = take(key, value)
+    if handed is not None:
+        cache, layer_idx = handed
+        return cache.attend_layer(layer_idx, q, key, value, attention_mask, options), None
+    check_tensor("key", key, ndim=4)
+    check_tensor("value", value, ndim=4)
+    if already_consumed(key):
+        raise ArgumentError(
+            "this model hands one layer's new keys to another layer's attention (shared KV layers): "
+            "FlashKVCache cannot serve it; use transformers' DynamicCache"
+        )
+    settle_transformed(module, key, attention_mask, q.device)
+    k, v = key.transpose(1, 2), value.transpose(1, 2)
+    b, kv_len = q.shape[0], k.shape[1]
+    pad = left_padding(attention_mask, b, kv_len, q.device)
+    seqlens = torch.full((b,), kv_len, dtype=torch.int32, device=q.device)
+    return flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, cache_leftpad=pad, **options), None
+
+
+__all__ = ["HARMLESS_KWARGS", "attention", "attention_options", "check_attention_options", "left_padding"]
