@@ -47,6 +47,7 @@ __all__ = [
     "quantize_fp8",
     "quantize_int",
     "roundtrip",
+    "ungroup",
     "unpack_codes",
 ]
 

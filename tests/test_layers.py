@@ -312,3 +312,19 @@ def test_every_core_module_states_all_and_what_others_import_is_in_it():
             if name not in exported:
                 missing.add(f"{where}: {module}.{name}")
     assert not missing, "imported but not in __all__:\n" + "\n".join(sorted(missing))
+
+
+def test_small_files_and_functions():
+    """No file of the package over 600 lines, no function over 120 (Triton kernels aside: a kernel
+    reads top-down as one program)."""
+    long_files, long_functions = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = str(path.relative_to(PACKAGE))
+        text = path.read_text()
+        if text.count("\n") > 600:
+            long_files.append((rel, text.count("\n")))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 120:
+                if not any("jit" in ast.unparse(d) for d in node.decorator_list):
+                    long_functions.append((rel, node.name, node.end_lineno - node.lineno + 1))
+    assert not long_files and not long_functions, (long_files, long_functions)

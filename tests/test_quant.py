@@ -48,7 +48,7 @@ def test_integer_roundtrip_error_is_at_most_half_a_step(seed, bits, axis, group,
     group = group or (16 if axis == "channel" else 0)
     x = _x(seed, (2, 32, 2, 16), outliers)
     q = Q.quantize_int(x, bits, axis=axis, group=group, symmetric=symmetric)
-    step = Q._ungroup(q.scale.float().expand_as(q.codes).contiguous(), axis, q.shape)
+    step = Q.ungroup(q.scale.float().expand_as(q.codes).contiguous(), axis, q.shape)
     err = (q.dequantize() - x).abs()
     assert bool((err <= step / 2 * (1 + 1e-5) + 1e-6 * x.abs().max()).all())
     lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)

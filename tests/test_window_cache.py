@@ -150,7 +150,7 @@ def test_layers_are_independent_and_reset_clears():
         (lambda c: c.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 0, {"window_size": 5}), "changed from 4"),
         (lambda c: c.update(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), 0), "nheads_k=1"),
         (lambda c: c.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 2, 1, 2), 0), "same shape"),
-        (lambda c: c.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 1, {"window_size": 0}), "int >= 1"),
+        (lambda c: c.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 1, {"window_size": 0}), "must be >= 1"),
         (lambda c: c.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), -1), "layer_idx"),
         (lambda c: c.update(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), 0), "4 dimensions"),
         (lambda c: c.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 0, [4]), "cache_kwargs must be a dict"),

@@ -7,9 +7,14 @@ import torch
 
 from .. import quant as Q
 from .. import runtime
-from ..quant_eval import (  # notebook 09's experiments live in the package; the notebook calls them as nb09.*
+from ..quant_eval import (  # noqa: F401  (notebook 09's experiments live in the package; the notebook calls them as nb09.*)
     attention_error,
+    attention_through_cache,
+    calibrate_fp8,
+    model_loss,
     outlier_keys,
+    record_kv,
+    scheme_losses,
 )
 from ..runtime import tl, triton
 from .exercise import CaseFailed, Exercise, expect_close, expect_equal, expect_pair, run_check
