@@ -97,7 +97,8 @@ def write_rows(dst, src, start, *, rows=None, block_table=None, counts=None) -> 
     ``start``, ``rows``, ``counts`` are ``(n,)`` integer tensors. The caller has checked that every
     position fits; no other element of ``dst`` changes. With :func:`write_kv` (keys and values
     together) this is the one write path of the package: every cache's keys, values, quantized
-    codes and scales are written by one of the two, through the same scatter."""
+    codes and scales are written by one of the two, through the same scatter. (Whole blocks that
+    move, a copy-on-write or a swap back in from a tier, are copied block by block, not rows.)"""
     n, snew = src.shape[:2]
     if n == 0 or snew == 0:
         return
