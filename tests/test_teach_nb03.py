@@ -32,9 +32,27 @@ def keeps_w_minus_1(stored, new, window):
     return torch.cat([stored, new], 1)[:, -(window - 1) :] if window > 1 else new[:, :0]
 
 
+def window_minus_zero_slice(cached, new, window):  # cached[:, -(window - 1):] is everything when window = 1
+    visible = torch.cat([cached[:, -(window - 1) :], new], 1)
+    return visible[:, -window:].clone(), visible
+
+
+def rolls_only_when_exactly_full(stored, new, window):  # flash-linear-attention v0.1's equality test
+    if stored.shape[1] == window:
+        n = min(new.shape[1], window)
+        rolled = stored.roll(-n, 1)
+        rolled[:, -n:] = new[:, -n:]
+        return rolled
+    return torch.cat([stored, new], 1)
+
+
+def drops_n_oldest(stored, new, window):  # drops as many old tokens as arrive, full or not
+    return torch.cat([stored[:, new.shape[1] :], new], 1)[:, -window:]
+
+
 MISTAKES = {
-    "check_window_update": [window_keeps_w_cached, window_drops_context],
-    "check_window_cache_update": [stuck_at_w_plus_1, keeps_w_minus_1],
+    "check_window_update": [window_keeps_w_cached, window_drops_context, window_minus_zero_slice],
+    "check_window_cache_update": [stuck_at_w_plus_1, keeps_w_minus_1, rolls_only_when_exactly_full, drops_n_oldest],
 }
 
 (

@@ -122,3 +122,28 @@ def expect_pair(what: str, got) -> tuple:
     if not isinstance(got, tuple) or len(got) != 2:
         raise CaseFailed(f"{what}: return a pair (a tuple of two), got {type(got).__name__}")
     return got
+
+
+def expect_dtype(what: str, dtype: torch.dtype, got) -> None:
+    """``got`` is a tensor of ``dtype``."""
+    if not isinstance(got, torch.Tensor):
+        raise CaseFailed(f"{what}: expected a tensor, got {type(got).__name__}")
+    if got.dtype != dtype:
+        raise CaseFailed(f"{what}: expected dtype {dtype}, got {got.dtype}")
+
+
+def call_unchanged(f, *args, **kwargs):
+    """``f(*args, **kwargs)``, then a check that no tensor argument was changed in place (the
+    caller's tensors are passed as they are, not cloned: an in-place edit fails the case)."""
+    named = [(f"argument {i + 1}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    before = [(name, t, t.clone()) for name, t in named if isinstance(t, torch.Tensor)]
+    result = f(*args, **kwargs)
+    for name, t, copy in before:
+        same = (
+            t.shape == copy.shape and bool(((t == copy) | (t.isnan() & copy.isnan())).all())
+            if t.dtype.is_floating_point
+            else torch.equal(t, copy)
+        )
+        if not same:
+            raise CaseFailed(f"your function changed its input {name} in place; leave the caller's tensors as they are")
+    return result

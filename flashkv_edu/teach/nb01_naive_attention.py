@@ -13,7 +13,7 @@ from matplotlib.colors import ListedColormap
 
 from flashkv_edu.reference import attention_mask, attention_ref, top_left_causal_mask
 
-from .exercise import CaseFailed, Exercise, expect_close, expect_equal, run_check
+from .exercise import CaseFailed, Exercise, call_unchanged, expect_close, expect_dtype, expect_equal, run_check
 
 EXERCISES = [
     Exercise("01", "my_gqa_attention", "check_gqa_attention", 15),
@@ -131,22 +131,35 @@ def my_gqa_attention(q, k, v):
 
 
 def check_gqa_attention(fn) -> bool | None:
-    """``fn(q, k, v)`` against the oracle for MHA, GQA and MQA."""
+    """``fn(q, k, v)`` against the oracle: MHA, GQA and MQA, one query and one key, a batch of one,
+    logits large enough to overflow ``exp`` (a softmax must subtract the row maximum), fp16 and bf16
+    inputs (the output keeps q's dtype); the caller's tensors must come back unchanged."""
     gen = torch.Generator().manual_seed(1)
 
-    def case(h, hk):
+    def case(h, hk, b=2, sq=5, sk=7, d=16, scale=1.0, dtype=torch.float32):
         def run(f):
-            q = torch.randn(2, 5, h, 16, generator=gen)
-            k, v = torch.randn(2, 7, hk, 16, generator=gen), torch.randn(2, 7, hk, 16, generator=gen)
-            expect_close("output", attention_ref(q, k, v), f(q, k, v), atol=1e-4)
+            q = (torch.randn(b, sq, h, d, generator=gen) * scale).to(dtype)
+            k = (torch.randn(b, sk, hk, d, generator=gen) * scale).to(dtype)
+            v = torch.randn(b, sk, hk, d, generator=gen).to(dtype)
+            got = call_unchanged(f, q, k, v)
+            expect_dtype("output", dtype, got)
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            expect_close("output", attention_ref(q, k, v, compute_dtype=torch.float32).float(), got.float(), atol=tol)
 
-        return f"nheads={h}, nheads_k={hk}", run
+        label = f"nheads={h}, nheads_k={hk}, batch={b}, seqlen_q={sq}, seqlen_k={sk}"
+        if scale != 1.0:
+            label += f", inputs x{scale:g} (logits in the thousands)"
+        if dtype != torch.float32:
+            label += f", {dtype}"
+        return label, run
 
+    cases = [case(4, 4), case(6, 2), case(6, 3), case(8, 1), case(4, 2, b=1, sq=1, sk=1), case(2, 1, scale=30.0)]
+    cases += [case(4, 2, dtype=torch.float16), case(4, 2, dtype=torch.bfloat16)]
     return run_check(
         "check_gqa_attention",
         fn,
-        [case(4, 4), case(6, 2), case(6, 3), case(8, 1)],
-        "MHA, GQA and MQA match attention_ref within 1e-4",
+        cases,
+        "MHA, GQA and MQA match attention_ref within 1e-4, huge logits, fp16/bf16 kept, inputs unchanged",
     )
 
 
@@ -161,16 +174,23 @@ def my_bottom_right_mask(seqlen_q, seqlen_k):
 
 
 def check_bottom_right_mask(fn) -> bool | None:
-    """``fn(seqlen_q, seqlen_k)`` must return FlashAttention's bottom-right causal mask."""
+    """``fn(seqlen_q, seqlen_k)`` must return FlashAttention's bottom-right causal mask, as a bool
+    tensor of that shape."""
 
     def case(sq, sk):
-        return f"seqlen_q={sq}, seqlen_k={sk}", lambda f: expect_equal(
-            "mask", attention_mask(sq, sk, causal=True), torch.as_tensor(f(sq, sk)).bool()
-        )
+        def run(f):
+            got = f(sq, sk)
+            expect_dtype("mask", torch.bool, got)
+            expect_equal("mask", attention_mask(sq, sk, causal=True), got)
 
-    shapes = [(1, 1), (1, 7), (2, 5), (5, 2), (4, 4), (3, 9), (9, 3), (6, 1)]
+        return f"seqlen_q={sq}, seqlen_k={sk}", run
+
+    shapes = [(1, 1), (1, 7), (2, 5), (5, 2), (4, 4), (3, 9), (9, 3), (6, 1), (1, 16), (16, 16)]
     return run_check(
-        "check_bottom_right_mask", fn, [case(sq, sk) for sq, sk in shapes], "8 shapes, including seqlen_q > seqlen_k"
+        "check_bottom_right_mask",
+        fn,
+        [case(sq, sk) for sq, sk in shapes],
+        "10 shapes, including seqlen_q > seqlen_k, as bool tensors",
     )
 
 
@@ -190,8 +210,9 @@ def check_window_size_for(fn) -> bool | None:
     def case(w, sq, sk):
         def run(f):
             window = f(w)
-            if not isinstance(window, tuple) or len(window) != 2:
+            if not isinstance(window, (tuple, list)) or len(window) != 2:
                 raise CaseFailed(f"return a pair (left, right), got {window!r}")
+            window = tuple(window)  # FlashAttention takes a tuple or a list
             got = attention_mask(sq, sk, causal=True, window_size=window)
             i = torch.arange(sq)[:, None] + sk - sq
             j = torch.arange(sk)[None, :]
@@ -208,6 +229,6 @@ def check_window_size_for(fn) -> bool | None:
     return run_check(
         "check_window_size_for",
         fn,
-        [case(4, 1, 9), case(1, 1, 5), case(3, 4, 8), case(6, 6, 6)],
+        [case(4, 1, 9), case(1, 1, 5), case(1, 4, 4), case(3, 4, 8), case(6, 6, 6), case(10, 3, 5)],
         "a W-token window is window_size=(W-1, 0)",
     )

@@ -12,7 +12,7 @@ import torch
 import flashkv_edu as fk
 from flashkv_edu.cache import append_to_cache
 
-from .exercise import CaseFailed, Exercise, expect_close, expect_equal, run_check
+from .exercise import CaseFailed, Exercise, call_unchanged, expect_close, expect_dtype, expect_equal, run_check
 
 EXERCISES = [
     Exercise("02", "my_append", "check_append", 15),
@@ -47,27 +47,43 @@ def check_append(fn) -> bool | None:
     the new lengths returned."""
     gen = torch.Generator().manual_seed(2)
 
-    def case(batch, cap, snew):
+    def case(lens, cap, snew):
         def run(f):
+            batch = len(lens)
             k_cache = torch.randn(batch, cap, 2, 4, generator=gen)
             v_cache = torch.randn(batch, cap, 2, 4, generator=gen)
-            lens = torch.randint(0, cap - snew + 1, (batch,), generator=gen).to(torch.int32)
+            seqlens = torch.tensor(lens, dtype=torch.int32)
             k, v = torch.randn(batch, snew, 2, 4, generator=gen), torch.randn(batch, snew, 2, 4, generator=gen)
             want_k, want_v = k_cache.clone(), v_cache.clone()
-            want_lens = append_to_cache(want_k, want_v, lens.clone(), k, v)
-            got_lens = f(k_cache, v_cache, lens.clone(), k, v)
+            want_lens = append_to_cache(want_k, want_v, seqlens.clone(), k, v)
+            got_lens = _append(f, k_cache, v_cache, seqlens, k, v)
             expect_equal("k_cache after the append", want_k, k_cache)
             expect_equal("v_cache after the append", want_v, v_cache)
+            expect_dtype("returned lengths", torch.int32, got_lens)
             expect_equal("returned lengths", want_lens, got_lens)
 
-        return f"batch={batch}, capacity={cap}, {snew} new tokens", run
+        return f"cache_seqlens={lens}, capacity={cap}, {snew} new tokens", run
 
     return run_check(
         "check_append",
         fn,
-        [case(1, 8, 1), case(3, 10, 2), case(4, 16, 5)],
-        "3 ragged batches; cache rows and lengths exact",
+        [case([0], 8, 1), case([3, 0, 8], 10, 2), case([11, 2, 0, 6], 16, 5), case([7, 4], 8, 1)],
+        "ragged batches up to a full cache; rows and int32 lengths exact; inputs unchanged",
     )
+
+
+def _append(f, k_cache, v_cache, seqlens, k, v):
+    """``f``'s returned lengths; ``cache_seqlens``, ``k`` and ``v`` must come back unchanged (the
+    caches are the only things written)."""
+    before = [(name, t, t.clone()) for name, t in (("cache_seqlens", seqlens), ("k", k), ("v", v))]
+    got = f(k_cache, v_cache, seqlens, k, v)
+    for name, t, copy in before:
+        if not torch.equal(t, copy):
+            raise CaseFailed(
+                f"your function changed {name} in place (it was {copy.tolist() if t.numel() < 9 else 'a tensor'}); "
+                "return the new lengths and leave the caller's tensors as they are"
+            )
+    return got
 
 
 # --- exercise 2: positions of the new tokens ---------------------------------------------------
@@ -83,18 +99,20 @@ def check_decode_positions(fn) -> bool | None:
     """``fn(cache_seqlens, seqlen_new)`` against ``cache_seqlens + i``."""
 
     def case(lens, snew):
-        lens = torch.tensor(lens, dtype=torch.int32)
-        want = lens.long()[:, None] + torch.arange(snew)[None, :]
-        return (
-            f"cache_seqlens={lens.tolist()}, {snew} new tokens",
-            lambda f: expect_equal("positions", want, torch.as_tensor(f(lens, snew))),
-        )
+        def run(f):
+            seqlens = torch.tensor(lens, dtype=torch.int32)
+            want = seqlens.long()[:, None] + torch.arange(snew)[None, :]
+            got = call_unchanged(f, seqlens, snew)
+            expect_dtype("positions", torch.int64, got)
+            expect_equal("positions", want, got)
+
+        return f"cache_seqlens={lens}, {snew} new tokens", run
 
     return run_check(
         "check_decode_positions",
         fn,
-        [case([0, 0], 3), case([5, 2, 9], 1), case([4, 7], 2)],
-        "prefill, decode and ragged chunks",
+        [case([0, 0], 3), case([5, 2, 9], 1), case([4, 7], 2), case([0], 1), case([3, 0, 12, 1], 4)],
+        "prefill, decode and ragged chunks, int64",
     )
 
 
@@ -150,6 +168,6 @@ def check_allocate_cache(fn) -> bool | None:
     return run_check(
         "check_allocate_cache",
         fn,
-        [case((5, 3), 4), case((8,), 6), case((2, 6, 4), 3)],
+        [case((5, 3), 4), case((8,), 6), case((2, 6, 4), 3), case((1, 1), 1), case((3, 9), 2)],
         "every decode step fits and matches attention over the full history",
     )

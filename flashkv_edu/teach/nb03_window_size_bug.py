@@ -13,7 +13,7 @@ from matplotlib.colors import ListedColormap
 
 from flashkv_edu.window_cache import position_chunk, window_update
 
-from .exercise import Exercise, expect_equal, expect_pair, run_check
+from .exercise import Exercise, call_unchanged, expect_equal, expect_pair, run_check
 
 EXERCISES = [
     Exercise("03", "my_window_update", "check_window_update", 15),
@@ -174,21 +174,31 @@ def _positions(x):
     return x[0, :, 0, 0].long()
 
 
+def _chunk(start: int, n: int) -> torch.Tensor:
+    """Token positions ``start .. start+n-1`` as keys ``(2, n, 2, 2)``: batch row 1 holds the
+    positions + 1000, so mixing up rows (or heads) shows."""
+    x = position_chunk(start, n, nheads_k=2).repeat(2, 1, 1, 1).contiguous()
+    x[1] += 1000
+    return x
+
+
 def check_window_update(fn) -> bool | None:
     """``fn(cached, new, window)`` against :func:`flashkv_edu.window_cache.window_update` on
     chunks below, at and above the window (tensors hold their token positions)."""
 
     def case(w, c, n):
         def run(f):
-            cached, new = position_chunk(0, c), position_chunk(c, n)
+            cached, new = _chunk(0, c), _chunk(c, n)
             want = window_update(cached, new, w)
-            got = expect_pair("result", f(cached, new, w))
+            got = expect_pair("result", call_unchanged(f, cached, new, w))
             expect_equal("positions stored", _positions(want[0]), _positions(got[0]))
             expect_equal("positions visible to the new queries", _positions(want[1]), _positions(got[1]))
+            expect_equal("stored (both batch rows, every head)", want[0], got[0])
+            expect_equal("visible (both batch rows, every head)", want[1], got[1])
 
         return f"window={w}, {c} cached, {n} new", run
 
-    cases = [case(w, c, n) for w in (1, 3, 4) for c in (0, 2, 4, 7) for n in (1, 3, 4, 9) if c <= w]
+    cases = [case(w, c, n) for w in (1, 3, 4) for c in (0, 1, 2, 3, 4, 7) for n in (1, 3, 4, 9) if c <= w]
     return run_check("check_window_update", fn, cases, f"{len(cases)} cases: chunks below, at and above the window")
 
 
@@ -207,15 +217,21 @@ def check_window_cache_update(fn) -> bool | None:
 
     def case(window, chunks):
         def run(f):
-            stored = position_chunk(0, 0)
+            stored = _chunk(0, 0)
             seen = 0
             for size in chunks:
-                stored = f(stored, position_chunk(seen, size), window)
+                stored = call_unchanged(f, stored, _chunk(seen, size), window)
                 seen += size
                 want = torch.arange(max(0, seen - window), seen)
                 expect_equal(f"positions stored after {seen} tokens", want, _positions(stored))
+                expect_equal(
+                    f"stored after {seen} tokens (both batch rows)",
+                    _chunk(int(want[0]) if len(want) else 0, len(want)),
+                    stored,
+                )
 
         return f"window={window}, chunks {list(chunks)}", run
 
     cases = [case(4, (3, 2, 1, 1)), case(4, (1, 1, 1, 1, 1, 1)), case(3, (2, 5, 1)), case(5, (7, 2, 2))]
+    cases += [case(1, (1, 1, 3)), case(4, (4, 1, 6))]
     return run_check("check_window_cache_update", fn, cases, "the cache always holds the last W positions")
