@@ -14,7 +14,7 @@ import torch
 from flashkv_edu.online_softmax import online_normalizer
 from flashkv_edu.reference import attention_ref
 
-from .exercise import Exercise, expect_close, expect_pair, run_check
+from .exercise import Exercise, call_unchanged, expect_close, expect_dtype, expect_pair, run_check
 
 EXERCISES = [
     Exercise("04", "my_online_update", "check_online_update", 15),
@@ -114,7 +114,7 @@ def check_online_update(fn) -> bool | None:
             m = torch.full(x.shape[:-1], float("-inf"))
             l = torch.zeros(x.shape[:-1])
             for start in range(0, x.shape[-1], block):
-                m, l = expect_pair("result", f(m, l, x[..., start : start + block]))
+                m, l = expect_pair("result", call_unchanged(f, m, l, x[..., start : start + block]))
             want_m, want_l, _ = online_normalizer(x, block)
             expect_close("running max m", want_m, m, atol=1e-5)
             expect_close("running sum l", want_l, l, atol=1e-4)
@@ -125,6 +125,8 @@ def check_online_update(fn) -> bool | None:
     masked = torch.randn(3, 10, generator=gen) * 4
     masked[0, :6] = float("-inf")
     masked[1] = float("-inf")
+    late = torch.randn(2, 9, generator=gen) * 3
+    late[:, 3:6] = float("-inf")  # a whole block of masked keys between visible ones
     return run_check(
         "check_online_update",
         fn,
@@ -133,8 +135,11 @@ def check_online_update(fn) -> bool | None:
             case("a max that grows every block", growing, 3),
             case("masked keys and a fully masked row", masked, 4),
             case("large logits (1e3), one block", torch.randn(2, 5, generator=gen) * 1e3, 5),
+            case("a fully masked block after finite ones", late, 3),
+            case("blocks of 1, the last one partial", torch.randn(4, 7, generator=gen) * 3, 1),
+            case("10 keys in blocks of 4 (a partial last block)", torch.randn(1, 10, generator=gen) * 2, 4),
         ],
-        "growing maxima, masked keys, a fully masked row and large logits",
+        "growing maxima, masked keys and blocks, a fully masked row, partial blocks, large logits",
     )
 
 
@@ -171,7 +176,7 @@ def check_finalize(fn) -> bool | None:
             p = torch.exp(z - safe[:, None])
             l, acc = p.sum(-1), p @ v[0, :, 0]
             rows = slice(0, 6) if n_empty else slice(1, 6)
-            out, lse = expect_pair("result", f(m[rows], l[rows], acc[rows]))
+            out, lse = expect_pair("result", call_unchanged(f, m[rows].clone(), l[rows].clone(), acc[rows].clone()))
             expect_close("out", out_ref[0, rows, 0], out, atol=1e-5)
             expect_close("lse", lse_ref[0, 0, rows], lse, atol=1e-5)
 
@@ -190,8 +195,11 @@ def check_finalize(fn) -> bool | None:
 
 def my_merge_states(out_a, lse_a, out_b, lse_b):
     """Merge states over disjoint key sets: ``out (batch, seqlen_q, nheads, headdim)``,
-    ``lse (batch, nheads, seqlen_q)``; an empty side has ``lse = -inf``."""
-    lse_a, lse_b = lse_a.float(), lse_b.float()
+    ``lse (batch, nheads, seqlen_q)``; an empty side has ``lse = -inf`` or ``+inf`` (what
+    attention_ref returns for a row that sees no key; its out is 0). Both empty: out 0, lse +inf."""
+    # An empty side has lse -inf (no key yet) or +inf (FlashAttention's final form of an empty row).
+    lse_a = lse_a.float().masked_fill(torch.isinf(lse_a), float("-inf"))
+    lse_b = lse_b.float().masked_fill(torch.isinf(lse_b), float("-inf"))
     top = torch.maximum(lse_a, lse_b)
     top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
     wa, wb = torch.exp(lse_a - top), torch.exp(lse_b - top)
@@ -217,18 +225,63 @@ def check_merge_states(fn) -> bool | None:
             out_a, lse_a = attention_ref(qs, k[:, :at], v[:, :at], return_lse=True)
             out_b, lse_b = attention_ref(qs, k[:, at:], v[:, at:], return_lse=True)
             want_out, want_lse = attention_ref(qs, k, v, return_lse=True)
-            out, lse = expect_pair("result", f(out_a, lse_a, out_b, lse_b))
+            out, lse = expect_pair("result", call_unchanged(f, out_a, lse_a, out_b, lse_b))
             expect_close("out", want_out, out)
             expect_close("lse", want_lse, lse, atol=1e-4 * max(1.0, scale))
 
         big = f", logits scaled by {scale:g} (LSE in the hundreds)" if scale != 1 else ""
         return f"keys split at {at}{big}", run
 
-    def empty_side(f):
+    def empty_side(f, empty_lse):
         out_a, lse_a = attention_ref(q, k, v, return_lse=True)
-        out, lse = expect_pair("result", f(out_a, lse_a, torch.zeros_like(out_a), torch.full_like(lse_a, -torch.inf)))
+        out_b, lse_b = torch.zeros_like(out_a), torch.full_like(lse_a, empty_lse)
+        out, lse = expect_pair("result", call_unchanged(f, out_a, lse_a, out_b, lse_b))
         expect_close("out", out_a, out, atol=1e-5)
         expect_close("lse", lse_a, lse, atol=1e-5)
 
-    cases = [split(1), split(4), split(9), split(5, 40.0), ("an empty side (lse = -inf)", empty_side)]
-    return run_check("check_merge_states", fn, cases, "3 split points, large logits and an empty side")
+    def rows_empty_on_one_side(f):
+        # Causal over the first 5 keys (3 queries: row i sees keys j <= i + 2), all of keys 5..8.
+        qs, sq = q[:, :3], 3
+        out_a, lse_a = attention_ref(qs, k[:, :5], v[:, :5], causal=True, return_lse=True)
+        out_b, lse_b = attention_ref(qs, k[:, 5:9], v[:, 5:9], return_lse=True)
+        keep = torch.ones(sq, 9, dtype=torch.bool)
+        keep[:, :5] = torch.arange(5)[None, :] <= torch.arange(sq)[:, None] + 5 - sq
+        kk, vv = k[:, :9].repeat_interleave(2, 2), v[:, :9].repeat_interleave(2, 2)
+        z = (torch.einsum("bihd,bjhd->bhij", qs, kk) * 8**-0.5).masked_fill(~keep, float("-inf"))
+        want_out = torch.einsum("bhij,bjhd->bihd", torch.softmax(z, -1), vv)
+        out, lse = expect_pair("result", call_unchanged(f, out_a, lse_a, out_b, lse_b))
+        expect_close("out", want_out, out, atol=1e-4)
+        expect_close("lse", torch.logsumexp(z, -1), lse, atol=1e-4)
+
+    def both_empty(f):
+        out_a = torch.zeros(2, 3, 4, 8)
+        lse_a = torch.full((2, 4, 3), float("inf"))
+        out, lse = expect_pair(
+            "result", call_unchanged(f, out_a, lse_a, out_a.clone(), torch.full_like(lse_a, -torch.inf))
+        )
+        expect_close("out", torch.zeros_like(out_a), out, atol=0)
+        expect_close("lse", lse_a, lse, atol=0)
+
+    def half_precision(f):
+        out_a, lse_a = attention_ref(q.half(), k[:, :4].half(), v[:, :4].half(), return_lse=True)
+        out_b, lse_b = attention_ref(q.half(), k[:, 4:].half(), v[:, 4:].half(), return_lse=True)
+        want_out, want_lse = attention_ref(q.half(), k.half(), v.half(), return_lse=True)
+        out, lse = expect_pair("result", call_unchanged(f, out_a, lse_a, out_b, lse_b))
+        expect_dtype("out", torch.float16, out)
+        expect_close("out", want_out.float(), out.float(), atol=2e-3)
+        expect_close("lse", want_lse, lse, atol=1e-3)
+
+    cases = [split(1), split(4), split(9), split(5, 40.0)]
+    cases += [
+        ("an empty side with lse = -inf", lambda f: empty_side(f, float("-inf"))),
+        ("an empty side with lse = +inf (attention_ref's empty row)", lambda f: empty_side(f, float("inf"))),
+        ("query rows that see no key on one side (causal)", rows_empty_on_one_side),
+        ("both sides empty (out 0, lse +inf)", both_empty),
+        ("fp16 outputs (kept fp16)", half_precision),
+    ]
+    return run_check(
+        "check_merge_states",
+        fn,
+        cases,
+        "3 split points, large logits, empty sides (-inf and +inf), fp16, inputs unchanged",
+    )
