@@ -147,3 +147,91 @@ def call_unchanged(f, *args, **kwargs):
         if not same:
             raise CaseFailed(f"your function changed its input {name} in place; leave the caller's tensors as they are")
     return result
+
+
+class MemoryRecord:
+    """Every address a Triton kernel loads or stores while the record is open, read from Triton's
+    interpreter (under a compiled GPU kernel nothing is recorded and :attr:`available` is False).
+
+        with MemoryRecord() as mem:
+            kernel[grid](...)
+        mem.loads, mem.stores   # numpy arrays of byte addresses (masked-off lanes left out)
+    """
+
+    def __init__(self):
+        self.loads: list = []
+        self.stores: list = []
+        self.available = False
+
+    def __enter__(self):
+        import numpy as np
+
+        from flashkv_edu import runtime
+
+        if not runtime.INTERPRET:
+            return self
+        from triton.runtime import interpreter
+
+        builder = interpreter.InterpreterBuilder
+        self._saved = (builder.create_masked_load, builder.create_masked_store)
+        load, store = self._saved
+        record = self
+
+        def create_masked_load(this, ptrs, mask, other, cache_policy, is_volatile):
+            record.loads.append(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].astype(np.uint64).ravel())
+            return load(this, ptrs, mask, other, cache_policy, is_volatile)
+
+        def create_masked_store(this, ptrs, value, mask, cache_policy):
+            record.stores.append(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].astype(np.uint64).ravel())
+            return store(this, ptrs, value, mask, cache_policy)
+
+        builder.create_masked_load, builder.create_masked_store = create_masked_load, create_masked_store
+        self.available = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.available:
+            from triton.runtime import interpreter
+
+            interpreter.InterpreterBuilder.create_masked_load, interpreter.InterpreterBuilder.create_masked_store = (
+                self._saved
+            )
+        return False
+
+    def _all(self, which: str):
+        import numpy as np
+
+        chunks = getattr(self, which)
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint64)
+
+    def touched(self, which: str, t: torch.Tensor) -> torch.Tensor:
+        """Bool tensor of ``t``'s shape (``t`` contiguous): True where the kernel loaded
+        (``which="loads"``) or stored (``"stores"``) that element."""
+        addrs = self._all(which).astype("int64") - t.data_ptr()
+        esz = t.element_size()
+        offsets = addrs[(addrs >= 0) & (addrs < t.numel() * esz)] // esz
+        hit = torch.zeros(t.numel(), dtype=torch.bool)
+        hit[torch.as_tensor(offsets, dtype=torch.long)] = True
+        return hit.view(t.shape)
+
+    def strays(self, which: str, tensors) -> int:
+        """How many addresses lie outside every tensor in ``tensors`` (memory the kernel had no
+        business touching at all)."""
+        addrs = self._all(which).astype("int64")
+        inside = addrs < 0
+        for t in tensors:
+            lo = t.data_ptr()
+            inside |= (addrs >= lo) & (addrs < lo + t.numel() * t.element_size())
+        return int((~inside).sum())
+
+
+def expect_within(what: str, mem: MemoryRecord, which: str, t: torch.Tensor, valid: torch.Tensor) -> None:
+    """Under the interpreter: every element of ``t`` the kernel loaded or stored (``which``) is
+    one that ``valid`` (bool, ``t``'s shape) allows. Under a compiled kernel this checks nothing."""
+    if not mem.available:
+        return
+    bad = mem.touched(which, t) & ~valid
+    if bool(bad.any()):
+        idx = tuple(bad.nonzero()[0].tolist())
+        verb = "read" if which == "loads" else "written"
+        raise CaseFailed(f"{what}{list(idx)} lies outside the valid data but was {verb}: mask the {which}")

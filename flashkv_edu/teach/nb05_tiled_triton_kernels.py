@@ -16,7 +16,7 @@ from flashkv_edu import runtime
 from flashkv_edu.reference import attention_mask, attention_ref
 from flashkv_edu.runtime import tl, triton
 
-from .exercise import CaseFailed, Exercise, expect_close, expect_equal, run_check
+from .exercise import CaseFailed, Exercise, MemoryRecord, expect_close, expect_equal, expect_within, run_check
 
 EXERCISES = [
     Exercise("05", "my_step", "check_inner_loop", 25, triton=True),
@@ -237,6 +237,35 @@ if runtime.HAS_TRITON:
         tl.store(HI + pid_m, (hi + pid_m * 0).to(tl.int32))
 
     @triton.jit
+    def _step_harness(
+        Q, K, V, MASK, O, seqlen_q, seqlen_k, headdim, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, FN: tl.constexpr,
+    ):  # fmt: skip
+        """Attention of one head through the step ``FN`` with an arbitrary visibility ``MASK``
+        (int8 ``(seqlen_q, seqlen_k)``): tiles where some rows see nothing, rows that never do."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < seqlen_q
+        dim_ok = dims < headdim
+        q = tl.load(Q + rows[:, None] * headdim + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(0, seqlen_k, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < seqlen_k
+            kv = col_ok[:, None] & dim_ok[None, :]
+            k = tl.load(K + cols[:, None] * headdim + dims[None, :], mask=kv, other=0.0)
+            v = tl.load(V + cols[:, None] * headdim + dims[None, :], mask=kv, other=0.0)
+            ok = row_ok[:, None] & col_ok[None, :]
+            visible = tl.load(MASK + rows[:, None] * seqlen_k + cols[None, :], mask=ok, other=0) != 0
+            bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            m_i, l_i, acc = FN(q, k, v, m_i, l_i, acc, visible, bias, scale, 1.0, False, False, True)
+        empty = l_i == 0.0
+        out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
+        tl.store(O + rows[:, None] * headdim + dims[None, :], out, mask=row_ok[:, None] & dim_ok[None, :])
+
+    @triton.jit
     def _pack_harness(TOK, HEAD, kv_head, BLOCK: tl.constexpr, GROUP: tl.constexpr, FN: tl.constexpr):
         r = tl.arange(0, BLOCK)
         tok, head = FN(r, kv_head, GROUP)
@@ -244,8 +273,31 @@ if runtime.HAS_TRITON:
         tl.store(HEAD + r, (head + r * 0).to(tl.int32))
 
 
+def _dots_without_ieee(step) -> int:
+    """How many ``tl.dot`` calls in ``step``'s source lack ``input_precision="ieee"``: on a GPU
+    those multiply fp32 tiles in TF32 (a 10-bit mantissa), which the interpreter cannot show."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(getattr(step, "fn", step))))
+    except (OSError, TypeError, SyntaxError):
+        return 0  # no source to read (the check then relies on the numbers alone)
+    missing = 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "dot":
+            kw = {k.arg: k.value for k in node.keywords}
+            value = kw.get("input_precision")
+            if not (isinstance(value, ast.Constant) and value.value == "ieee"):
+                missing += 1
+    return missing
+
+
 def check_inner_loop(step) -> bool | None:
-    """``step`` runs as the inner loop of ``simple_attention_kernel`` on ragged shapes."""
+    """``step`` as the inner loop of ``simple_attention_kernel`` on ragged shapes, then inside a
+    harness with masks that hide whole tiles from some rows (and every key from others); its
+    ``tl.dot`` calls on these fp32 tiles must ask for ``input_precision="ieee"``."""
     from flashkv_edu.kernels.forward import simple_attention
 
     gen = torch.Generator().manual_seed(5)
@@ -258,11 +310,46 @@ def check_inner_loop(step) -> bool | None:
 
         return f"seqlen_q={sq}, seqlen_k={sk}, headdim={d}", run
 
+    def masked(label, sq, sk, d, mask):
+        def run(f):
+            q, k, v = (torch.randn(n, d, generator=gen) * 2 for n in (sq, sk, sk))
+            out = torch.empty(sq, d)
+            _step_harness[(triton.cdiv(sq, 16),)](
+                q, k, v, mask.to(torch.int8).contiguous(), out, sq, sk, d, d**-0.5, BLOCK_M=16, BLOCK_N=16,
+                BLOCK_D=max(16, triton.next_power_of_2(d)), FN=f,
+            )  # fmt: skip
+            z = (q @ k.T * d**-0.5).masked_fill(~mask, float("-inf"))
+            p = torch.where(mask.any(1, keepdim=True), torch.softmax(z, -1), torch.zeros_like(z)).nan_to_num()
+            expect_close("output (rows that see no key give 0)", p @ v, out, atol=1e-4)
+
+        return f"{label}: seqlen_q={sq}, seqlen_k={sk}", run
+
+    def ieee(f):
+        if _dots_without_ieee(f):
+            raise CaseFailed(
+                'a tl.dot without input_precision="ieee": on a GPU it multiplies these fp32 tiles in TF32 '
+                "(10-bit mantissa); the interpreter cannot show it, the source does"
+            )
+
+    window = attention_mask(40, 40, window_size=(5, 0))
+    late = attention_mask(20, 40, causal=True)
+    late[3] = False  # a row that sees nothing at all
+    holes = torch.rand(24, 48, generator=gen) < 0.3
+    holes[:, 16:32] = False  # a key tile nobody sees
+    holes[5] = False
     return run_check(
         "check_inner_loop",
         step,
-        [case(1, 7, 16), case(20, 45, 32), case(33, 16, 20)],
-        "3 ragged shapes through the Triton kernel match attention_ref within 1e-4",
+        [
+            case(1, 7, 16),
+            case(20, 45, 32),
+            case(33, 16, 20),
+            masked("a sliding window (whole tiles hidden from a row)", 40, 40, 32, window),
+            masked("causal, one row sees nothing", 20, 40, 16, late),
+            masked("random holes and a key tile nobody sees", 24, 48, 16, holes),
+            ("the source: tl.dot precision", ieee),
+        ],
+        "ragged shapes and masked tiles match attention_ref within 1e-4; fp32 dots in IEEE precision",
     )
 
 
@@ -281,6 +368,10 @@ def check_key_range(fn) -> bool | None:
                 where = f"query tile {m} (rows {m * bm}..{min(sq, (m + 1) * bm) - 1})"
                 if a % bn:
                     raise CaseFailed(f"{where}: lo={a} is not a multiple of BLOCK_N={bn}")
+                if a < 0:
+                    raise CaseFailed(f"{where}: lo={a} is negative: the loop would load keys before the first one")
+                if b > sk:
+                    raise CaseFailed(f"{where}: hi={b} is past the last key (seqlen_k={sk})")
                 seen = mask[m * bm : (m + 1) * bm].any(0).nonzero().flatten()
                 if seen.numel() and (int(seen.min()) < a or int(seen.max()) >= b):
                     raise CaseFailed(
@@ -302,24 +393,38 @@ def check_key_range(fn) -> bool | None:
         case(20, 50, 16, 8, (3, 2)),
         case(10, 33, 16, 16, (-1, -1)),
         case(40, 10, 16, 16, (-1, 0)),
+        case(20, 20, 16, 16, (0, 0)),
+        case(33, 40, 16, 8, (0, 3)),
+        case(40, 10, 16, 16, (2, 0)),
+        case(50, 64, 16, 16, (4, -1)),
     ]
     return run_check(
-        "check_key_range", fn, cases, "causal, windowed, unmasked and empty rows: no key missed, no hidden tile visited"
+        "check_key_range",
+        fn,
+        cases,
+        "causal, windows down to one token, empty rows: no key missed, no hidden tile, bounds in range",
     )
 
 
 def check_copy_tile(fn) -> bool | None:
-    """Copy matrices whose sizes are not multiples of the tile through ``fn``: the copy must be
-    exact, and nothing outside the matrix may be read or written."""
+    """Copy matrices whose sizes are not multiples of the tile through ``fn``, into a ``Y`` with
+    another row stride: the copy must be exact, and nothing outside the matrix may be read (loads
+    are recorded by the interpreter) or written (sentinels around ``Y``)."""
 
     def case(n_rows, n_cols, br, bc):
         def run(f):
             src = torch.full((n_rows + br, n_cols + bc), 999.0)
             src[:n_rows, :n_cols] = torch.arange(n_rows * n_cols, dtype=torch.float32).view(n_rows, n_cols)
-            dst = torch.full((n_rows + br, n_cols + bc), -1.0)
-            f[(triton.cdiv(n_rows, br), triton.cdiv(n_cols, bc))](
-                src, dst, n_rows, n_cols, src.stride(0), dst.stride(0), BLOCK_R=br, BLOCK_C=bc
-            )
+            dst = torch.full((n_rows + br, n_cols + bc + 8), -1.0)  # a guard band, and a row stride of its own
+            with MemoryRecord() as mem:
+                f[(triton.cdiv(n_rows, br), triton.cdiv(n_cols, bc))](
+                    src, dst, n_rows, n_cols, src.stride(0), dst.stride(0), BLOCK_R=br, BLOCK_C=bc
+                )
+            inside_x = torch.zeros(src.shape, dtype=torch.bool)
+            inside_x[:n_rows, :n_cols] = True
+            expect_within("X", mem, "loads", src, inside_x)
+            if mem.available and mem.strays("loads", [src]):
+                raise CaseFailed("a load read memory outside X altogether: mask the loads")
             expect_equal("the copied matrix", src[:n_rows, :n_cols], dst[:n_rows, :n_cols])
             outside = dst.clone()
             outside[:n_rows, :n_cols] = -1.0
@@ -327,7 +432,7 @@ def check_copy_tile(fn) -> bool | None:
                 r, c = (outside != -1.0).nonzero()[0].tolist()
                 raise CaseFailed(
                     f"Y[{r}, {c}] lies outside the {n_rows}x{n_cols} matrix but was written "
-                    f"({outside[r, c].item():g}): mask the stores"
+                    f"({outside[r, c].item():g}): mask the stores (and address Y with its own stride)"
                 )
 
         return f"a {n_rows}x{n_cols} matrix in {br}x{bc} tiles", run
@@ -335,8 +440,8 @@ def check_copy_tile(fn) -> bool | None:
     return run_check(
         "check_copy_tile",
         fn,
-        [case(32, 32, 16, 16), case(37, 19, 16, 16), case(5, 70, 8, 32)],
-        "exact copies with row and column tails, nothing written outside",
+        [case(32, 32, 16, 16), case(37, 19, 16, 16), case(5, 70, 8, 32), case(1, 1, 16, 16), case(17, 16, 16, 16)],
+        "exact copies with row and column tails; nothing read or written outside the matrix",
     )
 
 
