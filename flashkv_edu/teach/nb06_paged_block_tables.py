@@ -15,7 +15,17 @@ from flashkv_edu.paged import PagedKVCache, gather_paged
 from flashkv_edu.reference import attention_ref
 from flashkv_edu.runtime import tl, triton
 
-from .exercise import CaseFailed, Exercise, expect_equal, expect_pair, run_check
+from .exercise import (
+    CaseFailed,
+    Exercise,
+    MemoryRecord,
+    call_unchanged,
+    expect_dtype,
+    expect_equal,
+    expect_pair,
+    expect_within,
+    run_check,
+)
 
 EXERCISES = [
     Exercise("06", "my_paged_rows", "check_paged_rows", 20, triton=True),
@@ -286,45 +296,78 @@ if runtime.HAS_TRITON:
             k = tl.load(rows[:, None] + dims[None, :], mask=col_ok[:, None], other=0.0)
             tl.store(OUT + b * stride_ob + pos[:, None] * stride_os + dims[None, :], k, mask=col_ok[:, None])
 
+    @triton.jit
+    def _paged_offsets_harness(
+        K, BLOCK_TABLE, OFF, seqlen, b, stride_btb, page_size, stride_kb, stride_ks, BLOCK_N: tl.constexpr,
+        FN: tl.constexpr,
+    ):  # fmt: skip
+        """Where ``FN`` points, as element offsets from ``K`` (int64), without reading ``K``: the
+        pool's strides may describe a pool far larger than any test could allocate."""
+        for start in range(0, seqlen, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            col_ok = pos < seqlen
+            rows = FN(K, BLOCK_TABLE, b, pos, col_ok, stride_btb, page_size, stride_kb, stride_ks)
+            tl.store(OFF + pos, (rows.to(tl.int64) - K.to(tl.int64)) // 4, mask=col_ok)
+
 
 def check_paged_rows(fn) -> bool | None:
     """Gather every sequence's keys through ``fn`` inside a small kernel and compare with
-    :func:`flashkv_edu.paged.gather_paged`, for page sizes smaller and larger than the tile."""
+    :func:`flashkv_edu.paged.gather_paged`, for page sizes smaller and larger than the tile and
+    block tables exactly as wide as the sequences need; block-table loads are recorded (a load
+    past a sequence's pages fails). Then the pointers of a pool of 2^31 elements and more (its
+    strides only, nothing allocated): the offsets must not overflow int32."""
     gen = torch.Generator().manual_seed(61)
 
-    def case(page, lens):
+    def case(page, lens, spare=0):
         def run(f):
-            b, max_blocks, d = len(lens), 16, 16
+            b, d = len(lens), 16
+            max_blocks = max(-(-n // page) for n in lens) + spare
             pool = torch.randn(b * max_blocks + 3, page, 1, d, generator=gen)
             table = torch.randperm(pool.shape[0], generator=gen)[: b * max_blocks].view(b, max_blocks).int()
             seqlens = torch.tensor(lens, dtype=torch.int32)
             out = torch.zeros(b, max_blocks * page, 1, d)
-            _paged_harness[(b,)](
-                pool,
-                table,
-                out,
-                seqlens,
-                table.stride(0),
-                page,
-                pool.stride(0),
-                pool.stride(1),
-                out.stride(0),
-                out.stride(1),
-                D=d,
-                BLOCK_N=16,
-                FN=f,
-            )
+            with MemoryRecord() as mem:
+                _paged_harness[(b,)](
+                    pool, table, out, seqlens, table.stride(0), page, pool.stride(0), pool.stride(1),
+                    out.stride(0), out.stride(1), D=d, BLOCK_N=16, FN=f,
+                )  # fmt: skip
+            needed = torch.arange(max_blocks)[None, :] < torch.tensor([-(-n // page) for n in lens])[:, None]
+            expect_within("block_table", mem, "loads", table, needed)
+            if mem.available and mem.strays("loads", [pool, table, seqlens]):
+                raise CaseFailed("a load read memory outside the pool and the block table: mask the block-table load")
             want = gather_paged(pool, table)
             for i, n in enumerate(lens):
                 expect_equal(f"keys of sequence {i}", want[i, :n], out[i, :n])
 
-        return f"page size {page}, lengths {list(lens)}", run
+        label = f"page size {page}, lengths {list(lens)}"
+        return label + (f", {spare} spare table columns" if spare else ", a table exactly as wide as needed"), run
+
+    def large_pool(f):
+        page, d, seqlen = 16, 128, 40
+        stride_ks = 8 * d  # 8 KV heads of 128 per row of a page
+        stride_kb = page * stride_ks  # 16,384 elements per page
+        table = torch.tensor([[200_000, 131_073, 7]], dtype=torch.int32)  # pages past 2^31 / 16,384
+        off = torch.zeros(48, dtype=torch.int64)
+        anchor = torch.zeros(1)  # K: only its address is used
+        _paged_offsets_harness[(1,)](
+            anchor, table, off, seqlen, 0, table.stride(0), page, stride_kb, stride_ks, BLOCK_N=16, FN=f
+        )
+        pos = torch.arange(seqlen)
+        want = table[0, pos // page].long() * stride_kb + (pos % page) * stride_ks
+        expect_equal("element offsets of the key rows (int64)", want, off[:seqlen])
 
     return run_check(
         "check_paged_rows",
         fn,
-        [case(4, (9, 30)), case(1, (7,)), case(16, (16, 40, 3)), case(5, (23, 1))],
-        "page sizes 1, 4, 5 and 16 with shuffled block tables",
+        [
+            case(4, (9, 30), spare=4),
+            case(1, (7,)),
+            case(16, (16, 40, 3)),
+            case(5, (23, 1)),
+            case(4, (9, 30)),
+            ("a pool of 3.3e9 elements (page 200,000 of 16,384 elements)", large_pool),
+        ],
+        "page sizes 1, 4, 5 and 16, shuffled and exact-width tables, block-table loads masked, 64-bit offsets",
     )
 
 
@@ -369,8 +412,12 @@ def check_blocks_to_append(fn) -> bool | None:
         case(8, 3, 4, True),
         case(5, 0, 4, True),
         case(17, 40, 16, True),
+        case(0, 0, 4, False),
+        case(3, 5, 1, True),
+        case(16, 1, 16, True),
+        case(7, 9, 8, True),
     ]
-    return run_check("check_blocks_to_append", fn, cases, "partial, full and shared last blocks")
+    return run_check("check_blocks_to_append", fn, cases, "empty, partial, full and shared last blocks, pages of 1")
 
 
 # --- exercise 3 (bug hunt): the last page's length -----------------------------------------------
@@ -383,14 +430,17 @@ def last_page_len(kv_lens, page_size):
 
 
 def check_last_page_len(fn) -> bool | None:
-    """Full pages plus the last page must add up to each length, and a last page is never empty."""
+    """Full pages plus the last page must add up to each length, a last page is never empty, the
+    result is int32 (FlashInfer's ``kv_last_page_len`` is an int32 tensor), and ``kv_lens`` comes
+    back unchanged."""
 
     def case(page, lens):
         def run(f):
             kv = torch.tensor(lens, dtype=torch.int32)
-            got = torch.as_tensor(f(kv, page))
             pages = -(-kv // page)
             want = kv - (pages - 1) * page
+            got = call_unchanged(f, kv, page)
+            expect_dtype("kv_last_page_len", torch.int32, got)
             for i, n in enumerate(lens):
                 if not 1 <= int(got[i]) <= page or int(got[i]) != int(want[i]):
                     raise CaseFailed(
@@ -403,6 +453,12 @@ def check_last_page_len(fn) -> bool | None:
     return run_check(
         "check_last_page_len",
         fn,
-        [case(16, [1, 15, 17, 40]), case(16, [16, 32, 48]), case(1, [1, 5]), case(4, [3, 4, 5, 8])],
-        "lengths below, at and above page boundaries",
+        [
+            case(16, [1, 15, 17, 40]),
+            case(16, [16, 32, 48]),
+            case(1, [1, 5]),
+            case(4, [3, 4, 5, 8]),
+            case(256, [255, 256, 257]),
+        ],
+        "lengths below, at and above page boundaries; int32, kv_lens unchanged",
     )
