@@ -14,7 +14,7 @@ from flashkv_edu import runtime
 from flashkv_edu.online_softmax import merge_many
 from flashkv_edu.runtime import tl, triton
 
-from .exercise import CaseFailed, Exercise, expect_close, expect_equal, run_check
+from .exercise import CaseFailed, Exercise, MemoryRecord, expect_close, expect_equal, expect_within, run_check
 
 EXERCISES = [
     Exercise("07", "my_split_range", "check_split_range", 10, triton=True),
@@ -164,7 +164,7 @@ def check_split_range(fn) -> bool | None:
     return run_check(
         "check_split_range",
         fn,
-        [case(4, 32, 128), case(4, 32, 100), case(8, 64, 70), case(3, 16, 1)],
+        [case(4, 32, 128), case(4, 32, 100), case(8, 64, 70), case(3, 16, 1), case(1, 64, 64), case(5, 16, 33)],
         "full, ragged and empty splits",
     )
 
@@ -191,56 +191,48 @@ def check_finish_split(fn) -> bool | None:
     return run_check(
         "check_finish_split",
         fn,
-        [case([]), case([0, 5]), case(list(range(16)))],
+        [case([]), case([0, 5]), case(list(range(16))), case([15])],
         "full rows, some empty rows and an all-empty split (lse -inf)",
     )
 
 
 def check_combine_kernel(kernel) -> bool | None:
     """Partial states of the package's split decode kernel (empty splits, rows with no key,
-    large logits) merged by ``kernel`` against notebook 04's ``merge_many``."""
+    large logits, several query tokens, a head dim below the tile) merged by ``kernel`` against
+    notebook 04's ``merge_many``. The output sits in a guard band and the loads are recorded:
+    nothing outside the head dim may be read or written."""
     from flashkv_edu.kernels.decode import decode_attention_triton
 
     gen = torch.Generator().manual_seed(72)
 
-    def case(label, lens, splits, scale):
+    def case(label, lens, splits, scale, sq=1, d=16):
         def run(f):
             b = len(lens)
-            kc = torch.randn(b, 70, 1, 16, generator=gen) * scale
-            q = torch.randn(b, 1, 4, 16, generator=gen) * scale
+            kc = torch.randn(b, 70, 1, d, generator=gen) * scale
+            q = torch.randn(b, sq, 4, d, generator=gen) * scale
             seqlens = torch.tensor(lens, dtype=torch.int32)
             _, _, o_part, l_part = decode_attention_triton(
-                q, kc, kc, seqlens, num_splits=splits, return_lse=True, return_partials=True
+                q, kc, kc, seqlens, causal=sq > 1, num_splits=splits, return_lse=True, return_partials=True
             )
             want_out, want_lse = merge_many(o_part, l_part)
-            n, _, sq, h, d = o_part.shape
-            out, lse = torch.full((b, sq, h, d), float("nan")), torch.full((b, h, sq), float("nan"))
-            f[(b * sq * h,)](
-                o_part,
-                l_part,
-                out,
-                lse,
-                o_part.stride(0),
-                o_part.stride(1),
-                o_part.stride(2),
-                o_part.stride(3),
-                l_part.stride(0),
-                l_part.stride(1),
-                l_part.stride(2),
-                out.stride(0),
-                out.stride(1),
-                out.stride(2),
-                lse.stride(0),
-                lse.stride(1),
-                n,
-                h,
-                sq,
-                d,
-                BLOCK_S=max(2, triton.next_power_of_2(n)),
-                BLOCK_D=16,
-            )
-            expect_close("out", want_out, out, atol=1e-4)
+            n, _, _, h, _ = o_part.shape
+            band = torch.full((b * sq * h * d + 64,), float("nan"))  # the output, then a guard band
+            out = band[: b * sq * h * d].view(b, sq, h, d)
+            lse = torch.full((b, h, sq), float("nan"))
+            with MemoryRecord() as mem:
+                f[(b * sq * h,)](
+                    o_part, l_part, out, lse, o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
+                    l_part.stride(0), l_part.stride(1), l_part.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                    lse.stride(0), lse.stride(1), n, h, sq, d, BLOCK_S=max(2, triton.next_power_of_2(n)),
+                    BLOCK_D=max(16, triton.next_power_of_2(d)),
+                )  # fmt: skip
+            expect_within("out_partial", mem, "loads", o_part, torch.ones(o_part.shape, dtype=torch.bool))
+            if mem.available and mem.strays("loads", [o_part, l_part]):
+                raise CaseFailed("a load read memory outside the partial states: mask the head dim (d < BLOCK_D)")
+            if not bool(band[b * sq * h * d :].isnan().all()):
+                raise CaseFailed("a store wrote past the output's last element: mask the head dim (d < BLOCK_D)")
             expect_close("lse", want_lse, lse, atol=1e-4)
+            expect_close("out", want_out, out, atol=1e-4)
 
         return label, run
 
@@ -249,5 +241,12 @@ def check_combine_kernel(kernel) -> bool | None:
         case("5 splits, sequence 2 leaves some empty", [70, 9], 5, 1.0),
         case("a sequence with no keys (all splits empty)", [40, 0], 3, 1.0),
         case("large logits (LSE in the hundreds)", [70, 33], 4, 12.0),
+        case("3 query tokens per sequence (causal)", [70, 21], 4, 1.0, sq=3),
+        case("head dim 12 in a tile of 16", [50, 70], 3, 1.0, d=12),
     ]
-    return run_check("check_combine_kernel", kernel, cases, "full, empty and all-empty splits, large logits")
+    return run_check(
+        "check_combine_kernel",
+        kernel,
+        cases,
+        "full, empty and all-empty splits, large logits, several query tokens, head dim below the tile",
+    )
