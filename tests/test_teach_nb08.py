@@ -19,6 +19,25 @@ def decode_step_no_append(q, k, v, kc, vc, lens, table):
     return fk.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table, causal=True), lens + 1
 
 
+def decode_step_in_place(q, k, v, kc, vc, lens, table):  # lens += 1: the next layer appends one row later
+    out = fk.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, block_table=table, causal=True)
+    lens += 1
+    return out, lens
+
+
+def decode_step_int64(q, k, v, kc, vc, lens, table):  # the next call refuses int64 cache_seqlens
+    out = fk.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, block_table=table, causal=True)
+    return out, lens.long() + 1
+
+
+def snippet_one_length(x, wq, wk, wv, k_cache, v_cache, cache_seqlens):  # one length for the whole batch
+    b, d, hk = x.shape[0], k_cache.shape[3], k_cache.shape[2]
+    q, k, v = (x @ wq).view(b, 1, -1, d), (x @ wk).view(b, 1, hk, d), (x @ wv).view(b, 1, hk, d)
+    n = torch.full_like(cache_seqlens, int(cache_seqlens.max()))
+    out = fk.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=n, causal=True)
+    return out, (cache_seqlens + 1).to(torch.int32)
+
+
 def snippet_as_found(x, wq, wk, wv, k_cache, v_cache, cache_seqlens):  # all three bugs
     b, d = x.shape[0], k_cache.shape[3]
     q = (x @ wq).view(b, 1, -1, d)
@@ -55,10 +74,28 @@ def rotary_queries_only(q, k, v, k_cache, v_cache, lens, cos, sin):
     return fk.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True)
 
 
+def rotary_swapped_tables(q, k, v, k_cache, v_cache, lens, cos, sin):  # cos and sin exchanged
+    return fk.flash_attn_with_kvcache(
+        q, k_cache, v_cache, k, v, rotary_cos=sin, rotary_sin=cos, cache_seqlens=lens, causal=True,
+        rotary_interleaved=False,
+    )  # fmt: skip
+
+
+def rotary_advances_in_place(q, k, v, k_cache, v_cache, lens, cos, sin):  # moves the caller's lengths
+    out = nb08.rotary_decode(q, k, v, k_cache, v_cache, lens, cos, sin)
+    lens += 1
+    return out
+
+
 MISTAKES = {
-    "check_decode_step": [decode_step_no_advance, decode_step_no_append],
-    "check_attention_step": [snippet_as_found, snippet_projects_output, snippet_sliced_cache],
-    "check_rotary_decode": [rotary_default_layout, rotary_queries_only],
+    "check_decode_step": [decode_step_no_advance, decode_step_no_append, decode_step_in_place, decode_step_int64],
+    "check_attention_step": [snippet_as_found, snippet_projects_output, snippet_sliced_cache, snippet_one_length],
+    "check_rotary_decode": [
+        rotary_default_layout,
+        rotary_queries_only,
+        rotary_swapped_tables,
+        rotary_advances_in_place,
+    ],
 }
 
 (

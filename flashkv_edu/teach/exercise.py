@@ -132,18 +132,16 @@ def expect_dtype(what: str, dtype: torch.dtype, got) -> None:
         raise CaseFailed(f"{what}: expected dtype {dtype}, got {got.dtype}")
 
 
-def call_unchanged(f, *args, **kwargs):
-    """``f(*args, **kwargs)``, then a check that no tensor argument was changed in place (the
-    caller's tensors are passed as they are, not cloned: an in-place edit fails the case)."""
-    named = [(f"argument {i + 1}", a) for i, a in enumerate(args)] + list(kwargs.items())
-    before = [(name, t, t.clone()) for name, t in named if isinstance(t, torch.Tensor)]
+def call_unchanged(f, *args, may_write: tuple = (), **kwargs):
+    """``f(*args, **kwargs)``, then a check that no tensor argument was changed in place but the
+    positional arguments listed in ``may_write`` (the caches a function is meant to write). The
+    caller's tensors are passed as they are, not cloned: an in-place edit fails the case."""
+    named = [(i, f"argument {i + 1}", a) for i, a in enumerate(args) if i not in may_write]
+    named += [(None, name, a) for name, a in kwargs.items()]
+    before = [(name, t, t.clone()) for _, name, t in named if isinstance(t, torch.Tensor)]
     result = f(*args, **kwargs)
     for name, t, copy in before:
-        same = (
-            t.shape == copy.shape and bool(((t == copy) | (t.isnan() & copy.isnan())).all())
-            if t.dtype.is_floating_point
-            else torch.equal(t, copy)
-        )
+        same = t.shape == copy.shape and bool(((t == copy) | (t.isnan() & copy.isnan())).all())
         if not same:
             raise CaseFailed(f"your function changed its input {name} in place; leave the caller's tensors as they are")
     return result

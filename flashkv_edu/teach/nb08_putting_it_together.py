@@ -14,7 +14,16 @@ import flashkv_edu as fk
 from flashkv_edu.paged import gather_paged
 from flashkv_edu.rotary import apply_rotary, rotary_tables
 
-from .exercise import CaseFailed, Exercise, expect_close, expect_equal, expect_pair, run_check
+from .exercise import (
+    CaseFailed,
+    Exercise,
+    call_unchanged,
+    expect_close,
+    expect_dtype,
+    expect_equal,
+    expect_pair,
+    run_check,
+)
 
 EXERCISES = [
     Exercise("08", "my_decode_step", "check_decode_step", 15),
@@ -96,7 +105,12 @@ def check_decode_step(fn) -> bool | None:
             lens = state["lens"]
             q = torch.randn(2, 1, 4, 16, generator=gen)
             k, v = torch.randn(2, 1, 2, 16, generator=gen), torch.randn(2, 1, 2, 16, generator=gen)
-            out, new_lens = expect_pair("result", f(q, k, v, pool_k, pool_v, lens.clone(), table))
+            out, new_lens = expect_pair(
+                "result", call_unchanged(f, q, k, v, pool_k, pool_v, lens, table, may_write=(3, 4))
+            )
+            expect_dtype(
+                "returned cache_seqlens (the next step passes them to flash_attn_with_kvcache)", torch.int32, new_lens
+            )
             for b in range(2):
                 state["seen"][b, int(lens[b])] = k[b, 0]
             expect_equal("keys in the cache", state["seen"], gather_paged(pool_k, table))
@@ -104,16 +118,16 @@ def check_decode_step(fn) -> bool | None:
                 q, gather_paged(pool_k, table), gather_paged(pool_v, table), causal=True, seqlens_k=lens + 1
             )
             expect_close("output", want, out, atol=1e-5)
-            expect_equal("returned cache_seqlens", lens + 1, torch.as_tensor(new_lens).to(torch.int32))
-            state["lens"] = lens + 1
+            expect_equal("returned cache_seqlens", lens + 1, new_lens)
+            state["lens"] = new_lens
 
         return f"decode step {i}", run
 
     return run_check(
         "check_decode_step",
         fn,
-        [step(0), step(1), step(2)],
-        "3 steps on a paged cache; keys, outputs and lengths right",
+        [step(0), step(1), step(2), step(3)],
+        "4 steps on a paged cache across a page boundary; keys, outputs and int32 lengths right, inputs unchanged",
     )
 
 
@@ -133,38 +147,53 @@ def attention_step(x, wq, wk, wv, k_cache, v_cache, cache_seqlens):
 
 
 def check_attention_step(fn) -> bool | None:
-    """Four decode steps over a cache with room to grow, against attention over the whole
-    projected history."""
+    """Four decode steps over a cache with room to grow, for two sequences with prompts of 5 and 2
+    tokens (each at its own length), against attention over each one's projected history."""
     gen = torch.Generator().manual_seed(81)
     dim, h, hk, d, b = 32, 4, 2, 8, 2
     wq, wk, wv = (torch.randn(dim, n * d, generator=gen) * dim**-0.5 for n in (h, hk, hk))
     k_cache, v_cache = torch.zeros(b, 16, hk, d), torch.zeros(b, 16, hk, d)
-    prompt = torch.randn(b, 5, dim, generator=gen)
-    k_cache[:, :5], v_cache[:, :5] = (prompt @ wk).view(b, 5, hk, d), (prompt @ wv).view(b, 5, hk, d)
-    state = {"lens": torch.tensor([5, 5], dtype=torch.int32), "xs": prompt}
+    prompts = [torch.randn(1, n, dim, generator=gen) for n in (5, 2)]
+    for i, p in enumerate(prompts):
+        n = p.shape[1]
+        k_cache[i, :n], v_cache[i, :n] = (p @ wk).view(n, hk, d), (p @ wv).view(n, hk, d)
+    state = {"lens": torch.tensor([5, 2], dtype=torch.int32), "xs": prompts}
 
     def step(i):
         def run(f):
             x = torch.randn(b, 1, dim, generator=gen)
-            out, lens = expect_pair("result", f(x, wq, wk, wv, k_cache, v_cache, state["lens"].clone()))
-            xs = torch.cat([state["xs"], x], 1)
-            n = xs.shape[1]
-            want = fk.attention_ref(
-                (x @ wq).view(b, 1, h, d), (xs @ wk).view(b, n, hk, d), (xs @ wv).view(b, n, hk, d), causal=True
+            lens = state["lens"]
+            out, new_lens = expect_pair(
+                "result", call_unchanged(f, x, wq, wk, wv, k_cache, v_cache, lens, may_write=(4, 5))
+            )
+            xs = [torch.cat([state["xs"][r], x[r : r + 1]], 1) for r in range(b)]
+            want = torch.cat(
+                [
+                    fk.attention_ref(
+                        (x[r : r + 1] @ wq).view(1, 1, h, d),
+                        (xs[r] @ wk).view(1, -1, hk, d),
+                        (xs[r] @ wv).view(1, -1, hk, d),
+                        causal=True,
+                    )
+                    for r in range(b)
+                ]
             )
             if not isinstance(out, torch.Tensor) or out.shape != want.shape:
                 raise CaseFailed(f"output should have shape {tuple(want.shape)}")
-            expect_close("attention output (it must see every earlier token and this one)", want, out, atol=1e-4)
-            expect_equal("returned cache_seqlens", state["lens"] + 1, torch.as_tensor(lens).to(torch.int32))
-            state["lens"], state["xs"] = state["lens"] + 1, xs
+            expect_close(
+                "attention output (each sequence sees its own earlier tokens and this one)", want, out, atol=1e-4
+            )
+            expect_dtype("returned cache_seqlens", torch.int32, new_lens)
+            expect_equal("returned cache_seqlens", lens + 1, new_lens)
+            state["lens"], state["xs"] = new_lens, xs
 
-        return f"decode step {i} after a 5-token prompt", run
+        return f"decode step {i} after prompts of 5 and 2 tokens", run
 
     return run_check(
         "check_attention_step",
         fn,
         [step(i) for i in range(4)],
-        "4 steps: new keys appended in place, projected from the layer input, attended",
+        "4 steps, ragged lengths: new keys appended in place, projected from the layer input, attended",
     )
 
 
@@ -214,6 +243,11 @@ def check_rotary_decode(fn) -> bool | None:
                 apply_rotary(q, cos, sin, at, interleaved=False), want_k, want_v, seqlens_k=seqlens + 1, causal=True
             )
             out = f(q, k, v, k_cache, v_cache, seqlens, cos, sin)
+            expect_equal(
+                "cache_seqlens after the call (the caller advances them)",
+                torch.tensor(lens, dtype=torch.int32),
+                seqlens,
+            )
             expect_close("the appended, rotated key", want_k, k_cache, atol=1e-5)
             expect_close("attention output", want, out, atol=1e-4)
 
@@ -222,6 +256,6 @@ def check_rotary_decode(fn) -> bool | None:
     return run_check(
         "check_rotary_decode",
         fn,
-        [case([7]), case([3, 11])],
+        [case([7]), case([3, 11]), case([0, 23])],
         "keys and queries rotated in the rotate-half layout at the right positions",
     )
