@@ -50,6 +50,32 @@ def kivi_symmetric(k, bits, group):  # no zero point: keys that are not centred 
     return codes.reshape(t, c), scale, torch.zeros_like(scale)
 
 
+def quantize_in_place(x, bits):  # x /= scale: the caller's tensor becomes the codes
+    qmax = 2 ** (bits - 1) - 1
+    amax = x.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    x /= scale
+    return x.round_().clamp_(-qmax, qmax), scale
+
+
+def kivi_unguarded(k, bits, group):  # a channel constant over a group: scale 0, codes NaN
+    t, c = k.shape
+    groups = k.reshape(t // group, group, c)
+    zero = groups.amin(1)
+    scale = (groups.amax(1) - zero) / (2**bits - 1)
+    codes = torch.round((groups - zero[:, None]) / scale[:, None]).clamp(0, 2**bits - 1)
+    return codes.reshape(t, c), scale, zero
+
+
+def kivi_floor(k, bits, group):  # truncation: a whole step of error
+    t, c = k.shape
+    groups = k.reshape(t // group, group, c)
+    zero = groups.amin(1)
+    span = groups.amax(1) - zero
+    scale = torch.where(span > 0, span / (2**bits - 1), torch.ones_like(span))
+    return torch.floor((groups - zero[:, None]) / scale[:, None]).reshape(t, c), scale, zero
+
+
 @triton.jit
 def dequantize_no_scale(x, scale, FP8_BITS: tl.constexpr):  # forgets the scale
     return x.to(tl.float32)
@@ -68,16 +94,32 @@ def bytes_no_zero_point(n_layers, nheads_k, headdim, bits, group, asymmetric):
     return 2 * n_layers * nheads_k * (headdim * bits / 8 + headdim // group * 2)
 
 
+@triton.jit
+def dequantize_always_decodes(x, scale, FP8_BITS: tl.constexpr):  # decodes e4m3 bits whatever the flag says
+    from flashkv_edu.kernels.common import e4m3_to_float
+
+    return e4m3_to_float(x) * scale
+
+
+def bytes_fp32_scales(n_layers, nheads_k, headdim, bits, group, asymmetric):  # scales are fp16: 2 bytes
+    return 2 * n_layers * nheads_k * (headdim * bits / 8 + headdim // group * 4 * (2 if asymmetric else 1))
+
+
+def bytes_integer_division(n_layers, nheads_k, headdim, bits, group, asymmetric):  # headdim * (bits // 8)
+    return 2 * n_layers * nheads_k * (headdim * (bits // 8) + headdim // group * 2 * (2 if asymmetric else 1))
+
+
 MISTAKES = {
     "check_quantize_symmetric": [
         quantize_unsigned_range,
         quantize_floor,
         quantize_per_tensor,
         quantize_unguarded,
+        quantize_in_place,
     ],
-    "check_quantize_keys_per_channel": [kivi_per_token, kivi_symmetric],
-    "check_cache_bytes_per_token": [bytes_keys_only, bytes_no_zero_point],
-    "check_dequantize": [dequantize_no_scale, dequantize_bits_as_numbers],
+    "check_quantize_keys_per_channel": [kivi_per_token, kivi_symmetric, kivi_unguarded, kivi_floor],
+    "check_cache_bytes_per_token": [bytes_keys_only, bytes_no_zero_point, bytes_fp32_scales, bytes_integer_division],
+    "check_dequantize": [dequantize_no_scale, dequantize_bits_as_numbers, dequantize_always_decodes],
 }
 
 (

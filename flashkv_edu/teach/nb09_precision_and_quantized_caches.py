@@ -17,7 +17,7 @@ from ..quant_eval import (  # noqa: F401  (notebook 09's experiments live in the
     scheme_losses,
 )
 from ..runtime import tl, triton
-from .exercise import CaseFailed, Exercise, expect_close, expect_equal, expect_pair, run_check
+from .exercise import CaseFailed, Exercise, call_unchanged, expect_close, expect_equal, expect_pair, run_check
 
 EXERCISES = [
     Exercise("09", "quantize_symmetric", "check_quantize_symmetric", 15),
@@ -148,7 +148,7 @@ def check_quantize_symmetric(fn) -> bool | None:
             x[..., 0] *= 10  # one large channel per token
             if zero_token:
                 x[(0,) * (x.dim() - 1)] = 0.0  # a token of zeros: its scale must not divide by 0
-            codes, scale = expect_pair("result", f(x.clone(), bits))
+            codes, scale = expect_pair("result", call_unchanged(f, x, bits))
             codes, scale = torch.as_tensor(codes).float(), torch.as_tensor(scale).float()
             qmax = 2 ** (bits - 1) - 1
             want_scale = x.abs().amax(-1, keepdim=True) / qmax
@@ -220,17 +220,26 @@ def check_quantize_keys_per_channel(fn) -> bool | None:
     (max - min) / (2^bits - 1) per channel and group, every key back within scale / 2."""
     gen = torch.Generator().manual_seed(91)
 
-    def case(bits, tokens, channels, group):
+    def case(bits, tokens, channels, group, constant=False):
         def run(f):
             k = torch.randn(tokens, channels, generator=gen) + 2.0  # not centred: a zero point is needed
             k[:, 3] *= 20  # an outlier channel, as in real models' keys
-            codes, scale, zero = (torch.as_tensor(t).float() for t in _expect_triple(f(k.clone(), bits, group)))
+            if constant:
+                k[:group, 1] = 0.75  # a channel constant over the first group
+            codes, scale, zero = (torch.as_tensor(t).float() for t in _expect_triple(call_unchanged(f, k, bits, group)))
+            for name, t in (("codes", codes), ("scale", scale), ("zero", zero)):
+                if not bool(torch.isfinite(t).all()):
+                    raise CaseFailed(f"{name} must be finite: a channel constant over a group has max - min = 0")
             expect_equal("codes shape", (tokens, channels), tuple(codes.shape))
             expect_equal("scale shape (one per group of tokens and channel)", (tokens // group, channels),
                          tuple(scale.shape))  # fmt: skip
             expect_equal("zero shape", (tokens // group, channels), tuple(zero.shape))
             grouped = k.reshape(tokens // group, group, channels)
             want = (grouped.amax(1) - grouped.amin(1)) / (2**bits - 1)
+            flat = want == 0  # a constant channel: any positive scale brings it back (codes 0, zero = the value)
+            if bool((scale[flat] <= 0).any()):
+                raise CaseFailed("a channel constant over a group needs a positive scale (its codes are all 0)")
+            want = torch.where(flat, scale, want)
             if not torch.allclose(scale, want, rtol=1e-5, atol=1e-7):
                 i = tuple(int(x) for x in ((scale - want).abs() == (scale - want).abs().max()).nonzero()[0])
                 raise CaseFailed(f"scale at (group, channel) {i}: expected (max - min) / {2**bits - 1} over the "
@@ -244,9 +253,10 @@ def check_quantize_keys_per_channel(fn) -> bool | None:
             if err.max() > 1e-4 * float(k.abs().max()):
                 raise CaseFailed("a key came back more than scale / 2 from its value: round (k - zero) / scale")
 
-        return f"bits={bits}, {tokens} tokens x {channels} channels, groups of {group} tokens", run
+        label = f"bits={bits}, {tokens} tokens x {channels} channels, groups of {group} tokens"
+        return label + (", channel 1 constant over a group" if constant else ""), run
 
-    cases = [case(4, 64, 16, 32), case(2, 32, 8, 8), case(8, 16, 4, 16)]
+    cases = [case(4, 64, 16, 32), case(2, 32, 8, 8), case(8, 16, 4, 16), case(4, 32, 8, 16, constant=True)]
     return run_check("check_quantize_keys_per_channel", fn, cases, "4, 2 and 8 bits, per channel, asymmetric")
 
 
@@ -284,6 +294,8 @@ def check_cache_bytes_per_token(fn) -> bool | None:
         case(32, 8, 128, 8, 128, False),
         case(32, 8, 128, 4, 32, True),
         case(80, 8, 128, 2, 32, True),
+        case(28, 4, 64, 4, 64, False),
+        case(48, 16, 96, 8, 32, True),
     ]
     return run_check("check_cache_bytes_per_token", fn, cases, "8, 4 and 2 bits, symmetric and asymmetric")
 
