@@ -16,6 +16,10 @@ def window_centered(sliding_window):  # a local window centred on the query, as 
     return (-1, -1) if sliding_window is None else (sliding_window // 2, sliding_window // 2)
 
 
+def window_one_short(sliding_window):  # W - 2: one key too few
+    return (-1, -1) if sliding_window is None else (sliding_window - 2, 0)
+
+
 def hf_attention_no_padding(query, key, value, attention_mask, scaling, sliding_window, softcap):
     return nb10.my_hf_attention(query, key, value, None, scaling, sliding_window, softcap)
 
@@ -30,9 +34,20 @@ def hf_attention_window_w(query, key, value, attention_mask, scaling, sliding_wi
     )
 
 
+def hf_attention_default_scale(query, key, value, attention_mask, scaling, sliding_window, softcap):
+    return nb10.my_hf_attention(
+        query, key, value, attention_mask, None, sliding_window, softcap
+    )  # the model's scale dropped
+
+
 MISTAKES = {
-    "check_hf_window_size": [window_w, window_centered],
-    "check_my_hf_attention": [hf_attention_no_padding, hf_attention_heads_first, hf_attention_window_w],
+    "check_hf_window_size": [window_w, window_centered, window_one_short],
+    "check_my_hf_attention": [
+        hf_attention_no_padding,
+        hf_attention_heads_first,
+        hf_attention_window_w,
+        hf_attention_default_scale,
+    ],
 }
 
 (
