@@ -197,16 +197,25 @@ class DiskTier:
         self.capacity = None if capacity is None else check_int("disk_blocks", capacity, low=1)
         self.directory.mkdir(parents=True, exist_ok=True)
         found = []
+        self.foreign = 0  # entries named like a block file that are not regular files: never read, never deleted
         for path in self.directory.iterdir():
             key = key_of(path.name)
             if key is None:
                 continue
+            if not path.is_file() or path.is_symlink():
+                self.foreign += 1
+                continue
             if key.startswith(SWAP_PREFIX):
-                path.unlink(missing_ok=True)
+                _unlink_file(path)
             else:
-                found.append((path.stat().st_mtime_ns, path.name, key))
+                try:
+                    found.append((path.stat().st_mtime_ns, path.name, key))
+                except OSError:
+                    self.foreign += 1
         self.keys: OrderedDict[bytes, None] = OrderedDict((k, None) for _, _, k in sorted(found))
         self.corrupt = 0
+        self.unreadable = 0
+        self.last_miss = ""  # why the latest get() missed: "corrupt" or "unreadable"
         while self.capacity is not None and len(self.keys) > self.capacity:
             self.remove(next(iter(self.keys)))
 
@@ -226,21 +235,37 @@ class DiskTier:
     def oldest(self, skip=()) -> bytes | None:
         return next((k for k in self.keys if k not in skip), None)
 
-    def put(self, key: bytes, row: torch.Tensor) -> None:
+    def put(self, key: bytes, row: torch.Tensor) -> bool:
+        """Write the row's file; False (nothing kept) when it cannot be written, e.g. a directory
+        or an unwritable entry stands where the file should be."""
         payload = row.contiguous().numpy().tobytes()
         blob = MAGIC + len(payload).to_bytes(8, "little") + checksum(key, payload) + payload
         tmp = self.directory / f".tmp-{os.getpid()}-{file_name(key)}"
-        tmp.write_bytes(blob)
-        os.replace(tmp, self.path(key))
+        try:
+            tmp.write_bytes(blob)
+            os.replace(tmp, self.path(key))
+        except OSError:
+            _unlink_file(tmp)
+            self.keys.pop(key, None)
+            return False
         self.keys[key] = None
         self.keys.move_to_end(key)
+        return True
 
     def get(self, key: bytes) -> torch.Tensor | None:
-        """The row, or None if its file is missing or fails the checks (then it is deleted)."""
+        """The row, or None when its entry is missing, not a regular file or unreadable (counted
+        in ``unreadable``, left where it is) or fails the checks (counted in ``corrupt``, deleted).
+        Either way the key is forgotten: a miss, recomputed by the caller."""
+        path = self.path(key)
         try:
-            blob = self.path(key).read_bytes()
+            if not path.is_file() or path.is_symlink():
+                raise IsADirectoryError(str(path))
+            blob = path.read_bytes()
         except OSError:
-            blob = b""
+            self.unreadable += 1
+            self.last_miss = "unreadable"
+            self.keys.pop(key, None)
+            return None
         payload = blob[_HEADER:]
         ok = (
             len(blob) == _HEADER + self.nbytes
@@ -250,14 +275,25 @@ class DiskTier:
         )
         if not ok:
             self.corrupt += 1
+            self.last_miss = "corrupt"
             self.remove(key)
             return None
         self.keys.move_to_end(key)
         return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
 
     def remove(self, key: bytes) -> None:
+        """Forget ``key`` and delete its file (an entry that is not a regular file is left alone)."""
         self.keys.pop(key, None)
-        self.path(key).unlink(missing_ok=True)
+        _unlink_file(self.path(key))
+
+
+def _unlink_file(path: Path) -> None:
+    """Delete ``path`` if it is a file (or a link); anything else, or a failure, is left alone."""
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+    except OSError:
+        pass
 
 
 class TieredStore:
@@ -265,7 +301,10 @@ class TieredStore:
     with ``disk_dir``, a disk tier of at most ``disk_blocks`` files (None: no limit).
 
     ``stats`` counts hits per tier, misses, rows moved down (``demoted``), promoted, dropped,
-    files that failed their checksum (``corrupt``), and bytes and seconds spent on each tier.
+    files that failed their checksum (``corrupt``, deleted), entries that could not be read
+    (``unreadable``: a directory or an unreadable file where a block file should be, left alone and
+    treated as a miss), writes that failed (``disk_write_failed``), and bytes and seconds spent on
+    each tier. ``disk.foreign`` counts entries named like block files that are not regular files.
     """
 
     _ids = itertools.count()
@@ -340,7 +379,9 @@ class TieredStore:
             disk.remove(victim)
             self.stats["dropped"] += 1
         start = time.perf_counter()
-        disk.put(key, row)
+        if not disk.put(key, row):
+            self.stats["disk_write_failed"] += 1
+            return False
         self.stats["disk_write_s"] += time.perf_counter() - start
         self.stats["disk_bytes_written"] += row.numel()
         return True
@@ -357,9 +398,11 @@ class TieredStore:
         if self.disk is not None:
             victim = self.host.oldest()
             if victim is not None and self._disk_has_room_for(victim):
-                self._write_disk(victim, self.host.pop(victim))
-                self.stats["demoted"] += 1
-                return True
+                row = self.host.pop(victim)
+                if self._write_disk(victim, row):
+                    self.stats["demoted"] += 1
+                    return True
+                self.host.put(victim, row)  # the disk refused it: keep it here, drop another below
         victim = self.host.oldest(skip=self.pinned)
         if victim is None:
             return False
@@ -411,7 +454,7 @@ class TieredStore:
             row = self.disk.get(key)
             self.stats["disk_read_s"] += time.perf_counter() - start
             if row is None:
-                self.stats["corrupt"] += 1
+                self.stats[self.disk.last_miss] += 1  # "corrupt" (deleted) or "unreadable" (left alone)
                 self.pinned.discard(key)
                 self.stats["misses"] += 1
                 return None
@@ -445,11 +488,13 @@ class TieredStore:
             return True
         return self._write_disk(key, row.cpu())
 
-    def flush_host(self) -> int:
-        """Copy every unpinned host row to disk (a persistent prefix cache). Returns how many."""
+    def flush_host(self) -> list[bytes]:
+        """Copy every unpinned host row to disk (a persistent prefix cache). Returns the keys
+        written (a full disk may delete some of them again as later ones arrive)."""
         if self.disk is None:
             raise ArgumentError("this store has no disk tier (pass disk_dir)")
-        written = 0
-        for key in [k for k in self.host.rows if k not in self.pinned]:
-            written += self.write_to_disk(key, self.host.data[self.host.rows[key]])
-        return written
+        return [
+            key
+            for key in [k for k in self.host.rows if k not in self.pinned]
+            if self.write_to_disk(key, self.host.data[self.host.rows[key]])
+        ]

@@ -226,24 +226,36 @@ class PagedKVCache:
         slot = self._free_slot()
         seq = SequenceState()
         if self.prefix_caching:
-            for key in self._prefix_keys(tokens):
-                block, source = self.allocator.lookup(key), "device"
-                if block is None:
-                    found = self.store.get(key) if self.store is not None and self.allocator.num_free else None
-                    if found is None:
-                        break
-                    source, row = found
-                    block = self.allocator.allocate(1)[0]
-                    self.store.layout.unpack(row[None], self.pools, [block])
-                    self.allocator.register(block, key)
-                seq.blocks.append(block)
-                seq.hashes.append(key)
-                self.prefix_hits[source] += 1
+            try:
+                self._reuse_prefix(seq, tokens)
+            except BaseException:  # nothing may stay referenced without an owner
+                for block in seq.blocks:
+                    self.allocator.free(block)
+                raise
             seq.length = len(seq.blocks) * self.block_size
             seq.tokens = tokens[: seq.length]
         self.seqs[slot] = seq
         self._sync_row(slot)
         return slot, seq.length
+
+    def _reuse_prefix(self, seq: SequenceState, tokens: list[int]) -> None:
+        """Append to ``seq`` the cached blocks of ``tokens``' reusable prefix, from the device or
+        a store's tiers (copied into a free block), one reference each."""
+        for key in self._prefix_keys(tokens):
+            block, source = self.allocator.lookup(key), "device"
+            if block is None:
+                found = self.store.get(key) if self.store is not None and self.allocator.num_free else None
+                if found is None:
+                    break
+                source, row = found
+                block = self.allocator.allocate(1)[0]
+                seq.blocks.append(block)  # owned by seq from here on (released if the copy fails)
+                self.store.layout.unpack(row[None], self.pools, [block])
+                self.allocator.register(block, key)
+            else:
+                seq.blocks.append(block)
+            seq.hashes.append(key)
+            self.prefix_hits[source] += 1
 
     def blocks_to_admit(self, prompt_tokens) -> int:
         """Free blocks that opening ``prompt_tokens`` (:meth:`add_sequence`) and prefilling the
@@ -495,17 +507,21 @@ class PagedKVCache:
     def persist(self) -> int:
         """Write the prefix cache to the store's disk tier: every block with a hash on the
         device (in use or free) and every unpinned host row. A new process that attaches a
-        store on the same directory finds them. Returns the number of rows written."""
+        store on the same directory finds them. Returns how many of them the disk tier holds
+        afterwards (a disk of ``disk_blocks`` files keeps at most that many)."""
         store = self._require_store("persist")
         if store.disk is None:
             raise ArgumentError("persist needs a store with a disk tier (disk_dir)")
         blocks = sorted(self.allocator.hash_of)
-        written = 0
+        written = []
         if blocks:
             rows = store.layout.pack(self.pools, blocks)
             for block, row in zip(blocks, rows, strict=True):
-                written += store.write_to_disk(self.allocator.hash_of[block], row)
-        return written + store.flush_host()
+                key = self.allocator.hash_of[block]
+                if store.write_to_disk(key, row):
+                    written.append(key)
+        written += store.flush_host()
+        return len({key for key in written if key in store.disk})
 
     def free(self, slot: int) -> None:
         """Release ``slot``; its blocks go to the free list last block first (the blocks that

@@ -175,8 +175,9 @@ class Request:
 @dataclass
 class ServeTrace:
     """Per step: running and waiting requests, blocks in use, free blocks, and what happened
-    (``+slot`` joined, ``-slot`` left, ``preempt slot (swap|recompute)``, then ``swap-in slot`` or
-    ``recompute slot`` when it comes back).
+    (``request i joins``, ``request i finishes``, ``request i preempted (swap|recompute)``, then
+    ``request i swapped back in`` or ``request i recomputed`` when it comes back; ``i`` is the
+    request's index in ``serve``'s list; events of one step are joined by ``"; "``).
     Totals: tokens prefilled (computed) and found in the prefix cache, preemptions by kind,
     blocks swapped each way, and wall-clock seconds spent in prefill and in decode steps."""
 
@@ -321,17 +322,18 @@ class _ServeLoop:
                 try:
                     r.slot = cache.swap_in(handle)
                     self.trace.swapped_blocks += len(handle.keys)
-                    events.append(f"swap-in {r.slot}")
+                    events.append(f"request {self.order[id(r)]} swapped back in")
                 except KVLostError:
                     self.prefill(r, r.prompt + r.output)
-                    events.append(f"recompute {r.slot} (swapped blocks lost)")
+                    events.append(f"request {self.order[id(r)]} recomputed (swapped blocks lost)")
             else:
                 resumed = bool(r.output)
                 self.prefill(r, r.prompt + r.output)
                 if resumed:
-                    events.append(f"recompute {r.slot}")
+                    events.append(f"request {self.order[id(r)]} recomputed")
                 else:
-                    events.append(f"+{r.slot}" + (f" (prefix hit {r.cached_tokens})" if r.cached_tokens else ""))
+                    hit = f" ({r.cached_tokens} prompt tokens cached)" if r.cached_tokens else ""
+                    events.append(f"request {self.order[id(r)]} joins{hit}")
             self.running.append(r)
 
     def preempt(self, r: Request, events: list[str]) -> None:
@@ -345,7 +347,7 @@ class _ServeLoop:
                 mode = "recompute"
         if mode == "recompute":
             self.cache.free(r.slot)
-        events.append(f"preempt {r.slot} ({mode})")
+        events.append(f"request {self.order[id(r)]} preempted ({mode})")
         self.trace.preemptions[mode] += 1
         r.preempted += 1
         r.slot = None
@@ -375,12 +377,12 @@ class _ServeLoop:
                 cache.free(r.slot)
                 self.running.remove(r)
                 r.finished = self.step
-                events.append(f"-{r.slot}")
+                events.append(f"request {self.order[id(r)]} finishes")
             trace.running.append(len(self.running))
             trace.waiting.append(sum(r.arrival <= self.step for r in self.waiting))
             trace.blocks_used.append(cache.allocator.num_blocks - cache.allocator.num_free)
             trace.blocks_free.append(cache.allocator.num_free)
-            trace.events.append(" ".join(events))
+            trace.events.append("; ".join(events))
             self.step += 1
         return trace
 

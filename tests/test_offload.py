@@ -344,3 +344,82 @@ def test_a_store_must_match_the_cache_and_stale_swap_files_are_cleared(tmp_path)
     (tmp_path / "notes.txt").write_text("not ours")
     TieredStore.for_cache(cache, host_blocks=1, disk_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def _persisted_prompt(tmp_path, disk_blocks=None):
+    """A cache whose 13-token prompt's 3 full blocks were persisted to ``tmp_path``; returns the
+    prompt, the keys of its blocks in order and what ``persist`` returned."""
+    cache = PagedKVCache(8, 4, HEADS, DIM, max_batch=1, max_blocks_per_seq=8, num_layers=LAYERS)
+    cache.attach_store(TieredStore.for_cache(cache, host_blocks=2, disk_dir=tmp_path, disk_blocks=disk_blocks))
+    prompt = list(range(1, 14))
+    slot, _ = cache.add_sequence(prompt)
+    write_tokens(cache, slot, [], prompt)
+    keys = list(cache.seqs[slot].hashes)
+    return prompt, keys, cache.persist()
+
+
+@pytest.mark.parametrize("entry", ["a directory", "a symlink to a directory", "a fifo"])
+def test_a_foreign_entry_where_a_block_file_should_be_is_a_miss(tmp_path, entry):
+    """Anything but a regular file under a block's name is never read (a fifo would block) and
+    never deleted; the prompt reuses the blocks before it, computes the rest, and no block is left
+    referenced without an owner."""
+    prompt, keys, _ = _persisted_prompt(tmp_path)
+    path = tmp_path / next(p.name for p in tmp_path.iterdir() if p.name.endswith(keys[1].hex() + ".kvb"))
+    path.unlink()
+    if entry == "a directory":
+        path.mkdir()
+    elif entry == "a symlink to a directory":
+        (tmp_path / "elsewhere").mkdir()
+        path.symlink_to(tmp_path / "elsewhere")
+    else:
+        os.mkfifo(path)
+    cache = PagedKVCache(8, 4, HEADS, DIM, max_batch=1, max_blocks_per_seq=8, num_layers=LAYERS)
+    store = TieredStore.for_cache(cache, host_blocks=2, disk_dir=tmp_path)
+    cache.attach_store(store)
+    assert store.disk.foreign == 1 and keys[1] not in store.disk  # reported at opening, not listed
+    slot, cached = cache.add_sequence(prompt)
+    assert cached == 4 and cache.prefix_hits["disk"] == 1  # block 0 found, block 1 missing: stop there
+    write_tokens(cache, slot, prompt[:cached], prompt[cached:])
+    assert all(torch.equal(a, b) for a, b in zip(contents(cache, slot), expected(prompt), strict=True))
+    cache.free(slot)
+    assert cache.allocator.num_free == 8 and (path.exists() or path.is_symlink())  # left alone
+    assert store.put(keys[1], torch.zeros(store.layout.nbytes, dtype=torch.uint8)) in (True, False)  # never raises
+
+
+def test_an_entry_that_turns_foreign_after_opening_is_a_reported_miss(tmp_path):
+    prompt, keys, _ = _persisted_prompt(tmp_path)
+    cache = PagedKVCache(8, 4, HEADS, DIM, max_batch=1, max_blocks_per_seq=8, num_layers=LAYERS)
+    store = TieredStore.for_cache(cache, host_blocks=2, disk_dir=tmp_path)
+    cache.attach_store(store)
+    path = store.disk.path(keys[0])
+    path.unlink()
+    path.mkdir()  # after the store listed it
+    slot, cached = cache.add_sequence(prompt)
+    assert cached == 0 and store.stats["unreadable"] == 1 and store.stats["corrupt"] == 0 and path.is_dir()
+    cache.free(slot)
+    assert cache.allocator.num_free == 8 and not cache.seqs
+
+
+def test_a_failing_tier_leaves_no_reference_without_an_owner(tmp_path, monkeypatch):
+    prompt, keys, _ = _persisted_prompt(tmp_path)
+    cache = PagedKVCache(8, 4, HEADS, DIM, max_batch=1, max_blocks_per_seq=8, num_layers=LAYERS)
+    cache.attach_store(TieredStore.for_cache(cache, host_blocks=2, disk_dir=tmp_path))
+    real = cache.store.layout.unpack
+    calls = []
+
+    def unpack_then_fail(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("the device copy failed")
+        return real(*args)
+
+    monkeypatch.setattr(cache.store.layout, "unpack", unpack_then_fail)
+    with pytest.raises(OSError, match="device copy"):
+        cache.add_sequence(prompt)
+    assert cache.allocator.num_free == 8 and not cache.seqs and all(n == 0 for n in cache.allocator.ref_count)
+
+
+def test_persist_returns_what_the_disk_kept(tmp_path):
+    _, keys, kept = _persisted_prompt(tmp_path, disk_blocks=2)
+    files = list(tmp_path.glob("*.kvb"))
+    assert kept == len(files) == 2

@@ -127,10 +127,11 @@ def test_preemption_with_a_corrupted_swap_file_recomputes(unpressured, tmp_path,
     real_put = DiskTier.put
 
     def put_then_damage(self, key, row):  # every swap file written is damaged on disk
-        real_put(self, key, row)
+        written = real_put(self, key, row)
         if key.startswith(b"swap:"):
             path = self.path(key)
             path.write_bytes(path.read_bytes()[:-1])
+        return written
 
     monkeypatch.setattr(DiskTier, "put", put_then_damage)
     reqs = _pressure_requests()

@@ -78,15 +78,20 @@ def draw_pressure(traces: dict, pool: int):
     """Per serving run (``traces[label] = ServeTrace``): blocks in use (top) and requests
     waiting (bottom) per decode step, preemptions marked."""
     fig, (ax_b, ax_w) = plt.subplots(2, 1, figsize=(11, 5.6), sharex=True)
-    for (label, trace), color in zip(traces.items(), ["tab:gray", "tab:blue", "tab:orange"], strict=False):
+    styles = [("tab:gray", "-", 3.5), ("tab:blue", "-", 2.5), ("tab:orange", "--", 1.5)]  # later lines on top, thinner
+    for (label, trace), (color, style, width) in zip(traces.items(), styles, strict=False):
         steps = range(len(trace.blocks_used))
-        ax_b.step(steps, trace.blocks_used, where="post", color=color, label=label)
-        ax_w.step(steps, trace.waiting, where="post", color=color, label=label)
+        ax_b.step(steps, trace.blocks_used, where="post", color=color, linestyle=style, linewidth=width, label=label)
+        ax_w.step(steps, trace.waiting, where="post", color=color, linestyle=style, linewidth=width, label=label)
         marks = [s for s, e in enumerate(trace.events) if "preempt" in e]
         ax_b.plot(marks, [trace.blocks_used[s] for s in marks], "v", color=color, markersize=8)
     ax_b.axhline(pool, color="black", linestyle="--", linewidth=1)
     ax_b.text(0, pool + 0.4, f"the pool: {pool} blocks", fontsize=10)
-    ax_b.set(ylabel="blocks in use", title="Serving under memory pressure (triangles: a request is preempted)")
+    ax_b.set(
+        ylabel="blocks in use",
+        title="Serving under memory pressure (triangles: a request is preempted; where swap and recompute agree, "
+        "the dashed line lies on the solid one)",
+    )
     ax_w.set(xlabel="decode step", ylabel="requests waiting", title="The queue: admission control waits, never fails")
     ax_b.legend(fontsize=10, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
@@ -102,7 +107,7 @@ def draw_cost(shape, kv_bytes_per_token, gpu: dict, measured=None, fit=None, max
     ncols = 2 if measured else 1
     fig, axes = plt.subplots(1, ncols, figsize=(12 if ncols == 2 else 10, 4.4))
     axes = axes if ncols == 2 else [axes]
-    ns = [2**i for i in range(4, max_tokens.bit_length())]
+    ns = [2**i for i in range(0, max_tokens.bit_length())]
     ax = axes[0]
     recompute = lambda n: recompute_seconds(shape, n, gpu["flops"])  # noqa: E731
     curves = {"recompute": recompute}
@@ -117,17 +122,30 @@ def draw_cost(shape, kv_bytes_per_token, gpu: dict, measured=None, fit=None, max
         )
     for label, fn in curves.items():
         ax.loglog(ns, [fn(n) * 1e3 for n in ns], label=label)
+    colors = {label: line.get_color() for label, line in zip(curves, ax.get_lines(), strict=True)}
+    ax.set_ylim(bottom=ax.get_ylim()[0] / 10)  # room for the crossover notes below the curves
     for label in list(curves)[1:]:
         cross = crossover_tokens(curves[label], recompute, max_tokens)
-        if cross:
-            ax.axvline(cross, color="gray", linestyle=":", linewidth=1)
-            ax.text(cross, ax.get_ylim()[0] * 2, f" crossover {cross:,}", fontsize=10, rotation=90, va="bottom")
+        if cross:  # mark where this swap curve meets recompute, on the curves themselves
+            y = recompute(cross) * 1e3
+            ax.plot([cross], [y], "o", color=colors[label], markersize=7)
+            right_half = cross > ns[len(ns) // 2]
+            ax.annotate(
+                f"{label.split(', ', 1)[1]}\n= recompute at {cross:,} tokens",
+                (cross, y),
+                xytext=(-30, -80) if right_half else (24, -40),
+                textcoords="offset points",
+                ha="right" if right_half else "left",
+                fontsize=10,
+                color=colors[label],
+                arrowprops=dict(arrowstyle="-", color=colors[label], linewidth=0.8),
+            )
     ax.set(
         xlabel="tokens in the preempted sequence",
         ylabel="ms (out and back in)",
         title=f"{shape.name}: swap vs recompute (model)",
     )
-    ax.legend(fontsize=10)
+    ax.legend(fontsize=10, loc="lower right")
     if measured:
         ax = axes[1]
         ns_m = [r["tokens"] for r in measured]
@@ -267,8 +285,10 @@ def check_kv_pool_blocks(fn) -> bool | None:
             case("Llama-3-8B, 24 GiB, 95%", (24 * GiB, 16_060_522_496, 1_104_412_672, 131072, 16, 0.95), 3488),
             case("the trained model, 64 MiB", (64 * 2**20, 3_117_568, 2_887_680, 2048, 16, 0.9), 1659),
             case("8 GiB cannot hold the weights", (8 * GiB, 16_060_522_496, 0, 131072, 16, 0.9), None),
+            case("half a block left after weights and activations", (10_000, 5_000, 3_976, 64, 16, 0.9), None),
+            case("exactly one block left", (10_000, 5_000, 2_976, 64, 16, 0.9), 1),
         ],
-        "three pools sized, and no pool when the weights do not fit",
+        "three pools sized, exactly one block, and no pool when not one block fits",
     )
 
 
@@ -380,6 +400,8 @@ def check_cached_prefix(fn) -> bool | None:
         fn,
         [
             case("12-token prompt, first 8 cached", p[:8], p, 2),
+            case("a 10-token prompt (not a multiple of 4), first 8 cached", p[:8], p[:10], 2),
+            case("a 9-token prompt, all 8 of its full-block tokens cached", p[:8], p[:9], 2),
             case("the same 8 tokens again, found in full", p[:8], p[:8], 1),
             case("a 12-token prompt found in full", p, p, 2),
             case("a prompt never seen", p, [9, 9, 9, 9, 9], 0),
@@ -403,36 +425,72 @@ def take_free_block(allocator):
     return block
 
 
-def check_take_free_block(fn) -> bool | None:
-    """A cached block is freed, taken for other tokens, and its old key looked up again."""
+def _allocator_invariants(allocator) -> None:
+    """The allocator's own rules: the two maps of the prefix cache are each other's inverse, free
+    blocks have no reference and every block is free or referenced."""
+    for key, block in allocator.block_of.items():
+        if allocator.hash_of.get(block) != key:
+            raise CaseFailed(f"block_of maps a key to block {block}, but hash_of[{block}] no longer holds that key")
+    for block, key in allocator.hash_of.items():
+        if allocator.block_of.get(key) != block:
+            raise CaseFailed(f"hash_of[{block}] still holds a key that block_of no longer maps to it")
+    for block in range(allocator.num_blocks):
+        free, refs = block in allocator.free_list, allocator.ref_count[block]
+        if free == (refs > 0):
+            raise CaseFailed(f"block {block}: {'free' if free else 'not free'} with reference count {refs}")
 
-    def case(label, n_cached):
+
+def check_take_free_block(fn) -> bool | None:
+    """A cached block is freed, taken for other tokens, and its old key looked up again; a block
+    that never held cached tokens is taken too. After each take the allocator's invariants must
+    hold and it must still allocate every other block."""
+
+    def case(label, n_cached, n_plain=0):
         def run(f):
-            allocator = BlockAllocator(n_cached, 4)  # every block cached, then freed in order
+            allocator = BlockAllocator(n_cached + n_plain, 4)
+            blocks = allocator.allocate(n_cached + n_plain)
+            plain, cached = blocks[:n_plain], blocks[n_plain:]
             keys, parent = [], None
-            for i, block in enumerate(allocator.allocate(n_cached)):
+            for i, block in enumerate(cached):
                 parent = block_hash(parent, [i] * 4)
                 allocator.register(block, parent)
                 keys.append(parent)
-            for block in range(n_cached):
+            for block in blocks:  # freed in order: the first freed is taken first
                 allocator.free(block)
             taken = f(allocator)
-            expect_equal(f"{label}: the block taken (least recently freed)", 0, taken)
+            expect_equal(f"{label}: the block taken (least recently freed)", blocks[0], taken)
             expect_equal(f"{label}: its reference count", 1, allocator.ref_count[taken])
-            if allocator.lookup(keys[0]) is not None:
+            _allocator_invariants(allocator)
+            if not plain and allocator.lookup(keys[0]) is not None:
                 raise CaseFailed(
                     f"{label}: block {taken} now holds other tokens, but lookup of its old key still finds it "
                     "(a later request with that prefix would attend to the wrong keys and values)"
                 )
-            for key in keys[1:]:
-                if allocator.lookup(key) is None:
+            for key in keys[0 if plain else 1 :]:
+                block = allocator.lookup(key)
+                if block is None:
                     raise CaseFailed(f"{label}: a block that was not taken left the prefix cache")
+                allocator.free(block)
+            try:
+                rest = allocator.allocate(allocator.num_free)  # evicts every remaining cached block
+            except Exception as exc:
+                raise CaseFailed(
+                    f"{label}: after your take, allocating the other blocks raised {type(exc).__name__}: {exc}"
+                ) from None
+            _allocator_invariants(allocator)
+            if allocator.block_of or allocator.hash_of:
+                raise CaseFailed(f"{label}: every block is in use with new contents, yet some keys are still cached")
+            del rest
 
         return label, run
 
     return run_check(
         "check_take_free_block",
         fn,
-        [case("one cached block", 1), case("three cached blocks", 3)],
-        "a reused block leaves the prefix cache; the others stay findable",
+        [
+            case("one cached block", 1),
+            case("three cached blocks", 3),
+            case("a block that never held cached tokens, then cached ones", 2, n_plain=1),
+        ],
+        "a reused block leaves the prefix cache; the others stay findable; the allocator still works",
     )
