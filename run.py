@@ -3,11 +3,18 @@
 
     python3 run.py lab             # set up from the lock, then open JupyterLab on notebooks/
     python3 run.py test            # set up from the lock, then run unit tests, property tests and nbval
+                                   # (on 2 cores: pytest-xdist, each notebook on one worker)
     python3 run.py test --latest   # the upgrade lane: ./.venv-latest with the newest releases
                                    # pyproject.toml allows (torch as locked), then the same suite
-    python3 run.py test --oldest   # ./.venv-oldest: the lock, but transformers at the oldest
-                                   # release pyproject.toml allows, then the same suite
+    python3 run.py test --oldest   # ./.venv-oldest: the lock, but torch, Triton and transformers at
+                                   # the oldest releases pyproject.toml allows, then the same suite
+    python3 run.py test --hosted   # ./.venv-hosted: a hosted runtime mimicked (its own torch, an older
+                                   # Triton), `run.py hosted` must keep both; PyTorch-path tests
+    python3 run.py site            # set up from the lock, then build the course website into build/site/
+                                   # from the notebooks' stored outputs (offline; see README)
     python3 run.py lock            # refresh constraints.txt (maintainers; see README)
+    python3 run.py hosted          # a hosted runtime (Colab, a cluster): install into the running
+                                   # Python next to the torch (and Triton) it has, changing neither
     python3 run.py lab-settings    # give the running Python's JupyterLab the project's setting
                                    # defaults (a conda env from environment.yml; see README)
 
@@ -37,9 +44,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 LOCK = ROOT / "constraints.txt"
-VENVS = {"locked": ROOT / ".venv", "latest": ROOT / ".venv-latest", "oldest": ROOT / ".venv-oldest"}
-OLDEST = ("transformers",)  # installed at their lowest allowed release by the lane "oldest"
-EXTRAS = ("dev", "hf")
+VENVS = {
+    "locked": ROOT / ".venv",
+    "latest": ROOT / ".venv-latest",
+    "oldest": ROOT / ".venv-oldest",
+    "hosted": ROOT / ".venv-hosted",
+}
+# The hosted lane mimics a hosted runtime with its own PyTorch and an older Triton (Colab's GPU
+# image pins triton 3.6): `run.py hosted` must leave both alone, and these tests (no kernel of the
+# package runs there) must pass.
+HOSTED_PREINSTALLED = ("triton==3.6.0",)
+HOSTED_TESTS = (
+    "tests/test_reference.py",
+    "tests/test_online_softmax.py",
+    "tests/test_cache_and_model.py",
+    "tests/test_window_cache.py",
+    "tests/test_torch_backend.py",
+    "tests/test_hf.py",
+    "tests/test_runtime.py::test_a_triton_older_than_the_kernels_need_leaves_the_pytorch_paths",
+)
+OLDEST = ("torch", "triton", "transformers")  # installed at their lowest allowed release by the lane "oldest"
+EXTRAS = ("dev", "hf", "site")
 # The Python versions the lock is resolved for (CI runs 3.11); every one has a torch wheel.
 LOCK_PYTHONS = ("3.11", "3.12", "3.13", "3.14")
 # JupyterLab setting defaults: widget (comm) messages are handled on the kernel's main thread, so
@@ -172,7 +197,8 @@ def setup(lane: str = "locked") -> Path:
     if not python.exists():
         print(f"creating {venv_dir}", flush=True)
         venv.EnvBuilder(with_pip=True).create(venv_dir)
-    torch_spec = os.environ.get("FLASHKV_TORCH") or locked_torch()
+    oldest_torch = next((p for p in lowest_pins() if p.startswith("torch==")), None) if lane == "oldest" else None
+    torch_spec = os.environ.get("FLASHKV_TORCH") or oldest_torch or locked_torch()
     py_version = f"{sys.version_info.major}.{sys.version_info.minor}"
     if lane != "latest" and py_version not in LOCK_PYTHONS:
         print(f"note: constraints.txt is resolved for Python {', '.join(LOCK_PYTHONS)}, not {py_version}", flush=True)
@@ -188,7 +214,8 @@ def setup(lane: str = "locked") -> Path:
         constraints = venv_dir / "constraints-torch.txt"
         constraints.write_text(torch_spec + "\n")
     else:
-        constraints = constraints_for(torch_spec, venv_dir, OLDEST if lane == "oldest" else ())
+        # The oldest torch has its own pins (setuptools<82 for torch 2.12): the lock's setuptools goes too.
+        constraints = constraints_for(torch_spec, venv_dir, (*OLDEST, "setuptools") if lane == "oldest" else ())
     for cmd in install_commands(python, torch_spec, lane, constraints):
         sh(*cmd)
     if lane == "latest":
@@ -230,13 +257,13 @@ def report_drift(python: Path) -> None:
     print("newer than constraints.txt: " + (", ".join(changed) if changed else "nothing"), flush=True)
 
 
-def project_requirements() -> list[str]:
-    """pyproject.toml's dependencies and the extras run.py installs."""
+def project_requirements(extras: tuple[str, ...] = EXTRAS) -> list[str]:
+    """pyproject.toml's dependencies and the extras run.py installs (or ``extras``)."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = list(project["dependencies"])
-    for extra in EXTRAS:
+    for extra in extras:
         reqs += project["optional-dependencies"][extra]
     return reqs
 
@@ -313,6 +340,208 @@ def lock() -> int:
     return 0
 
 
+# --- hosted runtimes (Colab and the like) -------------------------------------------------------
+
+MIN_TRITON = (3, 7)  # flashkv_edu.runtime.MIN_TRITON: the oldest Triton the kernels pass with
+
+
+def installed(python: Path, module: str) -> str | None:
+    """The version of ``module`` importable by ``python``, or None."""
+    code = f"import importlib.metadata as m\ntry: print(m.version({module!r}))\nexcept m.PackageNotFoundError: pass"
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True).stdout.strip()
+    return out or None
+
+
+def hosted(python: Path = Path(sys.executable)) -> list[str]:
+    """Install flashkv_edu into ``python``'s environment (a hosted runtime: Colab's, a cluster's)
+    **next to the torch and Triton it has**: torch only when it is missing (the lock's), Triton only
+    when it is missing on Linux, the package without its dependencies, and the rest of its
+    requirements as pyproject.toml ranges with torch and Triton held where they are. Returns the
+    lines it reports (what was kept, what was installed, which parts need Linux or a newer Triton)."""
+    report = []
+    pip = [str(python), "-m", "pip", "install", *QUIET]
+    torch_version = installed(python, "torch")
+    if torch_version is None:
+        sh(*pip, os.environ.get("FLASHKV_TORCH") or locked_torch())
+        torch_version = installed(python, "torch")
+        report.append(f"torch {torch_version}: installed (none was there)")
+    else:
+        report.append(f"torch {torch_version}: kept as it was")
+    triton_version = installed(python, "triton")
+    linux = sys.platform.startswith("linux")
+    if triton_version is None and linux:
+        lock_triton = next((f"triton=={v}" for name, v, _ in read_lock() if name == "triton"), "triton")
+        sh(*pip, lock_triton, f"torch=={torch_version}")
+        triton_version = installed(python, "triton")
+        report.append(f"triton {triton_version}: installed (none was there)")
+    elif triton_version is not None:
+        report.append(f"triton {triton_version}: kept as it was")
+    hold = [f"torch=={torch_version}"] + ([f"triton=={triton_version}"] if triton_version else [])
+    requirements = [
+        r for r in project_requirements(("hf",)) if canonical(re.split(r"[<>=!~;\[ ]", r)[0]) not in ("torch", "triton")
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        held = Path(tmp) / "hold.txt"
+        held.write_text("\n".join(hold) + "\n")
+        sh(*pip, "-c", held, *requirements)
+        sh(*pip, "--no-deps", "-e", ROOT)
+    if not linux:
+        report.append("Triton has Linux wheels only: the kernels of notebooks 05-07 and 09 need Linux; the rest runs")
+    elif triton_version is None or tuple(int(x) for x in triton_version.split("+")[0].split(".")[:2]) < MIN_TRITON:
+        report.append(
+            f"triton {triton_version} is older than {'.'.join(map(str, MIN_TRITON))}: the Triton kernels are off "
+            "(notebooks 05-07 and 09's kernel cells say so); every PyTorch part runs"
+        )
+    else:
+        report.append("everything runs: the Triton kernels through the interpreter on a CPU, compiled on a GPU")
+    for line in report:
+        print(line, flush=True)
+    return report
+
+
+def setup_hosted() -> Path:
+    """The hosted lane's environment: torch as locked and an older Triton installed first, as a
+    hosted runtime has them, then ``run.py hosted``; both must come out unchanged."""
+    venv_dir = VENVS["hosted"]
+    python = python_in(venv_dir)
+    if not python.exists():
+        venv.EnvBuilder(with_pip=True).create(venv_dir)
+    ensure_pip(venv_dir, python)
+    torch_spec = os.environ.get("FLASHKV_TORCH") or locked_torch()
+    sh(python, "-m", "pip", "install", *QUIET, torch_spec, *HOSTED_PREINSTALLED)
+    before = {m: installed(python, m) for m in ("torch", "triton")}
+    sh(python, ROOT / "run.py", "hosted")
+    after = {m: installed(python, m) for m in ("torch", "triton")}
+    if after != before:
+        raise SystemExit(f"run.py hosted changed the preinstalled packages: {before} -> {after}")
+    sh(python, "-m", "pip", "install", *QUIET, "-c", LOCK, "pytest", "hypothesis")
+    print(f"hosted lane: torch {after['torch']} and triton {after['triton']} left as they were", flush=True)
+    return python
+
+
+# --- the course website ----------------------------------------------------------------------------
+
+SITE_SOURCE = ROOT / "build" / "site-src"
+SITE = ROOT / "build" / "site"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+WIDGET_NOTE = (
+    "*Interactive in JupyterLab: this is the widget's stored picture at its default settings. Run the "
+    "notebook (`python3 run.py lab`) to move its controls.*"
+)
+SITE_CONF = """\
+# Written by `python3 run.py site`; edit run.py, not this file.
+project = "flashkv_edu"
+author = "flashkv_edu"
+extensions = ["myst_nb", "sphinx-mathjax-offline"]  # MathJax from the package: no remote script
+nb_execution_mode = "off"  # the notebooks' stored outputs, as CI produced them
+nb_ipywidgets_js = {}  # no widget JavaScript from a CDN: widget cells carry their stored picture
+myst_enable_extensions = ["dollarmath", "amsmath"]
+myst_heading_anchors = 3
+html_theme = "furo"
+html_title = "flashkv_edu: FlashAttention's KV cache, step by step"
+html_static_path = []
+exclude_patterns = ["_build"]
+suppress_warnings = ["myst.header", "mystnb.unknown_mime_type", "misc.highlighting_failure"]
+"""
+
+
+def notebook_titles(notebooks: Path) -> dict[str, str]:
+    """``{stem: title}`` of every notebook, the title being its first heading."""
+    titles = {}
+    for path in sorted(notebooks.glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        first = "".join(cells[0]["source"]).splitlines()[0] if cells else path.stem
+        titles[path.stem] = first.lstrip("# ").strip() or path.stem
+    return titles
+
+
+def widget_pictures(nb: dict, model_id: str) -> list[dict]:
+    """The stored outputs (pictures) under a widget: the Output widgets among its descendants."""
+    state = nb.get("metadata", {}).get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    found, todo, seen = [], [model_id], set()
+    while todo:
+        mid = todo.pop(0)
+        if mid in seen or mid not in state:
+            continue
+        seen.add(mid)
+        model = state[mid]
+        found += [o for o in model.get("state", {}).get("outputs", []) if "image/png" in o.get("data", {})]
+        for child in model.get("state", {}).get("children", []):
+            todo.append(child.removeprefix("IPY_MODEL_"))
+    return found
+
+
+def link_notebooks(text: str, titles: dict[str, str]) -> str:
+    """Turn "notebook 04" in prose into a link to its page (not inside code or an existing link)."""
+    by_number = {stem[:2]: stem for stem in titles}
+    parts = re.split(r"(`[^`]*`|\[[^\]]*\]\([^)]*\))", text)
+    for i in range(0, len(parts), 2):
+        parts[i] = re.sub(
+            r"\b(notebooks?) (\d\d)\b",
+            lambda m: (
+                f"[{m.group(1)} {m.group(2)}]({by_number[m.group(2)]}.ipynb)" if m.group(2) in by_number else m.group(0)
+            ),
+            parts[i],
+        )
+    return "".join(parts)
+
+
+def site_notebook(path: Path, titles: dict[str, str]) -> dict:
+    """A notebook as its page shows it: widget cells carry their stored pictures and a note that
+    they are live in JupyterLab, widget state dropped, "notebook NN" linked."""
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "markdown":
+            cell["source"] = link_notebooks("".join(cell["source"]), titles)
+            continue
+        outputs = []
+        for out in cell.get("outputs", []):
+            view = out.get("data", {}).get(WIDGET_VIEW)
+            if view is None:
+                outputs.append(out)
+                continue
+            note = {"output_type": "display_data", "metadata": {}, "data": {"text/markdown": WIDGET_NOTE}}
+            outputs += [note, *widget_pictures(nb, view["model_id"])]
+        cell["outputs"] = outputs
+    nb.get("metadata", {}).pop("widgets", None)
+    return nb
+
+
+def site_index(titles: dict[str, str]) -> str:
+    """The front page: the README (what the course is, the notebook map, the exercise list, the
+    instructors' guide) with the notebooks linked, then the table of contents in chain order."""
+    readme = (ROOT / "README.md").read_text()
+    for stem, title in titles.items():
+        readme = readme.replace(f"`{stem}.ipynb`", f"[{title}]({stem}.ipynb)")
+    readme = link_notebooks(readme, titles).replace("](notebooks/images/", "](images/")
+    toc = "\n".join(titles)
+    return f"{readme}\n\n```{{toctree}}\n:caption: The notebooks\n:maxdepth: 1\n:hidden:\n\n{toc}\n```\n"
+
+
+def build_site(out: Path = SITE, source: Path = SITE_SOURCE) -> Path:
+    """Build the website into ``out`` from the notebooks' stored outputs (nothing is executed, no
+    network is used). Runs in the environment that has the ``site`` extra (``run.py site``)."""
+    from sphinx.cmd.build import build_main
+
+    notebooks = ROOT / "notebooks"
+    titles = notebook_titles(notebooks)
+    shutil.rmtree(source, ignore_errors=True)
+    source.mkdir(parents=True)
+    for stem in titles:
+        (source / f"{stem}.ipynb").write_text(json.dumps(site_notebook(notebooks / f"{stem}.ipynb", titles)))
+    if (notebooks / "images").is_dir():
+        shutil.copytree(notebooks / "images", source / "images")
+    (source / "index.md").write_text(site_index(titles))
+    (source / "conf.py").write_text(SITE_CONF)
+    shutil.rmtree(out, ignore_errors=True)
+    code = build_main(["-q", "-b", "html", str(source), str(out)])
+    if code:
+        raise SystemExit(f"sphinx-build failed ({code})")
+    (out / ".nojekyll").touch()  # GitHub Pages: serve the _static folder as it is
+    return out
+
+
 # --- commands ------------------------------------------------------------------------------------
 
 
@@ -327,7 +556,7 @@ def lab_arguments(extra: list[str], euid: int | None) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("lab", "test", "lock", "lab-settings"):
+    if not argv or argv[0] not in ("lab", "test", "lock", "lab-settings", "site", "build-site", "hosted"):
         print(__doc__)
         return 2
     if argv[0] == "lock":
@@ -335,21 +564,50 @@ def main(argv: list[str]) -> int:
     if argv[0] == "lab-settings":
         print(f"wrote {install_lab_settings(Path(sys.prefix))}")
         return 0
+    if argv[0] == "hosted":
+        hosted()
+        return 0
+    if argv[0] == "build-site":  # the step of `site` that runs inside the environment
+        print(f"built the course website in {build_site()}", flush=True)
+        return 0
+    if argv[0] == "site":
+        python = setup("locked")
+        sh(python, Path(__file__).resolve(), "build-site")
+        print(f"open {SITE / 'index.html'}, or serve it: python3 -m http.server -d {SITE.relative_to(ROOT)}")
+        return 0
     if argv[0] == "lab":
         python = setup("locked")
         euid = os.geteuid() if hasattr(os, "geteuid") else None
         sh(python.parent / "jupyter", "lab", *lab_arguments(argv[1:], euid))
         return 0
     args = argv[1:]
-    lanes = [a[2:] for a in args if a in ("--latest", "--oldest")]
+    lanes = [a[2:] for a in args if a in ("--latest", "--oldest", "--hosted")]
     if len(lanes) > 1:
-        print("choose one of --latest and --oldest")
+        print("choose one of --latest, --oldest and --hosted")
         return 2
     lane = lanes[0] if lanes else "locked"
-    args = [a for a in args if a not in ("--latest", "--oldest")]
+    args = [a for a in args if a not in ("--latest", "--oldest", "--hosted")]
+    if lane == "hosted":
+        python = setup_hosted()
+        sh(python, "-m", "pytest", "-o", "addopts=-p no:cacheprovider", *(args or (*HOSTED_TESTS, "-k", "not triton")))
+        return 0
     python = setup(lane)
-    sh(python, "-m", "pytest", *args)
+    sh(python, "-m", "pytest", *parallel_arguments(args, os.cpu_count() or 1))
     return 0
+
+
+def parallel_arguments(args: list[str], cpus: int) -> list[str]:
+    """pytest's arguments for the test command: the caller's, plus (unless they choose ``-n``
+    themselves or ask for one test file's worth) one worker per core up to 2, each notebook's cells
+    kept together on one worker in order (``--dist loadfile``, which nbval needs), and the 10
+    slowest tests printed at the end."""
+    extra = []
+    chosen = "no:xdist" in args or any(a.startswith(("-n", "--numprocesses", "--dist")) for a in args)
+    if not chosen and cpus > 1:
+        extra += ["-n", str(min(2, cpus)), "--dist", "loadfile"]
+    if not any(a.startswith("--durations") for a in args):
+        extra.append("--durations=10")
+    return [*extra, *args]
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ does first) decides:
   before any kernel module is imported. On a machine without CUDA it defaults to ``1``; an
   explicit ``TRITON_INTERPRET=0`` is respected (the GPU compile check uses that to compile
   kernels on a CPU-only machine).
-* ``HAS_TRITON``: whether Triton is importable (it ships wheels for Linux only).
+* ``HAS_TRITON``: whether a Triton the kernels run on is importable (Linux wheels only; at least
+  :data:`MIN_TRITON`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ __all__ = [
     "HAS_TRITON",
     "INTERPRET",
     "LATE_TRITON_HINT",
+    "MIN_TRITON",
     "TRITON_MISSING_HINT",
+    "TRITON_TOO_OLD_HINT",
     "TRITON_TOO_LATE",
     "TRITON_VERSION",
     "canary_kernel",
@@ -67,12 +70,18 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE: torch.device = torch.device("cuda" if HAS_CUDA else "cpu")
 
+MIN_TRITON = (3, 7)
+"""The oldest Triton the kernels are tested with (``python3 run.py test --oldest``). Older
+interpreters cannot run them (Triton 3.6's turns a loop bound loaded from memory into a 1-element
+array that numpy 2 refuses as an int); a PyTorch build that pins an older Triton keeps it, and
+flashkv_edu then runs its PyTorch paths only."""
+
 try:  # Triton has wheels for Linux only; the rest of the package works without it.
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
     TRITON_VERSION = triton.__version__
+    HAS_TRITON = tuple(int(p) for p in TRITON_VERSION.split("+")[0].split(".")[:2]) >= MIN_TRITON
 except ImportError:  # pragma: no cover - exercised on platforms without Triton
     triton = None
     tl = None
@@ -83,12 +92,17 @@ TRITON_MISSING_HINT = (
     "Triton is not installed. It ships wheels for Linux only; on macOS or Windows run the "
     "Triton notebooks on Linux (a VM, WSL2, Binder or Colab). Every PyTorch part still works."
 )
+TRITON_TOO_OLD_HINT = (
+    f"Triton {TRITON_VERSION} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest release "
+    "flashkv_edu's kernels are tested with: the Triton kernels are off, every PyTorch part works. "
+    f"pip install 'triton>={'.'.join(map(str, MIN_TRITON))}' (or a PyTorch whose Triton is that recent)."
+)
 
 
 def require_triton() -> None:
-    """Raise ``RuntimeError`` with an install hint when Triton is unavailable."""
+    """Raise ``RuntimeError`` with an install hint when Triton is unavailable (or too old)."""
     if not HAS_TRITON:
-        raise RuntimeError(TRITON_MISSING_HINT)
+        raise RuntimeError(TRITON_MISSING_HINT if TRITON_VERSION is None else TRITON_TOO_OLD_HINT)
 
 
 def resolve_backend(backend, device) -> str:
@@ -119,7 +133,11 @@ def resolve_backend(backend, device) -> str:
 def describe() -> str:
     """One line saying where kernels run, e.g. ``device=cpu, Triton interpreter on``."""
     if not HAS_TRITON:
-        mode = "Triton missing (PyTorch paths only)"
+        mode = (
+            "Triton missing (PyTorch paths only)"
+            if TRITON_VERSION is None
+            else (f"Triton {TRITON_VERSION} too old for the kernels (PyTorch paths only)")
+        )
     elif INTERPRET:
         mode = "Triton interpreter on"
     else:
@@ -200,7 +218,7 @@ def setup_notebook(seed: int = 0) -> None:
     except ImportError:  # pragma: no cover
         pass
     if not HAS_TRITON:
-        canary = TRITON_MISSING_HINT
+        canary = TRITON_MISSING_HINT if TRITON_VERSION is None else TRITON_TOO_OLD_HINT
     else:
         canary = "canary kernel ok" if run_canary() else "canary kernel not run (no GPU and no interpreter)"
     print(f"environment ready: {describe()}; {canary}")

@@ -33,6 +33,7 @@ CLI_CASES = [
     ("flashkv_edu.teach", ["solutions", "{tmp}/afile/solved"], "dir"),
     ("flashkv_edu.teach", ["solutions", "{tmp}/solved", "--notebooks", "{tmp}/missing"], "--notebooks"),
     ("flashkv_edu.teach", ["solutions", "{tmp}/solved", "--notebooks", "{tmp}/empty"], "lacks"),
+    ("flashkv_edu.teach", ["solutions", "{tmp}/solved", "--only", "99_no_such_notebook"], "--only"),
     ("flashkv_edu.teach", ["nothing"], "invalid choice"),
 ]
 

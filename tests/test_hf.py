@@ -9,6 +9,7 @@ are built from small configs with random weights."""
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -18,9 +19,10 @@ from transformers import DynamicCache
 
 from flashkv_edu import hf
 from flashkv_edu.hf import cache as hf_cache
-from flashkv_edu.hf import patches as hf_patches
 from flashkv_edu.teach import nb10_transformers_model as nb10
 from flashkv_edu.validation import ArgumentError
+
+hf_attention = importlib.import_module("flashkv_edu.hf.attention")  # the module (hf.attention is the function)
 
 CONFIGS = tuple(nb10.ARCHITECTURES)  # tiny random-weight configs of notebook 10
 NEW_TOKENS = 24
@@ -307,8 +309,8 @@ def test_the_alias_keeps_working_and_falcon_reaches_flashkv_edu(monkeypatch):
     alias = AutoModelForCausalLM.from_config(nb10.tiny_config("llama"), attn_implementation=hf.ALIAS).eval()
     assert alias.config._attn_implementation == hf.ALIAS
     calls = []
-    real = hf_patches.attention  # the name Falcon's patched class calls
-    monkeypatch.setattr(hf_patches, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = hf_attention.attention_options  # every call of the attention function checks its options first
+    monkeypatch.setattr(hf_attention, "attention_options", lambda *a, **k: calls.append(1) or real(*a, **k))
     _, falcon = _pair("falcon")
     falcon(input_ids=torch.tensor([[3, 4, 5]]))
     assert len(calls) == falcon.config.num_hidden_layers

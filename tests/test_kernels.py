@@ -219,7 +219,13 @@ def test_gpu_compile_check_passes_and_matches_the_committed_table(tmp_path):
         for feature in ("ALiBi", "softcap") + (("sink",) if kernel == "decode_kernel" else ()):
             targets = {r["target"] for r in rows if r["kernel"] == kernel and feature in r["variant"]}
             assert targets == {"sm_80", "sm_90"}, (kernel, feature)
-    assert rows == json.loads(TABLE_PATH.read_text()), "re-run gpucheck --json and commit the table"
+    table = json.loads(TABLE_PATH.read_text())
+    if {r["triton"] for r in table} == {runtime.TRITON_VERSION}:  # the release the table was made with
+        assert rows == table, "re-run gpucheck --json and commit the table"
+    else:  # another Triton (the --oldest lane): same kernels and variants, its own register counts
+        assert [(r["kernel"], r["variant"], r["target"]) for r in rows] == [
+            (r["kernel"], r["variant"], r["target"]) for r in table
+        ]
 
 
 # --- interpreter details ----------------------------------------------------------------------

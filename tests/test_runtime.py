@@ -82,3 +82,31 @@ def test_runtime_alone_decides_on_a_cpu():
     assert _runtime_report({"CUDA_VISIBLE_DEVICES": "-1"}) == ["True", "False", "True"]
     assert _runtime_report({"CUDA_VISIBLE_DEVICES": "0"}) == ["True", "False", "True"]
     assert _runtime_report({"TRITON_INTERPRET": "0"}) == ["False", "False", "False"]
+
+
+def test_a_triton_older_than_the_kernels_need_leaves_the_pytorch_paths(tmp_path):
+    """A PyTorch build may pin an older Triton (Colab's GPU image: 3.6). flashkv_edu keeps it,
+    turns its kernels off, says why, and every PyTorch path works."""
+    fake = tmp_path / "triton"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("__version__ = '3.6.0'\ndef jit(fn=None, **kw):\n    return fn\n")
+    (fake / "language.py").write_text("class constexpr:\n    pass\n")
+    script = (
+        "import torch, flashkv_edu as fk\n"
+        "from flashkv_edu import runtime\n"
+        "assert not runtime.HAS_TRITON and runtime.TRITON_VERSION == '3.6.0'\n"
+        "print(runtime.describe())\n"
+        "q = torch.randn(1, 1, 2, 16); kc = torch.randn(1, 8, 1, 16)\n"
+        "lens = torch.tensor([8], dtype=torch.int32)\n"
+        "out = fk.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=lens)\n"
+        "assert torch.allclose(out, fk.attention_ref(q, kc, kc, seqlens_k=lens), atol=1e-5)\n"
+        "try:\n"
+        "    fk.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=lens, backend='triton')\n"
+        "except RuntimeError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Triton 3.6.0 too old for the kernels (PyTorch paths only)" in run.stdout
+    assert "older than 3.7" in run.stdout and "every PyTorch part works" in run.stdout

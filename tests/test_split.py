@@ -19,9 +19,11 @@ from flashkv_edu.split import (
 from flashkv_edu.testing import max_abs_err
 
 
-def test_every_num_splits_from_1_to_128():
-    """One sequence (keys 5..60 of a 100-row cache, GQA 4:1): every split count, most of them
-    with more splits than key blocks. Ragged batches and paging are covered below."""
+@pytest.mark.parametrize("first", range(1, 129, 16), ids=lambda f: f"splits {f}-{f + 15}")
+def test_every_num_splits_from_1_to_128(first):
+    """One sequence (keys 5..60 of a 100-row cache, GQA 4:1): every split count from 1 to 128 (16
+    per test, so that the workers share them), most of them with more splits than key blocks.
+    Ragged batches and paging are covered below."""
     g = torch.Generator().manual_seed(0)
     kc, vc = torch.randn(1, 100, 1, 16, generator=g), torch.randn(1, 100, 1, 16, generator=g)
     q = torch.randn(1, 1, 4, 16, generator=g)
@@ -29,7 +31,7 @@ def test_every_num_splits_from_1_to_128():
     ref, ref_lse = attention_ref(q, kc, vc, seqlens_k=lens, leftpad_k=pads, causal=True, return_lse=True)
     unsplit = decode_attention_triton(q, kc, vc, lens, cache_leftpad=pads, causal=True)
     assert max_abs_err(unsplit, ref) < 1e-5
-    for splits in range(1, 129):
+    for splits in range(first, first + 16):
         out, lse = decode_attention_triton(
             q, kc, vc, lens, cache_leftpad=pads, causal=True, num_splits=splits, return_lse=True
         )

@@ -15,7 +15,8 @@ from .compat import ALIAS, NAME
 
 
 def serve_falcon() -> None:
-    """PATCH of transformers internals (``modeling_falcon.FALCON_ATTENTION_CLASSES``).
+    """PATCH of transformers internals (``modeling_falcon.FALCON_ATTENTION_CLASSES``, transformers
+    before 5.25; from 5.25 on Falcon calls the attention interface and nothing is patched).
 
     Falcon computes attention inline (eager or SDPA) and picks its attention class from a table
     keyed by the implementation name, ``FALCON_ATTENTION_CLASSES``; it never calls an attention
@@ -26,7 +27,8 @@ def serve_falcon() -> None:
         from transformers.models.falcon import modeling_falcon as mf
     except ImportError:  # pragma: no cover - a transformers without Falcon
         return
-    if NAME in mf.FALCON_ATTENTION_CLASSES:
+    table = getattr(mf, "FALCON_ATTENTION_CLASSES", None)
+    if table is None or NAME in table:  # transformers >= 5.25: Falcon calls the attention interface itself
         return
 
     class FalconFlashKVAttention(mf.FalconAttention):
@@ -60,7 +62,7 @@ def serve_falcon() -> None:
             out, _ = attention(self, q, k, v, attention_mask, scaling=self.head_dim**-0.5, dropout=dropout)
             return self.dense(out.reshape(b, s, self.num_heads * self.head_dim)), None
 
-    mf.FALCON_ATTENTION_CLASSES[NAME] = FalconFlashKVAttention
+    table[NAME] = FalconFlashKVAttention
 
 
 def skip_flash_kernel_preload() -> None:

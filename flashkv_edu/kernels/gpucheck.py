@@ -67,6 +67,7 @@ class CompileResult:
     mma: str
     ok: bool
     error: str = ""
+    triton: str = ""  # the Triton release that compiled it
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,7 @@ def _compile(index: int, target: int):
 def _compile_one(index: int, target: int) -> CompileResult:
     v = variants()[index]
     label = dict(kernel=v.kernel, variant=v.variant, dtype=v.dtype, headdim=v.headdim, target=f"sm_{target}")
+    label["triton"] = runtime.TRITON_VERSION
     try:
         compiled = _compile(index, target)
         regs, spills = _resource_usage(compiled.asm["cubin"])

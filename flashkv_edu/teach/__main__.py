@@ -99,15 +99,19 @@ def main(argv=None) -> int:
     sol.add_argument("dir", type=dir_to_create)
     sol.add_argument("--notebooks", type=existing_dir, default=ROOT / "notebooks")
     sol.add_argument("--no-execute", action="store_true", help="replace the exercise cells only")
+    sol.add_argument(
+        "--only", action="append", choices=list(NOTEBOOKS), metavar="NOTEBOOK", help="only this notebook (repeatable)"
+    )
     sub.add_parser("list", help="print the exercise table")
     args = parser.parse_args(argv)
     if args.what == "list":
         print(exercise_table())
         return 0
-    missing = [f"{stem}.ipynb" for stem in NOTEBOOKS if not (args.notebooks / f"{stem}.ipynb").is_file()]
+    chosen = args.only or list(NOTEBOOKS)
+    missing = [f"{stem}.ipynb" for stem in chosen if not (args.notebooks / f"{stem}.ipynb").is_file()]
     if missing:
         parser.error(f"--notebooks {str(args.notebooks)!r} lacks {', '.join(missing)}")
-    for stem in NOTEBOOKS:
+    for stem in chosen:
         src = args.notebooks / f"{stem}.ipynb"
         n = solve(src, args.dir / src.name, execute=not args.no_execute)
         print(f"{src.name}: {n} exercises solved -> {args.dir / src.name}", flush=True)

@@ -175,13 +175,18 @@ class MemoryRecord:
         load, store = self._saved
         record = self
 
-        def create_masked_load(this, ptrs, mask, other, cache_policy, is_volatile):
-            record.loads.append(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].astype(np.uint64).ravel())
-            return load(this, ptrs, mask, other, cache_policy, is_volatile)
+        def addresses(ptrs, mask):
+            return np.asarray(ptrs.data)[np.broadcast_to(np.asarray(mask.data, dtype=bool), np.shape(ptrs.data))]
 
-        def create_masked_store(this, ptrs, value, mask, cache_policy):
-            record.stores.append(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].astype(np.uint64).ravel())
-            return store(this, ptrs, value, mask, cache_policy)
+        # (ptrs, mask, ...) for loads and (ptrs, value, mask, ...) for stores in every Triton
+        # release here; the trailing arguments differ between releases and are passed through.
+        def create_masked_load(this, ptrs, mask, *rest, **kw):
+            record.loads.append(addresses(ptrs, mask).astype(np.uint64).ravel())
+            return load(this, ptrs, mask, *rest, **kw)
+
+        def create_masked_store(this, ptrs, value, mask, *rest, **kw):
+            record.stores.append(addresses(ptrs, mask).astype(np.uint64).ravel())
+            return store(this, ptrs, value, mask, *rest, **kw)
 
         builder.create_masked_load, builder.create_masked_store = create_masked_load, create_masked_store
         self.available = True
