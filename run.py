@@ -478,7 +478,7 @@ def link_notebooks(text: str, titles: dict[str, str]) -> str:
     parts = re.split(r"(`[^`]*`|\[[^\]]*\]\([^)]*\))", text)
     for i in range(0, len(parts), 2):
         parts[i] = re.sub(
-            r"\b(notebooks?) (\d\d)\b",
+            r"\b([Nn]otebooks?) (\d\d)\b",
             lambda m: (
                 f"[{m.group(1)} {m.group(2)}]({by_number[m.group(2)]}.ipynb)" if m.group(2) in by_number else m.group(0)
             ),
