@@ -82,9 +82,10 @@ def python_in(venv_dir: Path) -> Path:
     return bin_dir(venv_dir) / ("python.exe" if os.name == "nt" else "python")
 
 
-def sh(*cmd: str | Path) -> None:
-    print("+", " ".join(str(c) for c in cmd), flush=True)
-    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
+def sh(*cmd: str | Path, env: dict[str, str] | None = None) -> None:
+    """Run ``cmd`` in the repository root (echoed first); ``env``: variables added to ours."""
+    print("+", " ".join(f"{k}={v}" for k, v in (env or {}).items()), *(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 def has_pip(python: Path) -> bool:
@@ -592,7 +593,9 @@ def main(argv: list[str]) -> int:
         sh(python, "-m", "pytest", "-o", "addopts=-p no:cacheprovider", *(args or (*HOSTED_TESTS, "-k", "not triton")))
         return 0
     python = setup(lane)
-    sh(python, "-m", "pytest", *parallel_arguments(args, os.cpu_count() or 1))
+    cpus = os.cpu_count() or 1
+    arguments = parallel_arguments(args, cpus)
+    sh(python, "-m", "pytest", *arguments, env=worker_threads(arguments, cpus, os.environ))
     return 0
 
 
@@ -608,6 +611,17 @@ def parallel_arguments(args: list[str], cpus: int) -> list[str]:
     if not any(a.startswith("--durations") for a in args):
         extra.append("--durations=10")
     return [*extra, *args]
+
+
+def worker_threads(arguments: list[str], cpus: int, environ) -> dict[str, str]:
+    """The thread count each pytest worker (and each notebook kernel it starts) may use: the cores
+    shared out between the ``-n`` workers. Two workers on two cores that each start two OpenMP
+    threads fight over the cores and busy-wait: a notebook cell measured 1.3 s alone took 4-5 s
+    beside a second such process. A thread count the caller set is kept; one worker: nothing set."""
+    if "OMP_NUM_THREADS" in environ or "-n" not in arguments:
+        return {}
+    workers = int(arguments[arguments.index("-n") + 1])
+    return {"OMP_NUM_THREADS": str(max(1, cpus // max(1, workers)))}
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ def check_kvcache_call(q, k_cache, v_cache, *, per_token_scales: bool = False, *
     window = normalize_window(a["window_size"], a["causal"], seqlen_k=layout["capacity"])
     is_causal = window[0] < 0 and window[1] == 0
     is_local = (window[0] >= 0 or window[1] >= 0) and not is_causal
-    rotary_dim = _check_rotary(a, layout, lengths, is_causal or is_local, checks)
+    rotary_dim = _check_rotary(a, layout)
     scales = _check_scales(a, layout, per_token_scales, checks)
     values = checks.run()
     if value_checks_on():
@@ -358,13 +358,12 @@ def _check_lengths(a: dict, layout: dict, checks: DeviceChecks) -> dict:
     )
 
 
-def _check_rotary(a: dict, layout: dict, lengths: dict, shifted_queries: bool, checks: DeviceChecks) -> int:
-    """The rotary tables' shapes and reach; returns ``rotary_dim`` (0 without rotary).
-    ``shifted_queries``: queries rotate at ``cache_seqlens + i`` (causal or local)."""
+def _check_rotary(a: dict, layout: dict) -> int:
+    """The rotary tables' shapes; returns ``rotary_dim`` (0 without rotary)."""
     cos, sin = a["rotary_cos"], a["rotary_sin"]
     if cos is None:
         return 0
-    d, capacity, snew, sq = a["q"].shape[3], layout["capacity"], layout["snew"], a["q"].shape[1]
+    d, capacity = a["q"].shape[3], layout["capacity"]
     if cos.shape != sin.shape:
         raise ArgumentError(
             f"rotary_cos and rotary_sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}"
@@ -376,18 +375,9 @@ def _check_rotary(a: dict, layout: dict, lengths: dict, shifted_queries: bool, c
         )
     if cos.shape[0] < capacity:
         raise ArgumentError(f"rotary_cos must have at least {capacity} rows (the cache capacity), got {cos.shape[0]}")
-    rows, seqlens = cos.shape[0], lengths["seqlens"]
-    # New keys rotate at cache_seqlens + t; queries at cache_seqlens + i (causal or local) or all at
-    # cache_seqlens: every such row must exist in the table.
-    reach = max(snew, sq if shifted_queries else 1)
-    checks.check(
-        lambda v: v[lengths["seq_max"]] <= rows - reach,
-        lambda: (
-            f"rotary_cos has {rows} rows but rotary positions reach cache_seqlens + {reach - 1} = "
-            f"{(seqlens + reach - 1).tolist()} (new keys at cache_seqlens + t, queries at cache_seqlens"
-            + (" + i)" if shifted_queries else ")")
-        ),
-    )
+    # New keys rotate at cache_seqlens + t < capacity: inside the table. Queries rotate at
+    # cache_seqlens + i (causal or local) or all at cache_seqlens, and may pass its end: those rows
+    # rotate by the identity, as FlashAttention's masked table loads give (rotary.apply_rotary).
     return rotary_dim
 
 

@@ -34,12 +34,19 @@ def apply_rotary(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, *, interleaved: bool = False
 ) -> torch.Tensor:
     """Rotate ``x`` ``(batch, seqlen, nheads, headdim)`` at integer ``positions``
-    ``(batch, seqlen)``. Computed in fp32 and rounded back to ``x``'s dtype; returns a new tensor."""
+    ``(batch, seqlen)``. Computed in fp32 and rounded back to ``x``'s dtype; returns a new tensor.
+
+    A position at or past the tables' last row rotates by the identity (cos 1, sin 0), as
+    FlashAttention's rotary kernel gives it: its loads of ``cos``/``sin`` are masked to the table
+    with 1 and 0 as the fill. (Causal queries after a short append reach such rows: query ``i``
+    sits at ``cache_seqlens + i`` while the table need only cover the cache.)"""
     rot = 2 * cos.shape[1]
     if rot > x.shape[-1]:
         raise ArgumentError(f"rotary_dim {rot} (2 * cos.shape[1]) must be <= headdim {x.shape[-1]}")
-    c = cos[positions].float()[:, :, None, :]  # (batch, seqlen, 1, rot/2)
-    s = sin[positions].float()[:, :, None, :]
+    inside = (positions < cos.shape[0])[:, :, None, None]
+    row = positions.clamp(max=cos.shape[0] - 1)
+    c = torch.where(inside, cos[row].float()[:, :, None, :], 1.0)  # (batch, seqlen, 1, rot/2)
+    s = torch.where(inside, sin[row].float()[:, :, None, :], 0.0)
     xf = x.float()
     head, tail = xf[..., :rot], xf[..., rot:]
     if interleaved:

@@ -14,7 +14,7 @@ from flashkv_edu import flash_attn_with_kvcache
 from flashkv_edu.kernels.forward import attention_triton
 from flashkv_edu.online_softmax import blockwise_attention
 from flashkv_edu.reference import attention_ref
-from flashkv_edu.rotary import rotary_tables
+from flashkv_edu.rotary import apply_rotary, rotary_tables
 from flashkv_edu.testing import max_abs_err, within_fa_tolerance
 
 SEQLENS = [(1, 64), (1, 99), (3, 128), (8, 40), (4, 17), (16, 48), (2, 2)]
@@ -22,11 +22,15 @@ HEADDIMS = [32, 59, 64, 80, 128, 256]
 
 
 def rotary_reference(x, cos, sin, positions, interleaved):
-    """Rotate the first 2*cos.shape[1] features of x (b, s, h, d) as complex numbers."""
+    """Rotate the first 2*cos.shape[1] features of x (b, s, h, d) as complex numbers. Positions past
+    the tables' end turn by the identity (cos 1, sin 0), FlashAttention's masked table load."""
     rot = 2 * cos.shape[1]
+    past = max(0, int(positions.max()) + 1 - cos.shape[0])
+    cos = torch.cat([cos.float(), torch.ones(past, rot // 2)])
+    sin = torch.cat([sin.float(), torch.zeros(past, rot // 2)])
     xf = x.float()
-    c = cos.float()[positions][:, :, None, :]
-    s = sin.float()[positions][:, :, None, :]
+    c = cos[positions][:, :, None, :]
+    s = sin[positions][:, :, None, :]
     if interleaved:
         pairs = torch.complex(xf[..., 0:rot:2].contiguous(), xf[..., 1:rot:2].contiguous())
     else:
@@ -82,14 +86,16 @@ def run_case(cfg, backend, dtype=torch.float16, during_call=None):
     rand = lambda *shape: torch.randn(*shape, generator=g).to(dtype)
     q = rand(b, sq, h, d)
     snew = (sq if cfg["same_new"] else int(torch.randint(1, sq + 1, (1,), generator=g))) if cfg["new_kv"] else 0
+    snew = cfg.get("snew", snew)
     k_new, v_new = (rand(b, snew, hk, d), rand(b, snew, hk, d)) if snew else (None, None)
     rotary_dim = math.floor(int(cfg["rotary_fraction"] * d) / 16) * 16
     window = tuple(int(x) for x in torch.randint(0, cap, (2,), generator=g)) if cfg["local"] else (-1, -1)
-    x = sq if (cfg["causal"] or cfg["local"]) and rotary_dim else snew
-    if snew:
-        lens = torch.randint(0, cap - x + 1, (b,), generator=g, dtype=torch.int32)
+    if snew:  # causal queries may rotate past the table's end (cache_seqlens + i >= cap)
+        lens = torch.randint(0, cap - snew + 1, (b,), generator=g, dtype=torch.int32)
     else:
         lens = torch.randint(1, cap + 1, (b,), generator=g, dtype=torch.int32)
+    if "lens" in cfg:
+        lens = torch.tensor(cfg["lens"], dtype=torch.int32)
     pads = (
         torch.stack([torch.randint(0, int(c), (1,), generator=g)[0] if c > 0 else torch.tensor(0) for c in lens]).to(
             torch.int32
@@ -475,7 +481,7 @@ def _build(cfg):
         a["k_cache"], a["v_cache"] = r(rows, cap, hk, d), r(rows, cap, hk, d)
         if cfg["batch_idx"]:
             a["cache_batch_idx"] = torch.randperm(rows, generator=g)[:b].to(torch.int32)
-    room = cap - max(new, sq if cfg["rotary"] else 0)
+    room = cap - new
     lens = torch.randint(1, room + 1, (b,), generator=g, dtype=torch.int32)
     a["cache_seqlens"] = lens
     if cfg["leftpad"]:
@@ -589,32 +595,23 @@ def test_a_one_sided_window_is_bounded_by_the_capacity_as_in_flashattention(back
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_rotary_positions_past_the_table_are_refused_before_any_write(backend):
-    """Queries rotate at cache_seqlens + i (causal): with 4 query rows after 18 cached tokens a
-    20-row table has no row for positions 20 and 21, although the cache has room for the one new
-    key. A clear error names rotary_cos, and nothing is written."""
-    g = torch.Generator().manual_seed(12)
-    q = torch.randn(2, 4, 2, 16, generator=g)
-    kc, vc = torch.randn(2, 20, 1, 16, generator=g), torch.randn(2, 20, 1, 16, generator=g)
-    k, v = torch.randn(2, 1, 1, 16, generator=g), torch.randn(2, 1, 1, 16, generator=g)
-    cos, sin = rotary_tables(20, 16)
-    before = kc.clone(), vc.clone()
-    with pytest.raises(ValueError, match="rotary_cos has 20 rows"):
-        flash_attn_with_kvcache(
-            q,
-            kc,
-            vc,
-            k,
-            v,
-            rotary_cos=cos,
-            rotary_sin=sin,
-            cache_seqlens=torch.tensor([18, 5], dtype=torch.int32),
-            cache_leftpad=torch.tensor([2, 0], dtype=torch.int32),
-            causal=True,
-            rotary_interleaved=True,
-            backend=backend,
-        )
-    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+def test_queries_rotated_past_the_table_turn_by_the_identity_as_in_flashattention(backend):
+    """A valid call: 4 causal query rows after 19 and 17 cached tokens, one new key, a 20-row table
+    (the capacity, all FlashAttention asks), left padding. Queries rotate at cache_seqlens + i, so
+    rows 20..22 lie past the table; FlashAttention's rotary kernel loads them masked as cos 1,
+    sin 0. Output, LSE and the written cache match the oracle with that rule."""
+    cfg = dict(make_config(random.Random(3)), sq=4, cap=20, d=24, mha="gqa", new_kv=True, snew=1, lens=[19, 17])
+    cfg.update(rotary_fraction=1.0, causal=True, local=False, leftpad=True, batch_idx=False, paged=None, lse=True)
+    assert max(cfg["lens"]) + cfg["sq"] - 1 >= cfg["cap"]  # the case this test is about
+    run_case(cfg, backend)
+
+
+def test_rotary_identity_past_the_table_is_the_kernels_masked_load():
+    """apply_rotary itself: a row past the table leaves x as it is; a row inside turns it."""
+    cos, sin = rotary_tables(4, 16)
+    x = torch.randn(1, 2, 1, 16)
+    out = apply_rotary(x, cos, sin, torch.tensor([[3, 4]]))
+    assert torch.equal(out[:, 1], x[:, 1]) and not torch.allclose(out[:, 0], x[:, 0])
 
 
 # --- learnable sinks and a value head dim of its own ----------------------------------------------------

@@ -197,14 +197,6 @@ api_case("rotary_dim not a multiple of 16", VALUE, "rotary_dim")(
 api_case("rotary_cos shorter than the cache", VALUE, "rotary_cos")(
     lambda a: a.update(rotary_cos=_cos_sin(6, 16)[0], rotary_sin=_cos_sin(6, 16)[1])
 )
-api_case("query rotary positions past rotary_cos", VALUE, "rotary_cos")(
-    lambda a: a.update(
-        q=torch.randn(2, 3, 4, 16),
-        cache_seqlens=torch.tensor([7, 7], dtype=torch.int32),
-        rotary_cos=_cos_sin(8, 16)[0],
-        rotary_sin=_cos_sin(8, 16)[1],
-    )
-)
 api_case("rotary_interleaved a string", TYPE, "rotary_interleaved")(lambda a: a.update(rotary_interleaved="yes"))
 api_case("return_softmax_lse an int", TYPE, "return_softmax_lse")(lambda a: a.update(return_softmax_lse=1))
 

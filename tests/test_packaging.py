@@ -229,3 +229,14 @@ def test_lab_settings_name_a_real_jupyterlab_setting():
             allowed = [c["const"] for c in schema["properties"][key]["oneOf"]]
             assert value in allowed, (plugin, key, allowed)
     assert overrides == {"@jupyterlab/apputils-extension:kernels-settings": {"commsOverSubshells": "disabled"}}
+
+
+def test_the_test_command_shares_the_cores_between_its_workers():
+    run = _run_py()
+    arguments = run.parallel_arguments([], 2)
+    assert arguments[:4] == ["-n", "2", "--dist", "loadfile"] and "--durations=10" in arguments
+    assert run.worker_threads(arguments, 2, {}) == {"OMP_NUM_THREADS": "1"}
+    assert run.worker_threads(run.parallel_arguments([], 16), 16, {}) == {"OMP_NUM_THREADS": "8"}
+    assert run.worker_threads(arguments, 2, {"OMP_NUM_THREADS": "2"}) == {}  # the caller's choice stands
+    assert run.worker_threads(run.parallel_arguments([], 1), 1, {}) == {}  # one process: torch's default
+    assert run.parallel_arguments(["-p", "no:xdist"], 2)[:1] != ["-n"]
