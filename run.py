@@ -602,8 +602,8 @@ def main(argv: list[str]) -> int:
 def parallel_arguments(args: list[str], cpus: int) -> list[str]:
     """pytest's arguments for the test command: the caller's, plus (unless they choose ``-n``
     themselves or ask for one test file's worth) one worker per core up to 2, each notebook's cells
-    kept together on one worker in order (``--dist loadfile``, which nbval needs), and the 10
-    slowest tests printed at the end."""
+    kept together on one worker in order (``--dist loadfile``, which nbval needs; tests/conftest.py
+    shares out the solved copies one by one), and the 10 slowest tests printed at the end."""
     extra = []
     chosen = "no:xdist" in args or any(a.startswith(("-n", "--numprocesses", "--dist")) for a in args)
     if not chosen and cpus > 1:

@@ -61,13 +61,11 @@ def export(nb_path: Path) -> str:
 
 
 def execute(nb_path: Path) -> float:
-    from nbclient import NotebookClient
+    from flashkv_edu.teach.__main__ import notebook_client  # waits for replies in slices (nbclient#312)
 
     nb = nbformat.read(nb_path, as_version=4)
     start = time.perf_counter()
-    NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(nb_path.parent)}}
-    ).execute()
+    notebook_client(nb, nb_path.parent).execute()
     elapsed = time.perf_counter() - start
     for cell in nb.cells:
         cell.metadata.pop("execution", None)

@@ -286,6 +286,24 @@ def test_crop_and_row_selection_leave_what_eager_would_see():
         assert cache.batch == 2
 
 
+@pytest.mark.parametrize("page_size", [None, 4], ids=["contiguous", "paged"])
+def test_a_reset_cache_serves_a_batch_of_another_size(page_size):
+    """generate on a batch of 3, reset(), then a batch of 1 in the same cache (max_batch_size 3):
+    the tokens equal eager's with a fresh cache, and a paged reset frees every block."""
+    eager, ours = _pair("llama")
+    cache = hf.FlashKVCache(ours.config, 3, 64, page_size=page_size)
+    ids, mask = _prompts(3)
+    first = _generate(ours, ids, mask, cache).sequences
+    assert torch.equal(first, _generate(eager, ids, mask, DynamicCache(config=eager.config)).sequences)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.bytes_in_use() == 0
+    if page_size:
+        assert cache.store.allocator.num_free == cache.store.k_pools[0].shape[0]
+    one, one_mask = _prompts(1)
+    got = _generate(ours, one, one_mask, cache).sequences
+    assert torch.equal(got, _generate(eager, one, one_mask, DynamicCache(config=eager.config)).sequences)
+
+
 @pytest.mark.parametrize(
     "model_type, kind, extra",
     [("qwen3_5_text", "linear_attention", {}), ("lfm2", "conv", dict(num_hidden_layers=2, full_attn_idxs=[1]))],

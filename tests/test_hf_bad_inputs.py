@@ -152,6 +152,15 @@ bad("reorder_cache too many rows", VALUE, "max_batch_size")(
 )
 bad("batch_select_indices negative", VALUE, "indices")(lambda: _cache_method("batch_select_indices", [-1]))
 bad("batch_repeat_interleave 0", VALUE, "repeats")(lambda: _cache_method("batch_repeat_interleave", 0))
+bad("update layer_idx past the layers", VALUE, "layer_idx")(
+    lambda: update_call(x4(2, 2, 1, 16), x4(2, 2, 1, 16), layer=5)
+)
+bad("update layer_idx a string", TYPE, "layer_idx")(lambda: update_call(x4(2, 2, 1, 16), x4(2, 2, 1, 16), layer="0"))
+bad("get_seq_length layer_idx a string", TYPE, "layer_idx")(lambda: _cache_method("get_seq_length", "0"))
+bad("get_seq_length layer_idx negative", VALUE, "layer_idx")(lambda: _cache_method("get_seq_length", -1, page_size=4))
+bad("get_mask_sizes layer_idx past the layers", VALUE, "layer_idx")(lambda: _cache_method("get_mask_sizes", 1, 2))
+bad("get_mask_sizes query_length a float", TYPE, "query_length")(lambda: _cache_method("get_mask_sizes", 1.0, 0))
+bad("get_max_length layer_idx past the layers", VALUE, "layer_idx")(lambda: _cache_method("get_max_length", 9))
 bad("register backend cuda", VALUE, "backend")(lambda: call(hf.register, "cuda"))
 bad("register backend None", VALUE, "backend")(lambda: call(hf.register, None))
 

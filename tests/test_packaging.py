@@ -240,3 +240,18 @@ def test_the_test_command_shares_the_cores_between_its_workers():
     assert run.worker_threads(arguments, 2, {"OMP_NUM_THREADS": "2"}) == {}  # the caller's choice stands
     assert run.worker_threads(run.parallel_arguments([], 1), 1, {}) == {}  # one process: torch's default
     assert run.parallel_arguments(["-p", "no:xdist"], 2)[:1] != ["-n"]
+
+
+def test_the_workers_share_the_solved_copies_one_by_one_and_keep_each_notebook_together():
+    from conftest import SPREAD, spread_scope
+    from xdist.scheduler import LoadFileScheduling
+
+    file_scope = LoadFileScheduling._split_scope.__get__(object.__new__(LoadFileScheduling))
+    solved = "tests/test_solved_notebooks.py::test_solved_copies_pass_strict_nbval[02_kv_cache]"
+    assert spread_scope(solved, file_scope) == solved
+    assert spread_scope("notebooks/02_kv_cache.ipynb::Cell 7", file_scope) == "notebooks/02_kv_cache.ipynb"
+    assert spread_scope("tests/test_split.py::test_num_splits_limits", file_scope) == "tests/test_split.py"
+    for prefix in SPREAD:  # each names tests that exist (a rename would quietly stop the sharing)
+        path, name = prefix.split("::")
+        text = (ROOT / path).read_text()
+        assert not name or f"def {name.rstrip('[')}(" in text, prefix

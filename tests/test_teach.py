@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import flashkv_edu as fk
@@ -132,3 +133,37 @@ def test_every_notebook_has_its_exercise_tests():
     """One test file per teaching file: ``tests/test_teach_nbNN.py`` for ``teach/nbNN_<topic>.py``."""
     for stem, module in NOTEBOOKS.items():
         assert (ROOT / "tests" / f"test_teach_{module[:4]}.py").exists(), stem
+
+
+def test_a_reply_whose_wake_up_was_lost_is_found_within_a_slice():
+    """nbclient#312: the execute reply sits on the shell socket, but the wait for it only looks again
+    when its timeout ends. ``wait_in_slices`` looks again every slice, and still gives up at the
+    timeout when nothing comes."""
+    import asyncio
+    import time
+    from queue import Empty
+
+    from flashkv_edu.teach.__main__ import wait_in_slices
+
+    class LostWakeUp:  # a channel that sees a waiting message only when a wait starts
+        def __init__(self, ready_at):
+            self.ready_at = ready_at
+
+        async def get_msg(self, timeout=None):
+            if time.monotonic() >= self.ready_at:
+                return {"msg_type": "execute_reply"}
+            await asyncio.sleep(timeout)
+            raise Empty
+
+    channel = LostWakeUp(time.monotonic() + 0.2)
+    wait_in_slices(channel, slice_s=0.05)
+    start = time.monotonic()
+    assert asyncio.run(channel.get_msg(timeout=30))["msg_type"] == "execute_reply"
+    assert time.monotonic() - start < 2  # the unsliced wait takes the whole 30 s
+
+    never = LostWakeUp(float("inf"))
+    wait_in_slices(never, slice_s=0.05)
+    start = time.monotonic()
+    with pytest.raises(Empty):
+        asyncio.run(never.get_msg(timeout=0.3))
+    assert 0.3 <= time.monotonic() - start < 2

@@ -21,7 +21,7 @@ from ..paged import OutOfBlocksError, PagedKVCache, gather_paged
 from ..validation import FLOAT_DTYPES, ArgumentError, ArgumentTypeError, check_int, check_tensor, value_checks_on
 from .attention import left_padding
 from .compat import ALIAS, ATTENTION_LAYER_TYPES, NAME
-from .handoff import hand_over
+from .handoff import forget, hand_over
 
 
 class FlashKVLayer(CacheLayerMixin):
@@ -133,6 +133,25 @@ class FlashKVCache(Cache):
         self._starts = None  # contiguous: (batch, length, int32 tensor) of this decode step
         self._mask_pad = None  # (attention_mask, kv_len, left padding) last read
 
+    # --- transformers' Cache methods, with the layer index checked -----------------------------------------
+
+    def layer_index(self, layer_idx) -> int:
+        """``layer_idx`` checked: an int naming one of this cache's layers."""
+        return check_int("layer_idx", layer_idx, low=0, high=len(self.layers) - 1)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(key_states, value_states, self.layer_index(layer_idx), *args, **kwargs)
+
+    def get_seq_length(self, layer_idx=0) -> int:
+        return super().get_seq_length(self.layer_index(layer_idx))
+
+    def get_mask_sizes(self, query_length, layer_idx) -> tuple[int, int]:
+        query_length = check_int("query_length", query_length, low=0)
+        return super().get_mask_sizes(query_length, self.layer_index(layer_idx))
+
+    def get_max_length(self, layer_idx=None) -> int:
+        return super().get_max_length(None if layer_idx is None else self.layer_index(layer_idx))
+
     # --- storage -------------------------------------------------------------------------------------
 
     @property
@@ -201,7 +220,7 @@ class FlashKVCache(Cache):
                 )
             if key_states.device != device:
                 raise ArgumentError(f"layer {i} lives on {device}, the update on {key_states.device}")
-        if self.paged and self.store is not None:  # later layers of a pass: the lengths before it
+        if self.paged and self.store is not None and self.batch is not None:  # the lengths before this pass
             if i > 0 and self.step_starts is not None:
                 longest = self.step_longest
             else:
@@ -504,14 +523,20 @@ class FlashKVCache(Cache):
         return torch.tensor(order, dtype=torch.long, device=self.device)
 
     def reset(self) -> None:
+        """Empty the cache for a new batch of any size up to ``max_batch_size``: contiguous storage is
+        dropped (the next keys allocate it for their batch), paged rows free their blocks (the pools
+        stay), and everything remembered from the last steps is forgotten."""
         for i, layer in enumerate(self.layers):
-            layer.length, layer.mode = 0, None
-            if self.kv[i] is not None:
-                self.kv[i].reset()
+            layer.length, layer.mode, layer.is_initialized = 0, None, False
+            self.kv[i] = None
         if self.store is not None:
             for slot in list(self.store.seqs):
                 self.store.free(slot)
-        self.step_starts = self.step_counts = self.step_pads = None
+        self.batch = self.rows = None
+        forget(self)
+        self.step_starts = self.step_counts = self.step_pads = self.step_table = None
+        self.step_longest = 0
+        self._last_call = self._starts = self._mask_pad = None
 
     def bytes_in_use(self) -> int:
         """Bytes of keys and values held by all layers: the whole reservation when contiguous, the

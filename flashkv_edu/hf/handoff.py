@@ -28,6 +28,13 @@ def hand_over(cache, key_states, value_states, layer: int) -> None:
     PENDING[id(key_states)] = (cache, key_states, value_states, layer)
 
 
+def forget(cache) -> None:
+    """Drop every key ``cache`` handed over that no attention took yet (the cache was reset)."""
+    for entry_key, entry in list(PENDING.items()):
+        if entry[0] is cache:
+            del PENDING[entry_key]
+
+
 def take(key, value):
     """``(cache, layer)`` when ``key``/``value`` are what a cache handed over (marking them consumed),
     else None."""
@@ -61,4 +68,4 @@ def settle_transformed(module, key, attention_mask, device) -> None:
         cache.settle_layer(i, key_states, value_states, attention_mask, device)
 
 
-__all__ = ["CONSUMED", "PENDING", "already_consumed", "hand_over", "settle_transformed", "take"]
+__all__ = ["CONSUMED", "PENDING", "already_consumed", "forget", "hand_over", "settle_transformed", "take"]

@@ -66,6 +66,46 @@ def solved_cell(source: str, module, name: str) -> str:
     return (head + "\n\n\n" if head else "") + solution_source(module, name)
 
 
+def wait_in_slices(channel, slice_s: float = 1.0) -> None:
+    """Make ``channel.get_msg(timeout)`` (an async jupyter_client channel) wait in ``slice_s``
+    slices, looking again after each, up to the same ``timeout``.
+
+    A cell that shows a widget now and then has its execute reply sit unnoticed on the shell
+    socket (the socket's wake-up is lost; nbclient#312): one wait for the whole cell timeout
+    returns the reply only when that timeout ends (measured here: the notebook 04 run took 129 s
+    instead of 8, its widget cell exactly the 120 s timeout). Looking again every second finds it."""
+    get = channel.get_msg
+
+    async def get_msg(timeout=None):
+        from queue import Empty
+        from time import monotonic
+
+        deadline = None if timeout is None else monotonic() + timeout
+        while True:
+            left = slice_s if deadline is None else max(0.0, min(slice_s, deadline - monotonic()))
+            try:
+                return await get(timeout=left)
+            except Empty:
+                if deadline is not None and monotonic() >= deadline:
+                    raise
+
+    channel.get_msg = get_msg
+
+
+def notebook_client(nb, path: Path, timeout: int = 600):
+    """An nbclient ``NotebookClient`` running ``nb`` in a fresh python3 kernel in folder ``path``,
+    ``timeout`` seconds per cell, its shell replies waited for in slices (:func:`wait_in_slices`)."""
+    from nbclient import NotebookClient
+
+    class SlicedWaitClient(NotebookClient):
+        async def async_start_new_kernel_client(self):
+            kc = await super().async_start_new_kernel_client()
+            wait_in_slices(kc.shell_channel)
+            return kc
+
+    return SlicedWaitClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path)}})
+
+
 def solve(notebook: Path, out: Path, execute: bool = True) -> int:
     """Copy ``notebook`` to ``out`` with every ``exercise`` cell replaced by its solution, then
     run it in a fresh kernel. Returns the number of cells replaced."""
@@ -82,11 +122,7 @@ def solve(notebook: Path, out: Path, execute: bool = True) -> int:
             cell.source = solved_cell(cell.source, module, name)
             replaced += 1
     if execute:
-        from nbclient import NotebookClient
-
-        NotebookClient(
-            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}
-        ).execute()
+        notebook_client(nb, notebook.parent).execute()
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)
     return replaced
