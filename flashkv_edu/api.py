@@ -97,7 +97,7 @@ def flash_attn_with_kvcache(*args, **kwargs):
 flash_attn_with_kvcache.__signature__ = KVCACHE_SIGNATURE
 
 
-def run_checked_call(call: KVCacheCall, q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None):
+def run_checked_call(call: KVCacheCall, q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, qv=None):
     """The body of :func:`flash_attn_with_kvcache` after its check: append ``k``/``v`` (rotated,
     quantized for an fp8 cache), then attend with ``call.backend``. ``call`` must be what
     :func:`~flashkv_edu.call.check_kvcache_call` returned for exactly these tensors' shapes, dtypes
@@ -106,24 +106,90 @@ def run_checked_call(call: KVCacheCall, q, k_cache, v_cache, k=None, v=None, rot
     step). Returns ``(out, lse or None)``."""
     # Everything is checked: from here on nothing can fail on the caller's input.
     b, sq = call.batch, call.seqlen_q
+    if call.varlen_q:  # (total_q, h, d) -> (batch, max_seqlen_q, h, d), each sequence's rows at the bottom
+        q = pack_varlen(q, call)
+        qv = None if qv is None else pack_varlen(qv, call)
+    if call.q_descale is not None:  # FlashAttention 3's fp8 q: its real value, in bf16
+        q = dequantize_per_kv_head(q, call.q_descale, call.nheads // call.nheads_k)
+    base = call.seqlens if call.rotary_base is None else call.rotary_base  # position of row 0
     if k is not None:
+        if call.knew is not None:  # (total_k_new, h_k, d) -> (batch, max new, h_k, d), padding at the end
+            k, v = pack_new_keys(k, call), pack_new_keys(v, call)
+        if call.q_descale is not None:  # fp8 new keys: their real values, requantized on append below
+            k = dequantize_per_kv_head(k, call.k_descale, 1)
+            v = dequantize_per_kv_head(v, call.v_descale, 1)
         if call.rotary_dim:
-            positions = call.seqlens.long()[:, None] + torch.arange(call.snew, device=q.device)[None, :]
+            positions = base.long()[:, None] + torch.arange(call.snew, device=q.device)[None, :]
             k = apply_rotary(k, rotary_cos, rotary_sin, positions, interleaved=call.rotary_interleaved)
         if call.k_descale is not None:
             k, v = quantize_fp8(k, call.k_descale), quantize_fp8(v, call.v_descale)
-        same = call.max_end - call.snew if call.min_end == call.max_end else None  # every row as long (host numbers)
+        # every row as long (host numbers): a plain slice copy
+        same = call.max_end - call.snew if call.min_end == call.max_end and call.knew is None else None
         write_kv(
-            k_cache, v_cache, k, v, call.seqlens, rows=call.batch_rows, block_table=call.block_table, same_start=same
+            k_cache,
+            v_cache,
+            k,
+            v,
+            call.seqlens,
+            rows=call.batch_rows,
+            block_table=call.block_table,
+            counts=call.knew,
+            same_start=same,
         )
     if call.rotary_dim:
         offsets = torch.arange(sq, device=q.device)[None, :] if (call.is_causal or call.is_local) else 0
-        positions = call.seqlens.long()[:, None] + offsets
+        if call.varlen_q and not isinstance(offsets, int):  # row i of a sequence sits at padded row i + shift
+            offsets = (offsets - (sq - call.q_lens.long())[:, None]).clamp_min(0)
+        positions = base.long()[:, None] + offsets
         q = apply_rotary(q, rotary_cos, rotary_sin, positions.expand(b, sq), interleaved=call.rotary_interleaved)
     if call.backend == "triton":
         from .kernels.decode import decode_over_cache
 
         out, lse = decode_over_cache(q, k_cache, v_cache, call)
     else:
-        out, lse = attention_over_cache(q, k_cache, v_cache, call)
+        out, lse = attention_over_cache(q, k_cache, v_cache, call, qv=qv)
+    if call.varlen_q:  # back to (total_q, h, dv); the LSE to FlashAttention's varlen (h, total_q)
+        out = unpack_varlen(out, call)
+        lse = None if lse is None else unpack_varlen(lse.transpose(1, 2), call).transpose(0, 1)
     return out, lse
+
+
+def _padded_rows(call: KVCacheCall) -> torch.Tensor:
+    """For each padded query row ``(b, i)`` of a varlen call, the packed row it holds, -1 for a
+    padding row: int64 ``(batch, max_seqlen_q)``. Sequence ``b``'s rows sit at the bottom."""
+    sq = call.seqlen_q
+    i = torch.arange(sq, device=call.q_lens.device)[None, :]
+    shift = (sq - call.q_lens.long())[:, None]
+    src = call.cu_seqlens_q[:-1].long()[:, None] + i - shift
+    return torch.where(i >= shift, src, -1)
+
+
+def pack_varlen(x, call: KVCacheCall) -> torch.Tensor:
+    """Packed rows ``(total_q, ...)`` into the padded ``(batch, max_seqlen_q, ...)`` layout of a
+    varlen call (padding rows zero)."""
+    rows = _padded_rows(call)
+    out = x[rows.clamp_min(0)]
+    return out.masked_fill((rows < 0).view(*rows.shape, *([1] * (x.dim() - 1))), 0)
+
+
+def unpack_varlen(x, call: KVCacheCall) -> torch.Tensor:
+    """The padded ``(batch, max_seqlen_q, ...)`` rows of a varlen call back as ``(total_q, ...)``."""
+    cu, sq = call.cu_seqlens_q.long(), call.seqlen_q
+    t = torch.arange(call.total_q, device=cu.device)
+    seq = torch.searchsorted(cu[1:], t, right=True)  # the sequence of each packed row
+    flat = seq * sq + (sq - call.q_lens.long())[seq] + t - cu[seq]
+    return x.reshape(-1, *x.shape[2:]).index_select(0, flat)
+
+
+def pack_new_keys(x, call: KVCacheCall) -> torch.Tensor:
+    """Varlen new keys ``(total_k_new, h_k, d)`` as ``(batch, max new, h_k, d)``: sequence ``b``'s
+    ``knew[b]`` keys first, then padding (never written)."""
+    t = torch.arange(max(call.snew, 1), device=x.device)[None, :]
+    src = (call.cu_seqlens_k_new[:-1].long()[:, None] + t).clamp(max=max(x.shape[0] - 1, 0))
+    return x[src][:, : call.snew] if x.shape[0] else x.new_zeros(call.batch, 0, *x.shape[1:])
+
+
+def dequantize_per_kv_head(x, descale, group: int) -> torch.Tensor:
+    """``x`` ``(batch, s, heads, d)`` (fp8) times ``descale[b, head // group]``, as bf16."""
+    scale = descale.repeat_interleave(group, dim=1)[:, None, :, None]
+    return (x.float() * scale).to(torch.bfloat16)

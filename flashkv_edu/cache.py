@@ -70,7 +70,9 @@ def _positions(dst, n: int, snew: int, start, rows, block_table, counts):
     pos = start.long().to(device)[:, None] + torch.arange(snew, device=device)[None, :]  # (n, snew)
     if block_table is not None:
         page = dst.shape[1]
-        first, second = block_table.long().to(device).gather(1, pos // page), pos % page
+        # A ragged append's padding tokens (not kept) may point past the table: clamp, never read.
+        table = block_table.long().to(device)
+        first, second = table.gather(1, (pos // page).clamp_max(table.shape[1] - 1)), pos % page
     else:
         seq = torch.arange(n, device=device) if rows is None else rows.long().to(device)
         first, second = seq[:, None].expand(n, snew), pos

@@ -14,12 +14,14 @@ whether every row starts at 0), so no backend reads the device again. Inside
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
 import torch
 
 from . import runtime
+from .call_fa3 import check_fa3_arguments, check_plan, fa3_backend_rules
 from .validation import (
     QUANTIZED_CACHE_DTYPES,
     SCALE_NONE,
@@ -37,6 +39,7 @@ from .validation import (
     check_sink,
     check_softcap,
     check_tensor,
+    check_window,
     normalize_window,
     range_message,
     softmax_scale_for,
@@ -48,6 +51,10 @@ __all__ = [
     "CACHE_DTYPES",
     "DEFAULTS",
     "FA2_ARGUMENTS",
+    "FA2_DEFAULTS",
+    "FA3_ONLY",
+    "FA3_ORDER",
+    "FA3_SIGNATURE",
     "KEYWORD_ONLY",
     "KVCACHE_SIGNATURE",
     "MAX_HEADDIM",
@@ -78,8 +85,32 @@ FA2_ARGUMENTS = (
     ("return_softmax_lse", False),
 )
 KEYWORD_ONLY = (("k_descale", None), ("v_descale", None), ("learnable_sink", None), ("backend", "auto"))
-DEFAULTS = dict(FA2_ARGUMENTS + KEYWORD_ONLY)
+FA2_DEFAULTS = dict(FA2_ARGUMENTS + KEYWORD_ONLY)
+# FlashAttention 3's arguments that FlashAttention 2 lacks (flashkv_edu.fa3 takes them).
+FA3_ONLY = (
+    ("qv", None),
+    ("cu_seqlens_q", None),
+    ("cu_seqlens_k_new", None),
+    ("max_seqlen_q", None),
+    ("rotary_seqlens", None),
+    ("q_descale", None),
+    ("attention_chunk", 0),
+    ("scheduler_metadata", None),
+    ("pack_gqa", None),
+    ("sm_margin", 0),
+)
+DEFAULTS = {**FA2_DEFAULTS, **dict(FA3_ONLY)}
 APPEND_ARGUMENTS = ("k", "v", "rotary_cos", "rotary_sin", "rotary_interleaved")  # what only an append uses
+# FlashAttention 3's order (hopper/flash_attn_interface.py), its names: FA3 calls block_table page_table
+# and has no alibi_slopes. The defaults are DEFAULTS'.
+FA3_RENAMED = {"page_table": "block_table"}
+FA3_ORDER = (
+    "k", "v", "qv", "rotary_cos", "rotary_sin", "cache_seqlens", "cache_batch_idx", "cache_leftpad", "page_table",
+    "cu_seqlens_q", "cu_seqlens_k_new", "max_seqlen_q", "rotary_seqlens", "q_descale", "k_descale", "v_descale",
+    "softmax_scale", "causal", "window_size", "attention_chunk", "softcap", "rotary_interleaved",
+    "scheduler_metadata", "num_splits", "pack_gqa", "sm_margin", "return_softmax_lse",
+)  # fmt: skip
+FA3_KEYWORD_ONLY = ("learnable_sink", "backend")
 
 
 def _parameters(names_defaults, kind):
@@ -95,17 +126,27 @@ KVCACHE_SIGNATURE = inspect.Signature(
 """``flash_attn_with_kvcache(q, k_cache, v_cache, k=None, ..., return_softmax_lse=False, *,
 k_descale=None, v_descale=None, learnable_sink=None, backend="auto")``."""
 
+FA3_SIGNATURE = inspect.Signature(
+    _TENSORS
+    + _parameters([(n, DEFAULTS[FA3_RENAMED.get(n, n)]) for n in FA3_ORDER], inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    + _parameters([(n, DEFAULTS[n]) for n in FA3_KEYWORD_ONLY], inspect.Parameter.KEYWORD_ONLY)
+)
+"""FlashAttention 3's ``flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, ...,
+return_softmax_lse=False, *, learnable_sink=None, backend="auto")``."""
 
-def bind_kvcache_arguments(name: str, args: tuple, kwargs: dict) -> dict:
-    """``args``/``kwargs`` of a ``flash_attn_with_kvcache`` call as one dict of every argument
-    (defaults filled in); a missing tensor, an unknown keyword or too many positional arguments
-    raise :class:`~flashkv_edu.validation.ArgumentTypeError` naming ``name``'s signature."""
+
+def bind_kvcache_arguments(name: str, args: tuple, kwargs: dict, signature=KVCACHE_SIGNATURE) -> dict:
+    """``args``/``kwargs`` of a ``flash_attn_with_kvcache`` call (``signature``: FlashAttention 2's
+    or :data:`FA3_SIGNATURE`) as one dict of every argument under the checked call's names
+    (defaults filled in; FA3's ``page_table`` is ``block_table``); a missing tensor, an unknown
+    keyword or too many positional arguments raise
+    :class:`~flashkv_edu.validation.ArgumentTypeError` naming ``name``'s signature."""
     try:
-        bound = KVCACHE_SIGNATURE.bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
-        raise ArgumentTypeError(f"{name}{KVCACHE_SIGNATURE}: {exc}") from None
+        raise ArgumentTypeError(f"{name}{signature}: {exc}") from None
     bound.apply_defaults()
-    return dict(bound.arguments)
+    return {FA3_RENAMED.get(n, n): value for n, value in bound.arguments.items()}
 
 
 CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -149,6 +190,22 @@ class KVCacheCall:
     max_end: int  # the longest row's end
     min_end: int  # the shortest row's end
     max_start: int  # the latest first valid row (0 without leftpad)
+    # FlashAttention 3's arguments (flashkv_edu.fa3); the defaults are FlashAttention 2's behaviour.
+    chunk: int = 0  # attention_chunk: keys only from the query's chunk of that many positions
+    headdim_qv: int = 0  # qv's head dim (v's): scores q.k + qv.v; 0 without qv
+    rotary_base: torch.Tensor | None = None  # int32 (batch,): rotary_seqlens, the position of row 0
+    q_lens: torch.Tensor | None = None  # varlen queries: int32 (batch,) rows of each sequence
+    cu_seqlens_q: torch.Tensor | None = None  # int32 (batch + 1,): where each sequence's rows start in q
+    knew: torch.Tensor | None = None  # varlen new keys: int32 (batch,) appended to each sequence
+    cu_seqlens_k_new: torch.Tensor | None = None  # int32 (batch + 1,)
+    total_q: int = 0  # varlen queries: rows of the packed q
+    q_descale: torch.Tensor | None = None  # fp32 (batch, nheads_k): an fp8 q's real value is q * q_descale
+    pack_gqa: bool | None = None  # scheduling only (FlashAttention 3's PackGQA)
+    sm_margin: int = 0  # scheduling only: SMs left free for other kernels
+
+    @property
+    def varlen_q(self) -> bool:
+        return self.q_lens is not None
 
     @property
     def paged(self) -> bool:
@@ -167,13 +224,19 @@ class KVCacheCall:
             and self.alibi_slopes is None
             and (left < 0 or left >= s - 1)
             and (right < 0 or right >= sq - 1)
+            and (self.chunk == 0 or self.chunk >= s)
+            and self.q_lens is None
         )
 
 
-def check_kvcache_call(q, k_cache, v_cache, *, per_token_scales: bool = False, **arguments) -> KVCacheCall:
+def check_kvcache_call(
+    q, k_cache, v_cache, *, per_token_scales: bool = False, fa3: bool = False, **arguments
+) -> KVCacheCall:
     """Check every argument of ``flash_attn_with_kvcache`` (keywords as in :data:`DEFAULTS`;
     ``per_token_scales``: whether an int8 cache may carry one scale per token, as the decode
-    kernel's entry point allows) before anything is written; return the normalised
+    kernel's entry point allows; ``fa3``: FlashAttention 3's rules, under which a paged cache also
+    takes ``cache_batch_idx`` (rows of the page table) and ``cache_leftpad``) before anything is
+    written; return the normalised
     :class:`KVCacheCall`. Errors name the argument. Head dims go up to 512 on the PyTorch backend
     and 256 in the Triton kernels, which also need ``v_cache``'s head dim to equal ``k_cache``'s.
 
@@ -185,25 +248,32 @@ def check_kvcache_call(q, k_cache, v_cache, *, per_token_scales: bool = False, *
     if unknown:
         raise ArgumentTypeError(f"flash_attn_with_kvcache got unexpected keyword arguments: {', '.join(unknown)}")
     a = {**DEFAULTS, **arguments, "q": q, "k_cache": k_cache, "v_cache": v_cache}
-    backend = _check_tensors(a, per_token_scales)
     checks = DeviceChecks()
-    layout = _check_layout(a, backend, checks)
-    lengths = _check_lengths(a, layout, checks)
+    fa3_fields = check_fa3_arguments(a, checks)  # may stand in a 4-D view for a varlen or fp8 q
+    q = a["q"]
+    backend = fa3_backend_rules(a, fa3_fields, _check_tensors(a, per_token_scales))
+    layout = _check_layout(a, backend, checks, fa3)
+    lengths = _check_lengths(a, layout, checks, fa3_fields["knew"])
     window = normalize_window(a["window_size"], a["causal"], seqlen_k=layout["capacity"])
     is_causal = window[0] < 0 and window[1] == 0
     is_local = (window[0] >= 0 or window[1] >= 0) and not is_causal
     rotary_dim = _check_rotary(a, layout)
-    scales = _check_scales(a, layout, per_token_scales, checks)
+    scales = _check_scales(a, layout, per_token_scales, checks, fa3_fields["headdim_qv"])
     values = checks.run()
+    snew = layout["snew"]
     if value_checks_on():
-        snew = layout["snew"]
-        max_end, min_end = values[lengths["seq_max"]] + snew, values[lengths["seq_min"]] + snew
+        max_end, min_end = values[lengths["end_max"]], values[lengths["end_min"]]
         max_start = values[lengths["pad_max"]] if lengths["leftpad"] is not None else 0
+        if fa3_fields["knew"] is not None:
+            snew = values[fa3_fields["knew_max"]]
     else:  # nothing read: the backends assume the worst (every row may reach the capacity)
         max_end, min_end, max_start = layout["capacity"], 0, layout["capacity"]
-    seqlens, snew = lengths["seqlens"], layout["snew"]
+        if fa3_fields["knew"] is not None:
+            snew = min(a["fa3_total_k_new"], layout["capacity"])
+    seqlens = lengths["seqlens"]
     b, sq, h, d = q.shape
-    return KVCacheCall(
+    added = fa3_fields["knew"] if fa3_fields["knew"] is not None else snew
+    call = KVCacheCall(
         batch=b,
         seqlen_q=sq,
         nheads=h,
@@ -213,7 +283,7 @@ def check_kvcache_call(q, k_cache, v_cache, *, per_token_scales: bool = False, *
         capacity=layout["capacity"],
         page_size=layout["page_size"],
         seqlens=seqlens,
-        ends=(seqlens + snew if snew else seqlens).to(torch.int32),
+        ends=(seqlens + added).to(torch.int32) if fa3_fields["knew"] is not None or snew else seqlens,
         leftpad=lengths["leftpad"],
         snew=snew,
         batch_rows=lengths["batch_rows"],
@@ -228,8 +298,23 @@ def check_kvcache_call(q, k_cache, v_cache, *, per_token_scales: bool = False, *
         max_end=max_end,
         min_end=min_end,
         max_start=max_start,
+        chunk=fa3_fields["chunk"],
+        headdim_qv=fa3_fields["headdim_qv"],
+        rotary_base=fa3_fields["rotary_base"],
+        q_lens=fa3_fields["q_lens"],
+        total_q=fa3_fields["total_q"],
+        cu_seqlens_q=fa3_fields["cu_seqlens_q"],
+        knew=fa3_fields["knew"],
+        cu_seqlens_k_new=fa3_fields["cu_seqlens_k_new"],
+        q_descale=fa3_fields["q_descale"],
+        pack_gqa=fa3_fields["pack_gqa"],
+        sm_margin=fa3_fields["sm_margin"],
         **scales,
     )
+    if a["scheduler_metadata"] is not None:  # a plan made once per step: it must be this call's
+        splits = check_plan(a["scheduler_metadata"], call, check_window(a["window_size"]), a["causal"])
+        call = dataclasses.replace(call, num_splits=splits)
+    return call
 
 
 def _check_tensors(a: dict, per_token_scales: bool) -> str:
@@ -268,9 +353,11 @@ def _check_tensors(a: dict, per_token_scales: bool) -> str:
     return runtime.resolve_backend(a["backend"], q.device)
 
 
-def _check_layout(a: dict, backend: str, checks: DeviceChecks) -> dict:
+def _check_layout(a: dict, backend: str, checks: DeviceChecks, fa3: bool = False) -> dict:
     """Shapes of the caches and the new keys, the page table: ``capacity``, ``page_size``,
-    ``block_table`` (checked, int32), ``snew``."""
+    ``block_table`` (checked, int32), ``snew``. Under FlashAttention 3's rules (``fa3``) a paged
+    call may name ``cache_batch_idx``: the rows of the page table its sequences use (the table
+    handed on is those rows), and ``cache_leftpad``."""
     q, k_cache, v_cache, k, v = a["q"], a["k_cache"], a["v_cache"], a["k"], a["v"]
     b, _, _, d = q.shape
     check_cache_shapes(q, k_cache, v_cache, MAX_HEADDIM[backend])
@@ -284,8 +371,13 @@ def _check_layout(a: dict, backend: str, checks: DeviceChecks) -> dict:
     block_table = a["block_table"]
     if block_table is not None:
         for name in ("cache_batch_idx", "cache_leftpad"):
-            if a[name] is not None:
+            if a[name] is not None and not fa3:
                 raise ArgumentError(f"{name} cannot be used with block_table (paged KV cache)")
+        if a["cache_batch_idx"] is not None:  # FA3: sequence i reads page-table row cache_batch_idx[i]
+            check_tensor("block_table", block_table, ndim=2)
+            rows = _check_batch_rows(a, block_table.shape[0], checks)
+            block_table = block_table[rows.long().clamp(0, max(block_table.shape[0] - 1, 0))]
+            a["cache_batch_idx"] = None  # the table's rows are chosen: no cache row to pick later
         block_table = check_block_table(block_table, b, k_cache.shape[0], checks)
         page_size = k_cache.shape[1]
         capacity = block_table.shape[1] * page_size
@@ -310,7 +402,7 @@ def _check_layout(a: dict, backend: str, checks: DeviceChecks) -> dict:
     return dict(capacity=capacity, page_size=page_size, block_table=block_table, snew=snew)
 
 
-def _check_lengths(a: dict, layout: dict, checks: DeviceChecks) -> dict:
+def _check_lengths(a: dict, layout: dict, checks: DeviceChecks, knew=None) -> dict:
     """``cache_seqlens`` (room for the append), ``cache_batch_idx`` (rows in range, none repeated
     when appending), ``cache_leftpad`` (<= the lengths): int32 tensors, and the keys of the
     device-read numbers (``seq_min``, ``seq_max``, ``pad_max``)."""
@@ -330,19 +422,23 @@ def _check_lengths(a: dict, layout: dict, checks: DeviceChecks) -> dict:
             f"capacity {capacity}" + (" (block_table)" if paged else "")
         )
 
-    # One aminmax serves the range, the overflow, the rotary reach and the host numbers.
-    seq_min, seq_max = checks.in_range(seqlens, 0, capacity - snew, overflow)
+    if knew is None:  # one aminmax serves the range, the overflow and the host numbers
+        end_min, end_max = checks.in_range(seqlens + snew, snew, capacity, overflow)
+    else:  # varlen new keys (FlashAttention 3's cu_seqlens_k_new): knew[b] of them in row b
+
+        def overflow() -> str:
+            if int(seqlens.max()) > capacity or int(seqlens.min()) < 0:
+                return range_message("cache_seqlens", seqlens, 0, capacity)
+            return (
+                f"cache overflow: cache_seqlens {seqlens.tolist()} + new tokens {knew.tolist()} "
+                f"(cu_seqlens_k_new) exceeds the cache capacity {capacity}"
+            )
+
+        checks.in_range(seqlens, 0, capacity, overflow)
+        end_min, end_max = checks.in_range(seqlens + knew, 0, capacity, overflow)
     batch_rows = None
     if a["cache_batch_idx"] is not None:
-        high = k_cache.shape[0] - 1
-        batch_rows = check_lengths(
-            "cache_batch_idx", a["cache_batch_idx"], b, high=high, device=q.device, int32_only=True, checks=checks
-        )
-        if a["k"] is not None and b > 1:
-            checks.require(
-                (batch_rows.sort().values.diff() != 0).all(),
-                lambda: f"cache_batch_idx must not repeat a cache row when k/v are appended, got {batch_rows.tolist()}",
-            )
+        batch_rows = _check_batch_rows(a, k_cache.shape[0], checks)
     leftpad = pad_max = None
     if a["cache_leftpad"] is not None:
         leftpad = check_lengths("cache_leftpad", a["cache_leftpad"], b, device=q.device, int32_only=True, checks=False)
@@ -354,8 +450,22 @@ def _check_lengths(a: dict, layout: dict, checks: DeviceChecks) -> dict:
             lambda: f"cache_leftpad must be <= cache_seqlens, got {leftpad.tolist()} > {seqlens.tolist()}",
         )
     return dict(
-        seqlens=seqlens, batch_rows=batch_rows, leftpad=leftpad, seq_min=seq_min, seq_max=seq_max, pad_max=pad_max
+        seqlens=seqlens, batch_rows=batch_rows, leftpad=leftpad, end_min=end_min, end_max=end_max, pad_max=pad_max
     )
+
+
+def _check_batch_rows(a: dict, rows: int, checks: DeviceChecks) -> torch.Tensor:
+    """``cache_batch_idx``: int32 ``(batch,)`` in ``[0, rows)``, no row twice when k/v are appended."""
+    b = a["q"].shape[0]
+    batch_rows = check_lengths(
+        "cache_batch_idx", a["cache_batch_idx"], b, high=rows - 1, device=a["q"].device, int32_only=True, checks=checks
+    )
+    if a["k"] is not None and b > 1:
+        checks.require(
+            (batch_rows.sort().values.diff() != 0).all(),
+            lambda: f"cache_batch_idx must not repeat a cache row when k/v are appended, got {batch_rows.tolist()}",
+        )
+    return batch_rows
 
 
 def _check_rotary(a: dict, layout: dict) -> int:
@@ -381,7 +491,7 @@ def _check_rotary(a: dict, layout: dict) -> int:
     return rotary_dim
 
 
-def _check_scales(a: dict, layout: dict, per_token_scales: bool, checks: DeviceChecks) -> dict:
+def _check_scales(a: dict, layout: dict, per_token_scales: bool, checks: DeviceChecks, headdim_qv: int = 0) -> dict:
     """The softmax scale, softcap, ALiBi slopes, learnable sinks, ``num_splits`` and the fp8 (or
     per-token int8) descales, as :class:`KVCacheCall`'s fields."""
     q = a["q"]
@@ -405,7 +515,7 @@ def _check_scales(a: dict, layout: dict, per_token_scales: bool, checks: DeviceC
         checks=checks,
     )
     return dict(
-        scale=softmax_scale_for(d, a["softmax_scale"]),
+        scale=softmax_scale_for(d + headdim_qv, a["softmax_scale"]),  # FA3: (d + dv) ** -0.5 with qv
         softcap=check_softcap(a["softcap"]),
         alibi_slopes=alibi_slopes,
         sink=sink,

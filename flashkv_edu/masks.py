@@ -22,13 +22,20 @@ __all__ = ["alibi_distance_bias", "attention_mask", "key_visibility", "repeat_kv
 
 
 def visible_keys(
-    seqlen_q: int, seqlen_k: int, window: tuple[int, int], start: torch.Tensor, end: torch.Tensor
+    seqlen_q: int,
+    seqlen_k: int,
+    window: tuple[int, int],
+    start: torch.Tensor,
+    end: torch.Tensor,
+    chunk: int = 0,
 ) -> torch.Tensor:
     """The mask rule itself, on arguments already normalised: bool ``(batch, seqlen_q, seqlen_k)``.
 
     Row ``b`` has valid key columns ``[start[b], end[b])`` (int ``(batch,)``); ``window =
     (left, right)`` with -1 for infinite (causal already folded into ``right = 0``). Query row
     ``i`` sits on the diagonal ``i + sk - seqlen_q`` of the compacted keys ``j' = j - start``.
+    ``chunk > 0`` (FlashAttention 3's ``attention_chunk``, Llama 4's chunked attention) also keeps
+    only the keys of the diagonal's chunk: ``floor(diag / chunk) * chunk <= j' < that + chunk``.
     """
     left, right = window
     end = end.long()[:, None, None]
@@ -42,6 +49,9 @@ def visible_keys(
         keep = keep & (compact <= diag + right)
     if left >= 0:
         keep = keep & (compact >= diag - left)
+    if chunk > 0:
+        first = torch.div(diag, chunk, rounding_mode="floor") * chunk
+        keep = keep & (compact >= first) & (compact < first + chunk)
     return keep
 
 

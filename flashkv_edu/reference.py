@@ -33,6 +33,7 @@ from .validation import (
     check_int,
     check_sink,
     check_softcap,
+    check_tensor,
     key_range,
     normalize_window,
     softmax_scale_for,
@@ -46,6 +47,7 @@ __all__ = [
     "alibi_slopes_for",
     "attention_mask",
     "attention_ref",
+    "attention_varlen_ref",
     "gqa_attention",
     "key_visibility",
     "naive_attention",
@@ -133,6 +135,8 @@ def attention_ref(
     return_lse=False,
     compute_dtype=torch.float32,
     learnable_sink=None,
+    attention_chunk=0,
+    qv=None,
 ):
     """Attention with FlashAttention's semantics, computed in ``compute_dtype`` (fp32 default).
 
@@ -153,6 +157,13 @@ def attention_ref(
         learnable_sink: ``(nheads,)`` logits of a sink (gpt-oss, FlashAttention 4): each row's
             softmax runs over its keys and one extra column holding the sink logit, which then
             has no value (it only takes probability away).
+        attention_chunk: ``> 0``: chunked local attention (Llama 4, FlashAttention 3): a query
+            sees only the keys in its own chunk of that many positions, counted on the compacted
+            keys from the diagonal (``floor(diag / chunk) * chunk <= j' < that + chunk``), on
+            top of causal or a window.
+        qv: ``(batch, seqlen_q, nheads, headdim_v)``, a second query against the values (MLA with
+            its weights absorbed, FlashAttention 3): logits become ``scale * (q.k + qv.v)``, the
+            default scale ``(headdim + headdim_v) ** -0.5``.
 
     Returns:
         ``out`` ``(batch, seqlen_q, nheads, headdim_v)`` in q's dtype, and with ``return_lse``
@@ -168,11 +179,17 @@ def attention_ref(
     check_bool("return_lse", return_lse)
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
-    scale = softmax_scale_for(d, softmax_scale)
+    dv = v.shape[3]
+    if qv is not None:
+        check_tensor("qv", qv, ndim=4)
+        if tuple(qv.shape) != (b, sq, h, dv):
+            raise ArgumentError(f"qv must have shape {(b, sq, h, dv)} (q's, with v's head dim), got {tuple(qv.shape)}")
+    scale = softmax_scale_for(d + (dv if qv is not None else 0), softmax_scale)
     softcap = check_softcap(softcap)
     window = normalize_window(window_size, causal)
+    chunk = check_int("attention_chunk", attention_chunk, low=0)
     start, end = key_range(seqlens_k, leftpad_k, b, sk, device=q.device)
-    keep = visible_keys(sq, sk, window, start, end)  # (batch, seqlen_q, seqlen_k)
+    keep = visible_keys(sq, sk, window, start, end, chunk)  # (batch, seqlen_q, seqlen_k)
 
     # Every query head meets its KV head; rows outside [start, end) are not keys of the sequence
     # (they may hold anything, NaN included) and are zeroed before they can touch a product.
@@ -181,7 +198,10 @@ def attention_ref(
     k_all = torch.where(owned, repeat_kv(k, h // hk).to(compute_dtype), 0.0)
     v_all = torch.where(owned, repeat_kv(v, h // hk).to(compute_dtype), 0.0)
 
-    scores = torch.einsum("bihd,bjhd->bhij", q.to(compute_dtype), k_all) * scale
+    scores = torch.einsum("bihd,bjhd->bhij", q.to(compute_dtype), k_all)
+    if qv is not None:  # the values are keys too, for the second query
+        scores = scores + torch.einsum("bihd,bjhd->bhij", qv.to(compute_dtype), v_all)
+    scores = scores * scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     if slopes is not None:
@@ -200,6 +220,31 @@ def attention_ref(
         return out
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
     return out, lse.to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
+
+
+def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, qv=None, **options):
+    """:func:`attention_ref` over variable-length sequences packed one after another, as
+    FlashAttention's varlen functions take them: ``q`` ``(total_q, nheads, headdim)``, ``k``/``v``
+    ``(total_k, nheads_k, headdim / headdim_v)``, sequence ``i`` the rows ``cu_seqlens_q[i] ..
+    cu_seqlens_q[i + 1] - 1`` of ``q`` (and ``qv``) and ``cu_seqlens_k[i] .. cu_seqlens_k[i + 1] - 1``
+    of ``k``/``v``. Each sequence is attended on its own (its mask aligned bottom-right within it).
+
+    Returns ``out`` ``(total_q, nheads, headdim_v)``, and with ``return_lse`` the LSE
+    ``(nheads, total_q)`` (FlashAttention's varlen layout)."""
+    outs, lses = [], []
+    bounds_q, bounds_k = [int(x) for x in cu_seqlens_q], [int(x) for x in cu_seqlens_k]
+    if len(bounds_q) != len(bounds_k) or len(bounds_q) < 2:
+        raise ArgumentError("cu_seqlens_q and cu_seqlens_k must both hold batch + 1 >= 2 offsets")
+    for i in range(len(bounds_q) - 1):
+        qs, ks = slice(bounds_q[i], bounds_q[i + 1]), slice(bounds_k[i], bounds_k[i + 1])
+        one = dict(options, return_lse=True)
+        if qv is not None:
+            one["qv"] = qv[qs][None]
+        out, lse = attention_ref(q[qs][None], k[ks][None], v[ks][None], **one)
+        outs.append(out[0])
+        lses.append(lse[0])
+    out, lse = torch.cat(outs), torch.cat(lses, dim=1)
+    return (out, lse) if return_lse else out
 
 
 def naive_attention(q, k, v, *, mask=None, softmax_scale=None):

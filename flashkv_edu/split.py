@@ -30,6 +30,7 @@ __all__ = [
     "gpu_for",
     "model_decode",
     "num_splits_heuristic",
+    "num_splits_heuristic_fa3",
     "roofline_seconds",
     "waves",
 ]
@@ -99,6 +100,50 @@ def num_splits_heuristic(batch_nheads_mblocks: int, num_sms: int, num_n_blocks: 
         if s in efficiency and efficiency[s] >= 0.85 * best:
             return s
     return 1
+
+
+def num_splits_heuristic_fa3(
+    total_mblocks: int,
+    num_sms: int,
+    num_n_blocks: int,
+    num_m_blocks: int,
+    size_one_kv_head: int,
+    causal_or_local: bool,
+    max_splits: int = 128,
+) -> int:
+    """FlashAttention 3's ``num_splits_heuristic`` (``hopper/heuristics.h``): FlashAttention 2's
+    rule with two changes.
+
+    1. ``total_mblocks`` programs fill 80% of ``num_sms`` (FA3 passes the SM count less
+       ``sm_margin``, not twice it): one split, unless one KV head's keys and values
+       (``size_one_kv_head`` bytes) outgrow a 50 MB L2, the queries pass over them at least twice
+       (``num_m_blocks >= 2 * num_sms``) and the mask is neither causal nor local: then
+       ``ceil(size / 50 MB)`` splits.
+    2. Otherwise one split for ``num_n_blocks <= 4`` key blocks, else the smallest ``s`` within
+       85% of the best wave efficiency, over every ``s`` (no eligibility filter)."""
+    for name, value, low in (
+        ("total_mblocks", total_mblocks, 1),
+        ("num_sms", num_sms, 1),
+        ("num_n_blocks", num_n_blocks, 1),
+        ("num_m_blocks", num_m_blocks, 1),
+        ("size_one_kv_head", size_one_kv_head, 0),
+        ("max_splits", max_splits, 1),
+    ):
+        check_int(name, value, low=low)
+    l2 = 50 * 1024 * 1024
+    if total_mblocks >= 0.8 * num_sms:
+        if size_one_kv_head > l2 and num_m_blocks >= 2 * num_sms and not causal_or_local:
+            return min(-(-size_one_kv_head // l2), max_splits)
+        return 1
+    if num_n_blocks <= 4:
+        return 1
+    top = min(max_splits, num_sms, num_n_blocks)
+    efficiency = []
+    for s in range(1, top + 1):
+        w = total_mblocks * s / num_sms
+        efficiency.append(w / math.ceil(w))
+    best = max(efficiency)
+    return next(s for s, e in enumerate(efficiency, start=1) if e >= 0.85 * best)
 
 
 def block_n_for(headdim: int) -> int:

@@ -140,27 +140,30 @@ def _cache_views(k_cache, v_cache, call: KVCacheCall):
 # --- masks -------------------------------------------------------------------------------------------
 
 
-def _keep(sq: int, s: int, window, start: torch.Tensor | None, end: torch.Tensor | None, device) -> torch.Tensor:
+def _keep(
+    sq: int, s: int, window, start: torch.Tensor | None, end: torch.Tensor | None, device, chunk: int = 0
+) -> torch.Tensor:
     """Which of the columns ``[0, s)`` each query row sees (:func:`~flashkv_edu.masks.visible_keys`):
     bool ``(sq, s)`` when every row has the keys ``[0, s)`` (``start``/``end`` None), else
     ``(batch, sq, s)`` for per-row ``[start, end)``."""
     if start is None:
         whole = torch.tensor([0, s], device=device)
-        return visible_keys(sq, s, window, whole[:1], whole[1:])[0]
-    return visible_keys(sq, s, window, start, end)
+        return visible_keys(sq, s, window, whole[:1], whole[1:], chunk)[0]
+    return visible_keys(sq, s, window, start, end, chunk)
 
 
 # --- the two engines ----------------------------------------------------------------------------------
 
 
-def _own_kernel(q, k, v, call: KVCacheCall, start, end, s: int):
-    """Per-KV-head batched matmuls over columns ``[0, s)``; returns ``(out, lse)``."""
+def _own_kernel(q, k, v, call: KVCacheCall, start, end, s: int, qv=None):
+    """Per-KV-head batched matmuls over columns ``[0, s)`` (with ``qv`` ``(batch, seqlen_q, nheads,
+    headdim_v)``: plus ``qv . v``); returns ``(out, lse)``."""
     b, sq, h, d = q.shape
     hk, g = call.nheads_k, h // call.nheads_k
     dv = v.shape[3]
     whole = call.sees_whole_rows
     cd = torch.float32
-    keep = None if whole else _keep(sq, s, call.window, start, end, q.device)
+    keep = None if whole else _keep(sq, s, call.window, start, end, q.device, call.chunk)
     if keep is not None and keep.dim() == 2:
         keep = keep[None].expand(b, sq, s)
     valid = None
@@ -175,6 +178,9 @@ def _own_kernel(q, k, v, call: KVCacheCall, start, end, s: int):
     # Rows of one KV head's group are (query head, query token) pairs.
     qf = q.to(cd).view(b, sq, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * sq, d)
     z = torch.stack([torch.bmm(qf[:, j], _head(k, j, 0, s, cd).transpose(1, 2)) for j in range(hk)], 1)
+    if qv is not None:  # MLA's absorbed second query meets the values (FlashAttention 3's qv)
+        qvf = qv.to(cd).view(b, sq, hk, g, dv).permute(0, 2, 3, 1, 4).reshape(b, hk, g * sq, dv)
+        z = z + torch.stack([torch.bmm(qvf[:, j], v_head(j).transpose(1, 2)) for j in range(hk)], 1)
     z = z.view(b, hk, g, sq, s) * call.scale
     if call.softcap > 0:
         z = call.softcap * torch.tanh(z / call.softcap)
@@ -206,10 +212,12 @@ def _fused(q, k, v, call: KVCacheCall, start, end, s: int, equal_rows: bool):
     keep = None
     is_causal = False
     if not call.sees_whole_rows:
-        if equal_rows and call.is_causal and sq == s:
+        if equal_rows and call.is_causal and sq == s and not call.chunk:
             is_causal = True
         else:
-            keep = _keep(sq, s, call.window, None if equal_rows else start, None if equal_rows else end, q.device)
+            keep = _keep(
+                sq, s, call.window, None if equal_rows else start, None if equal_rows else end, q.device, call.chunk
+            )
             if not equal_rows:  # zero the rows a sequence does not own (they may hold NaN), then mask
                 cols = torch.arange(s, device=q.device)[None, :, None, None]
                 valid = (cols >= start.long()[:, None, None, None]) & (cols < end.long()[:, None, None, None])
@@ -269,6 +277,7 @@ def uses_fused_kernel(call: KVCacheCall) -> bool:
     rows = call.seqlen_q * (call.nheads // call.nheads_k)
     return (
         call.softcap == 0
+        and call.headdim_qv == 0
         and call.alibi_slopes is None
         and call.scale_mode == SCALE_NONE
         and (rows >= FUSED_MIN_ROWS or (call.max_end <= FUSED_MAX_DECODE_KEYS and _small_gather(call)))
@@ -279,8 +288,9 @@ def uses_fused_kernel(call: KVCacheCall) -> bool:
     )
 
 
-def attention_over_cache(q, k_cache, v_cache, call: KVCacheCall):
-    """Attention of ``q`` ``(batch, seqlen_q, nheads, headdim)`` over each sequence's keys
+def attention_over_cache(q, k_cache, v_cache, call: KVCacheCall, qv=None):
+    """Attention of ``q`` ``(batch, seqlen_q, nheads, headdim)`` (and ``qv``, FlashAttention 3's
+    second query against the values) over each sequence's keys
     ``[leftpad, ends)`` of the cache (new keys already appended), computed in fp32. Returns
     ``(out, lse)``: ``out`` in q's dtype, ``lse`` fp32 ``(batch, nheads, seqlen_q)`` or None when
     ``call.return_lse`` is False and the fused kernel ran."""
@@ -297,5 +307,5 @@ def attention_over_cache(q, k_cache, v_cache, call: KVCacheCall):
     if uses_fused_kernel(call):
         out, lse = _fused(q, k, v, call, start, end, s, equal_rows)
     else:
-        out, lse = _own_kernel(q, k, v, call, start, end, s)
+        out, lse = _own_kernel(q, k, v, call, start, end, s, qv)
     return out.to(q.dtype), lse

@@ -67,10 +67,10 @@ LAYERS = (
     ),
     Layer(
         "checked call",
-        ("call.py",),
+        ("call.py", "call_fa3.py"),
         ("rules", "platform"),
-        "`check_kvcache_call`: every argument of `flash_attn_with_kvcache` checked once, the normalised "
-        "`KVCacheCall` the backends take",
+        "`check_kvcache_call`: every argument of `flash_attn_with_kvcache` (FlashAttention 2's and 3's) "
+        "checked once, the normalised `KVCacheCall` the backends take",
     ),
     Layer(
         "backends",
@@ -88,9 +88,10 @@ LAYERS = (
     ),
     Layer(
         "api",
-        ("api.py", "quant.py"),
+        ("api.py", "fa3.py", "quant.py"),
         ("rules", "platform", "storage", "algorithms", "checked call", "backends"),
-        "`flash_attn_with_kvcache`; `QuantizedKVCache` over it",
+        "`flash_attn_with_kvcache` (FlashAttention 2's front door) and `fa3` (FlashAttention 3's: "
+        "`flash_attn_with_kvcache`, `get_scheduler_metadata`, `flash_attn_combine`); `QuantizedKVCache`",
     ),
     Layer(
         "model",
