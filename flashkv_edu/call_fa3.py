@@ -188,10 +188,9 @@ def _check_fp8_q(a: dict, q, found: dict, b: int, hk: int, checks: DeviceChecks)
 
 
 def fa3_backend_rules(a: dict, found: dict, backend: str) -> str:
-    """The backend that serves the call: the Triton kernels take neither ``qv`` nor
-    ``attention_chunk``; asked for by name that is an error, and ``backend="auto"`` takes the
-    PyTorch path."""
-    missing = [name for name, used in (("qv", found["headdim_qv"]), ("attention_chunk", found["chunk"])) if used]
+    """The backend that serves the call: the Triton kernels do not take ``qv``; asked for by name
+    that is an error, and ``backend="auto"`` takes the PyTorch path."""
+    missing = [name for name, used in (("qv", found["headdim_qv"]),) if used]
     if backend == "triton" and missing:
         if a["backend"] == "triton":
             raise ArgumentError(f"backend='triton' does not take {', '.join(missing)}; use backend='torch' or 'auto'")

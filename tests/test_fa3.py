@@ -214,7 +214,9 @@ def run_case(cfg, backend, **build_kw):
 
 
 CONFIGS = [make_config(random.Random(i)) for i in range(80)]
-TRITON_CONFIGS = [c for c in (make_config(random.Random(5000 + i)) for i in range(40)) if not c["chunk"]][:16]
+TRITON_CONFIGS = [make_config(random.Random(5000 + i)) for i in range(18)] + [
+    dict(make_config(random.Random(5100)), new_kv=True, rotary_fraction=1.0, rotary_seqlens=True, varlen_q=True)
+]
 
 
 def _cid(c):
@@ -248,6 +250,8 @@ def test_grid_covers_every_feature():
     assert {c["num_splits"] for c in CONFIGS} == {0, 1, 3}
     assert any(c["page"] and c["batch_idx"] and c["leftpad"] for c in CONFIGS)
     assert any(c["varlen_q"] and c["varlen_k"] and c["chunk"] for c in CONFIGS)
+    assert any(c["chunk"] for c in TRITON_CONFIGS) and any(c["varlen_q"] for c in TRITON_CONFIGS)
+    assert any(c["rotary_seqlens"] for c in TRITON_CONFIGS)
 
 
 @pytest.mark.parametrize("dv", [256, 512])

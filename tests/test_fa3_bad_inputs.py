@@ -110,9 +110,6 @@ bad("rotary_seqlens of another batch", VALUE, "rotary_seqlens")(
 )
 bad("attention_chunk negative", VALUE, "attention_chunk")(lambda: fa3_call(attention_chunk=-1))
 bad("attention_chunk a float", TYPE, "attention_chunk")(lambda: fa3_call(attention_chunk=4.0))
-bad("attention_chunk with backend triton", VALUE, "attention_chunk")(
-    lambda: fa3_call(attention_chunk=4, backend="triton")
-)
 bad("pack_gqa a string", TYPE, "pack_gqa")(lambda: fa3_call(pack_gqa="yes"))
 bad("sm_margin negative", VALUE, "sm_margin")(lambda: fa3_call(sm_margin=-2))
 bad("num_splits past 128", VALUE, "num_splits")(lambda: fa3_call(num_splits=200))

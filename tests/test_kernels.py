@@ -216,7 +216,7 @@ def test_gpu_compile_check_passes_and_matches_the_committed_table(tmp_path):
     assert all(r["spill_bytes"] == 0 for r in rows)
     # Every feature switch of the kernels is compiled for both GPUs: ALiBi and softcap included.
     for kernel in ("attention_fwd_kernel", "decode_kernel"):
-        for feature in ("ALiBi", "softcap") + (("sink",) if kernel == "decode_kernel" else ()):
+        for feature in ("ALiBi", "softcap") + (("sink", "chunk") if kernel == "decode_kernel" else ()):
             targets = {r["target"] for r in rows if r["kernel"] == kernel and feature in r["variant"]}
             assert targets == {"sm_80", "sm_90"}, (kernel, feature)
     table = json.loads(TABLE_PATH.read_text())

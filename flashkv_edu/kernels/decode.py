@@ -125,7 +125,7 @@ if runtime.HAS_TRITON:
         stride_btb, stride_sb,
         stride_ksb, stride_kss, stride_ksh,
         stride_vsb, stride_vss, stride_vsh,
-        nheads_k, seqlen_q, headdim, page_size, split_size, scale, softcap, window_left, window_right,
+        nheads_k, seqlen_q, headdim, page_size, split_size, scale, softcap, window_left, window_right, chunk,
         GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -140,10 +140,13 @@ if runtime.HAS_TRITON:
         KV_SCALE: tl.constexpr = 0,
         FP8_BITS: tl.constexpr = False,
         HAS_SINK: tl.constexpr = False,
+        HAS_CHUNK: tl.constexpr = False,
     ):  # fmt: skip
         """One program per (sequence x KV head, split, row tile); rows are (query token, query
         head) pairs of one KV head's group. ``KV_SCALE``: ``SCALE_NONE``, ``SCALE_PER_HEAD`` (one
-        descale per sequence and KV head) or ``SCALE_PER_TOKEN`` (one scale per cached token)."""
+        descale per sequence and KV head) or ``SCALE_PER_TOKEN`` (one scale per cached token).
+        ``HAS_CHUNK``: FlashAttention 3's ``attention_chunk``, a row sees only the keys of its
+        diagonal's chunk of ``chunk`` positions."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -172,6 +175,9 @@ if runtime.HAS_TRITON:
         q_ptrs = Q + b64 * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh + dims[None, :]
         q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         diag = tok + sk - seqlen_q  # bottom-right alignment
+        chunk_lo = diag  # the first key of the row's chunk (HAS_CHUNK); a non-negative remainder
+        if HAS_CHUNK:  # in both % conventions (C's on a GPU, numpy's floor in the interpreter)
+            chunk_lo = diag - ((diag % chunk) + chunk) % chunk
 
         # This split's key range, narrowed to the tiles some row of this tile can see.
         lo, hi = split_range(split, split_size, sk)
@@ -221,6 +227,9 @@ if runtime.HAS_TRITON:
                 visible = visible & (cols[None, :] <= diag[:, None] + window_right)
             if window_left >= 0:
                 visible = visible & (cols[None, :] >= diag[:, None] - window_left)
+            if HAS_CHUNK:
+                in_chunk = (cols[None, :] >= chunk_lo[:, None]) & (cols[None, :] < chunk_lo[:, None] + chunk)
+                visible = visible & in_chunk
             bias = -slope[:, None] * tl.abs(diag[:, None] - cols[None, :]).to(tl.float32)
             m_i, l_i, acc = online_softmax_step(
                 q, k, v, m_i, l_i, acc, visible, bias, scale, softcap, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32
@@ -469,6 +478,7 @@ def launch_decode(q, k_cache, v_cache, call: KVCacheCall, *, block_n: int | None
         call.softcap if call.softcap > 0 else 1.0,
         call.window[0],
         call.window[1],
+        max(call.chunk, 1),
         GROUP=h // hk,
         BLOCK_M=bm,
         BLOCK_N=bn,
@@ -483,6 +493,7 @@ def launch_decode(q, k_cache, v_cache, call: KVCacheCall, *, block_n: int | None
         KV_SCALE=mode,
         FP8_BITS=fp8_bits,
         HAS_SINK=call.sink is not None,
+        HAS_CHUNK=call.chunk > 0,
         num_warps=default_warps(d),
         num_stages=2,
     )

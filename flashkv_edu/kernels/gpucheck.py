@@ -106,6 +106,7 @@ TABLE = (
     ("decode_kernel", "ALiBi + softcap, paged", dict(O="fp32"), dict(PAGED_SPLIT, HAS_ALIBI=True, HAS_SOFTCAP=True),
      HEADDIMS, TARGETS),
     ("decode_kernel", "sinks, paged + split", dict(O="fp32"), dict(PAGED_SPLIT, HAS_SINK=True), HEADDIMS, TARGETS),
+    ("decode_kernel", "chunk, contiguous", {}, dict(CONTIGUOUS, HAS_CHUNK=True), (64, 128), TARGETS),
     ("decode_kernel", "fp8 cache, descales", dict(K="fp8e4nv", V="fp8e4nv"), dict(CONTIGUOUS, KV_SCALE=1), (128,),
      (90,)),
     ("decode_kernel", "fp8 as bytes, descales", dict(K="u8", V="u8"), dict(CONTIGUOUS, KV_SCALE=1, FP8_BITS=True),
