@@ -21,6 +21,7 @@ from .call import KVCACHE_SIGNATURE, KVCacheCall, bind_kvcache_arguments, check_
 from .quant_codecs import quantize_fp8
 from .rotary import apply_rotary
 from .torch_backend import attention_over_cache
+from .varlen import group_calls, pack_rows, packed_key_index, scatter_rows
 
 __all__ = [
     "flash_attn_with_kvcache",
@@ -105,88 +106,79 @@ def run_checked_call(call: KVCacheCall, q, k_cache, v_cache, k=None, v=None, rot
     arguments agree in all of that, as :class:`flashkv_edu.hf.FlashKVCache` does within a decode
     step). Returns ``(out, lse or None)``."""
     # Everything is checked: from here on nothing can fail on the caller's input.
+    if k is not None:
+        _append(call, k_cache, v_cache, k, v, rotary_cos, rotary_sin)
+    if not call.varlen_q:
+        return _attend(call, q, qv, k_cache, v_cache, rotary_cos, rotary_sin)
+    # Varlen queries: each group of sequences padded to its longest (flashkv_edu.varlen), its rows
+    # written back in packed order; the LSE in FlashAttention's varlen layout (nheads, total_q).
+    out = lse = None
+    for sub, rows, q_lens in group_calls(call):
+        o, l_ = _attend(
+            sub, pack_rows(q, rows), None if qv is None else pack_rows(qv, rows), k_cache, v_cache, rotary_cos,
+            rotary_sin, q_lens,
+        )  # fmt: skip
+        if out is None:
+            out = o.new_empty(call.total_q + 1, *o.shape[2:])
+            if call.return_lse:
+                lse = torch.empty(call.total_q + 1, call.nheads, dtype=torch.float32, device=o.device)
+        scatter_rows(out, o, rows)
+        if call.return_lse:
+            scatter_rows(lse, l_.transpose(1, 2), rows)
+    return out[:-1], (None if lse is None else lse[:-1].transpose(0, 1))
+
+
+def _append(call: KVCacheCall, k_cache, v_cache, k, v, rotary_cos, rotary_sin) -> None:
+    """Write the call's new keys and values (rotated; fp8: dequantized, then quantized with the
+    cache's descales) through the one write path. Varlen new keys ``(total_k_new, h_k, d)`` are
+    written as that many one-token appends, each at its own sequence's position: no padding."""
+    starts, rows, table = call.seqlens, call.batch_rows, call.block_table
+    k_descale, v_descale = call.k_descale, call.v_descale
+    base = call.seqlens if call.rotary_base is None else call.rotary_base  # rotary position of row 0
+    snew, same = call.snew, None
+    if call.knew is not None:
+        seq, t = packed_key_index(call, k.shape[0])
+        k, v, snew = k[:, None], v[:, None], 1
+        starts, base = (starts.long()[seq] + t).to(torch.int32), base.long()[seq] + t
+        if table is not None:
+            table = table.index_select(0, seq)
+        elif rows is not None:
+            rows = rows.index_select(0, seq)
+        else:
+            rows = seq.to(torch.int32)
+        if k_descale is not None:
+            k_descale, v_descale = k_descale.index_select(0, seq), v_descale.index_select(0, seq)
+    elif call.min_end == call.max_end:  # every row as long (host numbers): a plain slice copy
+        same = call.max_end - call.snew
+    if call.q_descale is not None:  # fp8 new keys: their real values, requantized below
+        k, v = dequantize_per_kv_head(k, k_descale, 1), dequantize_per_kv_head(v, v_descale, 1)
+    if call.rotary_dim:
+        positions = base.long()[:, None] + torch.arange(snew, device=k.device)[None, :]
+        k = apply_rotary(k, rotary_cos, rotary_sin, positions, interleaved=call.rotary_interleaved)
+    if k_descale is not None:
+        k, v = quantize_fp8(k, k_descale), quantize_fp8(v, v_descale)
+    write_kv(k_cache, v_cache, k, v, starts, rows=rows, block_table=table, same_start=same)
+
+
+def _attend(call: KVCacheCall, q, qv, k_cache, v_cache, rotary_cos, rotary_sin, q_lens=None):
+    """Attention of a padded ``q`` ``(batch, seqlen_q, nheads, headdim)`` (fp8: dequantized here)
+    over the cache, rotated first; ``q_lens``: a varlen group's rows per sequence (its rows sit
+    at the bottom, rotated from their own first position). Returns ``(out, lse or None)``."""
     b, sq = call.batch, call.seqlen_q
-    if call.varlen_q:  # (total_q, h, d) -> (batch, max_seqlen_q, h, d), each sequence's rows at the bottom
-        q = pack_varlen(q, call)
-        qv = None if qv is None else pack_varlen(qv, call)
     if call.q_descale is not None:  # FlashAttention 3's fp8 q: its real value, in bf16
         q = dequantize_per_kv_head(q, call.q_descale, call.nheads // call.nheads_k)
-    base = call.seqlens if call.rotary_base is None else call.rotary_base  # position of row 0
-    if k is not None:
-        if call.knew is not None:  # (total_k_new, h_k, d) -> (batch, max new, h_k, d), padding at the end
-            k, v = pack_new_keys(k, call), pack_new_keys(v, call)
-        if call.q_descale is not None:  # fp8 new keys: their real values, requantized on append below
-            k = dequantize_per_kv_head(k, call.k_descale, 1)
-            v = dequantize_per_kv_head(v, call.v_descale, 1)
-        if call.rotary_dim:
-            positions = base.long()[:, None] + torch.arange(call.snew, device=q.device)[None, :]
-            k = apply_rotary(k, rotary_cos, rotary_sin, positions, interleaved=call.rotary_interleaved)
-        if call.k_descale is not None:
-            k, v = quantize_fp8(k, call.k_descale), quantize_fp8(v, call.v_descale)
-        # every row as long (host numbers): a plain slice copy
-        same = call.max_end - call.snew if call.min_end == call.max_end and call.knew is None else None
-        write_kv(
-            k_cache,
-            v_cache,
-            k,
-            v,
-            call.seqlens,
-            rows=call.batch_rows,
-            block_table=call.block_table,
-            counts=call.knew,
-            same_start=same,
-        )
     if call.rotary_dim:
+        base = call.seqlens if call.rotary_base is None else call.rotary_base  # position of row 0
         offsets = torch.arange(sq, device=q.device)[None, :] if (call.is_causal or call.is_local) else 0
-        if call.varlen_q and not isinstance(offsets, int):  # row i of a sequence sits at padded row i + shift
-            offsets = (offsets - (sq - call.q_lens.long())[:, None]).clamp_min(0)
+        if q_lens is not None and not isinstance(offsets, int):  # row i sits at padded row i + shift
+            offsets = (offsets - (sq - q_lens.long())[:, None]).clamp_min(0)
         positions = base.long()[:, None] + offsets
         q = apply_rotary(q, rotary_cos, rotary_sin, positions.expand(b, sq), interleaved=call.rotary_interleaved)
     if call.backend == "triton":
         from .kernels.decode import decode_over_cache
 
-        out, lse = decode_over_cache(q, k_cache, v_cache, call)
-    else:
-        out, lse = attention_over_cache(q, k_cache, v_cache, call, qv=qv)
-    if call.varlen_q:  # back to (total_q, h, dv); the LSE to FlashAttention's varlen (h, total_q)
-        out = unpack_varlen(out, call)
-        lse = None if lse is None else unpack_varlen(lse.transpose(1, 2), call).transpose(0, 1)
-    return out, lse
-
-
-def _padded_rows(call: KVCacheCall) -> torch.Tensor:
-    """For each padded query row ``(b, i)`` of a varlen call, the packed row it holds, -1 for a
-    padding row: int64 ``(batch, max_seqlen_q)``. Sequence ``b``'s rows sit at the bottom."""
-    sq = call.seqlen_q
-    i = torch.arange(sq, device=call.q_lens.device)[None, :]
-    shift = (sq - call.q_lens.long())[:, None]
-    src = call.cu_seqlens_q[:-1].long()[:, None] + i - shift
-    return torch.where(i >= shift, src, -1)
-
-
-def pack_varlen(x, call: KVCacheCall) -> torch.Tensor:
-    """Packed rows ``(total_q, ...)`` into the padded ``(batch, max_seqlen_q, ...)`` layout of a
-    varlen call (padding rows zero)."""
-    rows = _padded_rows(call)
-    out = x[rows.clamp_min(0)]
-    return out.masked_fill((rows < 0).view(*rows.shape, *([1] * (x.dim() - 1))), 0)
-
-
-def unpack_varlen(x, call: KVCacheCall) -> torch.Tensor:
-    """The padded ``(batch, max_seqlen_q, ...)`` rows of a varlen call back as ``(total_q, ...)``."""
-    cu, sq = call.cu_seqlens_q.long(), call.seqlen_q
-    t = torch.arange(call.total_q, device=cu.device)
-    seq = torch.searchsorted(cu[1:], t, right=True)  # the sequence of each packed row
-    flat = seq * sq + (sq - call.q_lens.long())[seq] + t - cu[seq]
-    return x.reshape(-1, *x.shape[2:]).index_select(0, flat)
-
-
-def pack_new_keys(x, call: KVCacheCall) -> torch.Tensor:
-    """Varlen new keys ``(total_k_new, h_k, d)`` as ``(batch, max new, h_k, d)``: sequence ``b``'s
-    ``knew[b]`` keys first, then padding (never written)."""
-    t = torch.arange(max(call.snew, 1), device=x.device)[None, :]
-    src = (call.cu_seqlens_k_new[:-1].long()[:, None] + t).clamp(max=max(x.shape[0] - 1, 0))
-    return x[src][:, : call.snew] if x.shape[0] else x.new_zeros(call.batch, 0, *x.shape[1:])
+        return decode_over_cache(q, k_cache, v_cache, call)
+    return attention_over_cache(q, k_cache, v_cache, call, qv=qv)
 
 
 def dequantize_per_kv_head(x, descale, group: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from . import runtime
 from .cli import file_to_write, int_in
 from .model import ModelConfig, TinyDecoder
 from .profiling import best_time
@@ -30,6 +31,7 @@ __all__ = [
     "bench_hf",
     "bench_quant",
     "bench_trained_model",
+    "bench_varlen",
     "decode_tokens_per_second",
     "interleaved_medians",
 ]
@@ -162,6 +164,97 @@ def bench_api(
             f"{f'{b} x {L}':<16} {t['sdpa'] * 1e3:>8.2f} {t['torch'] * 1e3:>9.2f} {t['auto'] * 1e3:>8.2f} "
             f"{t['paged'] * 1e3:>9.2f} {t['auto'] / t['torch']:>10.2f}x {t['torch'] / t['sdpa']:>10.2f}x "
             f"{t['paged'] / t['sdpa']:>10.2f}x",
+            flush=True,
+        )
+    return rows
+
+
+def _varlen_case(decode_rows, context, chunk, nheads, nheads_k, headdim, backend):
+    """Callables of one mixed step for :func:`bench_varlen`: ``decode_rows`` sequences of ``context
+    - 1`` cached tokens with one new token each, and one sequence with ``chunk`` cached tokens and
+    a ``chunk``-token prefill chunk. ``one``: a single varlen call (FA3's ``cu_seqlens_q``);
+    ``two``: the decode rows batched, then the chunk; ``each``: one call per sequence."""
+    from .fa3 import flash_attn_with_kvcache as fa3_call
+
+    gen = torch.Generator().manual_seed(context + chunk)
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    b = decode_rows + 1
+    cap = max(context, 2 * chunk)
+    kc, vc = r(b, cap, nheads_k, headdim), r(b, cap, nheads_k, headdim)
+    lens = torch.tensor([context - 1] * decode_rows + [chunk], dtype=torch.int32)
+    q_lens = [1] * decode_rows + [chunk]
+    cu = torch.tensor([0] + [sum(q_lens[: i + 1]) for i in range(b)], dtype=torch.int32)
+    q, k, v = r(int(cu[-1]), nheads, headdim), r(int(cu[-1]), nheads_k, headdim), r(int(cu[-1]), nheads_k, headdim)
+    kw = dict(causal=True, backend=backend)
+    d_rows = slice(0, decode_rows)
+
+    def one():
+        return fa3_call(
+            q, kc, vc, k, v, cache_seqlens=lens, cu_seqlens_q=cu, max_seqlen_q=chunk, cu_seqlens_k_new=cu, **kw
+        )
+
+    def two():
+        dec = fa3_call(q[d_rows, None], kc[d_rows], vc[d_rows], k[d_rows, None], v[d_rows, None],
+                       cache_seqlens=lens[d_rows], **kw)  # fmt: skip
+        last = slice(decode_rows, None)
+        pre = fa3_call(q[None, last], kc[last], vc[last], k[None, last], v[None, last], cache_seqlens=lens[last], **kw)
+        return torch.cat([dec[:, 0], pre[0]])
+
+    def each():
+        outs = []
+        for i in range(b):
+            rows, seq = slice(int(cu[i]), int(cu[i + 1])), slice(i, i + 1)
+            outs.append(fa3_call(q[None, rows], kc[seq], vc[seq], k[None, rows], v[None, rows],
+                                 cache_seqlens=lens[seq], **kw)[0])  # fmt: skip
+        return torch.cat(outs)
+
+    return dict(one=one, two=two, each=each)
+
+
+def bench_varlen(
+    decode_rows: int = 8,
+    context: int = 1024,
+    chunk: int = 256,
+    nheads: int = 16,
+    nheads_k: int = 4,
+    headdim: int = 64,
+    repeats: int = 5,
+    backends=("torch", "triton"),
+) -> list[dict]:
+    """One varlen ``flash_attn_with_kvcache`` call mixing ``decode_rows`` decode rows and a
+    ``chunk``-token prefill chunk (chunked prefill, FlashAttention 3's ``cu_seqlens_q``) against
+    the same work as separate calls (the decode rows batched plus the chunk; one call per
+    sequence), on each backend, fp32. Checks that the three give the same output; prints the
+    median round's milliseconds and the ratios, all measured in this run. The Triton backend
+    runs in the interpreter on a CPU (one round: its times say nothing about a GPU)."""
+    rows = []
+    print(
+        f"one step: {decode_rows} decode rows at context {context} + a {chunk}-token chunk after {chunk} tokens; "
+        f"{nheads} query heads, {nheads_k} KV heads, d={headdim}, fp32"
+    )
+    print(
+        f"{'backend':<8} {'one call ms':>12} {'2 calls ms':>11} {'each ms':>9} {'one/2 calls':>12} "
+        f"{'one/each':>9}  same"
+    )
+    for backend in backends:
+        if backend == "triton" and not runtime.HAS_TRITON:
+            continue
+        interpreted = backend == "triton" and runtime.INTERPRET
+        shape = (decode_rows, context, chunk, nheads, nheads_k, headdim)
+        if interpreted:  # numpy runs the kernel: a step 16x smaller, timed once
+            shape = (decode_rows, context // 4, chunk // 4, max(nheads // 2, nheads_k), nheads_k, headdim)
+            print(
+                f"triton runs in the interpreter here: {shape[0]} decode rows at context {shape[1]} + a "
+                f"{shape[2]}-token chunk"
+            )
+        fns = _varlen_case(*shape, backend)
+        outs = {name: fn() for name, fn in fns.items()}
+        same = all(float((outs["one"] - o).abs().max()) < 1e-4 for o in outs.values())
+        t = interleaved_medians(fns, 1 if interpreted else repeats, calls=1 if interpreted else 3)
+        rows.append(dict(backend=backend, same=same, **t))
+        print(
+            f"{backend:<8} {t['one'] * 1e3:>12.2f} {t['two'] * 1e3:>11.2f} {t['each'] * 1e3:>9.2f} "
+            f"{t['one'] / t['two']:>11.2f}x {t['one'] / t['each']:>8.2f}x  {'yes' if same else 'NO'}",
             flush=True,
         )
     return rows
@@ -318,7 +411,7 @@ def main(argv=None) -> None:
     longest = BENCH_CONFIG.max_seqlen
     dec.add_argument("--contexts", type=int_in(1, longest - 1), nargs="+", default=[128, 256, 512, 1024])
     dec.add_argument("--steps", type=int_in(1, 1024), default=8)
-    sub.add_parser("api", help="flash_attn_with_kvcache (PyTorch path) vs SDPA, and the trained model")
+    sub.add_parser("api", help="flash_attn_with_kvcache vs SDPA, a varlen mixed step, and the trained model")
     sub.add_parser("quant", help="quantized caches: memory, attention error, trained model's loss")
     sub.add_parser("hf", help="a transformers Llama: eager, sdpa and flashkv_edu with three caches")
     sub.add_parser("offload", help="preemption by swap vs recompute, tier throughput, prefix reuse")
@@ -345,6 +438,7 @@ def main(argv=None) -> None:
         raise SystemExit(gpu_main(args.out))
     else:
         bench_api()
+        bench_varlen()
         bench_trained_model()
 
 

@@ -200,6 +200,9 @@ class KVCacheCall:
     cu_seqlens_k_new: torch.Tensor | None = None  # int32 (batch + 1,)
     total_q: int = 0  # varlen queries: rows of the packed q
     q_descale: torch.Tensor | None = None  # fp32 (batch, nheads_k): an fp8 q's real value is q * q_descale
+    # varlen queries, read with the checks: (sequences of <= 1 query row, whether they come first,
+    # (min, max) end of theirs, (min, max) end of the others); flashkv_edu.varlen pads the groups apart
+    groups: tuple | None = None
     pack_gqa: bool | None = None  # scheduling only (FlashAttention 3's PackGQA)
     sm_margin: int = 0  # scheduling only: SMs left free for other kernels
 
@@ -259,6 +262,18 @@ def check_kvcache_call(
     is_local = (window[0] >= 0 or window[1] >= 0) and not is_causal
     rotary_dim = _check_rotary(a, layout)
     scales = _check_scales(a, layout, per_token_scales, checks, fa3_fields["headdim_qv"])
+    seqlens = lengths["seqlens"]
+    added = fa3_fields["knew"] if fa3_fields["knew"] is not None else layout["snew"]
+    group_reads = None
+    if fa3_fields["q_lens"] is not None:  # the two groups of a varlen call (flashkv_edu.varlen)
+        short, ends = fa3_fields["q_lens"] <= 1, seqlens + added
+        far = layout["capacity"] + 1
+        prefix = short.int().cumprod(0).sum() == short.sum()  # the short sequences come first
+        group_reads = [checks.read(short.sum()), checks.read(prefix)] + [
+            checks.read(op(torch.where(side, ends, fill)))
+            for side in (short, ~short)
+            for op, fill in ((torch.min, far), (torch.max, -1))
+        ]
     values = checks.run()
     snew = layout["snew"]
     if value_checks_on():
@@ -270,9 +285,15 @@ def check_kvcache_call(
         max_end, min_end, max_start = layout["capacity"], 0, layout["capacity"]
         if fa3_fields["knew"] is not None:
             snew = min(a["fa3_total_k_new"], layout["capacity"])
-    seqlens = lengths["seqlens"]
+    if fa3_fields["knew"] is None:
+        added = snew
+    groups = None
+    if group_reads is not None and value_checks_on():
+        n, first, a_lo, a_hi, b_lo, b_hi = (values[i] for i in group_reads)
+        groups = (n, bool(first), (max(a_lo, 0), max(a_hi, 0)), (max(b_lo, 0), max(b_hi, 0)))
+    elif group_reads is not None:  # nothing read: one group, the worst case
+        groups = (0, False, (0, 0), (0, 0))
     b, sq, h, d = q.shape
-    added = fa3_fields["knew"] if fa3_fields["knew"] is not None else snew
     call = KVCacheCall(
         batch=b,
         seqlen_q=sq,
@@ -302,6 +323,7 @@ def check_kvcache_call(
         headdim_qv=fa3_fields["headdim_qv"],
         rotary_base=fa3_fields["rotary_base"],
         q_lens=fa3_fields["q_lens"],
+        groups=groups,
         total_q=fa3_fields["total_q"],
         cu_seqlens_q=fa3_fields["cu_seqlens_q"],
         knew=fa3_fields["knew"],

@@ -65,7 +65,10 @@ def build(cfg, dtype=torch.bfloat16, dv=None, qv=False):
     dv = dv or d
     rand = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
     q_lens = torch.randint(0 if cfg["varlen_q"] else sq, sq + 1, (b,), generator=g) if cfg["varlen_q"] else None
-    if q_lens is not None:
+    if q_lens is not None and cfg.get("decode_first"):  # decode rows first, then one chunk
+        q_lens[:] = 1
+        q_lens[-1] = sq
+    elif q_lens is not None:
         q_lens[0] = sq  # one sequence as long as max_seqlen_q
     knew = torch.zeros(b, dtype=torch.long)
     if cfg["new_kv"]:
@@ -395,3 +398,20 @@ def test_chunked_attention_is_llama4s_mask():
     keep = visible_keys(9, 9, (-1, 0), torch.tensor([0]), torch.tensor([9]), chunk=4)[0]
     for p in range(9):
         assert keep[p].nonzero().flatten().tolist() == list(range(p // 4 * 4, p + 1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("page", [None, 4])
+def test_decode_rows_first_then_a_chunk_in_one_call(page, backend):
+    """The mixed step of chunked prefill: decode rows first (read in place, one group), then a chunk
+    (its own group), new keys varlen; against the oracle, contiguous and paged."""
+    cfg = dict(make_config(random.Random(21)), varlen_q=True, decode_first=True, sq=8, new_kv=True, varlen_k=True)
+    cfg.update(page=page, causal=True, chunk=0, batch_idx=False, plan=False)
+    run_case(cfg, backend)
+
+
+def test_the_bench_varlen_row_computes_the_same_step_three_ways():
+    from flashkv_edu.bench import bench_varlen
+
+    rows = bench_varlen(decode_rows=3, context=40, chunk=8, nheads=4, nheads_k=2, headdim=16, repeats=1)
+    assert {r["backend"] for r in rows} == {"torch", "triton"} and all(r["same"] for r in rows)

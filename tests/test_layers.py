@@ -88,7 +88,7 @@ LAYERS = (
     ),
     Layer(
         "api",
-        ("api.py", "fa3.py", "quant.py"),
+        ("api.py", "fa3.py", "varlen.py", "quant.py"),
         ("rules", "platform", "storage", "algorithms", "checked call", "backends"),
         "`flash_attn_with_kvcache` (FlashAttention 2's front door) and `fa3` (FlashAttention 3's: "
         "`flash_attn_with_kvcache`, `get_scheduler_metadata`, `flash_attn_combine`); `QuantizedKVCache`",
