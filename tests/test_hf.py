@@ -350,3 +350,35 @@ def test_a_decode_step_is_checked_once_per_kind_of_layer(name, checks_per_step, 
     assert torch.equal(got.sequences, want.sequences)
     assert ours.config.num_hidden_layers == 2
     assert len(calls) == (NEW_TOKENS - 1) * checks_per_step  # the prefill goes through flash_attn_with_kvcache
+
+
+def _llama4_config():
+    """A tiny Llama 4 text model: three chunked-attention layers (chunks of 8 positions, rotary) and a
+    global NoPE layer with temperature tuning, a mixture-of-experts layer."""
+    from transformers import AutoConfig
+
+    extra = dict(head_dim=16, attention_chunk_size=8, num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0],
+                 num_local_experts=2, interleave_moe_layer_step=2, intermediate_size_mlp=128)  # fmt: skip
+    return AutoConfig.for_model("llama4_text", **{**nb10.COMMON, **extra})
+
+
+@pytest.mark.parametrize("batch", [1, 3], ids=["one-prompt", "left-padded-3"])
+def test_llama4_chunked_attention_equals_eager_with_flashkv_cache(batch):
+    """Llama 4's chunked layers run as FlashAttention 3's ``attention_chunk`` over a FlashKVCache,
+    contiguous and paged, token for token as eager over 36 positions (4 chunks). transformers'
+    DynamicCache keeps only the last chunk and cannot tell the attention where it starts: refused."""
+    from transformers import AutoModelForCausalLM
+
+    hf.register("torch")
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(_llama4_config(), attn_implementation="eager").eval()
+    ours = AutoModelForCausalLM.from_config(_llama4_config(), attn_implementation=hf.NAME).eval()
+    ours.load_state_dict(eager.state_dict())
+    assert "chunked_attention" in ours.config.layer_types
+    ids, mask = _prompts(batch)
+    want = _generate(eager, ids, mask, DynamicCache(config=eager.config))
+    for page_size in (None, 4):
+        got = _generate(ours, ids, mask, hf.FlashKVCache(ours.config, batch, 64, page_size=page_size))
+        assert torch.equal(got.sequences, want.sequences), page_size
+    with pytest.raises(ArgumentError, match="chunked attention.*FlashKVCache"):
+        _generate(ours, ids, mask, DynamicCache(config=ours.config))

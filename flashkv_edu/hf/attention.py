@@ -15,7 +15,8 @@ import weakref
 
 import torch
 
-from ..api import flash_attn_with_kvcache
+from ..api import run_checked_call
+from ..call import check_kvcache_call
 from ..validation import ArgumentError, check_int, check_positive, check_tensor
 from .compat import ATTENTION_LAYER_TYPES, BACKEND, NAME
 from .handoff import already_consumed, settle_transformed, take
@@ -85,12 +86,18 @@ def check_attention_options(module, scaling, dropout, sliding_window, softcap, k
     """:func:`attention_options` without the memory."""
     if dropout:
         raise ArgumentError(f"{NAME} attention has no dropout (got dropout={dropout}); use model.eval()")
-    layer_types = getattr(getattr(module, "config", None), "layer_types", None)
+    config = getattr(module, "config", None)
+    layer_types = getattr(config, "layer_types", None)
     layer_idx = getattr(module, "layer_idx", None)
+    chunk = 0
     if layer_types and isinstance(layer_idx, int) and layer_idx < len(layer_types):
         kind = layer_types[layer_idx]
         if kind not in ATTENTION_LAYER_TYPES:
             raise ArgumentError(f"{NAME} attention serves {ATTENTION_LAYER_TYPES}; layer {layer_idx} is {kind!r}")
+        if kind == "chunked_attention":  # Llama 4: keys of the query's own chunk of positions only
+            chunk = check_int(
+                "attention_chunk_size (the model's)", getattr(config, "attention_chunk_size", None), low=1
+            )
     sink = kwargs.pop("s_aux", None)  # gpt-oss's learnable sinks, one logit per query head
     if kwargs.get("is_causal") is False:
         raise ArgumentError(f"{NAME} attention is causal (a decoder's); got is_causal=False (an encoder?)")
@@ -106,6 +113,8 @@ def check_attention_options(module, scaling, dropout, sliding_window, softcap, k
     scale = None if scaling is None else check_positive("scaling (the model's)", scaling)
     cap = check_positive("softcap (the model's)", float(softcap or 0.0), allow_zero=True)
     options = dict(softmax_scale=scale, causal=True, window_size=window, softcap=cap, backend=BACKEND["name"])
+    if chunk:
+        options["attention_chunk"] = chunk
     if sink is not None:
         options["learnable_sink"] = sink.detach()
     return options
@@ -138,6 +147,12 @@ def attention(
         return cache.attend_layer(layer_idx, q, key, value, attention_mask, options), None
     check_tensor("key", key, ndim=4)
     check_tensor("value", value, ndim=4)
+    if "attention_chunk" in options:
+        raise ArgumentError(
+            f"layer {getattr(module, 'layer_idx', '?')} is chunked attention (Llama 4): {NAME} serves it from a "
+            "FlashKVCache (hf.FlashKVCache), which knows where each key sits. transformers' DynamicCache keeps only "
+            "the last chunk's keys and does not tell the attention their positions, so chunks cannot be aligned"
+        )
     if already_consumed(key):
         raise ArgumentError(
             "this model hands one layer's new keys to another layer's attention (shared KV layers): "
@@ -148,7 +163,21 @@ def attention(
     b, kv_len = q.shape[0], k.shape[1]
     pad = left_padding(attention_mask, b, kv_len, q.device)
     seqlens = torch.full((b,), kv_len, dtype=torch.int32, device=q.device)
-    return flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, cache_leftpad=pad, **options), None
+    return checked_attention(q, k, v, cache_seqlens=seqlens, cache_leftpad=pad, **options), None
 
 
-__all__ = ["HARMLESS_KWARGS", "attention", "attention_options", "check_attention_options", "left_padding"]
+def checked_attention(q, k_cache, v_cache, **arguments):
+    """``flash_attn_with_kvcache(q, k_cache, v_cache, **arguments)`` through the one checked call,
+    which also takes FlashAttention 3's keywords (``attention_chunk``): the output."""
+    call = check_kvcache_call(q, k_cache, v_cache, **arguments)
+    return run_checked_call(call, q, k_cache, v_cache, arguments.get("k"), arguments.get("v"))[0]
+
+
+__all__ = [
+    "HARMLESS_KWARGS",
+    "attention",
+    "attention_options",
+    "check_attention_options",
+    "checked_attention",
+    "left_padding",
+]

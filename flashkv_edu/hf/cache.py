@@ -14,12 +14,12 @@ import numbers
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..api import flash_attn_with_kvcache, run_checked_call
+from ..api import run_checked_call
 from ..cache import KVCache, write_kv
 from ..call import check_kvcache_call
 from ..paged import OutOfBlocksError, PagedKVCache, gather_paged
 from ..validation import FLOAT_DTYPES, ArgumentError, ArgumentTypeError, check_int, check_tensor, value_checks_on
-from .attention import left_padding
+from .attention import checked_attention, left_padding
 from .compat import ALIAS, ATTENTION_LAYER_TYPES, NAME
 from .handoff import forget, hand_over
 
@@ -380,7 +380,7 @@ class FlashKVCache(Cache):
                 new_pad = (pad - layer.length).clamp(0, s).to(torch.int32)
                 new_pad = new_pad if bool(new_pad.any()) else None
             ends = self._write(i, k, v, new_pad)
-            return flash_attn_with_kvcache(
+            return checked_attention(
                 q, *pools, cache_seqlens=ends.to(torch.int32), block_table=self._table(), **options
             )
         rows = None if self.rows is None else self.rows.to(torch.int32)  # generate(): rows 0 .. batch-1
@@ -394,9 +394,7 @@ class FlashKVCache(Cache):
             self._set_lengths(i)
             return out
         ends = self._write(i, k, v, None)
-        return flash_attn_with_kvcache(
-            q, *pools, cache_seqlens=ends, cache_batch_idx=rows, cache_leftpad=pad, **options
-        )
+        return checked_attention(q, *pools, cache_seqlens=ends, cache_batch_idx=rows, cache_leftpad=pad, **options)
 
     def _padding(self, attention_mask, b: int, kv_len: int, device):
         """:func:`~flashkv_edu.hf.attention.left_padding`, read once per mask: every layer of a pass

@@ -25,9 +25,10 @@ try:
 except ImportError as exc:  # the rest of the package works without transformers
     raise ImportError(INSTALL_HINT) from exc
 
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
-"""The ``config.layer_types`` a :class:`FlashKVCache` and :func:`attention` serve. Others (linear
-attention, convolutions, chunked attention) are refused with a message naming the type."""
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+"""The ``config.layer_types`` a :class:`FlashKVCache` and :func:`attention` serve (chunked
+attention, Llama 4's, as FlashAttention 3's ``attention_chunk``). Others (linear attention,
+convolutions) are refused with a message naming the type."""
 
 
 def release(version: str) -> tuple[int, ...]:
