@@ -304,18 +304,37 @@ def test_a_reset_cache_serves_a_batch_of_another_size(page_size):
     assert torch.equal(got, _generate(eager, one, one_mask, DynamicCache(config=eager.config)).sequences)
 
 
-@pytest.mark.parametrize(
-    "model_type, kind, extra",
-    [("qwen3_5_text", "linear_attention", {}), ("lfm2", "conv", dict(num_hidden_layers=2, full_attn_idxs=[1]))],
-)
-def test_hybrid_models_are_refused_by_flashkv_cache_naming_the_layer_type(model_type, kind, extra):
-    from transformers import AutoConfig
+HYBRIDS = {
+    "qwen3.5 (Gated DeltaNet + attention)": ("qwen3_5_text", dict(
+        head_dim=16, num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)),
+    "lfm2 (convolutions + attention)": ("lfm2", dict(num_hidden_layers=3, full_attn_idxs=[1], block_ff_dim=128)),
+}  # fmt: skip
 
-    config = AutoConfig.for_model(model_type, **extra)
-    types = set(config.layer_types)
-    assert kind in types or any(kind in t for t in types), types
-    with pytest.raises(ArgumentError, match=f"FlashKVCache holds keys and values of attention layers.*{kind}"):
-        hf.FlashKVCache(config, 1, 64)
+
+@pytest.mark.parametrize("batch", [1, 3], ids=["one-prompt", "left-padded-3"])
+@pytest.mark.parametrize("name", list(HYBRIDS))
+def test_hybrid_models_generate_as_eager_with_flashkv_cache(name, batch):
+    """Hybrid models: FlashKVCache holds the attention layers and hands the linear-attention or
+    convolution layers transformers' own cache layers; greedy tokens equal eager's with
+    DynamicCache, contiguous and paged."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, extra = HYBRIDS[name]
+    config = lambda: AutoConfig.for_model(model_type, **{**nb10.COMMON, **extra})  # noqa: E731
+    hf.register("torch")
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(config(), attn_implementation="eager").eval()
+    ours = AutoModelForCausalLM.from_config(config(), attn_implementation=hf.NAME).eval()
+    ours.load_state_dict(eager.state_dict())
+    assert set(ours.config.layer_types) - set(hf_cache.ATTENTION_LAYER_TYPES)
+    ids, mask = _prompts(batch)
+    want = _generate(eager, ids, mask, DynamicCache(config=eager.config)).sequences
+    for page_size in (None, 4):
+        cache = hf.FlashKVCache(ours.config, batch, 64, page_size=page_size)
+        assert torch.equal(_generate(ours, ids, mask, cache).sequences, want), page_size
+        assert cache.bytes_in_use() > 0
+    assert torch.equal(_generate(ours, ids, mask, DynamicCache(config=ours.config)).sequences, want)
 
 
 def test_the_alias_keeps_working_and_falcon_reaches_flashkv_edu(monkeypatch):

@@ -49,14 +49,17 @@ bad("FlashKVCache device bogus", VALUE, "device")(
 bad("FlashKVCache config a dict", TYPE, "config")(lambda: call(hf.FlashKVCache, {"num_hidden_layers": 2}, 1, 64))
 
 
-def _hybrid_config():
+def _hybrid_config(kinds=("full_attention", "mamba")):
     cfg = nb10.tiny_config("llama")
-    cfg.layer_types = ["full_attention", "linear_attention"]
+    cfg.layer_types = list(kinds)
     return cfg
 
 
-bad("FlashKVCache a linear-attention layer", VALUE, "linear_attention")(
+bad("FlashKVCache a layer type it does not know", VALUE, "mamba")(
     lambda: call(hf.FlashKVCache, _hybrid_config(), 1, 64)
+)
+bad("FlashKVCache no attention layer", VALUE, "no attention layer")(
+    lambda: call(hf.FlashKVCache, _hybrid_config(("conv", "linear_attention")), 1, 64)
 )
 
 

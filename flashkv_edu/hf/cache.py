@@ -24,6 +24,16 @@ from .compat import ALIAS, ATTENTION_LAYER_TYPES, NAME
 from .handoff import forget, hand_over
 
 
+def other_layer_classes() -> dict:
+    """transformers' cache layers for the non-attention layers of hybrid models, by layer type:
+    linear attention (Qwen3.5's Gated DeltaNet) and convolutions (LFM2); empty where the installed
+    transformers has none."""
+    from transformers import cache_utils
+
+    linear = getattr(cache_utils, "LinearAttentionLayer", None)
+    return {} if linear is None else {"linear_attention": linear, "conv": linear}
+
+
 class FlashKVLayer(CacheLayerMixin):
     """One layer of :class:`FlashKVCache`: transformers' view of it (a length, mask sizes). The keys
     and values live in the cache's package caches; ``update`` hands them to the cache."""
@@ -107,18 +117,28 @@ class FlashKVCache(Cache):
         layers = getattr(text, "num_hidden_layers", None)
         if isinstance(layers, bool) or not isinstance(layers, numbers.Integral) or layers < 1:
             raise ArgumentTypeError(f"config must be a transformers model config (num_hidden_layers), got {config!r}")
-        for i, kind in enumerate(getattr(text, "layer_types", None) or []):
-            if kind not in ATTENTION_LAYER_TYPES:
+        kinds = list(getattr(text, "layer_types", None) or ["full_attention"] * layers)
+        other = other_layer_classes()
+        for i, kind in enumerate(kinds):
+            if kind not in ATTENTION_LAYER_TYPES and kind not in other:
                 raise ArgumentError(
-                    f"FlashKVCache holds keys and values of attention layers; layer {i} of this model is {kind!r}. "
-                    f"Use transformers' own cache (DynamicCache) with attn_implementation={NAME!r}"
+                    f"FlashKVCache holds keys and values of attention layers and hands linear-attention and "
+                    f"convolution layers ({', '.join(other) or 'none in this transformers'}) transformers' own; layer "
+                    f"{i} of this model is {kind!r}. Use transformers' own cache (DynamicCache) with "
+                    f"attn_implementation={NAME!r}"
                 )
+        attention = [i for i, kind in enumerate(kinds) if kind in ATTENTION_LAYER_TYPES]
+        if not attention:
+            raise ArgumentError("this model has no attention layer: FlashKVCache has nothing to hold")
         if getattr(text, "num_kv_shared_layers", 0):
             raise ArgumentError(
                 f"this model shares keys and values across layers (num_kv_shared_layers="
                 f"{text.num_kv_shared_layers}): FlashKVCache cannot serve it; use transformers' DynamicCache"
             )
-        super().__init__(layers=[FlashKVLayer(self, i) for i in range(layers)])
+        # Attention layers are FlashKVLayers; a hybrid model's other layers are transformers' own.
+        super().__init__(layers=[FlashKVLayer(self, i) if i in attention else other[kinds[i]]() for i in range(layers)])
+        self.attention_layers = attention
+        self.first = attention[0]  # the first attention layer of a pass opens each step
         self.config = config
         self.max_batch_size, self.max_cache_len, self.page_size = max_batch_size, max_cache_len, page_size
         self.dtype, self.device = dtype, device
@@ -221,7 +241,7 @@ class FlashKVCache(Cache):
             if key_states.device != device:
                 raise ArgumentError(f"layer {i} lives on {device}, the update on {key_states.device}")
         if self.paged and self.store is not None and self.batch is not None:  # the lengths before this pass
-            if i > 0 and self.step_starts is not None:
+            if i != self.first and self.step_starts is not None:
                 longest = self.step_longest
             else:
                 lengths = [self.store.seqs[r].length for r in self._rows().tolist() if r in self.store.seqs]
@@ -272,7 +292,7 @@ class FlashKVCache(Cache):
             layer.length += s
             self._set_lengths(i)
             return starts + s
-        if i == 0 or self.step_starts is None:  # the first layer of a pass reserves for all layers
+        if i == self.first or self.step_starts is None:  # the first layer of a pass reserves for all layers
             self._begin_step(b, s, pad)
         counts, pads = self.step_counts, self.step_pads
         if pads is not None:  # row r keeps its tokens pads[r]:, shifted to the front
@@ -369,7 +389,7 @@ class FlashKVCache(Cache):
         one_call = s == 1 and layer.length > 0 and k.dtype == pools[0].dtype == q.dtype
         if self.paged:
             if one_call:
-                if i == 0 or self.step_starts is None:
+                if i == self.first or self.step_starts is None:
                     self._begin_step(b, s, None)
                 layer.length += s
                 return self._decode(
@@ -449,6 +469,12 @@ class FlashKVCache(Cache):
         else:
             kv.cache_seqlens[self.rows] = self.layers[i].length
 
+    def _attention(self):
+        return [(i, self.layers[i]) for i in self.attention_layers]
+
+    def _others(self):
+        return [layer for layer in self.layers if not isinstance(layer, FlashKVLayer)]
+
     # --- rows: serving, beam search, assisted generation -----------------------------------------------
 
     def open_row(self) -> int:
@@ -466,16 +492,18 @@ class FlashKVCache(Cache):
         """Drop the last ``-tokens_to_remove`` tokens of every row (a positive value keeps that many,
         transformers' older convention): assisted generation's rollback."""
         n = check_int("tokens_to_remove", tokens_to_remove)
-        length = self.layers[0].length
+        length = self.layers[self.first].length
         remove = -n if n <= 0 else max(length - n, 0)
         if remove > length:
             raise ArgumentError(f"cannot remove {remove} tokens from a cache holding {length}")
         if remove == 0:
             return
-        for i, layer in enumerate(self.layers):
+        for i, layer in self._attention():
             layer.length -= remove
             if not self.paged and self.kv[i] is not None:
                 self.kv[i].cache_seqlens -= remove
+        for layer in self._others():
+            layer.crop(n)
         if self.paged and self.store is not None:
             for slot, seq in list(self.store.seqs.items()):
                 self.store.truncate(slot, max(seq.length - remove, 0))
@@ -486,6 +514,8 @@ class FlashKVCache(Cache):
 
     def _reorder(self, name: str, order) -> None:
         order = self._order(name, order)
+        for layer in self._others():  # transformers' own layers take the same row order
+            layer.reorder_cache(order)
         if self.paged:
             if self.store is not None:
                 self.store.reorder(order.tolist())
@@ -524,9 +554,11 @@ class FlashKVCache(Cache):
         """Empty the cache for a new batch of any size up to ``max_batch_size``: contiguous storage is
         dropped (the next keys allocate it for their batch), paged rows free their blocks (the pools
         stay), and everything remembered from the last steps is forgotten."""
-        for i, layer in enumerate(self.layers):
+        for i, layer in self._attention():
             layer.length, layer.mode, layer.is_initialized = 0, None, False
             self.kv[i] = None
+        for layer in self._others():
+            layer.reset()
         if self.store is not None:
             for slot in list(self.store.seqs):
                 self.store.free(slot)
