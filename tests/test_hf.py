@@ -309,6 +309,11 @@ HYBRIDS = {
         head_dim=16, num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2,
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)),
     "lfm2 (convolutions + attention)": ("lfm2", dict(num_hidden_layers=3, full_attn_idxs=[1], block_ff_dim=128)),
+    "gemma3n (layers sharing KV)": ("gemma3n_text", dict(
+        head_dim=16, num_hidden_layers=4, num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=8,
+        hidden_size_per_layer_input=16, vocab_size_per_layer_input=128, laurel_rank=8,
+        activation_sparsity_pattern=[0.0] * 4, altup_num_inputs=2, intermediate_size=[128] * 4)),
 }  # fmt: skip
 
 
@@ -316,7 +321,8 @@ HYBRIDS = {
 @pytest.mark.parametrize("name", list(HYBRIDS))
 def test_hybrid_models_generate_as_eager_with_flashkv_cache(name, batch):
     """Hybrid models: FlashKVCache holds the attention layers and hands the linear-attention or
-    convolution layers transformers' own cache layers; greedy tokens equal eager's with
+    convolution layers transformers' own cache layers; a layer that shares an earlier layer's keys
+    and values (Gemma 3n) reads that layer's cache in place. Greedy tokens equal eager's with
     DynamicCache, contiguous and paged."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -327,7 +333,8 @@ def test_hybrid_models_generate_as_eager_with_flashkv_cache(name, batch):
     eager = AutoModelForCausalLM.from_config(config(), attn_implementation="eager").eval()
     ours = AutoModelForCausalLM.from_config(config(), attn_implementation=hf.NAME).eval()
     ours.load_state_dict(eager.state_dict())
-    assert set(ours.config.layer_types) - set(hf_cache.ATTENTION_LAYER_TYPES)
+    text = ours.config
+    assert set(text.layer_types) - set(hf_cache.ATTENTION_LAYER_TYPES) or text.num_kv_shared_layers
     ids, mask = _prompts(batch)
     want = _generate(eager, ids, mask, DynamicCache(config=eager.config)).sequences
     for page_size in (None, 4):

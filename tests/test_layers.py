@@ -111,6 +111,7 @@ LAYERS = (
             "hf/handoff.py",
             "hf/patches.py",
             "hf/register.py",
+            "hf/layers.py",
             "hf/cache.py",
             "hf/serve.py",
         ),

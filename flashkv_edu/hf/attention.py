@@ -19,7 +19,7 @@ from ..api import run_checked_call
 from ..call import check_kvcache_call
 from ..validation import ArgumentError, check_int, check_positive, check_tensor
 from .compat import ATTENTION_LAYER_TYPES, BACKEND, NAME
-from .handoff import already_consumed, settle_transformed, take
+from .handoff import consumed_by, settle_transformed, take
 
 # Keyword arguments transformers passes that do not change the result of attention here.
 HARMLESS_KWARGS = frozenset(
@@ -153,11 +153,10 @@ def attention(
             "FlashKVCache (hf.FlashKVCache), which knows where each key sits. transformers' DynamicCache keeps only "
             "the last chunk's keys and does not tell the attention their positions, so chunks cannot be aligned"
         )
-    if already_consumed(key):
-        raise ArgumentError(
-            "this model hands one layer's new keys to another layer's attention (shared KV layers): "
-            "FlashKVCache cannot serve it; use transformers' DynamicCache"
-        )
+    shared = consumed_by(key)
+    if shared is not None:  # a layer reading another layer's keys and values (Gemma 3n's KV sharing)
+        cache, layer_idx = shared
+        return cache.read_layer(layer_idx, q, attention_mask, options), None
     settle_transformed(module, key, attention_mask, q.device)
     k, v = key.transpose(1, 2), value.transpose(1, 2)
     b, kv_len = q.shape[0], k.shape[1]

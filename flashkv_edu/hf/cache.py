@@ -12,7 +12,7 @@ from __future__ import annotations
 import numbers
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from ..api import run_checked_call
 from ..cache import KVCache, write_kv
@@ -22,75 +22,17 @@ from ..validation import FLOAT_DTYPES, ArgumentError, ArgumentTypeError, check_i
 from .attention import checked_attention, left_padding
 from .compat import ALIAS, ATTENTION_LAYER_TYPES, NAME
 from .handoff import forget, hand_over
-
-
-def other_layer_classes() -> dict:
-    """transformers' cache layers for the non-attention layers of hybrid models, by layer type:
-    linear attention (Qwen3.5's Gated DeltaNet) and convolutions (LFM2); empty where the installed
-    transformers has none."""
-    from transformers import cache_utils
-
-    linear = getattr(cache_utils, "LinearAttentionLayer", None)
-    return {} if linear is None else {"linear_attention": linear, "conv": linear}
-
-
-class FlashKVLayer(CacheLayerMixin):
-    """One layer of :class:`FlashKVCache`: transformers' view of it (a length, mask sizes). The keys
-    and values live in the cache's package caches; ``update`` hands them to the cache."""
-
-    is_sliding = False  # every token is kept; a window is applied by the mask
-    is_compileable = False
-    is_croppable = True
-
-    def __init__(self, cache: FlashKVCache, index: int):
-        super().__init__()
-        self.cache, self.index = cache, index
-        self.length = 0  # tokens per row as transformers counts them (left padding included)
-        # How this layer meets the attention: None until its first pass, "in_place" when the model
-        # hands update's tensors straight to attention, "history" when it transforms them first.
-        self.mode = None
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.cache.initialize_layer(self.index, key_states, value_states)
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return self.cache.update_layer(self.index, key_states, value_states)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return self.cache.max_cache_len
-
-    def _whole_cache(self, what: str):
-        raise NotImplementedError(f"call FlashKVCache.{what} (the cache's layers share their storage)")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        self._whole_cache("crop")
-
-    def reorder_cache(self, beam_idx) -> None:
-        self._whole_cache("reorder_cache")
-
-    def batch_select_indices(self, indices) -> None:
-        self._whole_cache("batch_select_indices")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._whole_cache("batch_repeat_interleave")
-
-    def reset(self) -> None:
-        self._whole_cache("reset")
+from .layers import FlashKVLayer, other_layer_classes
 
 
 class FlashKVCache(Cache):
     """A transformers ``Cache`` storing keys and values in FlashAttention's layout, through the
     package's caches.
 
-    ``config``: the model's config (one layer per attention layer; ``config.layer_types`` other than
-    full or sliding attention are refused, naming the type); ``max_batch_size`` sequences (beams
+    ``config``: the model's config (one layer per model layer: attention layers are
+    :class:`FlashKVLayer`, linear-attention and convolution layers transformers' own cache layers,
+    other ``config.layer_types`` are refused, naming the type; a layer sharing an earlier layer's
+    keys and values reads that layer's cache); ``max_batch_size`` sequences (beams
     included) of up to ``max_cache_len`` tokens; ``page_size`` None for a contiguous cache (one
     :class:`~flashkv_edu.cache.KVCache` per layer, left padding stored as transformers counts it),
     else a :class:`~flashkv_edu.paged.PagedKVCache` of that page size shared by all layers (rows
@@ -130,11 +72,6 @@ class FlashKVCache(Cache):
         attention = [i for i, kind in enumerate(kinds) if kind in ATTENTION_LAYER_TYPES]
         if not attention:
             raise ArgumentError("this model has no attention layer: FlashKVCache has nothing to hold")
-        if getattr(text, "num_kv_shared_layers", 0):
-            raise ArgumentError(
-                f"this model shares keys and values across layers (num_kv_shared_layers="
-                f"{text.num_kv_shared_layers}): FlashKVCache cannot serve it; use transformers' DynamicCache"
-            )
         # Attention layers are FlashKVLayers; a hybrid model's other layers are transformers' own.
         super().__init__(layers=[FlashKVLayer(self, i) if i in attention else other[kinds[i]]() for i in range(layers)])
         self.attention_layers = attention
@@ -415,6 +352,24 @@ class FlashKVCache(Cache):
             return out
         ends = self._write(i, k, v, None)
         return checked_attention(q, *pools, cache_seqlens=ends, cache_batch_idx=rows, cache_leftpad=pad, **options)
+
+    def read_layer(self, i: int, q, attention_mask, options):
+        """Attention of ``q`` over layer ``i``'s cache as it stands, writing nothing: a layer that
+        shares layer ``i``'s keys and values (Gemma 3n), right after layer ``i``'s own attention in
+        the same pass."""
+        layer = self.layers[i]
+        b = q.shape[0]
+        if self.paged:
+            ends = (self.step_starts + self.step_counts).to(torch.int32)
+            pools = (self.store.k_pools[i], self.store.v_pools[i])
+            return checked_attention(q, *pools, cache_seqlens=ends, block_table=self._table(), **options)
+        pad = self._padding(attention_mask, b, layer.length, q.device)
+        ends = torch.full((b,), layer.length, dtype=torch.int32, device=q.device)
+        rows = None if self.rows is None else self.rows.to(torch.int32)
+        kv = self.kv[i]
+        return checked_attention(
+            q, kv.k_cache, kv.v_cache, cache_seqlens=ends, cache_batch_idx=rows, cache_leftpad=pad, **options
+        )
 
     def _padding(self, attention_mask, b: int, kv_len: int, device):
         """:func:`~flashkv_edu.hf.attention.left_padding`, read once per mask: every layer of a pass

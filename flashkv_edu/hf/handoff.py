@@ -15,8 +15,9 @@ from .compat import NAME
 
 # New keys handed from FlashKVCache.update to attention: id(key) -> (cache, key, value, layer).
 PENDING: dict[int, tuple] = {}
-# New keys already written and attended to (a second attention over them means shared KV layers).
-CONSUMED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+# New keys already written and attended to: id(key) -> (weak key, weak cache, layer). A second attention over
+# them is a layer that shares the first one's keys and values (Gemma 3n): it reads that layer's cache.
+CONSUMED: dict[int, tuple] = {}
 
 
 def hand_over(cache, key_states, value_states, layer: int) -> None:
@@ -33,6 +34,9 @@ def forget(cache) -> None:
     for entry_key, entry in list(PENDING.items()):
         if entry[0] is cache:
             del PENDING[entry_key]
+    for entry_key, entry in list(CONSUMED.items()):
+        if entry[1]() is cache:
+            del CONSUMED[entry_key]
 
 
 def take(key, value):
@@ -41,13 +45,20 @@ def take(key, value):
     pending = PENDING.pop(id(key), None)
     if pending is None or pending[1] is not key or pending[2] is not value:
         return None
-    CONSUMED[id(key)] = key
+    for entry_key, (held, owner, layer) in list(CONSUMED.items()):  # one record per (cache, layer), none dead
+        if held() is None or owner() is None or (owner() is pending[0] and layer == pending[3]):
+            del CONSUMED[entry_key]
+    CONSUMED[id(key)] = (weakref.ref(key), weakref.ref(pending[0]), pending[3])
     return pending[0], pending[3]
 
 
-def already_consumed(key) -> bool:
-    """Whether ``key`` was handed over and attended to already (another layer reads it: shared KV)."""
-    return CONSUMED.get(id(key)) is key
+def consumed_by(key):
+    """``(cache, layer)`` when ``key`` was handed over and attended to already (another layer that
+    shares its keys and values reads them: Gemma 3n), else None."""
+    entry = CONSUMED.get(id(key))
+    if entry is None or entry[0]() is not key or entry[1]() is None:
+        return None
+    return entry[1](), entry[2]
 
 
 def settle_transformed(module, key, attention_mask, device) -> None:
@@ -68,4 +79,4 @@ def settle_transformed(module, key, attention_mask, device) -> None:
         cache.settle_layer(i, key_states, value_states, attention_mask, device)
 
 
-__all__ = ["CONSUMED", "PENDING", "already_consumed", "forget", "hand_over", "settle_transformed", "take"]
+__all__ = ["CONSUMED", "PENDING", "consumed_by", "forget", "hand_over", "settle_transformed", "take"]
