@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import runtime
-from .call_fa3 import check_fa3_arguments, check_plan, fa3_backend_rules
+from .call_fa3 import check_fa3_arguments, check_plan, fa3_backend_rules, groups_from, read_groups
 from .validation import (
     QUANTIZED_CACHE_DTYPES,
     SCALE_NONE,
@@ -263,17 +263,8 @@ def check_kvcache_call(
     rotary_dim = _check_rotary(a, layout)
     scales = _check_scales(a, layout, per_token_scales, checks, fa3_fields["headdim_qv"])
     seqlens = lengths["seqlens"]
-    added = fa3_fields["knew"] if fa3_fields["knew"] is not None else layout["snew"]
-    group_reads = None
-    if fa3_fields["q_lens"] is not None:  # the two groups of a varlen call (flashkv_edu.varlen)
-        short, ends = fa3_fields["q_lens"] <= 1, seqlens + added
-        far = layout["capacity"] + 1
-        prefix = short.int().cumprod(0).sum() == short.sum()  # the short sequences come first
-        group_reads = [checks.read(short.sum()), checks.read(prefix)] + [
-            checks.read(op(torch.where(side, ends, fill)))
-            for side in (short, ~short)
-            for op, fill in ((torch.min, far), (torch.max, -1))
-        ]
+    added = fa3_fields["knew"] if fa3_fields["knew"] is not None else layout["snew"]  # new keys per row
+    group_reads = read_groups(fa3_fields, seqlens + added, layout["capacity"], checks)
     values = checks.run()
     snew = layout["snew"]
     if value_checks_on():
@@ -284,15 +275,7 @@ def check_kvcache_call(
     else:  # nothing read: the backends assume the worst (every row may reach the capacity)
         max_end, min_end, max_start = layout["capacity"], 0, layout["capacity"]
         if fa3_fields["knew"] is not None:
-            snew = min(a["fa3_total_k_new"], layout["capacity"])
-    if fa3_fields["knew"] is None:
-        added = snew
-    groups = None
-    if group_reads is not None and value_checks_on():
-        n, first, a_lo, a_hi, b_lo, b_hi = (values[i] for i in group_reads)
-        groups = (n, bool(first), (max(a_lo, 0), max(a_hi, 0)), (max(b_lo, 0), max(b_hi, 0)))
-    elif group_reads is not None:  # nothing read: one group, the worst case
-        groups = (0, False, (0, 0), (0, 0))
+            snew = min(fa3_fields["total_k_new"], layout["capacity"])
     b, sq, h, d = q.shape
     call = KVCacheCall(
         batch=b,
@@ -323,7 +306,7 @@ def check_kvcache_call(
         headdim_qv=fa3_fields["headdim_qv"],
         rotary_base=fa3_fields["rotary_base"],
         q_lens=fa3_fields["q_lens"],
-        groups=groups,
+        groups=groups_from(values, group_reads),
         total_q=fa3_fields["total_q"],
         cu_seqlens_q=fa3_fields["cu_seqlens_q"],
         knew=fa3_fields["knew"],

@@ -31,9 +31,18 @@ from .validation import (
     check_int,
     check_lengths,
     check_tensor,
+    value_checks_on,
 )
 
-__all__ = ["PLAN_FIELDS", "check_fa3_arguments", "check_plan", "fa3_backend_rules", "plan_tensor"]
+__all__ = [
+    "PLAN_FIELDS",
+    "check_fa3_arguments",
+    "check_plan",
+    "fa3_backend_rules",
+    "groups_from",
+    "plan_tensor",
+    "read_groups",
+]
 
 FP8 = torch.float8_e4m3fn
 PLAN_MAGIC = 0x46413300  # "FA3\0"
@@ -76,7 +85,8 @@ def check_fa3_arguments(a: dict, checks: DeviceChecks) -> dict:
     """Check FlashAttention 3's arguments of the call ``a`` (every keyword of
     :data:`~flashkv_edu.call.DEFAULTS`); replace ``a["q"]`` (and ``k``, ``v``, ``qv``) by
     stand-ins of the shapes and dtypes the rest of the check and the backends see. Returns the FA3
-    fields of :class:`~flashkv_edu.call.KVCacheCall` (plus ``knew_max``, a device-read handle)."""
+    fields of :class:`~flashkv_edu.call.KVCacheCall` (plus ``knew_max``, a device-read handle, and
+    ``total_k_new``, the packed new keys)."""
     q, k, v, qv = a["q"], a["k"], a["v"], a["qv"]
     found = dict(
         chunk=check_int("attention_chunk", a["attention_chunk"], low=0),
@@ -89,6 +99,7 @@ def check_fa3_arguments(a: dict, checks: DeviceChecks) -> dict:
         cu_seqlens_q=None,
         knew=None,
         knew_max=None,
+        total_k_new=0,
         cu_seqlens_k_new=None,
         q_descale=None,
     )
@@ -131,11 +142,10 @@ def check_fa3_arguments(a: dict, checks: DeviceChecks) -> dict:
         if cu_k.shape[0:1] != (b + 1,):
             raise ArgumentError(f"cu_seqlens_k_new must have shape ({b + 1},) (batch + 1), got {tuple(cu_k.shape)}")
         knew, longest = _offsets("cu_seqlens_k_new", cu_k, k.shape[0], q.device, checks)
-        found.update(knew=knew, knew_max=longest, cu_seqlens_k_new=cu_k)
+        found.update(knew=knew, knew_max=longest, cu_seqlens_k_new=cu_k, total_k_new=k.shape[0])
         kdtype = torch.bfloat16 if fp8_q else k.dtype
         a["k"] = _stand_in((b, 0, k.shape[1], k.shape[2]), kdtype, k.device)
         a["v"] = _stand_in((b, 0, v.shape[1], v.shape[2]), kdtype if fp8_q else v.dtype, v.device)
-        a["fa3_total_k_new"] = k.shape[0]
     elif fp8_q and k is not None:
         a["k"], a["v"] = (_stand_in(t.shape, torch.bfloat16, t.device) for t in (k, v))
 
@@ -190,12 +200,38 @@ def _check_fp8_q(a: dict, q, found: dict, b: int, hk: int, checks: DeviceChecks)
 def fa3_backend_rules(a: dict, found: dict, backend: str) -> str:
     """The backend that serves the call: the Triton kernels do not take ``qv``; asked for by name
     that is an error, and ``backend="auto"`` takes the PyTorch path."""
-    missing = [name for name, used in (("qv", found["headdim_qv"]),) if used]
-    if backend == "triton" and missing:
+    if backend == "triton" and found["headdim_qv"]:
         if a["backend"] == "triton":
-            raise ArgumentError(f"backend='triton' does not take {', '.join(missing)}; use backend='torch' or 'auto'")
+            raise ArgumentError("backend='triton' does not take qv; use backend='torch' or 'auto'")
         return "torch"
     return backend
+
+
+def read_groups(found: dict, ends: torch.Tensor, capacity: int, checks: DeviceChecks) -> list[int] | None:
+    """For a varlen call, the device reads that split it into groups (:mod:`flashkv_edu.varlen`):
+    handles of the number of sequences of at most one query row, whether they come first, and the
+    (min, max) end of theirs and of the others. None for a batched call."""
+    if found["q_lens"] is None:
+        return None
+    short = found["q_lens"] <= 1
+    first = short.int().cumprod(0).sum() == short.sum()
+    bounds = [
+        checks.read(op(torch.where(side, ends, fill)))
+        for side in (short, ~short)
+        for op, fill in ((torch.min, capacity + 1), (torch.max, -1))
+    ]
+    return [checks.read(short.sum()), checks.read(first), *bounds]
+
+
+def groups_from(values: list[int], reads: list[int] | None):
+    """``KVCacheCall.groups`` from the read values: ``(short, first, (min, max) end of the short,
+    of the others)``; one group (the worst case) when nothing was read."""
+    if reads is None:
+        return None
+    if not value_checks_on():
+        return (0, False, (0, 0), (0, 0))
+    n, first, a_lo, a_hi, b_lo, b_hi = (values[i] for i in reads)
+    return (n, bool(first), (max(a_lo, 0), max(a_hi, 0)), (max(b_lo, 0), max(b_hi, 0)))
 
 
 def plan_tensor(values: dict) -> torch.Tensor:

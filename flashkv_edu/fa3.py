@@ -40,7 +40,7 @@ import torch
 from .api import run_checked_call
 from .call import FA3_SIGNATURE, bind_kvcache_arguments, check_kvcache_call
 from .call_fa3 import plan_tensor
-from .split import H100, block_n_for, gpu_for, num_splits_heuristic_fa3
+from .split import block_n_for, gpu_for, num_splits_heuristic_fa3
 from .validation import (
     ArgumentError,
     ArgumentTypeError,
@@ -155,7 +155,7 @@ def get_scheduler_metadata(
     pack = None if pack_gqa is None else check_bool("pack_gqa", pack_gqa)
     num_splits = check_num_splits(num_splits)
     if num_splits == 0:
-        gpu = gpu_for(seqlens.device) if seqlens.device.type == "cuda" else H100
+        gpu = gpu_for(seqlens.device)  # an H100 on a CPU
         hq, hk = fields["num_heads_q"], fields["num_heads_kv"]
         packed = True if pack is None else pack  # FA3 packs GQA for decode and varlen
         rows = fields["max_seqlen_q"] * (hq // hk if packed else 1)

@@ -90,16 +90,19 @@ def num_splits_heuristic(batch_nheads_mblocks: int, num_sms: int, num_n_blocks: 
     def eligible(s):
         return s == 1 or math.ceil(num_n_blocks / s) != math.ceil(num_n_blocks / (s - 1))
 
+    return _smallest_efficient(batch_nheads_mblocks, num_sms, [s for s in range(1, max_splits + 1) if eligible(s)])
+
+
+def _smallest_efficient(programs: int, num_sms: int, candidates: list[int]) -> int:
+    """The smallest split count of ``candidates`` whose wave efficiency ``w / ceil(w)`` (``w =
+    programs * s / num_sms``) is within 85% of the best one's: both FlashAttention generations'
+    rule."""
     efficiency = {}
-    for s in range(1, max_splits + 1):
-        if eligible(s):
-            waves = batch_nheads_mblocks * s / num_sms
-            efficiency[s] = waves / math.ceil(waves)
+    for s in candidates:
+        waves = programs * s / num_sms
+        efficiency[s] = waves / math.ceil(waves)
     best = max(efficiency.values(), default=0.0)
-    for s in range(1, max_splits + 1):
-        if s in efficiency and efficiency[s] >= 0.85 * best:
-            return s
-    return 1
+    return next((s for s in candidates if efficiency[s] >= 0.85 * best), 1)
 
 
 def num_splits_heuristic_fa3(
@@ -137,13 +140,7 @@ def num_splits_heuristic_fa3(
         return 1
     if num_n_blocks <= 4:
         return 1
-    top = min(max_splits, num_sms, num_n_blocks)
-    efficiency = []
-    for s in range(1, top + 1):
-        w = total_mblocks * s / num_sms
-        efficiency.append(w / math.ceil(w))
-    best = max(efficiency)
-    return next(s for s, e in enumerate(efficiency, start=1) if e >= 0.85 * best)
+    return _smallest_efficient(total_mblocks, num_sms, list(range(1, min(max_splits, num_sms, num_n_blocks) + 1)))
 
 
 def block_n_for(headdim: int) -> int:
