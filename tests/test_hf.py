@@ -389,10 +389,11 @@ def _llama4_config():
 
 
 @pytest.mark.parametrize("batch", [1, 3], ids=["one-prompt", "left-padded-3"])
-def test_llama4_chunked_attention_equals_eager_with_flashkv_cache(batch):
-    """Llama 4's chunked layers run as FlashAttention 3's ``attention_chunk`` over a FlashKVCache,
-    contiguous and paged, token for token as eager over 36 positions (4 chunks). transformers'
-    DynamicCache keeps only the last chunk and cannot tell the attention where it starts: refused."""
+def test_llama4_chunked_attention_equals_eager(batch):
+    """Llama 4's chunked layers run as FlashAttention 3's ``attention_chunk``, token for token as
+    eager over 36 positions (4 chunks of 8; rows padded by 4 and 7, so chunks start mid-window):
+    over a FlashKVCache, contiguous and paged, and over transformers' DynamicCache, which hands the
+    attention only the last 7 keys plus the new one (the mask function records where they start)."""
     from transformers import AutoModelForCausalLM
 
     hf.register("torch")
@@ -406,5 +407,19 @@ def test_llama4_chunked_attention_equals_eager_with_flashkv_cache(batch):
     for page_size in (None, 4):
         got = _generate(ours, ids, mask, hf.FlashKVCache(ours.config, batch, 64, page_size=page_size))
         assert torch.equal(got.sequences, want.sequences), page_size
-    with pytest.raises(ArgumentError, match="chunked attention.*FlashKVCache"):
-        _generate(ours, ids, mask, DynamicCache(config=ours.config))
+    got = _generate(ours, ids, mask, DynamicCache(config=ours.config))
+    assert torch.equal(got.sequences, want.sequences)
+
+
+def test_a_chunked_layer_without_the_recorded_mask_is_refused():
+    """A chunked layer over dense keys whose padding mask the registered mask function did not
+    build (a user's own mask, or a copy of it) cannot tell where its keys start: refused, naming
+    the layer, instead of a guess."""
+    from transformers import AutoModelForCausalLM
+
+    hf.register("torch")
+    ours = AutoModelForCausalLM.from_config(_llama4_config(), attn_implementation=hf.NAME).eval()
+    module = ours.model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 9, 16)
+    with pytest.raises(ArgumentError, match="layer 0 is chunked attention.*mask function"):
+        hf.attention(module, q, k, k.clone(), torch.ones(1, 9, dtype=torch.bool))

@@ -58,6 +58,55 @@ def left_padding(attention_mask, batch: int, kv_len: int, device) -> torch.Tenso
     return pads.to(torch.int32) if bool(pads.any()) else None
 
 
+# Padding masks built for Llama 4's chunked layers: id(mask) -> (weak mask, kv_offset, left pads (batch,)).
+_CHUNK_MASKS: dict[int, tuple] = {}
+
+
+def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """transformers' mask function for :data:`NAME`: FlashAttention 2's 2-D padding mask ``(batch,
+    kv_length)`` (None: nothing padded). For Llama 4's chunked layers (``local_size`` given) a
+    ``DynamicCache`` hands the attention only the last keys, starting at position ``kv_offset``:
+    the mask is then always a tensor, and where its keys start (``kv_offset``, each row's left
+    padding) is recorded for :func:`chunk_leftpad`, which aligns the chunks."""
+    from transformers.masking_utils import flash_attention_mask
+
+    mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask, **kwargs)
+    if kwargs.get("local_size") is None:
+        return mask
+    device = kwargs.get("device", "cpu") if attention_mask is None else attention_mask.device
+    if mask is None:
+        mask = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+    if attention_mask is None:
+        pads = torch.zeros(batch_size, dtype=torch.int64, device=device)
+    else:
+        pads = (attention_mask.to(torch.bool).int().cumsum(-1) == 0).sum(-1)
+    for entry_key, entry in list(_CHUNK_MASKS.items()):
+        if entry[0]() is None:
+            del _CHUNK_MASKS[entry_key]
+    _CHUNK_MASKS[id(mask)] = (weakref.ref(mask), int(kv_offset), pads)
+    return mask
+
+
+def chunk_leftpad(attention_mask, chunk: int, module) -> torch.Tensor | None:
+    """``cache_leftpad`` for a chunked layer attending to the keys a ``DynamicCache`` returned, which
+    start at position ``kv_offset`` of the left-padded sequence (row ``b`` padded by ``P_b``).
+    FlashAttention 3 numbers chunks from ``cache_leftpad``: ``(P_b - kv_offset) mod chunk`` keeps
+    every key in its chunk. Where the window still holds padding that is exactly the padding;
+    otherwise the keys it hides lie in chunks before every query's. None: nothing to shift."""
+    entry = _CHUNK_MASKS.get(id(attention_mask)) if attention_mask is not None else None
+    if entry is None or entry[0]() is not attention_mask:
+        raise ArgumentError(
+            f"layer {getattr(module, 'layer_idx', '?')} is chunked attention (Llama 4): with transformers' "
+            f"DynamicCache, {NAME} needs the padding mask its own mask function built (call "
+            "flashkv_edu.hf.register() before building the model) to know where the keys start; or use "
+            "hf.FlashKVCache"
+        )
+    _, kv_offset, pads = entry
+    shift = pads.to(torch.int64) - kv_offset
+    shift = torch.where(shift >= 0, shift, shift % chunk).to(torch.int32)
+    return shift if bool(shift.any()) else None
+
+
 _OPTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (arguments, options)
 
 
@@ -147,12 +196,6 @@ def attention(
         return cache.attend_layer(layer_idx, q, key, value, attention_mask, options), None
     check_tensor("key", key, ndim=4)
     check_tensor("value", value, ndim=4)
-    if "attention_chunk" in options:
-        raise ArgumentError(
-            f"layer {getattr(module, 'layer_idx', '?')} is chunked attention (Llama 4): {NAME} serves it from a "
-            "FlashKVCache (hf.FlashKVCache), which knows where each key sits. transformers' DynamicCache keeps only "
-            "the last chunk's keys and does not tell the attention their positions, so chunks cannot be aligned"
-        )
     shared = consumed_by(key)
     if shared is not None:  # a layer reading another layer's keys and values (Gemma 3n's KV sharing)
         cache, layer_idx = shared
@@ -161,6 +204,8 @@ def attention(
     k, v = key.transpose(1, 2), value.transpose(1, 2)
     b, kv_len = q.shape[0], k.shape[1]
     pad = left_padding(attention_mask, b, kv_len, q.device)
+    if "attention_chunk" in options:  # Llama 4 over a DynamicCache: the keys start at kv_offset
+        pad = chunk_leftpad(attention_mask, options["attention_chunk"], module)
     seqlens = torch.full((b,), kv_len, dtype=torch.int32, device=q.device)
     return checked_attention(q, k, v, cache_seqlens=seqlens, cache_leftpad=pad, **options), None
 
@@ -178,5 +223,7 @@ __all__ = [
     "attention_options",
     "check_attention_options",
     "checked_attention",
+    "chunk_leftpad",
     "left_padding",
+    "padding_mask",
 ]
