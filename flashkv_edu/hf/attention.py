@@ -70,7 +70,9 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, atten
     padding) is recorded for :func:`chunk_leftpad`, which aligns the chunks."""
     from transformers.masking_utils import flash_attention_mask
 
-    mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask, **kwargs)
+    mask = flash_attention_mask(
+        batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask, **kwargs
+    )
     if kwargs.get("local_size") is None:
         return mask
     device = kwargs.get("device", "cpu") if attention_mask is None else attention_mask.device
