@@ -45,10 +45,12 @@ def token_ids(name: str, tokens) -> list[int]:
 
 
 def block_hash(parent: bytes | None, tokens) -> bytes:
-    """Prefix-cache key of a full block: a digest of the parent block's key and this block's token ids."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(parent or b"root")
-    h.update(b",".join(str(int(t)).encode() for t in tokens))
+    """Prefix-cache key of a full block: SHA-256 over the parent block's key and this block's
+    token ids (8 bytes each, little-endian), 32 bytes. The same in every process and on every run
+    (vLLM's default since v0.10.2): never Python's ``hash()``, which is seeded per process for
+    strings and bytes, so keys shared between processes would never match."""
+    h = hashlib.sha256(parent or b"root")
+    h.update(b"".join(int(t).to_bytes(8, "little", signed=True) for t in tokens))
     return h.digest()
 
 

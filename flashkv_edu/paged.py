@@ -68,6 +68,7 @@ class SequenceState:
     tokens: list[int] = field(default_factory=list)
     length: int = 0
     hashes: list[bytes] = field(default_factory=list)  # keys of its full blocks, in order
+    pending: int = 0  # reserved tokens whose ids come later (fill_tokens): an overlapped step's samples
 
 
 @dataclass
@@ -137,6 +138,9 @@ class PagedKVCache:
         self.prefix_caching = prefix_caching
         self.cow_copies = 0
         self.store = None  # a TieredStore below the device pool (attach_store)
+        # Called with "block_table" or "cache_seqlens" before either is written (overlap scheduling
+        # checks that no step in flight reads what is rewritten: flashkv_edu.overlap).
+        self.on_write = None
         self.prefix_hits = {"device": 0, "host": 0, "disk": 0}
 
     def resize_layer(self, layer: int, nheads_k: int, headdim: int, headdim_v: int | None = None, dtype=None) -> None:
@@ -198,7 +202,13 @@ class PagedKVCache:
                 return slot
         raise ArgumentError(f"all {self.max_batch} batch slots are in use")
 
+    def _written(self) -> None:
+        if self.on_write is not None:
+            self.on_write("block_table")
+            self.on_write("cache_seqlens")
+
     def _sync_row(self, slot: int) -> None:
+        self._written()
         seq = self.seqs[slot]
         row = torch.zeros(self.max_blocks_per_seq, dtype=torch.int32)
         row[: len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
@@ -309,17 +319,22 @@ class PagedKVCache:
         first = torch.tensor([start], device=self.k_cache.device)
         write_kv(self.k_cache, self.v_cache, k[None], v[None], first, block_table=self.block_table[slot : slot + 1])
 
-    def reserve(self, slot: int, n: int, tokens=None) -> int:
+    def reserve(self, slot: int, n: int, tokens=None, *, later: bool = False) -> int:
         """Make room for ``n`` more tokens of ``slot`` in every layer and return the position of
         the first one: allocate blocks, copy a shared last block first (copy-on-write, all
         layers), update the block table, advance the length. The caller writes the keys and
-        values (``flash_attn_with_kvcache`` does it through ``block_table``). Raises, changing
-        nothing, when the pool has too few free blocks."""
+        values (``flash_attn_with_kvcache`` does it through ``block_table``). ``tokens``: their
+        ids, for the prefix cache; ``later=True``: the ids are not known yet (a step scheduled
+        before the one that samples them) and come through :meth:`fill_tokens`. Raises,
+        changing nothing, when the pool has too few free blocks."""
         seq = self.sequence(slot)
         n = check_int("n", n, low=0)
+        later = check_bool("later", later)
         tokens = token_ids("tokens", tokens) if tokens is not None else None
         if tokens is not None and len(tokens) != n:
             raise ArgumentError(f"tokens must hold {n} ids, got {len(tokens)}")
+        if later and tokens is not None:
+            raise ArgumentError("reserve takes tokens now or later=True, not both")
         need, cow = self._plan(seq, n)
         if need > self.allocator.num_free:
             raise OutOfBlocksError(
@@ -339,17 +354,36 @@ class PagedKVCache:
         seq.blocks.extend(self.allocator.allocate(missing) if missing > 0 else [])
         start = seq.length
         seq.length += n
-        if tokens is None or seq.tokens is None or len(seq.tokens) != start:
+        if later:
+            seq.pending += n
+        elif tokens is None or seq.tokens is None or seq.pending or len(seq.tokens) != start:
             seq.tokens = None  # token ids unknown: this sequence no longer feeds the prefix cache
         else:
             seq.tokens.extend(tokens)
-            while self.prefix_caching and len(seq.hashes) < seq.length // bs:
-                i = len(seq.hashes)
-                key = block_hash(seq.hashes[-1] if seq.hashes else None, seq.tokens[i * bs : (i + 1) * bs])
-                self.allocator.register(seq.blocks[i], key)
-                seq.hashes.append(key)
+            self._register_full_blocks(seq)
         self._sync_row(slot)
         return start
+
+    def fill_tokens(self, slot: int, tokens) -> None:
+        """The ids of the oldest tokens :meth:`reserve` took with ``later=True``, in order: they
+        feed the prefix cache as if they had been known at once."""
+        seq = self.sequence(slot)
+        tokens = token_ids("tokens", tokens)
+        if len(tokens) > seq.pending:
+            raise ArgumentError(f"slot {slot} waits for {seq.pending} token ids, got {len(tokens)}")
+        seq.pending -= len(tokens)
+        if seq.tokens is not None:
+            seq.tokens.extend(tokens)
+            self._register_full_blocks(seq)
+
+    def _register_full_blocks(self, seq: SequenceState) -> None:
+        """Key every full block of ``seq`` whose ids are all known (prefix caching)."""
+        bs = self.block_size
+        while self.prefix_caching and len(seq.hashes) < len(seq.tokens) // bs:
+            i = len(seq.hashes)
+            key = block_hash(seq.hashes[-1] if seq.hashes else None, seq.tokens[i * bs : (i + 1) * bs])
+            self.allocator.register(seq.blocks[i], key)
+            seq.hashes.append(key)
 
     def fork(self, slot: int) -> int:
         """A new slot sharing every block of ``slot`` (parallel sampling, beam search)."""
@@ -527,6 +561,7 @@ class PagedKVCache:
         """Release ``slot``; its blocks go to the free list last block first (the blocks that
         hash the longest prefixes are the least reusable, so they are evicted first)."""
         seq = self.sequence(slot)
+        self._written()
         for block in reversed(seq.blocks):
             self.allocator.free(block)
         del self.seqs[slot]

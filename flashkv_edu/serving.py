@@ -1,13 +1,13 @@
-"""Serving a model with ``flash_attn_with_kvcache`` over a paged cache (notebooks 08 and 11).
+"""Serving a model with ``flash_attn_with_kvcache`` over a paged cache (notebooks 08, 11, 12).
 
-* :class:`PagedContext`: the attention of :class:`~flashkv_edu.model.TinyDecoder` done by
-  ``flash_attn_with_kvcache`` (new keys appended through the block table, rotary applied by
-  the call, bottom-right causal mask per sequence).
+* The step (:mod:`flashkv_edu.steps`, its names re-exported here): :class:`PagedContext`,
+  :func:`paged_step`, and its two halves :func:`plan_step` and :func:`run_step`.
 * :func:`serve`: continuous batching. Requests join when they arrive and fit (their prompt is
   prefilled, reusing cached prefix blocks), all running requests decode together one token per
   step, each at its own length, and finished requests leave, their blocks returning to the pool.
   When the pool runs out of blocks, the latest request is preempted by recompute or swap
-  (notebook 11) and rejoins later with the same tokens.
+  (notebook 11) and rejoins later with the same tokens. ``overlap=True`` schedules one step
+  ahead of a device thread (notebook 12).
 """
 
 from __future__ import annotations
@@ -21,137 +21,44 @@ import torch
 from .api import flash_attn_with_kvcache
 from .model import TinyDecoder
 from .offload import KVLostError, StoreFullError
-from .paged import OutOfBlocksError, PagedKVCache, SwappedSequence, token_ids
+from .overlap import BufferVersions, Device
+from .paged import PagedKVCache, SwappedSequence
 from .runtime import resolve_backend
-from .validation import ArgumentError, ArgumentTypeError, check_int, check_positive
+from .steps import (
+    NO_HOOKS,
+    LayerHooks,
+    PagedContext,
+    PlannedStep,
+    capacity,
+    check_step,
+    check_tokens,
+    launch_inputs,
+    new_paged_cache,
+    paged_step,
+    plan_step,
+    run_step,
+)
+from .validation import ArgumentError, ArgumentTypeError, check_bool, check_int, check_positive
 
 __all__ = [
+    "NO_HOOKS",
     "PREEMPTION_MODES",
+    "LayerHooks",
     "PagedContext",
+    "PlannedStep",
     "Request",
     "ServeTrace",
     "decode_step",
+    "capacity",
+    "check_step",
+    "check_tokens",
+    "launch_inputs",
     "new_paged_cache",
     "paged_step",
+    "plan_step",
+    "run_step",
     "serve",
 ]
-
-
-def _check_tokens(model: TinyDecoder, name: str, tokens) -> list[int]:
-    ids = token_ids(name, tokens)
-    vocab = model.cfg.vocab_size
-    if any(t >= vocab for t in ids):
-        raise ArgumentError(f"{name} holds token ids >= the model's vocabulary size {vocab}: {ids}")
-    return ids
-
-
-def _capacity(model: TinyDecoder, cache: PagedKVCache) -> int:
-    """Tokens one sequence can hold: the block table's reach and the model's rotary table."""
-    return min(cache.max_blocks_per_seq * cache.block_size, model.cfg.max_seqlen)
-
-
-class PagedContext:
-    """Attention for ``TinyDecoder.run`` through :func:`flash_attn_with_kvcache`: layer ``l``
-    reads and extends ``cache.k_pools[l]`` / ``v_pools[l]`` through the block-table rows of
-    ``slots``; ``starts`` are the tokens each slot held before this step."""
-
-    def __init__(self, cache: PagedKVCache, slots: list[int], starts: torch.Tensor, rope, backend: str):
-        self.cache, self.starts, self.rope, self.backend = cache, starts, rope, backend
-        self.table = cache.block_table[torch.tensor(slots, dtype=torch.long, device=cache.block_table.device)]
-
-    def attend(self, layer, q, k, v):
-        cos, sin = self.rope if self.rope is not None else (None, None)
-        if cos is not None:
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        return flash_attn_with_kvcache(
-            q,
-            self.cache.k_pools[layer],
-            self.cache.v_pools[layer],
-            k,
-            v,
-            rotary_cos=cos,
-            rotary_sin=sin,
-            cache_seqlens=self.starts,
-            block_table=self.table,
-            causal=True,
-            rotary_interleaved=False,
-            backend=self.backend,
-        )
-
-
-def new_paged_cache(
-    model: TinyDecoder, num_blocks: int, block_size: int = 16, max_batch: int = 8, max_seqlen: int | None = None
-) -> PagedKVCache:
-    """A multi-layer :class:`PagedKVCache` sized for ``model`` (capacity per sequence at most the
-    model's rotary table length)."""
-    if not isinstance(model, TinyDecoder):
-        raise ArgumentTypeError(f"model must be a TinyDecoder, got {type(model).__name__}")
-    cfg = model.cfg
-    num_blocks = check_int("num_blocks", num_blocks, low=1)
-    block_size = check_int("block_size", block_size, low=1)
-    max_batch = check_int("max_batch", max_batch, low=1)
-    max_seqlen = cfg.max_seqlen if max_seqlen is None else check_int("max_seqlen", max_seqlen, low=1)
-    if max_seqlen < block_size:
-        raise ArgumentError(f"max_seqlen ({max_seqlen}) must hold at least one block of {block_size} tokens")
-    return PagedKVCache(
-        num_blocks,
-        block_size,
-        cfg.n_kv_heads,
-        cfg.headdim,
-        max_batch=max_batch,
-        max_blocks_per_seq=max_seqlen // block_size,
-        dtype=model.head.weight.dtype,
-        device=model.head.weight.device,
-        num_layers=cfg.n_layers,
-    )
-
-
-@torch.no_grad()
-def paged_step(
-    model: TinyDecoder, cache: PagedKVCache, slots: list[int], tokens: list[list[int]], backend: str = "torch"
-) -> torch.Tensor:
-    """Run ``tokens[i]`` (equal lengths) as the next tokens of ``slots[i]``; returns logits of the
-    last position of each, ``(len(slots), vocab)``."""
-    resolve_backend(backend, model.head.weight.device)
-    if not isinstance(model, TinyDecoder):
-        raise ArgumentTypeError(f"model must be a TinyDecoder, got {type(model).__name__}")
-    if not isinstance(cache, PagedKVCache):
-        raise ArgumentTypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
-    if not isinstance(slots, (list, tuple)) or not slots:
-        raise ArgumentError(f"slots must be a non-empty list of open slots, got {slots!r}")
-    slots = [check_int(f"slots[{i}]", s) for i, s in enumerate(slots)]
-    if len(set(slots)) != len(slots):
-        raise ArgumentError(f"slots must not repeat a slot, got {slots}")
-    for slot in slots:
-        cache.sequence(slot)
-    if not isinstance(tokens, (list, tuple)) or len(tokens) != len(slots):
-        raise ArgumentError(f"tokens must be a list with one list of token ids per slot ({len(slots)}), got {tokens!r}")
-    tokens = [_check_tokens(model, f"tokens[{i}]", t) for i, t in enumerate(tokens)]
-    n = len(tokens[0])
-    if n == 0 or any(len(t) != n for t in tokens):
-        raise ArgumentError(
-            f"tokens must hold the same number (>= 1) of ids for every slot, got lengths {[len(t) for t in tokens]}"
-        )
-    limit = _capacity(model, cache)
-    need = 0
-    for slot in slots:
-        if cache.seqs[slot].length + n > limit:
-            raise ArgumentError(
-                f"slot {slot} holds {cache.seqs[slot].length} tokens; {n} more exceed the "
-                f"{limit} a sequence can hold (block table and the model's rotary table)"
-            )
-        need += cache.blocks_needed(slot, n)
-    if need > cache.allocator.num_free:
-        raise OutOfBlocksError(f"this step needs {need} free blocks, {cache.allocator.num_free} are free")
-    # Everything is checked; the reservations below cannot fail.
-    starts = cache.cache_seqlens[torch.tensor(slots)].clone()
-    for slot, toks in zip(slots, tokens, strict=True):
-        cache.reserve(slot, n, toks)
-    device = model.head.weight.device
-    tok = torch.tensor(tokens, device=device)
-    positions = starts.long().to(device)[:, None] + torch.arange(n, device=device)[None, :]
-    ctx = PagedContext(cache, slots, starts.to(device), model.rope(), backend)
-    return model.run(tok, positions, ctx)[:, -1]
 
 
 @dataclass
@@ -192,6 +99,12 @@ class ServeTrace:
     swapped_blocks: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    timeline: list = field(default_factory=list)
+    """With a device (``overlap`` or ``kernel_seconds``): ``(lane, step, what, start, end)`` per
+    interval, lane ``"device"`` (a launched prefill or decode) or ``"scheduler"`` (planning a
+    step, processing results), seconds from the start of the run."""
+    seconds: float = 0.0
+    """Wall-clock seconds of the whole run."""
 
 
 PREEMPTION_MODES = ("recompute", "swap")
@@ -206,6 +119,10 @@ def serve(
     *,
     preemption: str = "recompute",
     watermark: float = 0.01,
+    overlap: bool = False,
+    kernel_seconds: float = 0.0,
+    timeout: float = 60.0,
+    inputs=None,
 ) -> ServeTrace:
     """Continuous batching with greedy decoding. Fills each request's ``output`` and returns a
     :class:`ServeTrace`.
@@ -221,6 +138,17 @@ def serve(
     into the cache's store (``cache.attach_store``) and later copies them back, falling back to
     recompute when the store is full or a block comes back corrupted. Either way every output is
     what an unpressured run gives. Nothing raises :class:`~flashkv_edu.paged.OutOfBlocksError`.
+
+    **Overlap** (notebook 12). ``overlap=True`` runs the model on a :class:`~flashkv_edu.overlap.Device`
+    thread and schedules one step ahead of it (SGLang's zero-overhead loop): step N+1 is planned
+    and launched before step N's results are processed, its input tokens read on the device from
+    the samples of step N. A step that must preempt waits for everything in flight first (no
+    overlap for that step). ``kernel_seconds`` makes each device step last at least that long (a
+    simulated kernel; with ``overlap=False`` the same device runs one step at a time, the
+    baseline). ``timeout``: seconds any wait for the device may take. ``inputs(cache, slots)``:
+    what a step reads of the bookkeeping (default :func:`launch_inputs`, copies); a step in
+    flight that reads a buffer the scheduler rewrites raises
+    :class:`~flashkv_edu.overlap.HazardError`. Outputs are token-identical either way.
 
     Every request is checked before anything starts; if anything fails midway, the slots and
     store rows this call used are released before the error propagates."""
@@ -238,12 +166,12 @@ def serve(
         raise ArgumentError(f"watermark must be a fraction in [0, 1), got {watermark}")
     if not isinstance(requests, (list, tuple)):
         raise ArgumentTypeError(f"requests must be a list of Request, got {type(requests).__name__}")
-    limit = _capacity(model, cache)
+    limit = capacity(model, cache)
     pool = cache.allocator.num_blocks
     for i, r in enumerate(requests):
         if not isinstance(r, Request):
             raise ArgumentTypeError(f"requests[{i}] must be a Request, got {type(r).__name__}")
-        prompt = _check_tokens(model, f"requests[{i}].prompt", r.prompt)
+        prompt = check_tokens(model, f"requests[{i}].prompt", r.prompt)
         if not prompt:
             raise ArgumentError(f"requests[{i}].prompt must hold at least one token")
         check_int(f"requests[{i}].max_new_tokens", r.max_new_tokens, low=1)
@@ -263,12 +191,27 @@ def serve(
             raise ArgumentError(f"requests[{i}] has already been served (slot, output or admitted set)")
     if len({id(r) for r in requests}) != len(requests):
         raise ArgumentError("requests must not list the same Request twice")
-    loop = _ServeLoop(model, requests, cache, backend, preemption, max(1, int(watermark * pool)) if watermark else 0)
+    overlap = check_bool("overlap", overlap)
+    kernel_seconds = check_positive("kernel_seconds", kernel_seconds, allow_zero=True)
+    timeout = check_positive("timeout", timeout)
+    if inputs is not None and not callable(inputs):
+        raise ArgumentTypeError(f"inputs must be a function (cache, slots) -> (table, lengths), got {inputs!r}")
+    reserve = max(1, int(watermark * pool)) if watermark else 0
+    started = time.perf_counter()
+    if not overlap and not kernel_seconds:
+        loop = _ServeLoop(model, requests, cache, backend, preemption, reserve)
+    else:
+        loop = _DeviceLoop(model, requests, cache, backend, preemption, reserve, overlap, inputs, timeout)
+        loop.device = Device(kernel_seconds, timeout)
     try:
-        return loop.run()
+        trace = loop.run()
     except BaseException:
         loop.release()
         raise
+    finally:
+        loop.close()
+    trace.seconds = time.perf_counter() - started
+    return trace
 
 
 class _ServeLoop:
@@ -283,6 +226,9 @@ class _ServeLoop:
         self.swapped: dict[int, SwappedSequence] = {}  # id(request) -> its blocks in the store
         self.trace = ServeTrace()
         self.step = 0
+
+    def close(self) -> None:
+        """Stop what the loop started (nothing here; the device loop's thread)."""
 
     def release(self) -> None:
         for r in self.running:
@@ -304,6 +250,9 @@ class _ServeLoop:
         if r.admitted is None:
             r.admitted, r.cached_tokens = self.step, cached
 
+    def swapped_in(self, r: Request) -> None:
+        """``r`` is back on the device with its blocks; its next input is ``r.output[-1]``."""
+
     def need(self, r: Request) -> int:
         if id(r) in self.swapped:
             return len(self.swapped[id(r)].keys)
@@ -321,6 +270,7 @@ class _ServeLoop:
             if handle is not None:
                 try:
                     r.slot = cache.swap_in(handle)
+                    self.swapped_in(r)
                     self.trace.swapped_blocks += len(handle.keys)
                     events.append(f"request {self.order[id(r)]} swapped back in")
                 except KVLostError:
@@ -385,6 +335,122 @@ class _ServeLoop:
             trace.events.append("; ".join(events))
             self.step += 1
         return trace
+
+
+class _DeviceLoop(_ServeLoop):
+    """:func:`serve` with the model on a :class:`Device` thread. ``overlap``: results of a step
+    are processed while the next one runs (a lag of one step); otherwise each step's results are
+    processed as soon as it is launched (the serial baseline on the same device)."""
+
+    def __init__(self, model, requests, cache, backend, preemption, watermark_blocks, overlap, inputs, timeout):
+        super().__init__(model, requests, cache, backend, preemption, watermark_blocks)
+        self.overlap, self.inputs, self.timeout = overlap, inputs, timeout
+        self.device = None
+        self.next_tokens = torch.zeros(cache.max_batch, dtype=torch.long, device=model.head.weight.device)
+        self.versions = BufferVersions()
+        self.in_flight: dict[int, int] = {}  # id(request) -> tokens sampled on the device, not processed yet
+        self.launched: list[tuple] = []  # (handle, kind, requests, step) not processed yet, in launch order
+        self.events: list[str] = []  # the current step's
+        self.t0 = time.perf_counter()
+
+    def close(self) -> None:
+        if self.device is not None:
+            self.device.close()
+        self.cache.on_write = None
+
+    def launch(self, planned: PlannedStep, kind: str, requests: list[Request]) -> None:
+        live = {"block_table": self.cache.block_table, "cache_seqlens": self.cache.cache_seqlens}
+        read = [name for name, t in live.items() if any(_shares(x, t) for x in (planned.table, planned.ends))]
+        handle = self.device.launch(lambda: run_step(planned, self.next_tokens).argmax(-1).tolist())
+        self.versions.lease(handle.number, read)
+        self.launched.append((handle, kind, requests, self.step))
+        for r in requests:
+            self.in_flight[id(r)] = self.in_flight.get(id(r), 0) + 1
+        if not self.overlap:  # the serial baseline: nothing runs while the scheduler works
+            self.process(self.step + 1, self.events, "at once")
+
+    def prefill(self, r: Request, tokens: list[int]) -> None:
+        r.slot, cached = self.cache.add_sequence(tokens)
+        planned = plan_step(self.model, self.cache, [r.slot], [tokens[cached:]], self.backend, inputs=self.inputs)
+        self.launch(planned, "prefill", [r])
+        self.trace.prefill_tokens += len(tokens) - cached
+        self.trace.cached_tokens += cached
+        if r.admitted is None:
+            r.admitted, r.cached_tokens = self.step, cached
+
+    def process(self, upto: int, events: list[str], why: str) -> None:
+        """Wait for and process the launched steps numbered below ``upto`` (their samples appended,
+        finished requests freed)."""
+        while self.launched and self.launched[0][3] < upto:
+            handle, kind, requests, step = self.launched.pop(0)
+            samples = handle.result(self.timeout)
+            start = time.perf_counter()
+            self.versions.release(handle.number)
+            seconds = handle.ended - handle.started
+            if kind == "prefill":
+                self.trace.prefill_seconds += seconds
+            else:
+                self.trace.decode_seconds += seconds
+            self.trace.timeline.append(("device", step, kind, handle.started - self.t0, handle.ended - self.t0))
+            for r, token in zip(requests, samples, strict=True):
+                self.in_flight[id(r)] -= 1
+                r.output.append(int(token))
+                if self.cache.seqs[r.slot].pending:
+                    self.cache.fill_tokens(r.slot, [int(token)])
+            for r in requests:
+                if len(r.output) >= r.max_new_tokens and not self.in_flight[id(r)] and r in self.running:
+                    self.cache.free(r.slot)
+                    self.running.remove(r)
+                    r.finished = self.step
+                    events.append(f"request {self.order[id(r)]} finishes")
+            end = time.perf_counter()
+            self.trace.timeline.append(
+                ("scheduler", self.step, f"results of step {step}", start - self.t0, end - self.t0)
+            )
+            events.append(f"step {step} {kind} results processed {why}")
+
+    def swapped_in(self, r: Request) -> None:
+        slot, token = r.slot, r.output[-1]
+        self.device.launch(lambda: self.next_tokens.__setitem__(slot, token)).result(self.timeout)
+
+    def scheduled(self, r: Request) -> int:
+        return len(r.output) + self.in_flight.get(id(r), 0)
+
+    def run(self) -> ServeTrace:
+        cache, trace = self.cache, self.trace
+        cache.on_write = self.versions.write
+        while self.waiting or self.running or self.launched:
+            events: list[str] = []
+            self.events = events
+            start = time.perf_counter()
+            self.admit(events)
+            active = [r for r in self.running if self.scheduled(r) < r.max_new_tokens]
+            if active and sum(cache.blocks_needed(r.slot, 1) for r in active) > cache.allocator.num_free:
+                self.process(self.step + 1, events, "at once (this step must make room)")
+                active = [r for r in self.running if self.scheduled(r) < r.max_new_tokens]
+                while active and sum(cache.blocks_needed(r.slot, 1) for r in active) > cache.allocator.num_free:
+                    victim = max(active, key=lambda r: (r.admitted, self.order[id(r)]))
+                    self.preempt(victim, events)
+                    active.remove(victim)
+            if active:
+                planned = plan_step(self.model, cache, [r.slot for r in active], None, self.backend, inputs=self.inputs)
+                self.launch(planned, "decode", active)
+            end = time.perf_counter()
+            trace.timeline.append(("scheduler", self.step, "plan and launch", start - self.t0, end - self.t0))
+            if self.overlap:
+                self.process(self.step, events, f"during step {self.step}")
+            trace.running.append(len(self.running))
+            trace.waiting.append(sum(r.arrival <= self.step for r in self.waiting))
+            trace.blocks_used.append(cache.allocator.num_blocks - cache.allocator.num_free)
+            trace.blocks_free.append(cache.allocator.num_free)
+            trace.events.append("; ".join(events))
+            self.step += 1
+        return trace
+
+
+def _shares(x: torch.Tensor, live: torch.Tensor) -> bool:
+    """Whether ``x`` is (a view of) the memory of ``live``."""
+    return x.untyped_storage().data_ptr() == live.untyped_storage().data_ptr()
 
 
 def decode_step(q, k, v, k_cache, v_cache, cache_seqlens, block_table=None, **kwargs):

@@ -102,6 +102,8 @@ LAYERS = (
     Layer(
         "serving",
         (
+            "steps.py",
+            "overlap.py",
             "serving.py",
             "prefix.py",
             "memory.py",
@@ -116,8 +118,9 @@ LAYERS = (
             "hf/serve.py",
         ),
         ("rules", "platform", "storage", "algorithms", "checked call", "backends", "api", "model"),
-        "continuous batching, preemption and prefix reuse; memory budgets; transformers' attention "
-        "function and cache (`hf/`)",
+        "a step of the model over a paged cache (planned, then run); continuous batching, preemption, "
+        "prefix reuse and overlap scheduling (a device thread, the write-after-read check); memory "
+        "budgets; transformers' attention function and cache (`hf/`)",
     ),
     Layer(
         "tools",
