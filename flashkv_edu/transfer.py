@@ -42,6 +42,7 @@ __all__ = [
     "LocalChannel",
     "PeerLostError",
     "TransferError",
+    "check_fits",
     "digest",
     "header_for",
     "pack_layer",
@@ -52,6 +53,7 @@ __all__ = [
 MAGIC = "flashkv-kv/1"
 HEADER_BYTES = 4096
 DIGEST_BYTES = 32
+ORPHANS: list = []  # receives given up on: their buffers stay alive while the transport may write them
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -139,23 +141,38 @@ def digest(t: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(bytearray(hashlib.sha256(data).digest()), dtype=torch.uint8)
 
 
-def header_for(cache: PagedKVCache, slot: int, request: int, tokens: int, heads=None) -> KVHeader:
-    """The header of sending the first ``tokens`` tokens of ``slot`` (KV heads ``heads``, default
-    all) from ``cache``."""
-    seq = cache.sequence(slot)
+def header_for(cache: PagedKVCache, blocks, request: int, tokens: int, heads=None) -> KVHeader:
+    """The header of sending the first ``tokens`` tokens held in ``blocks`` (a sequence's blocks,
+    in order) of ``cache``: KV heads ``heads`` (``(start, stop)``, default all)."""
     tokens = check_int("tokens", tokens, low=1)
-    if tokens > seq.length:
-        raise ArgumentError(f"tokens: slot {slot} holds {seq.length} tokens, cannot send {tokens}")
+    blocks = [check_int("blocks[i]", b, low=0) for b in blocks]
+    needed = -(-tokens // cache.block_size)
+    if needed > len(blocks):
+        raise ArgumentError(f"tokens: {tokens} tokens take {needed} blocks of {cache.block_size}, got {len(blocks)}")
     nheads = cache.k_pools[0].shape[2]
     heads = (0, nheads) if heads is None else (int(heads[0]), int(heads[1]))
     if not 0 <= heads[0] < heads[1] <= nheads:
         raise ArgumentError(f"heads must be a range within the cache's {nheads} KV heads, got {heads}")
-    blocks = -(-tokens // cache.block_size)
     dtype = str(cache.k_pools[0].dtype).removeprefix("torch.")
     return KVHeader(
-        request, tokens, cache.num_layers, blocks, cache.block_size, heads, cache.k_pools[0].shape[3], dtype,
-        tuple(seq.blocks[:blocks]),
+        request, tokens, cache.num_layers, needed, cache.block_size, heads, cache.k_pools[0].shape[3], dtype,
+        tuple(blocks[:needed]),
     )  # fmt: skip
+
+
+def check_fits(header: KVHeader, cache: PagedKVCache, max_tokens: int) -> None:
+    """Whether ``header``'s payload fits ``cache`` (layers, block size, KV heads, head dim, dtype)
+    and holds at most ``max_tokens`` tokens: :class:`TransferError` naming what differs."""
+    pool = cache.k_pools[0]
+    want = dict(layers=cache.num_layers, block_size=cache.block_size, heads=pool.shape[2], headdim=pool.shape[3],
+                dtype=str(pool.dtype).removeprefix("torch."))  # fmt: skip
+    got = dict(layers=header.layers, block_size=header.block_size, heads=header.heads[1] - header.heads[0],
+               headdim=header.headdim, dtype=header.dtype)  # fmt: skip
+    for name in want:
+        if want[name] != got[name]:
+            raise TransferError(f"the transfer holds {name}={got[name]}, this cache has {want[name]}")
+    if header.tokens > max_tokens:
+        raise TransferError(f"the transfer holds {header.tokens} tokens, at most {max_tokens} may be loaded")
 
 
 def pack_layer(cache: PagedKVCache, layer: int, blocks, heads: tuple[int, int]) -> torch.Tensor:
@@ -209,25 +226,35 @@ class GroupChannel(Channel):
         self.peer = f"rank {peer}"
         self.timeout = check_positive("timeout", timeout)
 
-    def _pending(self, work, what: str) -> Pending:
+    def _lost(self, exc: RuntimeError, what: str) -> PeerLostError:
+        # gloo: "Connection reset/closed by peer" (it died) or "Timed out waiting" (it stopped answering)
+        why = "did not answer within" if "Timed out" in str(exc) else "was lost (its connection closed) within"
+        return PeerLostError(f"{self.peer} {why} {self.timeout} s ({what})")
+
+    def _post(self, post, tensor, tag: int, what: str) -> Pending:
+        what = f"{what} tag {tag}"
+        try:
+            work = post(tensor, self.rank, tag=tag)
+        except RuntimeError as exc:  # the connection was already gone when the message was posted
+            raise self._lost(exc, what) from None
+
         def wait():
             try:
                 work.wait(datetime.timedelta(seconds=self.timeout))
-            except RuntimeError as exc:  # gloo: "Connection reset/closed by peer" or "Timed out waiting"
-                why = "did not answer within" if "Timed out" in str(exc) else "was lost (its connection closed) within"
-                raise PeerLostError(f"{self.peer} {why} {self.timeout} s ({what})") from None
+            except RuntimeError as exc:
+                raise self._lost(exc, what) from None
 
         return Pending(wait, what)
 
     def isend(self, tensor, tag):
         import torch.distributed as dist
 
-        return self._pending(dist.isend(tensor, self.rank, tag=tag), f"send tag {tag}")
+        return self._post(dist.isend, tensor, tag, "send")
 
     def irecv(self, buffer, tag):
         import torch.distributed as dist
 
-        return self._pending(dist.irecv(buffer, self.rank, tag=tag), f"receive tag {tag}")
+        return self._post(dist.irecv, buffer, tag, "receive")
 
 
 class LocalChannel(Channel):
@@ -353,3 +380,9 @@ class KVReceiver:
             raise TransferError(f"request {self.request}, layer {layer}: the payload's SHA-256 does not match")
         unpack_layer(cache, layer, blocks, payload)
         self.bytes += payload.numel() * payload.element_size()
+
+    def abandon(self) -> None:
+        """Give up on this transfer: the receives still posted keep their buffers (the transport
+        may still write into them) until the process ends, and nothing waits for them."""
+        ORPHANS.extend(self.buffers)
+        self.buffers = []
