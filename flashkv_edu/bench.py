@@ -6,6 +6,7 @@
     python -m flashkv_edu.bench hf        # a transformers Llama: eager, sdpa and flashkv_edu (three caches)
     python -m flashkv_edu.bench gpu       # decode on a CUDA GPU vs HBM roofline and SDPA (needs a GPU)
     python -m flashkv_edu.bench offload   # swap vs recompute, tier throughput, block hash vs radix tree
+    python -m flashkv_edu.bench transfer  # KV between processes vs recompute; overlap scheduling
 
 Timings vary from run to run (and a 2-core laptop is noisy); each number is the best of a few
 repeats, and the ratio compares two numbers taken in the same run.
@@ -415,6 +416,7 @@ def main(argv=None) -> None:
     sub.add_parser("quant", help="quantized caches: memory, attention error, trained model's loss")
     sub.add_parser("hf", help="a transformers Llama: eager, sdpa and flashkv_edu with three caches")
     sub.add_parser("offload", help="preemption by swap vs recompute, tier throughput, prefix reuse")
+    sub.add_parser("transfer", help="KV moved between two processes vs recomputed; overlap scheduling")
     gpu = sub.add_parser("gpu", help="decode on a CUDA GPU: time, HBM bandwidth, roofline fraction, vs SDPA")
     gpu.add_argument(
         "--out", type=file_to_write, default=None, help="write the results JSON here (default: the package's data file)"
@@ -432,6 +434,11 @@ def main(argv=None) -> None:
         from .offload_bench import bench_offload
 
         bench_offload()
+    elif args.what == "transfer":
+        from .process_bench import bench_overlap, bench_transfer
+
+        bench_transfer()
+        bench_overlap()
     elif args.what == "gpu":
         from .gpu_bench import main as gpu_main
 

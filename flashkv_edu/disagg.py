@@ -37,9 +37,9 @@ from .paged import PagedKVCache
 from .serving import Request, serve
 from .steps import new_paged_cache, paged_step, plan_step, run_step
 from .tensor_parallel import ShardHooks, agree, head_range
-from .transfer import GroupChannel, PeerLostError, TransferError
-from .validation import ArgumentError, check_int, check_positive
-from .workers import DEFAULT_TIMEOUT, run_workers
+from .transfer import GroupChannel, LocalChannel, PeerLostError, TransferError
+from .validation import ArgumentError, check_bool, check_int, check_positive
+from .workers import DEFAULT_TIMEOUT, WorkerResult, run_workers
 
 __all__ = ["FAULTS", "DisaggResult", "disaggregate", "main", "worker"]
 
@@ -102,9 +102,13 @@ def disaggregate(
     fault: str = "none",
     timeout: float = DEFAULT_TIMEOUT,
     block_size: int = 16,
+    local: bool = False,
 ) -> DisaggResult:
     """Generate greedily for ``prompts`` (texts) with the trained model, prefill and decode in
-    separate processes (module docstring). Checks everything before starting a process."""
+    separate processes (module docstring). Checks everything before starting a process.
+    ``local=True`` runs the same workers' code in this process, one after the other, over
+    in-process channels (no tensor parallelism, no faults): the connector's calls without the
+    processes' start-up time."""
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
         raise ArgumentError(f"prompts must be a non-empty list of texts, got {prompts!r}")
     for i, p in enumerate(prompts):
@@ -118,6 +122,9 @@ def disaggregate(
     timeout = check_positive("timeout", timeout)
     if fault not in FAULTS:
         raise ArgumentError(f"fault must be one of {FAULTS}, got {fault!r}")
+    local = check_bool("local", local)
+    if local and (tensor_parallel > 1 or fault != "none"):
+        raise ArgumentError("local=True runs without processes: tensor_parallel must be 1 and fault 'none'")
     cfg = charlm.CONFIG
     head_range(cfg.n_kv_heads, 0, tensor_parallel)  # T must split the KV heads
     if store is not None and not isinstance(store, (str, os.PathLike)):
@@ -134,8 +141,32 @@ def disaggregate(
     for d, ranks in enumerate(plan["groups"]):
         mine = [i for i in range(len(ids)) if plan["decode_group"][i] == ranks]
         jobs += [dict(common, role="decode", requests=mine, tp_rank=t, first_decode=d == 0) for t in range(len(ranks))]
-    results = run_workers(worker, jobs, timeout)
+    if local:
+        results = _run_locally(jobs, timeout)
+    else:
+        results = run_workers(worker, jobs, timeout)
     return _gather(ids, max_new_tokens, plan, jobs, results)
+
+
+def _run_locally(jobs: list[dict], timeout: float) -> list[WorkerResult]:
+    """The workers' code in this process, one after the other over in-process channels: every
+    prefill worker first (its sends do not wait), then every decode worker."""
+    model, _ = charlm.load()
+    pairs: dict[tuple[int, int], LocalChannel] = {}
+
+    def channel_of(me: int):
+        def channel(peer: int) -> LocalChannel:
+            if (me, peer) not in pairs:
+                pairs[(me, peer)], pairs[(peer, me)] = LocalChannel.pair(timeout, f"rank {peer}", f"rank {me}")
+            return pairs[(me, peer)]
+
+        return channel
+
+    results = []
+    for rank, job in enumerate(jobs):
+        run = _prefill_worker if job["role"] == "prefill" else _decode_worker
+        results.append(WorkerResult(rank, run(model, job, timeout, channel_of(rank))))
+    return results
 
 
 def _gather(ids, max_new_tokens, plan, jobs, results) -> DisaggResult:
@@ -194,10 +225,11 @@ def worker(rank: int, world: int, job: dict, timeout: float) -> dict:
         for ranks in job["groups"]:
             groups[tuple(ranks)] = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout))
     model, _ = charlm.load()
+    channel = lambda peer: GroupChannel(peer, timeout)  # noqa: E731
     if job["role"] == "prefill":
-        return _prefill_worker(model, job, timeout)
+        return _prefill_worker(model, job, timeout, channel)
     ranks = next(r for r in job["groups"] if rank in r)
-    return _decode_worker(model, job, timeout, groups.get(tuple(ranks)))
+    return _decode_worker(model, job, timeout, channel, groups.get(tuple(ranks)))
 
 
 def _pool_bytes(cache: PagedKVCache) -> int:
@@ -227,7 +259,7 @@ class _Fault(ConnectorHooks):
                 time.sleep(1)
 
 
-def _prefill_worker(model, job: dict, timeout: float) -> dict:
+def _prefill_worker(model, job: dict, timeout: float, channel) -> dict:
     """Prefill each of ``job["requests"]`` and push its KV to its decode group."""
     cfg, n = model.cfg, len(job["prompts"])
     longest = max(len(job["prompts"][i]) for i in job["requests"]) if job["requests"] else 1
@@ -239,7 +271,7 @@ def _prefill_worker(model, job: dict, timeout: float) -> dict:
     done = {}
     for k, i in enumerate(job["requests"]):
         prompt, group = job["prompts"][i], job["decode_group"][i]
-        peers = [(GroupChannel(dr, timeout), head_range(cfg.n_kv_heads, t, len(group))) for t, dr in enumerate(group)]
+        peers = [(channel(dr), head_range(cfg.n_kv_heads, t, len(group))) for t, dr in enumerate(group)]
         request = TransferRequest(i, prompt, peers)
         first = k == 0 and job["prefill_rank"][i] == 0
         if first and job["fault"] == "drop-transfer":
@@ -267,7 +299,7 @@ def _prefill_worker(model, job: dict, timeout: float) -> dict:
     return _report(cache, log, done)
 
 
-def _decode_worker(model, job: dict, timeout: float, group) -> dict:
+def _decode_worker(model, job: dict, timeout: float, channel, group=None) -> dict:
     """Load each of ``job["requests"]`` from its prefill worker (or recompute it), then generate."""
     cfg, t, tp = model.cfg, job.get("tp_rank", 0), job["tp"]
     mine = job["requests"]
@@ -283,7 +315,7 @@ def _decode_worker(model, job: dict, timeout: float, group) -> dict:
     done, slots = {}, {}
     for k, i in enumerate(mine):
         prompt = job["prompts"][i]
-        request = TransferRequest(i, prompt, [(GroupChannel(job["prefill_rank"][i], timeout), None)])
+        request = TransferRequest(i, prompt, [(channel(job["prefill_rank"][i]), None)])
         start = time.perf_counter()
         matched, _ = sched.get_num_new_matched_tokens(request, 0)
         if k == 0 and job["first_decode"] and t == 0 and job["fault"] == "kill-decode":

@@ -269,8 +269,9 @@ class LocalChannel(Channel):
         self.closed = False
 
     @classmethod
-    def pair(cls, timeout: float = 60.0) -> tuple[LocalChannel, LocalChannel]:
-        a, b = cls(timeout, "the decode side"), cls(timeout, "the prefill side")
+    def pair(cls, timeout: float = 60.0, a_peer: str = "the peer", b_peer: str = "the peer"):
+        """Two connected ends: ``a`` talks to ``a_peer`` (which holds ``b``) and ``b`` to ``b_peer``."""
+        a, b = cls(timeout, a_peer), cls(timeout, b_peer)
         a.other, b.other = b, a
         return a, b
 
