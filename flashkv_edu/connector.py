@@ -98,19 +98,20 @@ class KVConnector:
         self.corrupt: set[int] = set()  # fault injection: requests whose first layer arrives altered
         self.moved: dict[int, int] = {}  # request id -> payload bytes sent or landed
 
-    def _call(self, role: str, method: str, what: str = "") -> None:
+    def _call(self, role: str, method: str, what=None) -> None:
+        """Check the role, then record the call (``what``: a function giving its details)."""
         if self.role != role:
             raise ArgumentError(f"{method} is a {role}-side method; this connector has the {self.role} role")
-        self.log.record(self.side, role, method, what)
+        self.log.record(self.side, role, method, what() if what else "")
 
     # ---- scheduler role ------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: TransferRequest, num_computed_tokens: int) -> tuple[int, bool]:
         """Tokens of ``request`` beyond ``num_computed_tokens`` whose KV can be loaded, and whether
         the load is asynchronous. Prefill side: 0. Decode side: what the transfer's header
         announces (checked against this cache and at most ``len(prompt) - 1``), 0 if it failed."""
-        self._call("scheduler", "get_num_new_matched_tokens", f"request {request.request_id}")
+        self._call("scheduler", "get_num_new_matched_tokens", lambda: f"request {request.request_id}")
         self.requests[request.request_id] = request
-        if self.side == "prefill":
+        if self.side == "prefill" or len(request.prompt) < 2:  # a one-token prompt moves nothing
             return 0, False
         channel = request.peers[0][0]
         receiver = KVReceiver(channel, request.request_id, self.cache.num_layers)
@@ -125,7 +126,9 @@ class KVConnector:
 
     def update_state_after_alloc(self, request: TransferRequest, blocks: list[int], num_external_tokens: int) -> None:
         """The allocator gave ``request`` ``blocks``; ``num_external_tokens`` of them are loaded."""
-        self._call("scheduler", "update_state_after_alloc", f"request {request.request_id}, {len(blocks)} blocks")
+        self._call(
+            "scheduler", "update_state_after_alloc", lambda: f"request {request.request_id}, {len(blocks)} blocks"
+        )
         rid = request.request_id
         if self.side == "prefill":
             tokens = len(request.prompt) - 1  # the decode side computes the last prompt token itself
@@ -139,8 +142,9 @@ class KVConnector:
 
     def build_connector_meta(self) -> ConnectorMeta:
         """This step's metadata for the workers; the scheduler's pending state starts afresh."""
+        pending = self.pending
         self._call(
-            "scheduler", "build_connector_meta", f"{len(self.pending.saves)} saves, {len(self.pending.loads)} loads"
+            "scheduler", "build_connector_meta", lambda: f"{len(pending.saves)} saves, {len(pending.loads)} loads"
         )
         meta, self.pending = self.pending, ConnectorMeta()
         return meta
@@ -149,7 +153,7 @@ class KVConnector:
         """Called once when ``request`` finishes, before its blocks are freed: ``(True, params)``
         holds the blocks until ``get_finished`` reports the send done; ``params`` go back to the
         client (vLLM's ``kv_transfer_params``)."""
-        self._call("scheduler", "request_finished", f"request {request.request_id}")
+        self._call("scheduler", "request_finished", lambda: f"request {request.request_id}")
         rid = request.request_id
         if self.side == "decode":
             return False, None
@@ -167,7 +171,7 @@ class KVConnector:
 
     def start_load_kv(self) -> None:
         """Before the forward: the decode side posts a receive for every layer of every load."""
-        self._call("worker", "start_load_kv", f"{len(self.meta.loads)} loads")
+        self._call("worker", "start_load_kv", lambda: f"{len(self.meta.loads)} loads")
         for rid, (_header, receiver, blocks) in self.meta.loads.items():
             receiver.start()
             self.receivers[rid] = (receiver, blocks)
@@ -185,7 +189,7 @@ class KVConnector:
     def wait_for_layer_load(self, layer: int) -> None:
         """Inside layer ``layer``, before its attention: land that layer of every load (checked);
         raises :class:`PeerLostError` or :class:`TransferError` if it cannot."""
-        self._call("worker", "wait_for_layer_load", f"layer {layer}")
+        self._call("worker", "wait_for_layer_load", lambda: f"layer {layer}")
         for rid, (receiver, blocks) in self.receivers.items():
             try:
                 receiver.land_layer(self.cache, layer, blocks)
@@ -196,7 +200,7 @@ class KVConnector:
 
     def save_kv_layer(self, layer: int) -> None:
         """Inside layer ``layer``, after its attention wrote the keys: send that layer of every save."""
-        self._call("worker", "save_kv_layer", f"layer {layer}")
+        self._call("worker", "save_kv_layer", lambda: f"layer {layer}")
         for rid, senders in self.senders.items():
             if rid in self.errors:
                 continue

@@ -331,7 +331,7 @@ def _decode_worker(model, job: dict, timeout: float, channel, group=None) -> dic
         work.bind_connector_metadata(sched.build_connector_meta())
         work.start_load_kv()
         hooks = ShardHooks(t, tp, cfg.n_heads, cfg.n_kv_heads, group, timeout, inner=ConnectorHooks(work))
-        recomputed = matched == 0
+        recomputed = matched == 0 and len(prompt) > 1  # a one-token prompt has nothing to move
         try:
             logits = paged_step(model, cache, [slot], [prompt[matched:]], hooks=hooks)
         except (PeerLostError, TransferError):

@@ -36,13 +36,20 @@ class DeviceTimeoutError(RuntimeError):
 
 class BufferVersions:
     """Versions of the buffers the scheduler writes (a write bumps one) and the steps in flight
-    that read them. :meth:`write` raises :class:`HazardError` for a buffer a step in flight
-    reads; :meth:`lease` records what a launched step reads, :meth:`release` ends it (the
-    scheduler collected the step's results)."""
+    that read them. :meth:`lease` records what a launched step reads, :meth:`release` ends it
+    (the scheduler collected the step's results). A :meth:`write` to a buffer a step in flight
+    reads is a hazard: recorded (the write itself is part of a bookkeeping change that must
+    finish, so the cache stays whole) and raised as :class:`HazardError` by :meth:`check`, which
+    the scheduler calls after each of its operations."""
 
     def __init__(self):
         self.version: Counter = Counter()
         self.readers: dict[str, dict[int, int]] = {}  # buffer -> {step: version it read}
+        self.hazards: list[str] = []
+
+    def check(self) -> None:
+        if self.hazards:
+            raise HazardError(self.hazards[0])
 
     def lease(self, step: int, names) -> None:
         for name in names:
@@ -56,7 +63,7 @@ class BufferVersions:
         readers = self.readers.get(name) or {}
         if readers:
             step, seen = next(iter(readers.items()))
-            raise HazardError(
+            self.hazards.append(
                 f"{name} is rewritten (version {seen} -> {self.version[name] + 1}) while step {step}, in flight, "
                 f"reads it: give the step its own copy when launching it"
             )

@@ -206,6 +206,7 @@ def serve(
     try:
         trace = loop.run()
     except BaseException:
+        loop.close()  # the device first: nothing may still write the blocks released below
         loop.release()
         raise
     finally:
@@ -424,6 +425,7 @@ class _DeviceLoop(_ServeLoop):
             self.events = events
             start = time.perf_counter()
             self.admit(events)
+            self.versions.check()
             active = [r for r in self.running if self.scheduled(r) < r.max_new_tokens]
             if active and sum(cache.blocks_needed(r.slot, 1) for r in active) > cache.allocator.num_free:
                 self.process(self.step + 1, events, "at once (this step must make room)")
@@ -435,10 +437,12 @@ class _DeviceLoop(_ServeLoop):
             if active:
                 planned = plan_step(self.model, cache, [r.slot for r in active], None, self.backend, inputs=self.inputs)
                 self.launch(planned, "decode", active)
+                self.versions.check()
             end = time.perf_counter()
             trace.timeline.append(("scheduler", self.step, "plan and launch", start - self.t0, end - self.t0))
             if self.overlap:
                 self.process(self.step, events, f"during step {self.step}")
+                self.versions.check()
             trace.running.append(len(self.running))
             trace.waiting.append(sum(r.arrival <= self.step for r in self.waiting))
             trace.blocks_used.append(cache.allocator.num_blocks - cache.allocator.num_free)

@@ -11,6 +11,7 @@ that stops answering is given up on ``timeout`` seconds after the last sign of l
 from __future__ import annotations
 
 import datetime
+import importlib
 import multiprocessing
 import os
 import queue
@@ -95,6 +96,7 @@ def run_workers(target, jobs: list, timeout: float = DEFAULT_TIMEOUT) -> list[Wo
     if not isinstance(jobs, (list, tuple)) or not jobs:
         raise ArgumentError(f"jobs must be a non-empty list (one job per worker), got {jobs!r}")
     timeout = check_positive("timeout", timeout)
+    target = _importable(target)
     ctx = multiprocessing.get_context("spawn")
     world = len(jobs)
     results = ctx.Queue()
@@ -121,6 +123,20 @@ def run_workers(target, jobs: list, timeout: float = DEFAULT_TIMEOUT) -> list[Wo
         r.exitcode, r.pid = p.exitcode, p.pid
         out.append(r)
     return out
+
+
+def _importable(target):
+    """``target`` as spawn can find it: a function of a module run with ``python -m`` is found
+    under the module's own name (in ``__main__`` spawn would look in an empty module)."""
+    if target.__module__ != "__main__":
+        return target
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is None:
+        raise ArgumentTypeError(
+            f"target {target.__qualname__} is defined in a script or notebook cell: spawned workers cannot import "
+            "it; define it in a module"
+        )
+    return getattr(importlib.import_module(spec.name), target.__qualname__)
 
 
 @contextmanager
