@@ -35,6 +35,19 @@ CLI_CASES = [
     ("flashkv_edu.teach", ["solutions", "{tmp}/solved", "--notebooks", "{tmp}/empty"], "lacks"),
     ("flashkv_edu.teach", ["solutions", "{tmp}/solved", "--only", "99_no_such_notebook"], "--only"),
     ("flashkv_edu.teach", ["nothing"], "invalid choice"),
+    ("flashkv_edu.bench", ["transfer", "--fast"], "unrecognized"),
+    ("flashkv_edu.disagg", ["--max-new-tokens", "0"], "--max-new-tokens"),
+    ("flashkv_edu.disagg", ["--prefill-workers", "0"], "--prefill-workers"),
+    ("flashkv_edu.disagg", ["--decode-workers", "nine"], "--decode-workers"),
+    ("flashkv_edu.disagg", ["--tensor-parallel", "3"], "--tensor-parallel"),
+    ("flashkv_edu.disagg", ["--fault", "meteor"], "--fault"),
+    ("flashkv_edu.disagg", ["--timeout", "0"], "--timeout"),
+    ("flashkv_edu.disagg", ["--timeout", "nan"], "--timeout"),
+    ("flashkv_edu.disagg", ["--json", "{tmp}"], "--json"),
+    ("flashkv_edu.disagg", ["--json", "{tmp}/missing/out.json"], "--json"),
+    ("flashkv_edu.disagg", ["--store", "{tmp}/afile"], "--store"),
+    ("flashkv_edu.disagg", ["--prompt", ""], "--prompt"),
+    ("flashkv_edu.disagg", ["--prompt", "x" * 1020, "--max-new-tokens", "8"], "--max-new-tokens"),
 ]
 
 

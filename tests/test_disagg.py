@@ -136,7 +136,6 @@ def _probe(rank, world, job, timeout):
     return dist.get_world_size()
 
 
-
 def test_the_command_prints_each_output_and_writes_the_json(tmp_path, one_process):
     out = tmp_path / "run.json"
     args = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[2], "--max-new-tokens", str(NEW), "--decode-workers", "2"]

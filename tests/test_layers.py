@@ -123,10 +123,19 @@ LAYERS = (
         "budgets; transformers' attention function and cache (`hf/`)",
     ),
     Layer(
+        "processes",
+        ("workers.py", "transfer.py", "connector.py", "tensor_parallel.py", "disagg.py"),
+        ("rules", "platform", "storage", "algorithms", "checked call", "backends", "api", "model", "serving"),
+        "beyond one process (notebook 12): worker processes in one `torch.distributed` group, every wait "
+        "bounded; a sequence's KV blocks moved with a header and per-layer SHA-256; a connector in "
+        "vLLM's roles and call order; tensor-parallel KV heads; disaggregated prefill and decode",
+    ),
+    Layer(
         "tools",
         (
             "bench.py",
             "offload_bench.py",
+            "process_bench.py",
             "gpu_bench.py",
             "quant_eval.py",
             "sim.py",
@@ -143,6 +152,7 @@ LAYERS = (
             "api",
             "model",
             "serving",
+            "processes",
         ),
         "benchmarks, notebook 09's error experiments, the serving-memory simulation, the GPU compile check",
     ),
