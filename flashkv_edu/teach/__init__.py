@@ -23,6 +23,7 @@ NOTEBOOKS = {
     "09_precision_and_quantized_caches": "nb09_precision_and_quantized_caches",
     "10_transformers_model": "nb10_transformers_model",
     "11_when_the_cache_does_not_fit": "nb11_when_the_cache_does_not_fit",
+    "12_beyond_one_process": "nb12_beyond_one_process",
 }
 
 
