@@ -101,8 +101,9 @@ class ServeTrace:
     decode_seconds: float = 0.0
     timeline: list = field(default_factory=list)
     """With a device (``overlap`` or ``kernel_seconds``): ``(lane, step, what, start, end)`` per
-    interval, lane ``"device"`` (a launched prefill or decode) or ``"scheduler"`` (planning a
-    step, processing results), seconds from the start of the run."""
+    interval, lane ``"device"`` (a launched prefill or decode) or ``"scheduler"`` (its work up to
+    a launch, ``"plan and launch"``, and processing a step's results; waiting is not work), seconds
+    from the start of the run."""
     seconds: float = 0.0
     """Wall-clock seconds of the whole run."""
 
@@ -352,7 +353,7 @@ class _DeviceLoop(_ServeLoop):
         self.in_flight: dict[int, int] = {}  # id(request) -> tokens sampled on the device, not processed yet
         self.launched: list[tuple] = []  # (handle, kind, requests, step) not processed yet, in launch order
         self.events: list[str] = []  # the current step's
-        self.t0 = time.perf_counter()
+        self.mark = self.t0 = time.perf_counter()  # when the scheduler's current stretch of work began
 
     def close(self) -> None:
         if self.device is not None:
@@ -362,6 +363,9 @@ class _DeviceLoop(_ServeLoop):
     def launch(self, planned: PlannedStep, kind: str, requests: list[Request]) -> None:
         live = {"block_table": self.cache.block_table, "cache_seqlens": self.cache.cache_seqlens}
         read = [name for name, t in live.items() if any(_shares(x, t) for x in (planned.table, planned.ends))]
+        self.trace.timeline.append(
+            ("scheduler", self.step, "plan and launch", self.mark - self.t0, time.perf_counter() - self.t0)
+        )
         handle = self.device.launch(lambda: run_step(planned, self.next_tokens).argmax(-1).tolist())
         self.versions.lease(handle.number, read)
         self.launched.append((handle, kind, requests, self.step))
@@ -369,6 +373,7 @@ class _DeviceLoop(_ServeLoop):
             self.in_flight[id(r)] = self.in_flight.get(id(r), 0) + 1
         if not self.overlap:  # the serial baseline: nothing runs while the scheduler works
             self.process(self.step + 1, self.events, "at once")
+        self.mark = time.perf_counter()  # the scheduler's next stretch of work starts
 
     def prefill(self, r: Request, tokens: list[int]) -> None:
         r.slot, cached = self.cache.add_sequence(tokens)
@@ -423,7 +428,7 @@ class _DeviceLoop(_ServeLoop):
         while self.waiting or self.running or self.launched:
             events: list[str] = []
             self.events = events
-            start = time.perf_counter()
+            self.mark = time.perf_counter()
             self.admit(events)
             self.versions.check()
             active = [r for r in self.running if self.scheduled(r) < r.max_new_tokens]
@@ -438,8 +443,6 @@ class _DeviceLoop(_ServeLoop):
                 planned = plan_step(self.model, cache, [r.slot for r in active], None, self.backend, inputs=self.inputs)
                 self.launch(planned, "decode", active)
                 self.versions.check()
-            end = time.perf_counter()
-            trace.timeline.append(("scheduler", self.step, "plan and launch", start - self.t0, end - self.t0))
             if self.overlap:
                 self.process(self.step, events, f"during step {self.step}")
                 self.versions.check()

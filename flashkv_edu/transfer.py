@@ -32,6 +32,7 @@ from .validation import ArgumentError, ArgumentTypeError, check_int, check_posit
 
 __all__ = [
     "DIGEST_BYTES",
+    "DTYPES",
     "HEADER_BYTES",
     "MAGIC",
     "Channel",

@@ -23,7 +23,6 @@ import torch
 from .. import charlm
 from ..overlap import HazardError
 from ..serving import Request, serve
-from ..serving import launch_inputs as _launch_inputs
 from ..steps import new_paged_cache
 from ..transfer import DTYPES, KVHeader, PeerLostError, TransferError, digest, tag_base
 from ..workers import run_workers
@@ -65,7 +64,7 @@ def draw_timeline(result, prefill_rank: int = 0, decode_rank: int = 1):
             if method == "get_num_new_matched_tokens":
                 request[rank] += 1
                 ax.axvline(x, ymin=0.05 + 0.5 * lanes[rank], ymax=0.45 + 0.5 * lanes[rank], color="gray", lw=0.8)
-            if method in ("save_kv_layer", "wait_for_layer_load"):
+            if method == ("save_kv_layer" if rank == prefill_rank else "wait_for_layer_load"):
                 layer = int(what.split()[-1])
                 marker = "s" if rank == prefill_rank else "o"
                 ax.scatter(x, lanes[rank], color=colors(request[rank] % 10), marker=marker, s=60, zorder=3)
@@ -378,7 +377,12 @@ def check_block_key(fn) -> bool | None:
 
 # --- exercise 4 (bug hunt): what a launched step reads ---------------------------------------------------------
 
-launch_inputs = _launch_inputs  # the solution is the package's own function
+
+def launch_inputs(cache, slots):
+    """(block-table rows of slots, their lengths), as the step in flight must see them: copies,
+    so the scheduler may rewrite the cache's own rows for the next step (serving.launch_inputs)."""
+    rows = torch.tensor(slots, dtype=torch.long, device=cache.block_table.device)
+    return cache.block_table[rows], cache.cache_seqlens[rows].clone()
 
 
 def check_launch_inputs(fn) -> bool | None:
