@@ -1,6 +1,7 @@
 """A small character-level model trained on the Python standard library's own source.
 
-    python -m flashkv_edu.charlm train    # about 10 minutes on a 2-core CPU; writes data/char_model.pt
+    python -m flashkv_edu.charlm train            # about 10 minutes on a 2-core CPU; writes data/char_model.pt
+    python -m flashkv_edu.charlm train --draft    # the 1-layer draft model of notebook 14: data/char_draft.pt
 
 The text is available offline everywhere Python is: the ``.py`` files at the top level of the
 standard library directory, sorted by name. Characters outside printable ASCII map to ``?``.
@@ -23,6 +24,8 @@ from .model import ModelConfig, TinyDecoder
 __all__ = [
     "CHECKPOINT",
     "CONFIG",
+    "DRAFT_CHECKPOINT",
+    "DRAFT_CONFIG",
     "VOCAB",
     "decode",
     "encode",
@@ -32,8 +35,11 @@ __all__ = [
 ]
 
 CHECKPOINT = Path(__file__).with_name("data") / "char_model.pt"
+DRAFT_CHECKPOINT = Path(__file__).with_name("data") / "char_draft.pt"
 VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))  # 96 symbols
 CONFIG = ModelConfig(vocab_size=len(VOCAB), dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seqlen=1024)
+DRAFT_CONFIG = ModelConfig(vocab_size=len(VOCAB), dim=128, n_layers=1, n_heads=4, n_kv_heads=2, max_seqlen=1024)
+"""The draft model of speculative decoding (notebook 14): the same vocabulary and width, one layer."""
 _INDEX = {ch: i for i, ch in enumerate(VOCAB)}
 
 
@@ -62,14 +68,20 @@ def stdlib_text(max_chars: int = 6_000_000) -> str:
 
 
 def train(
-    minutes: float = 10.0, batch: int = 32, seqlen: int = 128, lr: float = 3e-3, seed: int = 0, out: Path = CHECKPOINT
+    minutes: float = 10.0,
+    batch: int = 32,
+    seqlen: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+    out: Path = CHECKPOINT,
+    config: ModelConfig = CONFIG,
 ) -> dict:
-    """Train :data:`CONFIG` on :func:`stdlib_text` for about ``minutes`` and save the checkpoint."""
+    """Train ``config`` on :func:`stdlib_text` for about ``minutes`` and save the checkpoint."""
     torch.manual_seed(seed)
     data = torch.tensor(encode(stdlib_text()), dtype=torch.long)
     split = int(0.98 * len(data))
     train_data, val_data = data[:split], data[split:]
-    model = TinyDecoder(CONFIG, seed=seed)
+    model = TinyDecoder(config, seed=seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(seed)
@@ -101,7 +113,8 @@ def train(
     model.eval()
     with torch.no_grad():
         val = sum(model.loss(batch_of(val_data)).item() for _ in range(10)) / 10
-    meta = {"steps": step, "val_loss": val, "minutes": minutes, "batch": batch, "seqlen": seqlen, "chars": len(data)}
+    meta = {"steps": step, "val_loss": val, "minutes": minutes, "batch": batch, "seqlen": seqlen, "chars": len(data),
+            "n_layers": config.n_layers}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {k: v.half() for k, v in model.state_dict().items()}, "meta": meta}, out)
     print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB): {step} steps, validation loss {val:.3f}")
@@ -109,9 +122,10 @@ def train(
 
 
 def load(path: Path = CHECKPOINT, dtype=torch.float32) -> tuple[TinyDecoder, dict]:
-    """The trained model (in ``dtype``, eval mode) and its training metadata."""
+    """The trained model (in ``dtype``, eval mode) and its training metadata; ``path`` =
+    :data:`DRAFT_CHECKPOINT` gives the 1-layer draft model."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = TinyDecoder(CONFIG)
+    model = TinyDecoder(DRAFT_CONFIG if ckpt["meta"].get("n_layers") == 1 else CONFIG)
     model.load_state_dict({k: v.to(dtype) for k, v in ckpt["state_dict"].items()})
     return model.to(dtype).eval(), ckpt["meta"]
 
@@ -122,8 +136,12 @@ def main(argv=None) -> None:
     )
     parser.add_argument("what", choices=["train"])
     parser.add_argument("--minutes", type=float_in(0.0, 24 * 60.0), default=10.0, help="training time (default 10)")
+    parser.add_argument("--draft", action="store_true", help="the 1-layer draft model (data/char_draft.pt)")
     args = parser.parse_args(argv)
-    train(args.minutes)
+    if args.draft:
+        train(args.minutes, out=DRAFT_CHECKPOINT, config=DRAFT_CONFIG)
+    else:
+        train(args.minutes)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,13 @@ LAYERS = (
         "budgets; transformers' attention function and cache (`hf/`)",
     ),
     Layer(
+        "long context",
+        ("ring_cache.py", "quest.py", "mla.py", "flex.py"),
+        ("rules", "platform", "storage", "algorithms", "checked call", "backends", "api", "model", "serving"),
+        "notebook 13: attention sinks and a ring cache, a page-summary (Quest) cache, MLA's latent cache, "
+        "the chain's masks in FlexAttention",
+    ),
+    Layer(
         "processes",
         ("workers.py", "transfer.py", "connector.py", "tensor_parallel.py", "disagg.py"),
         ("rules", "platform", "storage", "algorithms", "checked call", "backends", "api", "model", "serving"),
@@ -152,6 +159,7 @@ LAYERS = (
             "api",
             "model",
             "serving",
+            "long context",
             "processes",
         ),
         "benchmarks, notebook 09's error experiments, the serving-memory simulation, the GPU compile check",

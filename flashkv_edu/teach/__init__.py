@@ -24,6 +24,7 @@ NOTEBOOKS = {
     "10_transformers_model": "nb10_transformers_model",
     "11_when_the_cache_does_not_fit": "nb11_when_the_cache_does_not_fit",
     "12_beyond_one_process": "nb12_beyond_one_process",
+    "13_long_context": "nb13_long_context",
 }
 
 
