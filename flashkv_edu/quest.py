@@ -124,6 +124,7 @@ class QuestContext:
         index = torch.tensor(slots, dtype=torch.long)
         self.table, self.lengths = cache.block_table[index], cache.cache_seqlens[index]
         self.pages_read = 0
+        self.chosen: dict[int, list[list[int]]] = {}
 
     def attend(self, layer, q, k, v):
         q, k = apply_rotary(q, *self.rope, self.positions), apply_rotary(k, *self.rope, self.positions)
@@ -131,6 +132,7 @@ class QuestContext:
         write_kv(*pools, k, v, self.lengths - k.shape[1], block_table=self.table)
         out, pages = quest_attention(q, *pools, self.table, self.lengths, self.budget, self.recent)
         self.pages_read += sum(len(p) for p in pages)
+        self.chosen[layer] = pages
         return out
 
 

@@ -41,12 +41,14 @@ def draw_stream(curves: dict, train_len: int, budget: int):
     for label, nll in curves.items():
         ax.plot(range(1, nll.numel() + 1), smooth(nll), label=label)
     ax.axvline(train_len, color="gray", ls="--", lw=1)
-    ax.text(train_len + 8, ax.get_ylim()[1] * 0.95, f"training context ({train_len})", fontsize=10, va="top")
+    low = ax.get_ylim()[0]
+    ax.text(train_len + 8, low + 0.05, f"training context ({train_len})", fontsize=10, va="bottom")
     ax.axvline(budget, color="gray", ls=":", lw=1)
+    ax.text(budget - 8, low + 0.05, f"cache of {budget}", fontsize=10, va="bottom", ha="right")
     ax.set_xlabel("position in the stream")
     ax.set_ylabel("NLL (nats per character, running mean of 32)")
     ax.set_title("A stream 8x longer than the model was trained on: dense attention degrades, a bounded cache does not")
-    ax.legend(fontsize=10)
+    ax.legend(fontsize=10, loc="upper left", bbox_to_anchor=(0.2, 1.0))
     fig.tight_layout()
     return fig
 
