@@ -7,6 +7,8 @@
     python -m flashkv_edu.bench gpu       # decode on a CUDA GPU vs HBM roofline and SDPA (needs a GPU)
     python -m flashkv_edu.bench offload   # swap vs recompute, tier throughput, block hash vs radix tree
     python -m flashkv_edu.bench transfer  # KV between processes vs recompute; overlap scheduling
+    python -m flashkv_edu.bench speculative  # speculative decoding against k, 1-layer and n-gram drafts
+    python -m flashkv_edu.bench serve     # chunked prefill: time between tokens; cascade attention
 
 Timings vary from run to run (and a 2-core laptop is noisy); each number is the best of a few
 repeats, and the ratio compares two numbers taken in the same run.
@@ -417,6 +419,8 @@ def main(argv=None) -> None:
     sub.add_parser("hf", help="a transformers Llama: eager, sdpa and flashkv_edu with three caches")
     sub.add_parser("offload", help="preemption by swap vs recompute, tier throughput, prefix reuse")
     sub.add_parser("transfer", help="KV moved between two processes vs recomputed; overlap scheduling")
+    sub.add_parser("speculative", help="speculative decoding: speed-up and acceptance against k, both drafts")
+    sub.add_parser("serve", help="chunked vs one-shot prefill: time between tokens, throughput; cascade attention")
     gpu = sub.add_parser("gpu", help="decode on a CUDA GPU: time, HBM bandwidth, roofline fraction, vs SDPA")
     gpu.add_argument(
         "--out", type=file_to_write, default=None, help="write the results JSON here (default: the package's data file)"
@@ -434,6 +438,15 @@ def main(argv=None) -> None:
         from .offload_bench import bench_offload
 
         bench_offload()
+    elif args.what == "speculative":
+        from .spec_bench import bench_speculative
+
+        bench_speculative()
+    elif args.what == "serve":
+        from .spec_bench import bench_cascade, bench_serve
+
+        bench_serve()
+        bench_cascade()
     elif args.what == "transfer":
         from .process_bench import bench_overlap, bench_transfer
 

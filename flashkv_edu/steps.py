@@ -26,6 +26,7 @@ __all__ = [
     "LayerHooks",
     "PagedContext",
     "PlannedStep",
+    "VarlenContext",
     "capacity",
     "check_step",
     "check_tokens",
@@ -34,6 +35,7 @@ __all__ = [
     "paged_step",
     "plan_step",
     "run_step",
+    "varlen_step",
 ]
 
 
@@ -219,10 +221,11 @@ def plan_step(
     return PlannedStep(model, cache, slots, n, tok, table, ends, backend, hooks)
 
 
-def run_step(step: PlannedStep, next_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """The compute of a planned step: logits of each slot's last position ``(n, vocab)``.
-    ``next_tokens`` ``(max_batch,)``: the last sampled token of every slot, read for a step
-    planned without tokens and updated with this step's greedy samples."""
+def run_step(step: PlannedStep, next_tokens: torch.Tensor | None = None, *, every_position: bool = False):
+    """The compute of a planned step: logits of each slot's last position ``(n, vocab)`` (with
+    ``every_position``: of every new position, ``(n, tokens, vocab)``, what a speculative
+    verification needs). ``next_tokens`` ``(max_batch,)``: the last sampled token of every slot,
+    read for a step planned without tokens and updated with this step's greedy samples."""
     model, device = step.model, step.model.head.weight.device
     tokens = step.tokens
     rows = torch.tensor(step.slots, device=device)
@@ -233,10 +236,11 @@ def run_step(step: PlannedStep, next_tokens: torch.Tensor | None = None) -> torc
     starts = (step.ends.to(device) - step.n).to(torch.int32)
     positions = starts.long()[:, None] + torch.arange(step.n, device=device)[None, :]
     ctx = PagedContext(step.cache, step.table, starts, model.rope(), step.backend, step.hooks)
-    logits = model.run(tokens, positions, ctx)[:, -1]
+    every = model.run(tokens, positions, ctx)
+    logits = every[:, -1]
     if next_tokens is not None:
         next_tokens[rows] = logits.argmax(-1)
-    return logits
+    return every if every_position else logits
 
 
 @torch.no_grad()
@@ -249,3 +253,63 @@ def paged_step(
     if tokens is None:
         raise ArgumentError("tokens must be a list with one list of token ids per slot, got None")
     return run_step(plan_step(model, cache, slots, tokens, backend, hooks=hooks))
+
+
+class VarlenContext:
+    """Attention for ``TinyDecoder.run`` over packed tokens ``(1, total)`` of several sequences:
+    one FlashAttention 3 varlen call per layer (``cu_seqlens_q`` and ``cu_seqlens_k_new``: each
+    sequence appends its own new keys through its block-table row and attends bottom-right)."""
+
+    def __init__(self, cache: PagedKVCache, table, starts, cu_seqlens, max_seqlen_q: int, rope, backend: str):
+        self.cache, self.table, self.starts, self.cu, self.max_q = cache, table, starts, cu_seqlens, max_seqlen_q
+        self.rope, self.backend = rope, backend
+
+    def attend(self, layer, q, k, v):
+        from . import fa3
+
+        cos, sin = self.rope
+        out = fa3.flash_attn_with_kvcache(
+            q[0], self.cache.k_pools[layer], self.cache.v_pools[layer], k[0], v[0], rotary_cos=cos.to(q.dtype),
+            rotary_sin=sin.to(q.dtype), cache_seqlens=self.starts, page_table=self.table, cu_seqlens_q=self.cu,
+            cu_seqlens_k_new=self.cu, max_seqlen_q=self.max_q, causal=True, rotary_interleaved=False,
+            backend=self.backend,
+        )  # fmt: skip
+        return out[None]
+
+
+@torch.no_grad()
+def varlen_step(
+    model: TinyDecoder, cache: PagedKVCache, slots: list[int], tokens: list[list[int]], backend: str = "torch"
+):
+    """Run ``tokens[i]`` (any lengths >= 1: a decode token, a prefill chunk) as the next tokens of
+    ``slots[i]`` in one forward: every layer's attention is one varlen call. Returns the logits of
+    each slot's last new token ``(len(slots), vocab)``. Checks everything before it reserves."""
+    resolve_backend(backend, model.head.weight.device)
+    slots, _ = check_step(model, cache, slots, None, n=0)
+    if not isinstance(tokens, (list, tuple)) or len(tokens) != len(slots):
+        raise ArgumentError(f"tokens must be a list with one list of token ids per slot ({len(slots)}), got {tokens!r}")
+    tokens = [check_tokens(model, f"tokens[{i}]", t) for i, t in enumerate(tokens)]
+    if any(not t for t in tokens):
+        raise ArgumentError(f"tokens must hold at least one id per slot, got lengths {[len(t) for t in tokens]}")
+    limit, need = capacity(model, cache), 0
+    for slot, t in zip(slots, tokens, strict=True):
+        if cache.seqs[slot].length + len(t) > limit:
+            raise ArgumentError(
+                f"slot {slot} holds {cache.seqs[slot].length} tokens; {len(t)} more exceed the {limit} it can hold"
+            )
+        need += cache.blocks_needed(slot, len(t))
+    if need > cache.allocator.num_free:
+        raise OutOfBlocksError(f"this step needs {need} free blocks, {cache.allocator.num_free} are free")
+    device = model.head.weight.device
+    lens = torch.tensor([len(t) for t in tokens], dtype=torch.int32, device=device)
+    starts = torch.tensor([cache.reserve(s, len(t), t) for s, t in zip(slots, tokens, strict=True)],
+                          dtype=torch.int32, device=device)  # fmt: skip
+    table = cache.block_table[torch.tensor(slots, dtype=torch.long, device=cache.block_table.device)]
+    cu = torch.zeros(len(slots) + 1, dtype=torch.int32, device=device)
+    cu[1:] = lens.cumsum(0)
+    flat = torch.tensor([x for t in tokens for x in t], device=device)[None]
+    positions = (starts.long().repeat_interleave(lens.long()) + torch.arange(int(cu[-1]), device=device)
+                 - cu[:-1].long().repeat_interleave(lens.long()))[None]  # fmt: skip
+    ctx = VarlenContext(cache, table, starts, cu, int(lens.max()), model.rope(), backend)
+    logits = model.run(flat, positions, ctx)[0]
+    return logits[(cu[1:] - 1).long()]

@@ -104,7 +104,11 @@ LAYERS = (
         (
             "steps.py",
             "overlap.py",
+            "loops.py",
+            "chunked.py",
             "serving.py",
+            "speculative.py",
+            "cascade.py",
             "prefix.py",
             "memory.py",
             "hf/__init__.py",
@@ -118,9 +122,10 @@ LAYERS = (
             "hf/serve.py",
         ),
         ("rules", "platform", "storage", "algorithms", "checked call", "backends", "api", "model"),
-        "a step of the model over a paged cache (planned, then run); continuous batching, preemption, "
-        "prefix reuse and overlap scheduling (a device thread, the write-after-read check); memory "
-        "budgets; transformers' attention function and cache (`hf/`)",
+        "a step of the model over a paged cache (planned, then run; varlen); continuous batching, "
+        "preemption, prefix reuse, overlap scheduling (a device thread, the write-after-read check) and "
+        "chunked prefill; speculative decoding with rollback, cascade and tree attention; memory budgets; "
+        "transformers' attention function and cache (`hf/`)",
     ),
     Layer(
         "long context",
@@ -143,6 +148,7 @@ LAYERS = (
             "bench.py",
             "offload_bench.py",
             "process_bench.py",
+            "spec_bench.py",
             "gpu_bench.py",
             "quant_eval.py",
             "sim.py",

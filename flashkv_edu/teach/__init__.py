@@ -25,6 +25,7 @@ NOTEBOOKS = {
     "11_when_the_cache_does_not_fit": "nb11_when_the_cache_does_not_fit",
     "12_beyond_one_process": "nb12_beyond_one_process",
     "13_long_context": "nb13_long_context",
+    "14_several_query_rows": "nb14_several_query_rows",
 }
 
 
