@@ -36,12 +36,12 @@ prompt fits."""
 def call_costs(target: TinyDecoder, draft: TinyDecoder, k: int, repeats: int = 20) -> dict:
     """Seconds of one target call over 1 and over ``k + 1`` new tokens, and of one draft call over
     1 token, after a 64-token prompt (best of ``repeats``)."""
-    from .speculative import _Cache
+    from .speculative import ModelCache
 
     prompt = charlm.encode(SPEC_PROMPTS[0] * 4)
     out = {}
     for name, model, n in (("target_1", target, 1), (f"target_{k + 1}", target, k + 1), ("draft_1", draft, 1)):
-        cache = _Cache(model, 1, 256, False)
+        cache = ModelCache(model, 1, 256, False)
         cache.feed([0], [prompt])
 
         def call(cache=cache, n=n):

@@ -26,6 +26,7 @@ from .steps import new_paged_cache, plan_step, run_step
 from .validation import ArgumentError, ArgumentTypeError, check_bool, check_int, check_positive, check_tensor
 
 __all__ = [
+    "ModelCache",
     "NgramDraft",
     "SpeculativeResult",
     "accept_greedy",
@@ -121,7 +122,7 @@ class NgramDraft:
         return [context[-1]] * k
 
 
-class _Cache:
+class ModelCache:
     """A model's KV cache for ``batch`` rows, contiguous (``flash_attn_with_kvcache`` with
     ``cache_batch_idx``) or paged (``serving``'s step), fed any number of tokens per row."""
 
@@ -179,7 +180,7 @@ class _KVContext:
         )  # fmt: skip
 
 
-def _feed_grouped(cache: _Cache, pending: dict[int, list[int]]) -> tuple[dict[int, torch.Tensor], int]:
+def _feed_grouped(cache: ModelCache, pending: dict[int, list[int]]) -> tuple[dict[int, torch.Tensor], int]:
     """Feed each row its own tokens (rows with as many tokens share a call): the logits per row
     ``(n_row, V)`` and the number of calls."""
     out, calls = {}, 0
@@ -229,8 +230,8 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int, *, k: int 
         )
     b = len(prompts)
     result = SpeculativeResult([[] for _ in prompts])
-    t_cache = _Cache(target, b, capacity, paged)
-    d_cache = _Cache(draft, b, capacity, paged) if isinstance(draft, TinyDecoder) else None
+    t_cache = ModelCache(target, b, capacity, paged)
+    d_cache = ModelCache(draft, b, capacity, paged) if isinstance(draft, TinyDecoder) else None
     context = [list(p) for p in prompts]
     warm = {r: context[r][:-1] for r in range(b) if len(context[r]) > 1}  # every model caches all but the last token
     result.target_calls += _feed_grouped(t_cache, warm)[1] if warm else 0
@@ -306,7 +307,7 @@ def greedy_generate(
         raise ArgumentTypeError(f"model must be a TinyDecoder, got {type(model).__name__}")
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
     prompts = [list(p) for p in prompts]
-    cache = _Cache(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens + 1, check_bool("paged", paged))
+    cache = ModelCache(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens + 1, check_bool("paged", paged))
     logits, calls = _feed_grouped(cache, {r: p for r, p in enumerate(prompts)})
     out = [[int(logits[r][-1].argmax())] for r in range(len(prompts))]
     for _ in range(max_new_tokens - 1):
@@ -330,10 +331,10 @@ def tree_round(target: TinyDecoder, draft: TinyDecoder, prompt: list[int], *, wi
     width = check_int("width", width, low=1, high=8)
     depth = check_int("depth", depth, low=1, high=16)
     tokens, parents = [prompt[-1]], [-1]
-    d_first = _Cache(draft, 1, len(prompt) + depth + 1, False)
+    d_first = ModelCache(draft, 1, len(prompt) + depth + 1, False)
     first = d_first.feed([0], [prompt])[0][-1]
     for branch in torch.topk(first, width).indices.tolist():
-        d_cache = _Cache(draft, 1, len(prompt) + depth + 1, False)
+        d_cache = ModelCache(draft, 1, len(prompt) + depth + 1, False)
         d_cache.feed([0], [prompt])
         tok, parent = branch, 0
         for level in range(depth):
@@ -342,7 +343,7 @@ def tree_round(target: TinyDecoder, draft: TinyDecoder, prompt: list[int], *, wi
             parent = len(tokens) - 1
             if level < depth - 1:
                 tok = int(d_cache.feed([0], [[tok]])[0][-1].argmax())
-    t_cache = _Cache(target, 1, len(prompt) + depth + 1, False)
+    t_cache = ModelCache(target, 1, len(prompt) + depth + 1, False)
     t_cache.feed([0], [prompt[:-1]]) if len(prompt) > 1 else None
     ctx = TreeContext(t_cache.cache, 0, len(prompt) - 1, parents, target.rope())
     logits = target.run(torch.tensor([tokens]), ctx.positions, ctx)[0]

@@ -14,7 +14,7 @@ from flashkv_edu.offload import TieredStore
 from flashkv_edu.serving import Request, new_paged_cache, paged_step, serve
 from flashkv_edu.speculative import (
     NgramDraft,
-    _Cache,
+    ModelCache,
     expected_tokens_per_call,
     greedy_generate,
     rejection_sample,
@@ -101,7 +101,7 @@ def test_greedy_speculation_is_target_greedy_for_any_draft(target, draft, paged,
 
 
 def test_a_paged_rollback_returns_the_lookahead_blocks(target, draft):
-    cache = _Cache(target, 1, 128, True)
+    cache = ModelCache(target, 1, 128, True)
     cache.feed([0], [charlm.encode("def f(x):\n")])
     used = cache.blocks_in_use()
     cache.feed([0], [[3] * 12])  # a verification that reached into new blocks
@@ -149,10 +149,10 @@ def test_cascade_attention_equals_attention_over_prefix_and_suffix():
 def test_tree_attention_of_a_chain_is_chain_verification_and_the_tree_round_is_greedy(target, draft):
     prompt = charlm.encode("def main(argv):\n    ")
     chain = [prompt[-1], 5, 70, 3, 8]
-    c1 = _Cache(target, 1, 128, False)
+    c1 = ModelCache(target, 1, 128, False)
     c1.feed([0], [prompt[:-1]])
     want = c1.feed([0], [chain])[0]
-    c2 = _Cache(target, 1, 128, False)
+    c2 = ModelCache(target, 1, 128, False)
     c2.feed([0], [prompt[:-1]])
     ctx = TreeContext(c2.cache, 0, len(prompt) - 1, [-1, 0, 1, 2, 3], target.rope())
     with torch.no_grad():

@@ -12,7 +12,7 @@ import torch
 
 from .. import charlm
 from ..cascade import ancestor_mask as _ancestor_mask
-from ..speculative import _Cache, greedy_generate
+from ..speculative import ModelCache, greedy_generate
 from .exercise import CaseFailed, Exercise, expect_equal, run_check
 
 EXERCISES = [
@@ -249,7 +249,7 @@ def speculate_with(fn, prompt: list[int], new_tokens: int, k: int) -> list[int]:
     context needs is topped up (re-fed), one that keeps more is used as it is."""
     target, _ = charlm.load()
     draft, _ = charlm.load(charlm.DRAFT_CHECKPOINT)
-    t, d = _Cache(target, 1, 512, False), _Cache(draft, 1, 512, False)
+    t, d = ModelCache(target, 1, 512, False), ModelCache(draft, 1, 512, False)
     context, out = list(prompt), []
     t.feed([0], [context[:-1]])
     d.feed([0], [context[:-1]])
