@@ -307,7 +307,9 @@ def greedy_generate(
         raise ArgumentTypeError(f"model must be a TinyDecoder, got {type(model).__name__}")
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
     prompts = [list(p) for p in prompts]
-    cache = ModelCache(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens + 1, check_bool("paged", paged))
+    cache = ModelCache(
+        model, len(prompts), max(len(p) for p in prompts) + max_new_tokens + 1, check_bool("paged", paged)
+    )
     logits, calls = _feed_grouped(cache, {r: p for r, p in enumerate(prompts)})
     out = [[int(logits[r][-1].argmax())] for r in range(len(prompts))]
     for _ in range(max_new_tokens - 1):

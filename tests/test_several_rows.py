@@ -13,8 +13,8 @@ from flashkv_edu.model import TinyDecoder
 from flashkv_edu.offload import TieredStore
 from flashkv_edu.serving import Request, new_paged_cache, paged_step, serve
 from flashkv_edu.speculative import (
-    NgramDraft,
     ModelCache,
+    NgramDraft,
     expected_tokens_per_call,
     greedy_generate,
     rejection_sample,
