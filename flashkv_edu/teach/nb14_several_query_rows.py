@@ -91,10 +91,10 @@ def draw_tree(tokens: list[int], parents: list[int]):
     mask = _ancestor_mask(parents)
     fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(12, 4.2))
     ax_m.imshow(mask, cmap="Blues", vmin=0, vmax=1.3)
-    labels = [repr(charlm.decode([t]))[1:-1] for t in tokens]
+    labels = [charlm.decode([t]).replace(" ", "\u00b7").replace("\n", "\\n") for t in tokens]  # a space shows as a dot
     ax_m.set_xticks(range(len(tokens)), labels, fontsize=10)
     ax_m.set_yticks(range(len(tokens)), labels, fontsize=10)
-    ax_m.set_title("ancestor mask: node (row) sees node (column)", fontsize=11)
+    ax_m.set_title("ancestor mask: node (row) sees node (column); a dot is a space", fontsize=11)
     depth = [0] * len(parents)
     for i, p in enumerate(parents):
         depth[i] = 0 if p < 0 else depth[p] + 1
@@ -300,7 +300,16 @@ def check_rollback_lengths(fn) -> bool | None:
 
 # --- exercise 4: the tree mask ------------------------------------------------------------------------------------
 
-ancestor_mask = _ancestor_mask
+def ancestor_mask(parents):
+    """(n, n) bool: node i may attend node j when j is i or one of its ancestors."""
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        j = i
+        while j != -1:
+            mask[i, j] = True
+            j = parents[j]
+    return mask
 
 
 def check_ancestor_mask(fn) -> bool | None:
