@@ -300,6 +300,7 @@ def check_rollback_lengths(fn) -> bool | None:
 
 # --- exercise 4: the tree mask ------------------------------------------------------------------------------------
 
+
 def ancestor_mask(parents):
     """(n, n) bool: node i may attend node j when j is i or one of its ancestors."""
     n = len(parents)
