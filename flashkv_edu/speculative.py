@@ -42,7 +42,9 @@ __all__ = [
 class SpeculativeResult:
     """What :func:`speculative_generate` did: ``tokens`` (the new tokens per prompt), drafts
     ``proposed`` and ``accepted`` (all prompts), ``target_calls`` and ``draft_calls`` (batched
-    calls: one call serves every prompt), and ``accepted_per_round`` (per prompt and round)."""
+    calls: one call serves every prompt), ``accepted_per_round`` (per prompt and round), and with
+    paged caches ``blocks_held`` and ``blocks_needed`` at the end (target and draft together): the
+    blocks the caches hold and what their lengths need (equal: no lookahead block leaked)."""
 
     tokens: list[list[int]]
     proposed: int = 0
@@ -50,6 +52,8 @@ class SpeculativeResult:
     target_calls: int = 0
     draft_calls: int = 0
     accepted_per_round: list[int] = field(default_factory=list)
+    blocks_held: int = 0
+    blocks_needed: int = 0
 
     @property
     def acceptance(self) -> float:
@@ -164,6 +168,10 @@ class ModelCache:
     def blocks_in_use(self) -> int:
         return self.cache.allocator.num_blocks - self.cache.allocator.num_free if self.paged else 0
 
+    def blocks_needed(self) -> int:
+        """Blocks the rows' lengths need (paged; 0 for contiguous caches)."""
+        return sum(-(-n // self.cache.block_size) for n in self.lengths) if self.paged else 0
+
 
 class _KVContext:
     """Attention for ``TinyDecoder.run`` over per-layer contiguous caches, rows ``rows``."""
@@ -266,6 +274,9 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int, *, k: int 
                 d_cache.truncate(r, min(d_cache.lengths[r], before + min(a, len(emitted) - 1)))
             if len(result.tokens[r]) >= max_new_tokens:
                 active.remove(r)
+    for cache in (c for c in (t_cache, d_cache) if c is not None):
+        result.blocks_held += cache.blocks_in_use()
+        result.blocks_needed += cache.blocks_needed()
     return result
 
 

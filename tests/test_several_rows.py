@@ -96,6 +96,7 @@ def test_greedy_speculation_is_target_greedy_for_any_draft(target, draft, paged,
         got = speculative_generate(target, d, prompts, 30, k=k, paged=paged)
         assert got.tokens == want, k
         assert got.proposed == k * len(got.accepted_per_round) and 0 <= got.accepted <= got.proposed
+        assert got.blocks_held == got.blocks_needed and (got.blocks_held > 0) == paged
     if which == "random":
         assert got.acceptance < 0.1 and got.target_calls >= calls - 5
 
