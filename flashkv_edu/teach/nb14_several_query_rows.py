@@ -301,16 +301,7 @@ def check_rollback_lengths(fn) -> bool | None:
 # --- exercise 4: the tree mask ------------------------------------------------------------------------------------
 
 
-def ancestor_mask(parents):
-    """(n, n) bool: node i may attend node j when j is i or one of its ancestors."""
-    n = len(parents)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        j = i
-        while j != -1:
-            mask[i, j] = True
-            j = parents[j]
-    return mask
+ancestor_mask = _ancestor_mask  # the solution is the package's own (it checks the parents with tree_depths)
 
 
 def check_ancestor_mask(fn) -> bool | None:
