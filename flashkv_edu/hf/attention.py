@@ -64,10 +64,11 @@ _CHUNK_MASKS: dict[int, tuple] = {}
 
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
     """transformers' mask function for :data:`NAME`: FlashAttention 2's 2-D padding mask ``(batch,
-    kv_length)`` (None: nothing padded). For Llama 4's chunked layers (``local_size`` given) a
-    ``DynamicCache`` hands the attention only the last keys, starting at position ``kv_offset``:
-    the mask is then always a tensor, and where its keys start (``kv_offset``, each row's left
-    padding) is recorded for :func:`chunk_leftpad`, which aligns the chunks."""
+    kv_length)`` (None: nothing padded). For layers with a local size (``local_size``: sliding
+    windows and Llama 4's chunks) a ``DynamicCache`` hands the attention only the last keys,
+    starting at position ``kv_offset``: the mask is then always a tensor, and where its keys start
+    (``kv_offset``, each row's left padding) is recorded for :func:`chunk_leftpad`, which aligns a
+    chunked layer's chunks (a sliding layer needs no record: its window is relative)."""
     from transformers.masking_utils import flash_attention_mask
 
     mask = flash_attention_mask(
