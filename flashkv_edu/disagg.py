@@ -261,7 +261,7 @@ class _Fault(ConnectorHooks):
 
 def _prefill_worker(model, job: dict, timeout: float, channel) -> dict:
     """Prefill each of ``job["requests"]`` and push its KV to its decode group."""
-    cfg, n = model.cfg, len(job["prompts"])
+    cfg = model.cfg
     longest = max(len(job["prompts"][i]) for i in job["requests"]) if job["requests"] else 1
     cache = new_paged_cache(model, -(-longest // job["block_size"]) + 1, job["block_size"], max_batch=1)
     if job["store"]:
@@ -295,7 +295,6 @@ def _prefill_worker(model, job: dict, timeout: float, channel) -> dict:
         cache.free(slot)
         done[i] = dict(hit_tokens=cached, first_token=int(logits[0].argmax()), bytes=work.moved.get(i, 0),
                        error=work.errors.get(i))  # fmt: skip
-    assert len(done) <= n
     return _report(cache, log, done)
 
 

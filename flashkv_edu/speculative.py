@@ -357,7 +357,8 @@ def tree_round(target: TinyDecoder, draft: TinyDecoder, prompt: list[int], *, wi
             if level < depth - 1:
                 tok = int(d_cache.feed([0], [[tok]])[0][-1].argmax())
     t_cache = ModelCache(target, 1, len(prompt) + depth + 1, False)
-    t_cache.feed([0], [prompt[:-1]]) if len(prompt) > 1 else None
+    if len(prompt) > 1:
+        t_cache.feed([0], [prompt[:-1]])
     ctx = TreeContext(t_cache.cache, 0, len(prompt) - 1, parents, target.rope())
     logits = target.run(torch.tensor([tokens]), ctx.positions, ctx)[0]
     path, nxt = accept_tree(tokens, parents, logits)
