@@ -13,7 +13,7 @@ import time
 import pytest
 
 from flashkv_edu import charlm, disagg, workers
-from flashkv_edu.serving import Request, new_paged_cache, serve
+from flashkv_edu.speculative import greedy_generate
 
 PROMPTS = ["def main(argv):\n    ", "class KVCache:\n    def __init__(self, ", "import os\nimport sys\n"]
 NEW = 12
@@ -22,13 +22,9 @@ TIMEOUT = 10.0
 
 @pytest.fixture(scope="module")
 def one_process():
+    """Greedy tokens of the trained model in this process, each prompt alone."""
     model, _ = charlm.load()
-    out = []
-    for p in PROMPTS:
-        r = Request(charlm.encode(p), NEW)
-        serve(model, [r], new_paged_cache(model, 16, 16, max_batch=1))
-        out.append(r.output)
-    return out
+    return [greedy_generate(model, [charlm.encode(p)], NEW)[0][0] for p in PROMPTS]
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import torch
 from flashkv_edu import charlm, disagg
 from flashkv_edu.connector import KVConnector, TransferRequest
 from flashkv_edu.paged import PagedKVCache
-from flashkv_edu.serving import Request, new_paged_cache, serve
+from flashkv_edu.speculative import greedy_generate
 from flashkv_edu.transfer import (
     HEADER_BYTES,
     KVHeader,
@@ -121,12 +121,7 @@ def test_the_header_is_checked_against_the_receiving_cache():
 
 def _one_process_outputs(prompts, new_tokens):
     model, _ = charlm.load()
-    out = []
-    for p in prompts:
-        r = Request(charlm.encode(p), new_tokens)
-        serve(model, [r], new_paged_cache(model, 16, 16, max_batch=1))
-        out.append(r.output)
-    return out
+    return [greedy_generate(model, [charlm.encode(p)], new_tokens)[0][0] for p in prompts]
 
 
 def test_disaggregated_locally_equals_one_process_and_moves_the_prompt_less_one_token():
